@@ -1,0 +1,1555 @@
+"""Warm Handoff Agent: a LiveKit Agents worker that answers phone calls and, when a person is
+needed, hands the caller to a human over SIP without dropping the caller or surprising the human.
+
+The module reads like a call, top to bottom:
+
+1. configuration   - one typed, validated ``Settings`` object read from the environment;
+2. the phone line  - ``PhoneLine``, the one seam to everything that needs a media server, with
+                     ``LiveKitPhoneLine`` (real calls) and ``SimulatedPhoneLine`` (console, tests);
+3. the handoff     - ``Handoff``: hold, dial, brief the human, accept or decline, merge or return;
+4. the agents      - ``WarmHandoffAgent`` (the caller's), ``ConsultAgent`` (briefs the human);
+5. the server      - ``AgentServer`` with a prewarmed Silero VAD and the ``rtc_session`` entrypoint.
+
+Run ``python warm_handoff.py console`` to talk to it locally, ``python warm_handoff.py start`` on a
+worker host.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from dotenv import load_dotenv
+from livekit import api, rtc
+from livekit.agents import (
+    Agent,
+    AgentServer,
+    AgentSession,
+    JobContext,
+    JobProcess,
+    RunContext,
+    cli,
+    llm,
+    room_io,
+)
+from livekit.agents.llm import ToolResult, function_tool
+from livekit.agents.voice.background_audio import (
+    AudioConfig,
+    BackgroundAudioPlayer,
+    BuiltinAudioClip,
+)
+
+logger = logging.getLogger("warm-handoff")
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# 1. Configuration
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+SIP_URI = re.compile(r"^sips?:[^@\s]+@[^@\s]+$")
+DTMF = re.compile(r"^[0-9*#wW]{1,32}$")
+DESTINATION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+DEFAULT_AGENT_NAME = "warm-handoff-agent"
+DEFAULT_GREETING = "Thanks for calling. This is the virtual assistant. How can I help you today?"
+PROVIDER_KEYS = {
+    "deepgram": "DEEPGRAM_API_KEY",
+    "openai": "OPENAI_API_KEY",
+    "elevenlabs": "ELEVEN_API_KEY",
+}
+
+
+class HandoffMode(str, Enum):
+    AUTO = "auto"  # consult on LiveKit Cloud, conference elsewhere
+    CONSULT = "consult"  # private briefing room, then MoveParticipant (LiveKit Cloud only)
+    CONFERENCE = "conference"  # the human is dialled into the caller's room (the seed's way)
+
+
+class SimulatedHuman(str, Enum):
+    """What the human does on the simulated line (console and tests)."""
+
+    ANSWER = "answer"
+    DECLINE = "decline"
+    BUSY = "busy"
+    NO_ANSWER = "no_answer"
+    VOICEMAIL = "voicemail"
+    UNREACHABLE = "unreachable"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A human the operator allows the agent to hand calls to."""
+
+    name: str
+    target: str  # E.164 number or sip: URI
+    description: str
+    extension: str = ""  # DTMF sent once answered
+    ring_timeout: float | None = None  # seconds; None: the global HANDOFF_RING_TIMEOUT
+    spoken_name: str = ""  # how the agent names it aloud, e.g. "our billing team"
+
+    @property
+    def said_as(self) -> str:
+        return self.spoken_name or f"the {self.name} team"
+
+
+@dataclass(frozen=True)
+class Settings:
+    livekit_url: str = ""
+    livekit_api_key: str = ""
+    livekit_api_secret: str = field(default="", repr=False)
+    sip_trunk_id: str = ""
+    caller_id: str = ""  # the number the human's phone shows (must belong to the trunk)
+    destinations: tuple[Destination, ...] = ()
+    allow_dial_pattern: re.Pattern[str] | None = None
+    handoff_mode: HandoffMode = HandoffMode.AUTO
+    ring_timeout: float = 25.0
+    max_hold: float = 180.0
+    hello_grace: float = 2.0  # how long the human may stay silent before the brief starts
+    hold_audio_file: str = ""
+    agent_name: str = DEFAULT_AGENT_NAME
+    greeting: str = DEFAULT_GREETING
+    business_name: str = "our company"
+    business_scope: str = "general questions about our products and services"
+    stt_model: str = "nova-3"
+    llm_model: str = "gpt-4o"
+    tts_model: str = "eleven_multilingual_v2"
+    tts_encoding: str = "pcm_44100"
+    tts_voice_id: str = ""
+    simulated_human: SimulatedHuman = SimulatedHuman.ANSWER
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
+
+    @property
+    def mode(self) -> HandoffMode:
+        """The mode in force: ``auto`` resolves by where LiveKit runs (MoveParticipant is
+        LiveKit Cloud only)."""
+        if self.handoff_mode is not HandoffMode.AUTO:
+            return self.handoff_mode
+        on_cloud = re.search(r"\.livekit\.cloud(:\d+)?/?$", self.livekit_url or "")
+        return HandoffMode.CONSULT if on_cloud else HandoffMode.CONFERENCE
+
+
+class ConfigError(Exception):
+    """Every problem found in the configuration, reported together."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _parse_destinations(raw: str, ring_timeout: float, problems: list[str]) -> list[Destination]:
+    """HANDOFF_DESTINATIONS is a JSON object: {"support": {"number": "+1...", "description":
+    "...", "extension": "1234", "ring_timeout": 20, "spoken_name": "our support team"}}."""
+    if not raw.strip():
+        return []
+    try:
+        entries = json.loads(raw)
+    except json.JSONDecodeError as e:
+        problems.append(f"HANDOFF_DESTINATIONS is not valid JSON ({e.msg} at {e.pos})")
+        return []
+    if not isinstance(entries, dict):
+        problems.append("HANDOFF_DESTINATIONS must be a JSON object of name -> destination")
+        return []
+    found: list[Destination] = []
+    for name, entry in entries.items():
+        where = f"HANDOFF_DESTINATIONS[{name!r}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} must be an object")
+            continue
+        unknown = set(entry) - {"number", "description", "extension", "ring_timeout", "spoken_name"}
+        if unknown:
+            problems.append(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+        target = str(entry.get("number", "")).strip()
+        if not DESTINATION_NAME.match(name):
+            problems.append(f"{where}: name must be lower-case letters, digits, '-' or '_'")
+        if not (E164.match(target) or SIP_URI.match(target)):
+            problems.append(f"{where}.number must be E.164 (+15105550100) or a sip: URI")
+        extension = str(entry.get("extension", "")).strip()
+        if extension and not DTMF.match(extension):
+            problems.append(f"{where}.extension may hold only 0-9 * # w")
+        timeout = entry.get("ring_timeout")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 5 <= timeout <= 120):
+            problems.append(f"{where}.ring_timeout must be a number of seconds, 5 to 120")
+            timeout = None
+        description = str(entry.get("description", "")).strip()
+        if not description:
+            problems.append(f"{where}.description is required (the model reads it)")
+        found.append(
+            Destination(
+                name=name,
+                target=target,
+                description=description,
+                extension=extension,
+                ring_timeout=float(timeout) if timeout is not None else None,
+                spoken_name=str(entry.get("spoken_name", "")).strip(),
+            )
+        )
+    return found
+
+
+def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = True) -> Settings:
+    """Read and validate the configuration. ``telephony=False`` (console) does not require
+    LiveKit credentials or a trunk. Raises ``ConfigError`` naming every bad value; secret
+    values never appear in it."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+
+    def get(name: str, default: str = "") -> str:
+        return env.get(name, default).strip()
+
+    def number(name: str, default: float, low: float, high: float) -> float:
+        raw = get(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            problems.append(f"{name} must be a number of seconds (got {raw!r})")
+            return default
+        if not low <= value <= high:
+            problems.append(f"{name} must be between {low:g} and {high:g} seconds")
+        return value
+
+    def choice(name: str, enum: type[Enum], default: Enum) -> Any:
+        raw = get(name).lower().replace(" ", "_")
+        if not raw:
+            return default
+        try:
+            return enum(raw)
+        except ValueError:
+            allowed = ", ".join(e.value for e in enum)
+            problems.append(f"{name} must be one of {allowed} (got {raw!r})")
+            return default
+
+    ring_timeout = number("HANDOFF_RING_TIMEOUT", 25.0, 5, 120)
+    trunk = get("SIP_TRUNK_ID") or get("LIVEKIT_SIP_OUTBOUND_TRUNK")
+    caller_id = get("HANDOFF_CALLER_ID")
+    pattern_raw = get("HANDOFF_ALLOW_DIAL_PATTERN")
+    pattern = None
+    if pattern_raw:
+        try:
+            pattern = re.compile(pattern_raw)
+        except re.error as e:
+            problems.append(f"HANDOFF_ALLOW_DIAL_PATTERN is not a valid regular expression ({e})")
+
+    settings = Settings(
+        livekit_url=get("LIVEKIT_URL"),
+        livekit_api_key=get("LIVEKIT_API_KEY"),
+        livekit_api_secret=get("LIVEKIT_API_SECRET"),
+        sip_trunk_id=trunk,
+        caller_id=caller_id,
+        destinations=tuple(
+            _parse_destinations(get("HANDOFF_DESTINATIONS"), ring_timeout, problems)
+        ),
+        allow_dial_pattern=pattern,
+        handoff_mode=choice("HANDOFF_MODE", HandoffMode, HandoffMode.AUTO),
+        ring_timeout=ring_timeout,
+        max_hold=number("HANDOFF_MAX_HOLD", 180.0, 30, 1800),
+        hello_grace=number("HANDOFF_HELLO_GRACE", 2.0, 0, 10),
+        hold_audio_file=get("HANDOFF_HOLD_AUDIO_FILE"),
+        agent_name=get("AGENT_NAME", DEFAULT_AGENT_NAME) or DEFAULT_AGENT_NAME,
+        greeting=get("GREETING") or DEFAULT_GREETING,
+        business_name=get("BUSINESS_NAME") or "our company",
+        business_scope=get("BUSINESS_SCOPE") or Settings.business_scope,
+        stt_model=get("STT_MODEL") or "nova-3",
+        llm_model=get("LLM_MODEL") or "gpt-4o",
+        tts_model=get("TTS_MODEL") or "eleven_multilingual_v2",
+        tts_encoding=get("TTS_ENCODING") or "pcm_44100",
+        tts_voice_id=get("TTS_VOICE_ID"),
+        simulated_human=choice("SIMULATED_HUMAN", SimulatedHuman, SimulatedHuman.ANSWER),
+    )
+
+    if caller_id and not E164.match(caller_id):
+        problems.append("HANDOFF_CALLER_ID must be an E.164 number like +15105550100")
+    if settings.hold_audio_file and not os.path.isfile(settings.hold_audio_file):
+        problems.append("HANDOFF_HOLD_AUDIO_FILE does not name a readable file")
+    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", settings.agent_name):
+        problems.append("AGENT_NAME may hold only letters, digits, '-' and '_'")
+    if settings.livekit_url and not re.match(r"^(wss?|https?)://", settings.livekit_url):
+        problems.append("LIVEKIT_URL must start with wss://, ws://, https:// or http://")
+    if telephony:
+        for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+            if not get(name):
+                problems.append(f"{name} is not set")
+        if not settings.destinations and not pattern:
+            problems.append("HANDOFF_DESTINATIONS is empty: configure at least one destination")
+        if not trunk:
+            problems.append("SIP_TRUNK_ID (or LIVEKIT_SIP_OUTBOUND_TRUNK) is not set")
+        elif not trunk.startswith("ST_"):
+            problems.append("SIP_TRUNK_ID must be an outbound trunk id (ST_...)")
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def missing_provider_keys(env: Mapping[str, str] | None = None) -> list[str]:
+    """The model providers' keys that are not set (the plugins would fail on the first turn)."""
+    env = os.environ if env is None else env
+    missing = []
+    for provider, key in PROVIDER_KEYS.items():
+        aliases = [key, "ELEVENLABS_API_KEY"] if provider == "elevenlabs" else [key]
+        if not any(env.get(k, "").strip() for k in aliases):
+            missing.append(" or ".join(aliases))
+    return missing
+
+
+def mask_number(target: str) -> str:
+    """Phone numbers and SIP users never reach a log line in full: +15105550123 -> +1510•••23."""
+    if target.startswith("sip"):
+        user, _, host = target.partition("@")
+        return f"{user[:6]}•••@{host}"
+    return f"{target[:5]}•••{target[-2:]}" if len(target) > 7 else "•••"
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# 2. The phone line: the one seam to the media server
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+class HandoffOutcome(str, Enum):
+    CONNECTED = "connected"
+    DECLINED = "declined"
+    NO_ANSWER = "no_answer"
+    BUSY = "busy"
+    VOICEMAIL = "voicemail"
+    UNREACHABLE = "unreachable"
+    CALLER_LEFT = "caller_left"
+    CANCELLED_BY_CALLER = "cancelled_by_caller"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Dial:
+    """One outbound leg to a human."""
+
+    room: str
+    identity: str
+    destination: Destination
+    ring_timeout: float
+    caller_id: str = ""
+    name: str = "Human Agent"
+
+
+@dataclass(frozen=True)
+class Leg:
+    """A human's answered phone leg, present in ``room`` as participant ``identity``."""
+
+    identity: str
+    room: str
+    destination: Destination
+
+
+class DialFailed(Exception):
+    def __init__(self, outcome: HandoffOutcome, sip_status: int | None, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.sip_status = sip_status
+        self.detail = detail
+
+
+class MoveRefused(Exception):
+    """The server would not move the human into the caller's room (self-hosted LiveKit)."""
+
+
+def classify_dial_error(error: Exception) -> DialFailed:
+    """Map what ``create_sip_participant`` raised to what the caller is told."""
+    if isinstance(error, DialFailed):
+        return error
+    status = getattr(error, "sip_status_code", None)
+    code = getattr(error, "code", "")
+    if status in (486, 600):
+        outcome = HandoffOutcome.BUSY
+    elif status in (408, 480, 487) or (
+        status is None and code in ("canceled", "deadline_exceeded")
+    ):
+        outcome = HandoffOutcome.NO_ANSWER
+    elif status in (603, 403, 607):
+        outcome = HandoffOutcome.DECLINED
+    elif status is not None and (status in (404, 410, 484, 485) or status >= 500):
+        outcome = HandoffOutcome.UNREACHABLE
+    elif isinstance(error, asyncio.TimeoutError):
+        outcome = HandoffOutcome.NO_ANSWER
+    else:
+        outcome = HandoffOutcome.FAILED
+    reason = getattr(error, "sip_status", None) or getattr(error, "message", "") or str(error)
+    return DialFailed(outcome, status, f"{status or code or type(error).__name__}: {reason}")
+
+
+class Hold:
+    """Hold audio playing to the caller; ``stop()`` is idempotent."""
+
+    def __init__(self, stop: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._stop = stop
+        self.started_at = time.monotonic()
+        self.stopped_at: float | None = None
+
+    async def stop(self) -> None:
+        if self.stopped_at is None:
+            self.stopped_at = time.monotonic()
+            if self._stop is not None:
+                await self._stop()
+
+
+class PhoneLine(abc.ABC):
+    """Everything the handoff needs that only a media server can do. The handoff logic talks
+    to nothing else, so the same flow runs on LiveKit and on the simulated line."""
+
+    caller_room: str
+    caller_identity: str
+
+    @abc.abstractmethod
+    async def dial(self, dial: Dial) -> Leg:
+        """Ring the human until answered; raise ``DialFailed`` with the outcome otherwise.
+        Cancelling the awaiting task cancels the dial (the human's phone stops ringing)."""
+
+    @abc.abstractmethod
+    async def hang_up(self, leg: Leg) -> None:
+        """End the human's leg. Idempotent; never raises."""
+
+    @abc.abstractmethod
+    async def move(self, leg: Leg, room: str) -> None:
+        """Move the human's leg into ``room``; raise ``MoveRefused`` if the server won't."""
+
+    @abc.abstractmethod
+    async def delete_room(self, room: str) -> None:
+        """Delete a room, ending every leg in it. Idempotent; never raises."""
+
+    @abc.abstractmethod
+    async def start_hold(self) -> Hold:
+        """Start hold audio for the caller."""
+
+    @abc.abstractmethod
+    async def open_consult(
+        self, room: str, human_identity: str, session: AgentSession, agent: Agent
+    ) -> None:
+        """Start ``session`` in a private room where it will talk to ``human_identity``."""
+
+    @abc.abstractmethod
+    async def close_consult(self, room: str) -> None:
+        """Stop the consult session and delete its room. Idempotent; never raises."""
+
+    @abc.abstractmethod
+    async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
+        """Return the identity of the first of ``identities`` to leave ``room``."""
+
+    @abc.abstractmethod
+    def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
+        """Call ``callback(digit)`` for each keypad press in ``room``."""
+
+
+class LiveKitPhoneLine(PhoneLine):
+    """The phone line on a real LiveKit call, through the server API and the job's room."""
+
+    def __init__(self, ctx: JobContext, settings: Settings) -> None:
+        self._ctx = ctx
+        self._settings = settings
+        self.caller_room = ctx.room.name
+        self.caller_identity = ""
+        self._rooms: dict[str, rtc.Room] = {ctx.room.name: ctx.room}
+        self._consults: dict[str, AgentSession] = {}
+
+    async def dial(self, dial: Dial) -> Leg:
+        request = api.CreateSIPParticipantRequest(
+            sip_trunk_id=self._settings.sip_trunk_id,
+            sip_call_to=dial.destination.target,
+            sip_number=dial.caller_id,
+            room_name=dial.room,
+            participant_identity=dial.identity,
+            participant_name=dial.name,
+            krisp_enabled=True,
+            dtmf=dial.destination.extension,
+            wait_until_answered=True,
+            play_dialtone=False,
+        )
+        request.ringing_timeout.FromNanoseconds(int(dial.ring_timeout * 1e9))
+        try:
+            await self._ctx.api.sip.create_sip_participant(request)
+        except asyncio.CancelledError:
+            # The request was aborted; make sure the human's phone stops ringing.
+            await asyncio.shield(self._remove_quietly(dial.room, dial.identity))
+            raise
+        except Exception as e:
+            raise classify_dial_error(e) from e
+        return Leg(identity=dial.identity, room=dial.room, destination=dial.destination)
+
+    async def _remove_quietly(self, room: str, identity: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._ctx.api.room.remove_participant(
+                api.RoomParticipantIdentity(room=room, identity=identity)
+            )
+
+    async def hang_up(self, leg: Leg) -> None:
+        await self._remove_quietly(leg.room, leg.identity)
+
+    async def move(self, leg: Leg, room: str) -> None:
+        try:
+            await self._ctx.api.room.move_participant(
+                api.MoveParticipantRequest(
+                    room=leg.room, identity=leg.identity, destination_room=room
+                )
+            )
+        except api.ServerError as e:
+            raise MoveRefused(f"{e.code}: {e.message}") from e
+
+    async def delete_room(self, room: str) -> None:
+        try:
+            await self._ctx.api.room.delete_room(api.DeleteRoomRequest(room=room))
+        except Exception as e:  # already gone is fine; anything else is worth a line
+            if getattr(e, "code", "") != "not_found":
+                logger.warning("could not delete room %s: %s", room, e)
+
+    async def start_hold(self) -> Hold:
+        player = BackgroundAudioPlayer()
+        await player.start(room=self._ctx.room)
+        source = self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC
+        handle = player.play(AudioConfig(source, volume=0.7), loop=True)
+
+        async def stop() -> None:
+            handle.stop()
+            await player.aclose()
+
+        return Hold(stop)
+
+    async def open_consult(
+        self, room: str, human_identity: str, session: AgentSession, agent: Agent
+    ) -> None:
+        consult_room = rtc.Room()
+        local = self._ctx.room.local_participant
+        token = (
+            api.AccessToken(self._settings.livekit_api_key, self._settings.livekit_api_secret)
+            .with_identity(f"{local.identity}-consult")
+            .with_kind("agent")
+            .with_grants(
+                api.VideoGrants(
+                    room_join=True,
+                    room=room,
+                    can_publish=True,
+                    can_subscribe=True,
+                    can_update_own_metadata=True,
+                )
+            )
+            .to_jwt()
+        )
+        await consult_room.connect(self._settings.livekit_url, token)
+        self._rooms[room] = consult_room
+        self._consults[room] = session
+        await session.start(
+            agent=agent,
+            room=consult_room,
+            room_options=room_io.RoomOptions(
+                participant_identity=human_identity,
+                participant_kinds=[rtc.ParticipantKind.PARTICIPANT_KIND_SIP],
+                close_on_disconnect=False,
+            ),
+            record=False,
+        )
+
+    async def close_consult(self, room: str) -> None:
+        session = self._consults.pop(room, None)
+        if session is not None:
+            with contextlib.suppress(Exception):
+                await session.aclose()
+        consult_room = self._rooms.pop(room, None)
+        if consult_room is not None:
+            with contextlib.suppress(Exception):
+                await consult_room.disconnect()
+        await self.delete_room(room)
+
+    async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
+        lk_room = self._rooms[room]
+        gone = next((i for i in identities if i not in lk_room.remote_participants), None)
+        if gone is not None:
+            return gone
+        left: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_left(p: rtc.RemoteParticipant) -> None:
+            if p.identity in identities and not left.done():
+                left.set_result(p.identity)
+
+        lk_room.on("participant_disconnected", on_left)
+        try:
+            return await left
+        finally:
+            lk_room.off("participant_disconnected", on_left)
+
+    def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
+        self._rooms[room].on("sip_dtmf_received", lambda ev: callback(ev.digit))
+
+
+@dataclass
+class LineEvent:
+    at: float
+    text: str
+
+
+class SimulatedPhoneLine(PhoneLine):
+    """A phone line with no media server: the console's and the tests' LiveKit.
+
+    Rooms are sets of identities; a human is scripted by ``SimulatedHuman`` (or driven step by
+    step with ``human_says``/``human_presses``/``hang_up_human``); every step is kept in
+    ``events`` and, in the console, printed as it happens."""
+
+    def __init__(
+        self,
+        human: SimulatedHuman | None = SimulatedHuman.ANSWER,
+        *,
+        ring_time: float = 3.0,
+        caller_room: str = "console-room",
+        caller_identity: str = "caller",
+        move_supported: bool = True,
+        announce: Callable[[str], None] | None = None,
+    ) -> None:
+        self.human = human  # None: the test drives the human itself
+        self.ring_time = ring_time
+        self.caller_room = caller_room
+        self.caller_identity = caller_identity
+        self.move_supported = move_supported
+        self.rooms: dict[str, set[str]] = {caller_room: {caller_identity}}
+        self.deleted_rooms: list[str] = []
+        self.dials: list[Dial] = []
+        self.cancelled_dials: list[str] = []
+        self.holds: list[Hold] = []
+        self.events: list[LineEvent] = []
+        self.consults: dict[str, AgentSession] = {}
+        self._announce = announce
+        self._dtmf: dict[str, list[Callable[[str], None]]] = {}
+        self._left: dict[str, asyncio.Event] = {}
+        self._scripts: set[asyncio.Task[None]] = set()
+        self.answered = asyncio.Event()
+
+    def _log(self, text: str) -> None:
+        self.events.append(LineEvent(time.monotonic(), text))
+        if self._announce is not None:
+            self._announce(text)
+
+    def _left_event(self, identity: str) -> asyncio.Event:
+        return self._left.setdefault(identity, asyncio.Event())
+
+    def _remove(self, room: str, identity: str) -> None:
+        if identity in self.rooms.get(room, set()):
+            self.rooms[room].discard(identity)
+            self._left_event(identity).set()
+
+    @property
+    def on_hold(self) -> bool:
+        return any(h.stopped_at is None for h in self.holds)
+
+    def legs(self) -> list[str]:
+        """Every human leg still connected anywhere."""
+        return sorted(
+            i for members in self.rooms.values() for i in members if i != self.caller_identity
+        )
+
+    # -- the seam -------------------------------------------------------------------------------
+
+    async def dial(self, dial: Dial) -> Leg:
+        self.dials.append(dial)
+        target = dial.destination
+        self._log(
+            f"dialling {target.name} ({mask_number(target.target)}), "
+            f"ring timeout {dial.ring_timeout:g}s"
+        )
+        try:
+            outcome = self.human
+            ring = min(self.ring_time, dial.ring_timeout)
+            if outcome is SimulatedHuman.NO_ANSWER:
+                ring = dial.ring_timeout
+            await asyncio.sleep(ring)
+        except asyncio.CancelledError:
+            self.cancelled_dials.append(dial.identity)
+            self._log(f"dial to {target.name} cancelled: the phone stops ringing")
+            raise
+        failures = {
+            SimulatedHuman.BUSY: (HandoffOutcome.BUSY, 486, "Busy Here"),
+            SimulatedHuman.NO_ANSWER: (HandoffOutcome.NO_ANSWER, 480, "Temporarily Unavailable"),
+            SimulatedHuman.UNREACHABLE: (HandoffOutcome.UNREACHABLE, 404, "Not Found"),
+        }
+        if outcome in failures:
+            result, status, reason = failures[outcome]
+            self._log(f"{target.name}: SIP {status} {reason}")
+            raise DialFailed(result, status, f"{status}: {reason}")
+        self.rooms.setdefault(dial.room, set()).add(dial.identity)
+        self._left.pop(dial.identity, None)
+        self._log(f"{target.name} answered")
+        self.answered.set()
+        if outcome is not None:
+            self._start_script(dial.room, outcome)
+        return Leg(identity=dial.identity, room=dial.room, destination=target)
+
+    async def hang_up(self, leg: Leg) -> None:
+        for room, members in self.rooms.items():
+            if leg.identity in members:
+                self._log(f"hanging up {leg.destination.name}'s leg")
+                self._remove(room, leg.identity)
+
+    async def move(self, leg: Leg, room: str) -> None:
+        if not self.move_supported:
+            self._log("move refused by the server")
+            raise MoveRefused("unimplemented: MoveParticipant is not available")
+        self._remove(leg.room, leg.identity)
+        self.rooms.setdefault(room, set()).add(leg.identity)
+        self._left.pop(leg.identity, None)
+        self._log(f"{leg.destination.name} moved into {room}")
+
+    async def delete_room(self, room: str) -> None:
+        if room in self.rooms:
+            for identity in list(self.rooms[room]):
+                self._remove(room, identity)
+            del self.rooms[room]
+            self.deleted_rooms.append(room)
+            self._log(f"room {room} deleted")
+
+    async def start_hold(self) -> Hold:
+        hold = Hold(self._hold_stopped)
+        self.holds.append(hold)
+        self._log("hold music on")
+        return hold
+
+    async def _hold_stopped(self) -> None:
+        self._log("hold music off")
+
+    async def open_consult(
+        self, room: str, human_identity: str, session: AgentSession, agent: Agent
+    ) -> None:
+        self.rooms.setdefault(room, set())
+        self.consults[room] = session
+
+        def heard(ev: Any) -> None:
+            if getattr(ev.item, "role", None) == "assistant" and ev.item.text_content:
+                self._log(f"human hears: {ev.item.text_content}")
+
+        session.on("conversation_item_added", heard)
+        await session.start(agent=agent)
+
+    async def close_consult(self, room: str) -> None:
+        session = self.consults.pop(room, None)
+        if session is not None:
+            with contextlib.suppress(Exception):
+                await session.aclose()
+        await self.delete_room(room)
+
+    async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
+        for identity in identities:
+            if identity not in self.rooms.get(room, set()):
+                return identity
+        waits = {asyncio.ensure_future(self._left_event(i).wait()): i for i in identities}
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            return waits[next(iter(done))]
+        finally:
+            for w in waits:
+                w.cancel()
+
+    def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
+        self._dtmf.setdefault(room, []).append(callback)
+
+    # -- the people on the line -----------------------------------------------------------------
+
+    def _human_room(self) -> str | None:
+        return next(
+            (
+                r
+                for r, members in self.rooms.items()
+                if any(i.startswith("transfer_") for i in members)
+            ),
+            None,
+        )
+
+    def human_says(self, text: str) -> None:
+        """The human speaks in the consult room: the consult session hears it."""
+        room = self._human_room()
+        self._log(f"human says: {text}")
+        if room in self.consults:
+            self.consults[room].generate_reply(user_input=text)
+
+    def human_presses(self, digit: str) -> None:
+        room = self._human_room()
+        self._log(f"human presses {digit}")
+        for callback in self._dtmf.get(room or "", []):
+            callback(digit)
+
+    def hang_up_human(self) -> None:
+        for room, members in self.rooms.items():
+            for identity in [i for i in members if i.startswith("transfer_")]:
+                self._log("the human hangs up")
+                self._remove(room, identity)
+
+    def hang_up_caller(self) -> None:
+        self._log("the caller hangs up")
+        self._remove(self.caller_room, self.caller_identity)
+        for members in self.rooms.values():
+            if self.caller_identity in members:
+                members.discard(self.caller_identity)
+
+    def _start_script(self, room: str, outcome: SimulatedHuman) -> None:
+        task = asyncio.get_running_loop().create_task(self._human_script(room, outcome))
+        self._scripts.add(task)
+        task.add_done_callback(self._scripts.discard)
+
+    async def _human_script(self, room: str, outcome: SimulatedHuman) -> None:
+        """What the console's simulated human does once they pick up."""
+        await asyncio.sleep(0.8)
+        if outcome is SimulatedHuman.VOICEMAIL:
+            self.human_says(
+                "Hi, you've reached the support line. Please leave a message after the tone."
+            )
+            return
+        self.human_says("Hello?")
+        session = self.consults.get(room)
+        if session is None:
+            return
+        # wait until the brief has been spoken (the consult agent's first words)
+        for _ in range(600):
+            if any(getattr(i, "role", None) == "assistant" for i in session.history.items):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        self.human_presses("1" if outcome is SimulatedHuman.ANSWER else "2")
+
+    async def aclose(self) -> None:
+        for task in list(self._scripts):
+            task.cancel()
+        await asyncio.gather(*self._scripts, return_exceptions=True)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# 3. The handoff
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+CALLER_HEARS = {
+    HandoffOutcome.BUSY: "I'm sorry, {team} is on another call right now.",
+    HandoffOutcome.NO_ANSWER: "I'm sorry, nobody from {team} picked up.",
+    HandoffOutcome.DECLINED: "I'm sorry, {team} can't take your call right now.",
+    HandoffOutcome.VOICEMAIL: "I'm sorry, I reached {team}'s voicemail rather than a person.",
+    HandoffOutcome.UNREACHABLE: "I'm sorry, I couldn't get through to {team}.",
+    HandoffOutcome.FAILED: "I'm sorry, something went wrong while I was connecting you.",
+}
+CALLER_OFFER = (
+    " I'm still here with you. I can try another team, or take your details so someone "
+    "calls you back. What would you like to do?"
+)
+VOICEMAIL_HINTS = re.compile(
+    r"leave (me |us )?a message|after the (tone|beep)|voice ?mail|not available to take|"
+    r"mailbox|press \d (for|to)",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Models:
+    """The models a session talks with; the consult session reuses the caller's."""
+
+    stt: Any = None
+    llm: Any = None
+    tts: Any = None
+    vad: Any = None
+    turn_detection: Any = None
+
+
+@dataclass
+class HandoffResult:
+    outcome: HandoffOutcome
+    destination: str
+    mode: HandoffMode
+    sip_status: int | None = None
+    detail: str = ""
+    leg: Leg | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def connected(self) -> bool:
+        return self.outcome is HandoffOutcome.CONNECTED
+
+
+def conversation_transcript(chat_ctx: llm.ChatContext, limit: int = 30) -> str:
+    """The caller's conversation as plain lines, for the brief and the consult agent."""
+    lines = []
+    for msg in chat_ctx.messages()[-limit:]:
+        if msg.role in ("user", "assistant") and msg.text_content:
+            lines.append(f"{'Caller' if msg.role == 'user' else 'Assistant'}: {msg.text_content}")
+    return "\n".join(lines)
+
+
+async def compose_brief(
+    model: llm.LLM | None,
+    transcript: str,
+    reason: str,
+    settings: Settings,
+    destination: Destination,
+    timeout: float,
+) -> str:
+    """The words the human hears first: who is calling, what they want, what was tried, why a
+    person is needed. Summarised by the model while the phone rings; if the model is slow or
+    fails, the caller's own recent words are used, so a brief is always ready."""
+    summary = ""
+    if model is not None and transcript:
+        ctx = llm.ChatContext()
+        ctx.add_message(role="system", content=BRIEF_PROMPT)
+        ctx.add_message(role="user", content=f"Reason for transfer: {reason}\n\n{transcript}")
+        try:
+            response = await asyncio.wait_for(model.chat(chat_ctx=ctx).collect(), timeout)
+            summary = response.text.strip()
+        except Exception as e:
+            logger.warning("brief summary unavailable, using the caller's words: %r", e)
+    if not summary:
+        said = [
+            line[len("Caller: ") :]
+            for line in transcript.splitlines()
+            if line.startswith("Caller: ")
+        ]
+        summary = f"They're calling about {reason}."
+        if said:
+            summary += " In their words: " + " ".join(said[-3:])
+    return (
+        f"Hi, this is the {settings.business_name} assistant with a caller for "
+        f"{destination.said_as}. {summary} Say put them through, or press 1, to take the call; "
+        f"press 2 if you can't."
+    )
+
+
+class Handoff:
+    """One attempt to hand the caller to one destination. ``run()`` always returns a result and
+    always leaves the line clean: hold off, no ringing phone, no stray leg, no consult room."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        line: PhoneLine,
+        session: AgentSession,
+        destination: Destination,
+        reason: str,
+        models: Models,
+    ) -> None:
+        self.settings = settings
+        self.line = line
+        self.session = session
+        self.destination = destination
+        self.reason = reason
+        self.models = models
+        self.mode = settings.mode
+        self.attempt = uuid.uuid4().hex[:8]
+        self.identity = f"transfer_{self.attempt}"
+        self.consult_room = f"{line.caller_room}-consult-{self.attempt}"
+        self.timings: dict[str, float] = {"decision": time.monotonic()}
+        self.consult: ConsultAgent | None = None
+        self._hold: Hold | None = None
+        self._leg: Leg | None = None
+        self._consult_open = False
+        self._merged = False
+
+    @property
+    def ring_timeout(self) -> float:
+        return self.destination.ring_timeout or self.settings.ring_timeout
+
+    def _dial(self, room: str) -> Dial:
+        return Dial(
+            room=room,
+            identity=self.identity,
+            destination=self.destination,
+            ring_timeout=self.ring_timeout,
+            caller_id=self.settings.caller_id,
+        )
+
+    def _result(
+        self, outcome: HandoffOutcome, *, sip_status: int | None = None, detail: str = ""
+    ) -> HandoffResult:
+        return HandoffResult(
+            outcome,
+            self.destination.name,
+            self.mode,
+            sip_status,
+            detail,
+            self._leg if self._merged else None,
+            self.timings,
+        )
+
+    async def run(self) -> HandoffResult:
+        flow = asyncio.ensure_future(
+            self._consult() if self.mode is HandoffMode.CONSULT else self._conference()
+        )
+        caller_left = asyncio.ensure_future(
+            self.line.wait_for_hangup(self.line.caller_room, (self.line.caller_identity,))
+        )
+        try:
+            done, _ = await asyncio.wait(
+                {flow, caller_left},
+                timeout=self.settings.max_hold,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if flow in done:
+                return flow.result()
+            flow.cancel()
+            with contextlib.suppress(BaseException):
+                await flow
+            if caller_left in done:
+                await self._tell_human("I'm sorry, the caller has just hung up. Goodbye.")
+                return self._result(HandoffOutcome.CALLER_LEFT, detail="caller hung up")
+            return self._result(HandoffOutcome.NO_ANSWER, detail="maximum hold time reached")
+        except Exception as e:
+            logger.error(
+                "handoff to %s failed in room %s: %r",
+                self.destination.name,
+                self.line.caller_room,
+                e,
+            )
+            return self._result(HandoffOutcome.FAILED, detail=str(e))
+        finally:
+            caller_left.cancel()
+            await self._clean_up()
+
+    async def _clean_up(self) -> None:
+        """Whatever happened, nobody is left waiting for someone who is gone."""
+        if self._hold is not None:
+            await self._quietly(self._hold.stop())
+        self.session.input.set_audio_enabled(True)
+        if self._leg is not None and not self._merged:
+            await self._quietly(self.line.hang_up(self._leg))
+        if self._consult_open:
+            self._consult_open = False
+            await self._quietly(self.line.close_consult(self.consult_room))
+
+    async def _quietly(self, step: Awaitable[Any]) -> None:
+        try:
+            await step
+        except Exception as e:
+            logger.warning("handoff clean-up step failed in room %s: %r", self.line.caller_room, e)
+
+    async def _tell_human(self, text: str) -> None:
+        if self._leg is not None and self._consult_open and self.consult is not None:
+            with contextlib.suppress(Exception):
+                speech = self.consult.session.say(text, allow_interruptions=False)
+                await asyncio.wait_for(speech.wait_for_playout(), 8)
+
+    async def _announce_and_hold(self) -> None:
+        """ "Please hold", then hold audio; the caller's microphone is paused meanwhile."""
+        await self.session.say(
+            f"Let me connect you with {self.destination.said_as}. Please hold for a moment.",
+            allow_interruptions=False,
+        )
+        self.timings["hold"] = time.monotonic()
+        self.session.input.set_audio_enabled(False)
+        self._hold = await self.line.start_hold()
+
+    async def _ring(self, dial: asyncio.Future[Leg]) -> HandoffResult | None:
+        try:
+            self._leg = await dial
+        except DialFailed as e:
+            logger.info(
+                "dial to %s (%s) in room %s: %s",
+                self.destination.name,
+                mask_number(self.destination.target),
+                self.line.caller_room,
+                e.detail,
+            )
+            return self._result(e.outcome, sip_status=e.sip_status, detail=e.detail)
+        self.timings["answered"] = time.monotonic()
+        return None
+
+    async def _conference(self) -> HandoffResult:
+        """The seed's three-way call, made warm: hold while ringing, then an introduction."""
+        dial = asyncio.ensure_future(self.line.dial(self._dial(self.line.caller_room)))
+        try:
+            await self._announce_and_hold()
+            if (failed := await self._ring(dial)) is not None:
+                return failed
+        finally:
+            dial.cancel()
+        await self._hold.stop()  # type: ignore[union-attr]
+        self._merged = True
+        self.session.input.set_audio_enabled(True)
+        await self.session.say(
+            f"Hello, this is the {self.settings.business_name} assistant. I have a caller on "
+            f"the line about {self.reason}. You're now connected with "
+            f"{self.destination.said_as}. I'll leave you to it.",
+            allow_interruptions=False,
+        )
+        self.timings["merged"] = time.monotonic()
+        return self._result(HandoffOutcome.CONNECTED)
+
+    async def _consult(self) -> HandoffResult:
+        """Brief the human privately, then move them in: the caller never hears the brief and
+        the human never picks up to silence."""
+        transcript = conversation_transcript(self.session.history)
+        brief = asyncio.ensure_future(
+            compose_brief(
+                self.models.llm,
+                transcript,
+                self.reason,
+                self.settings,
+                self.destination,
+                timeout=self.ring_timeout,
+            )
+        )
+        self.consult = ConsultAgent(brief=brief, transcript=transcript, handoff=self)
+        consult_session: AgentSession = AgentSession(
+            stt=self.models.stt,
+            llm=self.models.llm,
+            tts=self.models.tts,
+            vad=self.models.vad,
+            turn_detection=self.models.turn_detection,
+        )
+        dial = asyncio.ensure_future(self.line.dial(self._dial(self.consult_room)))
+        try:
+            self._consult_open = True
+            await self.line.open_consult(
+                self.consult_room, self.identity, consult_session, self.consult
+            )
+            self.line.on_dtmf(self.consult_room, self.consult.on_digit)
+            await self._announce_and_hold()
+            if (failed := await self._ring(dial)) is not None:
+                return failed
+        finally:
+            dial.cancel()
+            if not brief.done() and self._leg is None:
+                brief.cancel()
+
+        human_left = asyncio.ensure_future(
+            self.line.wait_for_hangup(self.consult_room, (self.identity,))
+        )
+        try:
+            decision = await self.consult.wait_for_decision(human_left, self.settings.hello_grace)
+        finally:
+            human_left.cancel()
+        self.timings["decided"] = time.monotonic()
+        if decision.accepted:
+            return await self._merge()
+        await self._tell_human(decision.farewell)
+        return self._result(decision.outcome, detail=decision.reason)
+
+    async def _merge(self) -> HandoffResult:
+        assert self._leg is not None
+        try:
+            await self.line.move(self._leg, self.line.caller_room)
+        except MoveRefused as e:
+            logger.error("move refused in room %s: %s", self.line.caller_room, e)
+            await self._tell_human(
+                "I'm sorry, I can't put the call through from here. "
+                "I'll let the caller know. Goodbye."
+            )
+            return self._result(HandoffOutcome.FAILED, detail=f"move refused ({e})")
+        self._merged = True
+        self.timings["merged"] = time.monotonic()
+        await self._hold.stop()  # type: ignore[union-attr]
+        self.session.input.set_audio_enabled(True)
+        await self.session.say(
+            f"You're now connected with {self.destination.said_as}.",
+            allow_interruptions=False,
+        )
+        return self._result(HandoffOutcome.CONNECTED)
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: HandoffOutcome
+    reason: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome is HandoffOutcome.CONNECTED
+
+    @property
+    def farewell(self) -> str:
+        if self.outcome is HandoffOutcome.DECLINED:
+            return "Understood, I'll let the caller know. Thank you, goodbye."
+        return "Goodbye."
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# 4. The agents
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+CALLER_INSTRUCTIONS = """\
+You are the phone receptionist for {business}. You can help with {scope}.
+You are speaking on a phone call, so:
+- answer in one to three short sentences of plain spoken language;
+- no lists, markdown, emoji, symbols or URLs; say numbers the way a person would;
+- ask one question at a time.
+
+Offer to connect the caller with a person when they ask for one, when you cannot help with what
+they need, or when they sound upset or frustrated. Always tell the caller which team you will
+connect them to and get a clear yes before calling transfer_call. Pass a short reason that says
+what the caller needs.
+Never read out, invent or confirm internal phone numbers or extensions. If the caller asks you
+to call a phone number they give you, explain that you can only connect them to the teams
+listed in transfer_call{direct}.
+
+Teams you can connect the caller to:
+{teams}
+"""
+
+CONSULT_INSTRUCTIONS = """\
+You are the {business} assistant, on a private line with a member of staff from {team} who may
+take over a phone call. The caller cannot hear you. Speak in short, plain sentences.
+You have already told them who is calling and why. Answer their questions using only the
+conversation below; if the answer is not in it, say you don't know.
+When they agree to take the call, call connect_to_caller. If they say they can't or won't,
+call decline_transfer with their reason. If you hear a voicemail greeting or an automated menu,
+call voicemail_detected.
+
+Reason for the transfer: {reason}
+
+Conversation with the caller:
+{transcript}
+"""
+
+BRIEF_PROMPT = """\
+You brief a member of staff who is about to take over a phone call. From the conversation,
+write two or three short spoken sentences: who is calling (if they said), what they want, what
+was already tried, and why they need a person. Plain words only, no lists or symbols, no
+greeting.
+"""
+
+
+class ConsultAgent(Agent):
+    """Talks to the human in the private consult room: brief, answer questions, take the
+    decision. The brief is composed while the phone rings and spoken as soon as the human
+    says hello, without a model round-trip."""
+
+    def __init__(self, *, brief: asyncio.Future[str], transcript: str, handoff: Handoff) -> None:
+        super().__init__(
+            instructions=CONSULT_INSTRUCTIONS.format(
+                business=handoff.settings.business_name,
+                team=handoff.destination.said_as,
+                reason=handoff.reason,
+                transcript=transcript or "(nothing said yet)",
+            ),
+        )
+        self._brief = brief
+        self._decision: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self.brief_started = asyncio.Event()
+
+    def decide(self, decision: Decision) -> None:
+        if not self._decision.done():
+            self._decision.set_result(decision)
+
+    def on_digit(self, digit: str) -> None:
+        if digit == "1":
+            self.decide(Decision(HandoffOutcome.CONNECTED))
+        elif digit == "2":
+            self.decide(Decision(HandoffOutcome.DECLINED, "declined on the keypad"))
+
+    async def wait_for_decision(self, human_left: asyncio.Future[str], grace: float) -> Decision:
+        """The human's answer. They get ``grace`` seconds to say hello first; then the brief
+        starts anyway."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.brief_started.wait()), grace)
+        if not self.brief_started.is_set() and not self._decision.done():
+            self.session.generate_reply()
+        done, _ = await asyncio.wait(
+            {self._decision, human_left}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self._decision in done:
+            return self._decision.result()
+        return Decision(HandoffOutcome.NO_ANSWER, "the human hung up during the briefing")
+
+    async def llm_node(
+        self, chat_ctx: llm.ChatContext, tools: list[Any], model_settings: Any
+    ) -> Any:
+        if self.brief_started.is_set():
+            async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
+                yield chunk
+            return
+        self.brief_started.set()
+        heard = next(
+            (
+                m.text_content
+                for m in reversed(chat_ctx.messages())
+                if m.role == "user" and m.text_content
+            ),
+            "",
+        )
+        if heard and VOICEMAIL_HINTS.search(heard):
+            self.decide(Decision(HandoffOutcome.VOICEMAIL, "a voicemail greeting answered"))
+            return
+        yield await self._brief
+
+    @function_tool
+    async def connect_to_caller(self, context: RunContext) -> None:
+        """Call when the staff member agrees to take the call."""
+        self.decide(Decision(HandoffOutcome.CONNECTED))
+
+    @function_tool
+    async def decline_transfer(self, context: RunContext, reason: str) -> None:
+        """Call when the staff member can't or won't take the call.
+
+        Args:
+            reason: Their reason, in a few words.
+        """
+        self.decide(Decision(HandoffOutcome.DECLINED, reason))
+
+    @function_tool
+    async def voicemail_detected(self, context: RunContext) -> None:
+        """Call when a voicemail greeting or an automated menu answered instead of a person."""
+        self.decide(Decision(HandoffOutcome.VOICEMAIL, "voicemail or automated menu"))
+
+
+DEMO_DESTINATIONS = (
+    Destination(
+        "support",
+        "+15550100100",
+        "Technical support for products and accounts",
+        spoken_name="our support team",
+    ),
+    Destination(
+        "billing", "+15550100200", "Invoices, payments and refunds", spoken_name="our billing team"
+    ),
+)
+
+
+class WarmHandoffAgent(Agent):
+    """The receptionist the caller talks to. Its one way to reach a person is ``transfer_call``,
+    which takes a destination *name* from the operator's directory, never a number."""
+
+    def __init__(self, settings: Settings, line: PhoneLine, models: Models) -> None:
+        self.settings = settings
+        self.line = line
+        self.models = models
+        self.destinations = settings.destinations or DEMO_DESTINATIONS
+        self.results: list[HandoffResult] = []
+        self._busy = False
+        self._leaving: asyncio.Future[None] | None = None
+        tools = [self._transfer_tool()]
+        if settings.allow_dial_pattern is not None:
+            tools.append(self._direct_tool())
+        teams = "\n".join(f"- {d.name}: {d.description}" for d in self.destinations)
+        super().__init__(
+            instructions=CALLER_INSTRUCTIONS.format(
+                business=settings.business_name,
+                scope=settings.business_scope,
+                teams=teams,
+                direct=(
+                    ", or to a number the caller gives when the operator allows it"
+                    if settings.allow_dial_pattern
+                    else ""
+                ),
+            ),
+            tools=tools,
+            stt=models.stt,
+            llm=models.llm,
+            tts=models.tts,
+            vad=models.vad,
+            turn_detection=models.turn_detection,
+        )
+
+    def _transfer_tool(self) -> Any:
+        schema = {
+            "name": "transfer_call",
+            "description": "Connect the caller with a person from one of the listed teams, "
+            "after the caller has agreed.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "destination": {
+                        "type": "string",
+                        "enum": [d.name for d in self.destinations],
+                        "description": "; ".join(
+                            f"{d.name}: {d.description}" for d in self.destinations
+                        ),
+                    },
+                    "reason": {
+                        "type": "string",
+                        "description": "What the caller needs, in a few words.",
+                    },
+                },
+                "required": ["destination", "reason"],
+                "additionalProperties": False,
+            },
+        }
+
+        async def transfer_call(raw_arguments: dict[str, Any], context: RunContext) -> Any:
+            name = str(raw_arguments.get("destination", ""))
+            destination = next((d for d in self.destinations if d.name == name), None)
+            if destination is None:
+                logger.warning(
+                    "transfer_call refused an unknown destination in room %s", self.line.caller_room
+                )
+                return ToolResult(
+                    f"There is no team called {name!r}. Offer only: "
+                    + ", ".join(d.name for d in self.destinations)
+                    + "."
+                )
+            return await self._hand_off(destination, str(raw_arguments.get("reason", "")))
+
+        return function_tool(transfer_call, raw_schema=schema)
+
+    def _direct_tool(self) -> Any:
+        pattern = self.settings.allow_dial_pattern
+        assert pattern is not None
+
+        async def transfer_to_number(context: RunContext, number: str, reason: str) -> Any:
+            """Connect the caller with a phone number they gave, if company policy allows it.
+
+            Args:
+                number: The number in international format, e.g. +15105550100.
+                reason: What the caller needs, in a few words.
+            """
+            number = re.sub(r"[\s().-]", "", number)
+            if not (E164.match(number) and pattern.fullmatch(number)):
+                logger.warning(
+                    "transfer_to_number refused %s in room %s",
+                    mask_number(number),
+                    self.line.caller_room,
+                )
+                return ToolResult(
+                    "That number is not one you are allowed to connect to. Tell "
+                    "the caller, and offer the listed teams instead."
+                )
+            direct = Destination(
+                "direct", number, "a number the caller gave", spoken_name="that number"
+            )
+            return await self._hand_off(direct, reason)
+
+        return function_tool(transfer_to_number)
+
+    async def _hand_off(self, destination: Destination, reason: str) -> Any:
+        if self._busy:
+            return ToolResult("A transfer is already in progress.", reply_required=False)
+        self._busy = True
+        try:
+            handoff = Handoff(
+                settings=self.settings,
+                line=self.line,
+                session=self.session,
+                destination=destination,
+                reason=reason or "a request for a person",
+                models=self.models,
+            )
+            result = await handoff.run()
+        finally:
+            self._busy = False
+        self.results.append(result)
+        logger.info(
+            "handoff to %s in room %s: %s%s",
+            destination.name,
+            self.line.caller_room,
+            result.outcome.value,
+            f" ({result.detail})" if result.detail else "",
+        )
+        if result.connected:
+            self._leaving = asyncio.ensure_future(self._leave(result.leg))
+            return ToolResult(
+                f"The caller is now talking with {destination.said_as}.", reply_required=False
+            )
+        if result.outcome is HandoffOutcome.CALLER_LEFT:
+            return ToolResult("The caller hung up during the transfer.", reply_required=False)
+        told = CALLER_HEARS[result.outcome].format(team=destination.said_as) + CALLER_OFFER
+        await self.session.say(told)
+        return ToolResult(
+            f"The transfer to {destination.name} did not happen: {result.outcome.value}"
+            + (f" ({result.detail})" if result.detail else "")
+            + ". The caller has been told and asked what they want to do next.",
+            reply_required=False,
+        )
+
+    async def _leave(self, leg: Leg | None) -> None:
+        """The agent steps out; the caller's room stays open for the two people and is deleted
+        as soon as either hangs up, so no leg lingers."""
+        self.session.shutdown()
+        if leg is None:
+            return
+        await self.line.wait_for_hangup(
+            self.line.caller_room, (self.line.caller_identity, leg.identity)
+        )
+        await self.line.delete_room(self.line.caller_room)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# 5. The server
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+server = AgentServer()
+
+
+def prewarm(proc: JobProcess) -> None:
+    """Load Silero VAD once per process, not once per call."""
+    from livekit.plugins import silero
+
+    proc.userdata["vad"] = silero.VAD.load()
+
+
+server.setup_fnc = prewarm
+
+
+def build_models(settings: Settings, vad: Any) -> Models:
+    from livekit.plugins import deepgram, elevenlabs, openai
+
+    tts_options: dict[str, Any] = {"model": settings.tts_model, "encoding": settings.tts_encoding}
+    if settings.tts_voice_id:
+        tts_options["voice_id"] = settings.tts_voice_id
+    eleven_key = os.environ.get("ELEVEN_API_KEY") or os.environ.get("ELEVENLABS_API_KEY")
+    if eleven_key:
+        tts_options["api_key"] = eleven_key
+    return Models(
+        stt=deepgram.STT(model=settings.stt_model),
+        llm=openai.LLM(model=settings.llm_model),
+        tts=elevenlabs.TTS(**tts_options),
+        vad=vad,
+    )
+
+
+async def run_call(
+    ctx: JobContext, settings: Settings, models: Models, line: PhoneLine | None = None
+) -> AgentSession:
+    """Answer one call: start the session, wait until the caller is really there, greet once."""
+    console = ctx.is_fake_job()
+    if line is None:
+        line = (
+            SimulatedPhoneLine(settings.simulated_human, announce=_show_step)
+            if console
+            else LiveKitPhoneLine(ctx, settings)
+        )
+    agent = WarmHandoffAgent(settings, line, models)
+    session: AgentSession = AgentSession()
+    await session.start(agent=agent, room=None if console else ctx.room)
+    if not console:
+        caller = await ctx.wait_for_participant()
+        line.caller_identity = caller.identity
+    session.say(settings.greeting)
+    return session
+
+
+def _show_step(text: str) -> None:
+    logger.info("📞 %s", text)
+
+
+@server.rtc_session(agent_name=os.environ.get("AGENT_NAME") or DEFAULT_AGENT_NAME)
+async def entrypoint(ctx: JobContext) -> None:
+    ctx.log_context_fields = {"room": ctx.room.name}
+    settings = load_settings(telephony=not ctx.is_fake_job())
+    await run_call(ctx, settings, build_models(settings, ctx.proc.userdata["vad"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv if argv is None else argv
+    command = argv[1] if len(argv) > 1 else ""
+    if command in ("start", "dev", "console", "connect"):
+        problems: list[str] = []
+        try:
+            load_settings(telephony=command != "console")
+        except ConfigError as e:
+            problems += e.problems
+        problems += [f"{key} is not set" for key in missing_provider_keys()]
+        if problems:
+            print(ConfigError(problems), file=sys.stderr)
+            raise SystemExit(1)
+    cli.run_app(server)
+
+
+load_dotenv()
+
+if __name__ == "__main__":
+    main()
