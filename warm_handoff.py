@@ -27,7 +27,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -856,7 +856,17 @@ class Models:
     llm: Any = None
     tts: Any = None
     vad: Any = None
-    turn_detection: Any = None
+    turn_handling: dict[str, Any] | None = None  # None: the framework's default turn detection
+
+    def options(self) -> dict[str, Any]:
+        given = {
+            "stt": self.stt,
+            "llm": self.llm,
+            "tts": self.tts,
+            "vad": self.vad,
+            "turn_handling": self.turn_handling,
+        }
+        return {k: v for k, v in given.items() if v is not None}
 
 
 @dataclass
@@ -1029,7 +1039,7 @@ class Handoff:
             logger.warning("handoff clean-up step failed in room %s: %r", self.line.caller_room, e)
 
     async def _tell_human(self, text: str) -> None:
-        if self._leg is not None and self._consult_open and self.consult is not None:
+        if text and self._leg is not None and self._consult_open and self.consult is not None:
             with contextlib.suppress(Exception):
                 speech = self.consult.session.say(text, allow_interruptions=False)
                 await asyncio.wait_for(speech.wait_for_playout(), 8)
@@ -1095,25 +1105,21 @@ class Handoff:
             )
         )
         self.consult = ConsultAgent(brief=brief, transcript=transcript, handoff=self)
-        consult_session: AgentSession = AgentSession(
-            stt=self.models.stt,
-            llm=self.models.llm,
-            tts=self.models.tts,
-            vad=self.models.vad,
-            turn_detection=self.models.turn_detection,
+        consult_session: AgentSession = AgentSession(**self.models.options())
+        self._consult_open = True
+        opening = asyncio.ensure_future(
+            self.line.open_consult(self.consult_room, self.identity, consult_session, self.consult)
         )
         dial = asyncio.ensure_future(self.line.dial(self._dial(self.consult_room)))
         try:
-            self._consult_open = True
-            await self.line.open_consult(
-                self.consult_room, self.identity, consult_session, self.consult
-            )
-            self.line.on_dtmf(self.consult_room, self.consult.on_digit)
             await self._announce_and_hold()
+            await opening
+            self.line.on_dtmf(self.consult_room, self.consult.on_digit)
             if (failed := await self._ring(dial)) is not None:
                 return failed
         finally:
             dial.cancel()
+            opening.cancel()
             if not brief.done() and self._leg is None:
                 brief.cancel()
 
@@ -1141,6 +1147,7 @@ class Handoff:
                 "I'll let the caller know. Goodbye."
             )
             return self._result(HandoffOutcome.FAILED, detail=f"move refused ({e})")
+        self._leg = replace(self._leg, room=self.line.caller_room)
         self._merged = True
         self.timings["merged"] = time.monotonic()
         await self._hold.stop()  # type: ignore[union-attr]
@@ -1165,7 +1172,7 @@ class Decision:
     def farewell(self) -> str:
         if self.outcome is HandoffOutcome.DECLINED:
             return "Understood, I'll let the caller know. Thank you, goodbye."
-        return "Goodbye."
+        return ""  # a voicemail hears nothing about the caller
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -1338,11 +1345,7 @@ class WarmHandoffAgent(Agent):
                 ),
             ),
             tools=tools,
-            stt=models.stt,
-            llm=models.llm,
-            tts=models.tts,
-            vad=models.vad,
-            turn_detection=models.turn_detection,
+            **models.options(),
         )
 
     def _transfer_tool(self) -> Any:
@@ -1514,7 +1517,10 @@ async def run_call(
         )
     agent = WarmHandoffAgent(settings, line, models)
     session: AgentSession = AgentSession()
-    await session.start(agent=agent, room=None if console else ctx.room)
+    if console:  # the console owns the audio; there is no room to join
+        await session.start(agent=agent)
+    else:
+        await session.start(agent=agent, room=ctx.room)
     if not console:
         caller = await ctx.wait_for_participant()
         line.caller_identity = caller.identity
@@ -1549,7 +1555,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.run_app(server)
 
 
-load_dotenv()
+load_dotenv(os.environ.get("DOTENV_FILE") or None)  # DOTENV_FILE=/dev/null ignores .env
 
 if __name__ == "__main__":
     main()

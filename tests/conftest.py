@@ -1,0 +1,228 @@
+"""Scripted models and call fixtures: the real AgentSession, driven offline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from livekit.agents import AgentSession, llm
+from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
+from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
+
+import warm_handoff as wh
+
+
+@dataclass
+class Call:
+    """A tool call the scripted model emits."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+Reply = str | Call | list[Call]
+
+
+@dataclass
+class Request:
+    chat_ctx: llm.ChatContext
+    tools: list[str]
+    at: float
+
+    @property
+    def purpose(self) -> str:
+        if "connect_to_caller" in self.tools:
+            return "consult"
+        if "transfer_call" in self.tools:
+            return "caller"
+        return "brief"
+
+    def last_user_text(self) -> str:
+        msgs = [m for m in self.chat_ctx.messages() if m.role == "user" and m.text_content]
+        return msgs[-1].text_content if msgs else ""
+
+
+class ScriptedLLM(llm.LLM):
+    """An ``llm.LLM`` whose answers are decided by the test. ``respond(request)`` returns text,
+    a tool call, or None for an empty answer; ``delay`` is the time to first token."""
+
+    def __init__(self, respond: Callable[[Request], Reply | None], *, delay: float = 0.0):
+        super().__init__()
+        self.respond = respond
+        self.delay = delay
+        self.requests: list[Request] = []
+
+    def chat(self, *, chat_ctx, tools=None, conn_options=DEFAULT_API_CONNECT_OPTIONS, **_):
+        names = [getattr(t, "id", "") or getattr(t, "name", "") for t in tools or []]
+        request = Request(chat_ctx.copy(), names, time.monotonic())
+        self.requests.append(request)
+        return _ScriptedStream(
+            self, request, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options
+        )
+
+    def of(self, purpose: str) -> list[Request]:
+        return [r for r in self.requests if r.purpose == purpose]
+
+
+class _ScriptedStream(llm.LLMStream):
+    def __init__(self, model: ScriptedLLM, request: Request, **kw: Any) -> None:
+        super().__init__(model, **kw)
+        self._model = model
+        self._request = request
+
+    async def _run(self) -> None:
+        if self._model.delay:
+            await asyncio.sleep(self._model.delay)
+        reply = self._model.respond(self._request)
+        if reply is None:
+            return
+        if isinstance(reply, str):
+            delta = ChoiceDelta(role="assistant", content=reply)
+        else:
+            calls = reply if isinstance(reply, list) else [reply]
+            delta = ChoiceDelta(
+                role="assistant",
+                tool_calls=[
+                    FunctionToolCall(
+                        name=c.name,
+                        arguments=json.dumps(c.arguments),
+                        call_id=f"call_{i}_{len(self._model.requests)}",
+                    )
+                    for i, c in enumerate(calls)
+                ],
+            )
+        self._event_ch.send_nowait(ChatChunk(id="scripted", delta=delta))
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
+    async def poll() -> None:
+        while not predicate():  # noqa: ASYNC110 - polls state the framework owns
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def settings_for(**overrides: Any) -> wh.Settings:
+    destinations = (
+        wh.Destination(
+            "support",
+            "+15105550100",
+            "Technical support",
+            extension="1234",
+            spoken_name="our support team",
+        ),
+        wh.Destination(
+            "billing",
+            "sip:billing@pbx.example.com",
+            "Invoices and refunds",
+            ring_timeout=12.0,
+            spoken_name="our billing team",
+        ),
+    )
+    base: dict[str, Any] = dict(
+        livekit_url="http://127.0.0.1:7880",
+        livekit_api_key="devkey",
+        livekit_api_secret="secret",
+        sip_trunk_id="ST_trunk123",
+        caller_id="+15105550999",
+        destinations=destinations,
+        handoff_mode=wh.HandoffMode.CONSULT,
+        ring_timeout=20.0,
+        hello_grace=0.5,
+        business_name="Acme",
+        greeting="Thanks for calling Acme.",
+    )
+    base.update(overrides)
+    return wh.Settings(**base)
+
+
+def receptionist(
+    transfer_to: str = "support",
+    reason: str = "printer is broken",
+    *,
+    brief: str | None = None,
+    consult: Callable[[Request], Reply | None] | None = None,
+):
+    """A model that: asks the caller to confirm, transfers on 'yes', echoes the caller's words as
+    the brief, and lets ``consult`` answer the human."""
+
+    def respond(req: Request) -> Reply | None:
+        if req.purpose == "brief":
+            said = req.chat_ctx.messages()[-1].text_content or ""
+            callers = [line for line in said.splitlines() if line.startswith("Caller:")]
+            return brief if brief is not None else "Summary: " + " ".join(callers)
+        if req.purpose == "consult":
+            return consult(req) if consult else "Anything else?"
+        text = req.last_user_text().lower()
+        if text.startswith("yes"):
+            return Call("transfer_call", {"destination": transfer_to, "reason": reason})
+        return "Shall I connect you with our support team?"
+
+    return respond
+
+
+@pytest.fixture
+def text_models():
+    def make(
+        respond: Callable[[Request], Reply | None], **kw: Any
+    ) -> tuple[wh.Models, ScriptedLLM]:
+        model = ScriptedLLM(respond, **kw)
+        return wh.Models(llm=model, turn_handling={"turn_detection": "manual"}), model
+
+    return make
+
+
+@dataclass
+class CallUnderTest:
+    session: AgentSession
+    agent: wh.WarmHandoffAgent
+    line: wh.SimulatedPhoneLine
+    model: ScriptedLLM
+    spoken: list[str] = field(default_factory=list)
+
+    def caller_heard(self) -> list[str]:
+        return [
+            m.text_content
+            for m in self.session.history.messages()
+            if m.role == "assistant" and m.text_content
+        ]
+
+    def human_heard(self) -> list[str]:
+        return [
+            e.text[len("human hears: ") :]
+            for e in self.line.events
+            if e.text.startswith("human hears: ")
+        ]
+
+
+@pytest.fixture
+async def start_call():
+    """Start a caller session on the simulated line with a scripted model."""
+    opened: list[CallUnderTest] = []
+
+    async def start(
+        respond,
+        *,
+        line: wh.SimulatedPhoneLine | None = None,
+        settings: wh.Settings | None = None,
+        delay: float = 0.0,
+    ) -> CallUnderTest:
+        model = ScriptedLLM(respond, delay=delay)
+        models = wh.Models(llm=model, turn_handling={"turn_detection": "manual"})
+        line = line or wh.SimulatedPhoneLine(None, ring_time=0.05)
+        agent = wh.WarmHandoffAgent(settings or settings_for(), line, models)
+        session = AgentSession()
+        await session.start(agent=agent)
+        call = CallUnderTest(session, agent, line, model)
+        opened.append(call)
+        return call
+
+    yield start
+    for call in opened:
+        await call.line.aclose()
+        await call.session.aclose()

@@ -1,0 +1,171 @@
+"""Configuration: one typed object, every problem named at once, no secret printed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import warm_handoff as wh
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {
+    "LIVEKIT_URL": "wss://acme-abc123.livekit.cloud",
+    "LIVEKIT_API_KEY": "APIkey",
+    "LIVEKIT_API_SECRET": "s3cr3t-value-never-printed",
+    "LIVEKIT_SIP_OUTBOUND_TRUNK": "ST_abc",
+    "HANDOFF_CALLER_ID": "+15105550999",
+    "HANDOFF_DESTINATIONS": json.dumps(
+        {
+            "support": {
+                "number": "+15105550100",
+                "description": "Tech support",
+                "extension": "12#",
+                "ring_timeout": 15,
+            },
+            "billing": {
+                "number": "sip:billing@pbx.example.com",
+                "description": "Billing",
+                "spoken_name": "our billing desk",
+            },
+        }
+    ),
+    "HANDOFF_RING_TIMEOUT": "30",
+}
+
+
+def test_valid_configuration_is_typed():
+    s = wh.load_settings(GOOD)
+    assert s.sip_trunk_id == "ST_abc"  # LIVEKIT_SIP_OUTBOUND_TRUNK accepted as SIP_TRUNK_ID
+    assert [d.name for d in s.destinations] == ["support", "billing"]
+    support, billing = s.destinations
+    assert (support.target, support.extension, support.ring_timeout) == ("+15105550100", "12#", 15)
+    assert billing.said_as == "our billing desk" and support.said_as == "the support team"
+    assert s.ring_timeout == 30.0
+    assert (s.llm_model, s.tts_model, s.tts_encoding) == (
+        "gpt-4o",
+        "eleven_multilingual_v2",
+        "pcm_44100",
+    )
+    assert s.mode is wh.HandoffMode.CONSULT  # auto on LiveKit Cloud
+    assert "s3cr3t" not in repr(s)
+
+
+def test_seed_variable_name_wins_over_alias():
+    s = wh.load_settings({**GOOD, "SIP_TRUNK_ID": "ST_seed"})
+    assert s.sip_trunk_id == "ST_seed"
+
+
+@pytest.mark.parametrize(
+    "url,mode",
+    [
+        ("wss://acme.livekit.cloud", wh.HandoffMode.CONSULT),
+        ("ws://livekit.internal:7880", wh.HandoffMode.CONFERENCE),
+    ],
+)
+def test_auto_mode_follows_where_livekit_runs(url, mode):
+    assert wh.load_settings({**GOOD, "LIVEKIT_URL": url}).mode is mode
+
+
+def test_every_problem_is_named_in_one_message_without_secrets():
+    bad = {
+        "LIVEKIT_URL": "acme.livekit.cloud",
+        "LIVEKIT_API_SECRET": "s3cr3t-value-never-printed",
+        "SIP_TRUNK_ID": "trunk-1",
+        "HANDOFF_CALLER_ID": "5105550999",
+        "HANDOFF_DESTINATIONS": json.dumps(
+            {
+                "support": {"number": "510-555-0100", "description": "x"},
+                "Sales Team": {"number": "+15105550100"},
+            }
+        ),
+        "HANDOFF_MODE": "transfer",
+        "HANDOFF_RING_TIMEOUT": "forever",
+    }
+    with pytest.raises(wh.ConfigError) as err:
+        wh.load_settings(bad)
+    message = str(err.value)
+    for expected in [
+        "LIVEKIT_URL must start with",
+        "LIVEKIT_API_KEY is not set",
+        "SIP_TRUNK_ID must be",
+        "HANDOFF_CALLER_ID must be an E.164",
+        "HANDOFF_DESTINATIONS['support'].number",
+        "HANDOFF_DESTINATIONS['Sales Team']: name",
+        "['Sales Team'].description is required",
+        "HANDOFF_MODE must be one of auto, consult, conference",
+        "HANDOFF_RING_TIMEOUT must be",
+    ]:
+        assert expected in message
+    assert len(err.value.problems) == 9
+    assert "s3cr3t" not in message
+
+
+def test_destinations_must_be_json_object():
+    with pytest.raises(wh.ConfigError, match="not valid JSON"):
+        wh.load_settings({**GOOD, "HANDOFF_DESTINATIONS": "support=+15105550100"})
+
+
+def test_console_needs_no_telephony_settings():
+    s = wh.load_settings({}, telephony=False)
+    assert s.destinations == () and s.sip_trunk_id == ""
+    with pytest.raises(wh.ConfigError, match="LIVEKIT_URL is not set"):
+        wh.load_settings({}, telephony=True)
+
+
+def test_missing_provider_keys_are_listed():
+    assert wh.missing_provider_keys({"OPENAI_API_KEY": "x", "ELEVENLABS_API_KEY": "y"}) == [
+        "DEEPGRAM_API_KEY"
+    ]
+    assert len(wh.missing_provider_keys({})) == 3
+
+
+def test_phone_numbers_are_masked():
+    assert wh.mask_number("+15105550123") == "+1510•••23"
+    assert "5550123" not in wh.mask_number("+15105550123")
+    assert wh.mask_number("sip:alice.smith@pbx.example.com").endswith("@pbx.example.com")
+
+
+def _run_worker(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LIVEKIT", "HANDOFF", "SIP_", "DEEPGRAM", "OPENAI", "ELEVEN"))
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / "warm_handoff.py"), command],
+        env={**clean, "DOTENV_FILE": os.devnull, **env},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_worker_stops_at_start_with_one_clear_message():
+    done = _run_worker(
+        "start", {"LIVEKIT_API_SECRET": "s3cr3t-value-never-printed", "HANDOFF_MODE": "nope"}
+    )
+    assert done.returncode == 1
+    assert "Invalid configuration" in done.stderr
+    assert "Traceback" not in done.stderr
+    for name in (
+        "LIVEKIT_URL",
+        "LIVEKIT_API_KEY",
+        "SIP_TRUNK_ID",
+        "HANDOFF_MODE",
+        "DEEPGRAM_API_KEY",
+        "OPENAI_API_KEY",
+        "ELEVEN_API_KEY",
+    ):
+        assert name in done.stderr
+    assert "s3cr3t" not in done.stderr + done.stdout
+
+
+def test_console_without_provider_keys_fails_fast():
+    done = _run_worker("console", {})
+    assert done.returncode == 1
+    assert "OPENAI_API_KEY is not set" in done.stderr
+    assert "LIVEKIT_URL" not in done.stderr  # console needs no LiveKit settings

@@ -1,0 +1,258 @@
+"""The warm handoff on the simulated phone line, end to end through the real AgentSession."""
+
+import asyncio
+
+import pytest
+from conftest import Call, receptionist, settings_for, wait_for
+
+import warm_handoff as wh
+
+H = wh.SimulatedHuman
+Out = wh.HandoffOutcome
+
+
+async def ask_for_transfer(call):
+    """The caller agrees; returns the running turn (the transfer tool runs inside it)."""
+    await call.session.run(user_input="I want to talk to a person")
+    return asyncio.ensure_future(call.session.run(user_input="yes please"))
+
+
+def function_outputs(call):
+    return [i.output for i in call.session.history.items if i.type == "function_call_output"]
+
+
+def assert_line_clean(line, *, merged=False):
+    assert not line.on_hold
+    assert not any("-consult-" in room for room in line.rooms)  # consult rooms deleted
+    if not merged:
+        assert line.legs() == []
+
+
+def voice_consult(phrases):
+    """The consult model: calls the tool matching what the human said."""
+
+    def respond(req):
+        said = req.last_user_text().lower()
+        for phrase, reply in phrases.items():
+            if phrase in said:
+                return reply
+        return "They're calling about their printer."
+
+    return respond
+
+
+@pytest.mark.parametrize("how", ["keypad", "voice"])
+async def test_accept_moves_the_human_in_and_the_agent_leaves(start_call, how):
+    consult = voice_consult({"put them through": Call("connect_to_caller", {})})
+    call = await start_call(receptionist(consult=consult))
+    turn = await ask_for_transfer(call)
+    await wait_for(call.line.answered.is_set)
+    call.line.human_says("Hello, support, Sam speaking.")
+    await wait_for(lambda: call.human_heard())
+    if how == "keypad":
+        call.line.human_presses("1")
+    else:
+        call.line.human_says("Sure, put them through.")
+    await asyncio.wait_for(turn, 5)
+
+    [result] = call.agent.results
+    assert result.outcome is Out.CONNECTED
+    human = call.line.dials[0].identity
+    assert call.line.rooms["console-room"] == {"caller", human}  # moved into the caller's room
+    assert call.caller_heard()[-1] == "You're now connected with our support team."
+    assert_line_clean(call.line, merged=True)
+    await wait_for(lambda: call.agent._leaving is not None)
+    await asyncio.sleep(0.05)
+    assert "console-room" in call.line.rooms  # open while both are on the line
+
+
+@pytest.mark.parametrize("who", ["caller", "human"])
+async def test_caller_room_is_deleted_when_either_hangs_up_after_merge(start_call, who):
+    call = await start_call(receptionist())
+    turn = await ask_for_transfer(call)
+    await wait_for(call.line.answered.is_set)
+    call.line.human_says("Hello?")
+    await wait_for(lambda: call.human_heard())
+    call.line.human_presses("1")
+    await asyncio.wait_for(turn, 5)
+    (call.line.hang_up_caller if who == "caller" else call.line.hang_up_human)()
+    await asyncio.wait_for(call.agent._leaving, 2)
+    assert "console-room" in call.line.deleted_rooms
+    assert call.line.legs() == []
+
+
+async def test_brief_carries_what_only_the_caller_said_and_needs_no_model_after_hello(start_call):
+    call = await start_call(receptionist())
+    await call.session.run(user_input="My order number is QX-4471 and the box arrived crushed")
+    turn = await ask_for_transfer(call)
+    await wait_for(call.line.answered.is_set)
+    brief_requests = len(call.model.of("brief"))
+    assert brief_requests == 1  # composed while the phone rang
+    call.line.human_says("Hello?")
+    await wait_for(lambda: call.human_heard())
+    brief = call.human_heard()[0]
+    assert "QX-4471" in brief and "crushed" in brief
+    assert call.model.of("consult") == []  # spoken without a model request after the hello
+    assert "QX-4471" not in " ".join(call.caller_heard())  # the caller never hears the brief
+    call.line.human_presses("1")
+    await asyncio.wait_for(turn, 5)
+
+
+async def test_brief_falls_back_to_the_callers_words_when_the_model_fails(start_call):
+    def respond(req):
+        if req.purpose == "brief":
+            raise RuntimeError("model down")
+        return receptionist()(req)
+
+    call = await start_call(respond)
+    await call.session.run(user_input="My name is Dana Whitfield")
+    turn = await ask_for_transfer(call)
+    await wait_for(call.line.answered.is_set)
+    call.line.human_says("Hello?")
+    await wait_for(lambda: call.human_heard())
+    assert "Dana Whitfield" in call.human_heard()[0]
+    call.line.human_presses("2")
+    await asyncio.wait_for(turn, 5)
+
+
+async def test_a_silent_human_is_briefed_after_a_short_pause(start_call):
+    call = await start_call(receptionist())
+    turn = await ask_for_transfer(call)
+    await wait_for(call.line.answered.is_set)
+    await wait_for(lambda: call.human_heard(), timeout=3)  # hello_grace is 0.5 s in tests
+    assert call.human_heard()[0].startswith("Hi, this is the Acme assistant")
+    call.line.human_presses("1")
+    await asyncio.wait_for(turn, 5)
+    assert call.agent.results[0].outcome is Out.CONNECTED
+
+
+@pytest.mark.parametrize("how", ["keypad", "voice"])
+async def test_decline_brings_the_caller_back_with_the_reason(start_call, how):
+    consult = voice_consult({"can't": Call("decline_transfer", {"reason": "in a meeting until 3"})})
+    call = await start_call(receptionist(consult=consult))
+    turn = await ask_for_transfer(call)
+    await wait_for(call.line.answered.is_set)
+    call.line.human_says("Hello?")
+    await wait_for(lambda: call.human_heard())
+    if how == "keypad":
+        call.line.human_presses("2")
+    else:
+        call.line.human_says("Sorry, I can't take it right now.")
+    await asyncio.wait_for(turn, 5)
+
+    assert call.agent.results[0].outcome is Out.DECLINED
+    reason = "declined on the keypad" if how == "keypad" else "in a meeting until 3"
+    assert reason in function_outputs(call)[-1]  # the caller-side agent knows why
+    assert call.caller_heard()[-1].startswith("I'm sorry, our support team can't take your call")
+    assert call.human_heard()[-1] == "Understood, I'll let the caller know. Thank you, goodbye."
+    assert_line_clean(call.line)
+    assert call.session.input.audio_enabled
+    # the caller is back in a working conversation
+    await call.session.run(user_input="ok what now")
+    assert call.caller_heard()[-1] == "Shall I connect you with our support team?"
+
+
+async def test_voicemail_is_not_briefed(start_call):
+    call = await start_call(receptionist())
+    turn = await ask_for_transfer(call)
+    await wait_for(call.line.answered.is_set)
+    call.line.human_says("You've reached Sam. Please leave a message after the tone.")
+    await asyncio.wait_for(turn, 5)
+    assert call.agent.results[0].outcome is Out.VOICEMAIL
+    assert call.human_heard() == []  # nothing about the caller is left on a voicemail
+    assert "voicemail" in call.caller_heard()[-1]
+    assert_line_clean(call.line)
+
+
+@pytest.mark.parametrize(
+    "human,outcome,heard",
+    [
+        (H.BUSY, Out.BUSY, "I'm sorry, our support team is on another call right now."),
+        (H.NO_ANSWER, Out.NO_ANSWER, "I'm sorry, nobody from our support team picked up."),
+        (H.UNREACHABLE, Out.UNREACHABLE, "I'm sorry, I couldn't get through to our support team."),
+    ],
+)
+@pytest.mark.parametrize("mode", [wh.HandoffMode.CONSULT, wh.HandoffMode.CONFERENCE])
+async def test_dial_failures_reach_the_caller(start_call, human, outcome, heard, mode):
+    line = wh.SimulatedPhoneLine(human, ring_time=0.05)
+    settings = settings_for(handoff_mode=mode, ring_timeout=0.2)  # no answer rings it out
+    call = await start_call(receptionist(), line=line, settings=settings)
+    turn = await ask_for_transfer(call)
+    await asyncio.wait_for(turn, 8)
+    assert call.agent.results[0].outcome is outcome
+    assert call.caller_heard()[-1].startswith(heard)
+    assert "try another team" in call.caller_heard()[-1]
+    assert_line_clean(line)
+
+
+async def test_move_refused_ends_the_humans_leg_and_returns_the_caller(start_call):
+    line = wh.SimulatedPhoneLine(None, ring_time=0.05, move_supported=False)
+    call = await start_call(receptionist(), line=line)
+    turn = await ask_for_transfer(call)
+    await wait_for(line.answered.is_set)
+    line.human_says("Hello?")
+    await wait_for(lambda: call.human_heard())
+    line.human_presses("1")
+    await asyncio.wait_for(turn, 5)
+    result = call.agent.results[0]
+    assert result.outcome is Out.FAILED and "move refused" in result.detail
+    assert "can't put the call through" in call.human_heard()[-1]
+    assert call.caller_heard()[-1].startswith("I'm sorry, something went wrong")
+    assert_line_clean(line)
+
+
+async def test_human_hanging_up_during_the_brief_returns_the_caller(start_call):
+    call = await start_call(receptionist())
+    turn = await ask_for_transfer(call)
+    await wait_for(call.line.answered.is_set)
+    call.line.human_says("Hello?")
+    await wait_for(lambda: call.human_heard())
+    call.line.hang_up_human()
+    await asyncio.wait_for(turn, 5)
+    assert call.agent.results[0].outcome is Out.NO_ANSWER
+    assert_line_clean(call.line)
+    assert call.session.input.audio_enabled
+
+
+async def test_caller_hanging_up_while_it_rings_cancels_the_dial(start_call):
+    line = wh.SimulatedPhoneLine(None, ring_time=10)
+    call = await start_call(receptionist(), line=line)
+    turn = await ask_for_transfer(call)
+    await wait_for(lambda: line.on_hold)
+    line.hang_up_caller()
+    await asyncio.wait_for(turn, 5)
+    assert call.agent.results[0].outcome is Out.CALLER_LEFT
+    assert line.cancelled_dials == [line.dials[0].identity]
+    assert_line_clean(line)
+
+
+async def test_a_second_attempt_in_the_same_call_uses_a_new_consult_room(start_call):
+    call = await start_call(receptionist())
+    for digit in ("2", "1"):
+        call.line.answered.clear()
+        turn = asyncio.ensure_future(call.session.run(user_input="yes please"))
+        await wait_for(call.line.answered.is_set)
+        call.line.human_says("Hello?")
+        heard = 1 if digit == "2" else 3  # brief; farewell; second brief
+        await wait_for(lambda n=heard: len(call.human_heard()) >= n)
+        call.line.human_presses(digit)
+        await asyncio.wait_for(turn, 5)
+    rooms = [d.room for d in call.line.dials]
+    assert len(set(rooms)) == 2 and all("-consult-" in r for r in rooms)
+    assert [r.outcome for r in call.agent.results] == [Out.DECLINED, Out.CONNECTED]
+
+
+async def test_conference_introduces_the_caller_to_both_and_leaves(start_call):
+    settings = settings_for(handoff_mode=wh.HandoffMode.CONFERENCE)
+    call = await start_call(receptionist(reason="a refund for order 88"), settings=settings)
+    turn = await ask_for_transfer(call)
+    await asyncio.wait_for(turn, 5)
+    [dial] = call.line.dials
+    assert dial.room == "console-room"  # the seed's way: straight into the caller's room
+    intro = call.caller_heard()[-1]
+    assert "a refund for order 88" in intro and "now connected with our support team" in intro
+    assert call.line.holds and not call.line.on_hold  # held while ringing, then released
+    assert call.agent.results[0].outcome is Out.CONNECTED
+    await wait_for(lambda: call.agent._leaving is not None)
+    await asyncio.sleep(0.05)
+    assert call.session._closing or not call.session._started  # the agent has left
