@@ -456,9 +456,9 @@ class LiveKitPhoneLine(PhoneLine):
     def __init__(self, ctx: JobContext, settings: Settings) -> None:
         self._ctx = ctx
         self._settings = settings
-        self.caller_room = ctx.room.name
+        self.caller_room = ctx.job.room.name
         self.caller_identity = ""
-        self._rooms: dict[str, rtc.Room] = {ctx.room.name: ctx.room}
+        self._rooms: dict[str, rtc.Room] = {self.caller_room: ctx.room}
         self._consults: dict[str, AgentSession] = {}
 
     async def dial(self, dial: Dial) -> Leg:
@@ -646,6 +646,9 @@ class SimulatedPhoneLine(PhoneLine):
     @property
     def on_hold(self) -> bool:
         return any(h.stopped_at is None for h in self.holds)
+
+    def human_heard_anything(self) -> bool:
+        return any(e.text.startswith("human hears: ") for e in self.events)
 
     def legs(self) -> list[str]:
         """Every human leg still connected anywhere."""

@@ -37,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 import jwt
 from aiohttp import web
@@ -247,7 +247,7 @@ class FakeLiveKitServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> Self:
+    async def __aenter__(self) -> FakeLiveKitServer:
         await self.start()
         return self
 
