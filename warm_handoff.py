@@ -602,18 +602,23 @@ class SimulatedPhoneLine(PhoneLine):
     step with ``human_says``/``human_presses``/``hang_up_human``); every step is kept in
     ``events`` and, in the console, printed as it happens."""
 
+    ring_time = 3.0  # how long the simulated phone rings before it is answered
+    hello_after = 0.8  # the scripted human's "Hello?" after picking up
+    decide_after = 1.0  # and their keypad answer after the brief
+
     def __init__(
         self,
         human: SimulatedHuman | None = SimulatedHuman.ANSWER,
         *,
-        ring_time: float = 3.0,
+        ring_time: float | None = None,
         caller_room: str = "console-room",
         caller_identity: str = "caller",
         move_supported: bool = True,
         announce: Callable[[str], None] | None = None,
     ) -> None:
         self.human = human  # None: the test drives the human itself
-        self.ring_time = ring_time
+        if ring_time is not None:
+            self.ring_time = ring_time
         self.caller_room = caller_room
         self.caller_identity = caller_identity
         self.move_supported = move_supported
@@ -804,7 +809,7 @@ class SimulatedPhoneLine(PhoneLine):
 
     async def _human_script(self, room: str, outcome: SimulatedHuman) -> None:
         """What the console's simulated human does once they pick up."""
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(self.hello_after)
         if outcome is SimulatedHuman.VOICEMAIL:
             self.human_says(
                 "Hi, you've reached the support line. Please leave a message after the tone."
@@ -819,7 +824,7 @@ class SimulatedPhoneLine(PhoneLine):
             if any(getattr(i, "role", None) == "assistant" for i in session.history.items):
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(self.decide_after)
         self.human_presses("1" if outcome is SimulatedHuman.ANSWER else "2")
 
     async def aclose(self) -> None:
@@ -1028,12 +1033,17 @@ class Handoff:
         """Whatever happened, nobody is left waiting for someone who is gone."""
         if self._hold is not None:
             await self._quietly(self._hold.stop())
-        self.session.input.set_audio_enabled(True)
+        self._pause_caller(False)
         if self._leg is not None and not self._merged:
             await self._quietly(self.line.hang_up(self._leg))
         if self._consult_open:
             self._consult_open = False
             await self._quietly(self.line.close_consult(self.consult_room))
+
+    def _pause_caller(self, paused: bool) -> None:
+        """On hold the caller's microphone is off; the conversation is paused, not ended."""
+        if self.session.input.audio is not None:
+            self.session.input.set_audio_enabled(not paused)
 
     async def _quietly(self, step: Awaitable[Any]) -> None:
         try:
@@ -1054,7 +1064,7 @@ class Handoff:
             allow_interruptions=False,
         )
         self.timings["hold"] = time.monotonic()
-        self.session.input.set_audio_enabled(False)
+        self._pause_caller(True)
         self._hold = await self.line.start_hold()
 
     async def _ring(self, dial: asyncio.Future[Leg]) -> HandoffResult | None:
@@ -1083,7 +1093,7 @@ class Handoff:
             dial.cancel()
         await self._hold.stop()  # type: ignore[union-attr]
         self._merged = True
-        self.session.input.set_audio_enabled(True)
+        self._pause_caller(False)
         await self.session.say(
             f"Hello, this is the {self.settings.business_name} assistant. I have a caller on "
             f"the line about {self.reason}. You're now connected with "
@@ -1154,7 +1164,7 @@ class Handoff:
         self._merged = True
         self.timings["merged"] = time.monotonic()
         await self._hold.stop()  # type: ignore[union-attr]
-        self.session.input.set_audio_enabled(True)
+        self._pause_caller(False)
         await self.session.say(
             f"You're now connected with {self.destination.said_as}.",
             allow_interruptions=False,

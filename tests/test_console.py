@@ -1,0 +1,62 @@
+"""The console: no LiveKit, no trunk; a transfer runs against the simulated phone line and every
+step is shown."""
+
+import asyncio
+import logging
+
+import pytest
+from conftest import ScriptedLLM, receptionist, wait_for
+from livekit.agents.testing import fake_job_context
+
+import warm_handoff as wh
+
+H = wh.SimulatedHuman
+Out = wh.HandoffOutcome
+
+
+@pytest.fixture(autouse=True)
+def quick_human(monkeypatch):
+    monkeypatch.setattr(wh.SimulatedPhoneLine, "ring_time", 0.05)
+    monkeypatch.setattr(wh.SimulatedPhoneLine, "hello_after", 0.05)
+    monkeypatch.setattr(wh.SimulatedPhoneLine, "decide_after", 0.05)
+
+
+@pytest.mark.parametrize(
+    "human,outcome,step",
+    [
+        (H.ANSWER, Out.CONNECTED, "support moved into console-room"),
+        (H.DECLINE, Out.DECLINED, "human presses 2"),
+        (H.BUSY, Out.BUSY, "support: SIP 486 Busy Here"),
+        (H.NO_ANSWER, Out.NO_ANSWER, "support: SIP 480 Temporarily Unavailable"),
+        (H.VOICEMAIL, Out.VOICEMAIL, "human says: Hi, you've reached the support line."),
+        (H.UNREACHABLE, Out.UNREACHABLE, "support: SIP 404 Not Found"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["consult", "conference"])
+async def test_console_transfer_for_every_outcome(caplog, human, outcome, step, mode):
+    if mode == "conference" and human in (H.ANSWER, H.DECLINE, H.VOICEMAIL):
+        outcome = Out.CONNECTED  # a three-way call has no private moment to decline in
+        step = "support answered"
+    env = {"SIMULATED_HUMAN": human.value, "HANDOFF_MODE": mode, "HANDOFF_RING_TIMEOUT": "5"}
+    settings = wh.load_settings(env, telephony=False)  # no LiveKit settings at all
+    settings = wh.Settings(**{**settings.__dict__, "ring_timeout": 0.3, "hello_grace": 0.2})
+    model = ScriptedLLM(receptionist())
+    caplog.set_level(logging.INFO, logger="warm-handoff")
+    with fake_job_context() as ctx:  # what `console` runs the entrypoint in
+        session = await wh.run_call(
+            ctx, settings, wh.Models(llm=model, turn_handling={"turn_detection": "manual"})
+        )
+        agent = session.current_agent
+        try:
+            assert isinstance(agent.line, wh.SimulatedPhoneLine)
+            await session.run(user_input="can I talk to someone")
+            await asyncio.wait_for(session.run(user_input="yes please"), 10)
+            await wait_for(lambda: agent.results)
+            assert agent.results[0].outcome is outcome
+            shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("📞")]
+            assert "📞 dialling support (+1555•••00), ring timeout 0.3s" in shown
+            assert any(line.startswith(f"📞 {step}") for line in shown), shown
+            assert not agent.line.on_hold
+        finally:
+            await agent.line.aclose()
+            await session.aclose()
