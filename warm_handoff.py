@@ -50,6 +50,7 @@ from livekit.agents.voice.background_audio import (
     BackgroundAudioPlayer,
     BuiltinAudioClip,
 )
+from livekit.plugins import deepgram, elevenlabs, openai, silero  # register on the main thread
 
 logger = logging.getLogger("warm-handoff")
 
@@ -1492,8 +1493,6 @@ server = AgentServer()
 
 def prewarm(proc: JobProcess) -> None:
     """Load Silero VAD once per process, not once per call."""
-    from livekit.plugins import silero
-
     proc.userdata["vad"] = silero.VAD.load()
 
 
@@ -1501,8 +1500,6 @@ server.setup_fnc = prewarm
 
 
 def build_models(settings: Settings, vad: Any) -> Models:
-    from livekit.plugins import deepgram, elevenlabs, openai
-
     tts_options: dict[str, Any] = {"model": settings.tts_model, "encoding": settings.tts_encoding}
     if settings.tts_voice_id:
         tts_options["voice_id"] = settings.tts_voice_id
@@ -1522,6 +1519,8 @@ async def run_call(
 ) -> AgentSession:
     """Answer one call: start the session, wait until the caller is really there, greet once."""
     console = ctx.is_fake_job()
+    if console and settings.handoff_mode is HandoffMode.AUTO:
+        settings = replace(settings, handoff_mode=HandoffMode.CONSULT)  # the simulated line moves
     if line is None:
         line = (
             SimulatedPhoneLine(settings.simulated_human, announce=_show_step)
@@ -1555,7 +1554,7 @@ async def entrypoint(ctx: JobContext) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     command = argv[1] if len(argv) > 1 else ""
-    if command in ("start", "dev", "console", "connect"):
+    if command in ("start", "dev", "console", "connect") and "--help" not in argv:
         problems: list[str] = []
         try:
             load_settings(telephony=command != "console")
