@@ -53,6 +53,7 @@ from livekit.agents.voice.background_audio import (
 from livekit.plugins import deepgram, elevenlabs, openai, silero  # register on the main thread
 
 logger = logging.getLogger("warm-handoff")
+load_dotenv(os.environ.get("DOTENV_FILE") or None)  # DOTENV_FILE=/dev/null ignores .env
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 # 1. Configuration
@@ -377,9 +378,9 @@ def classify_dial_error(error: Exception) -> DialFailed:
         status is None and code in ("canceled", "deadline_exceeded")
     ):
         outcome = HandoffOutcome.NO_ANSWER
-    elif status in (603, 403, 607):
+    elif status in (603, 607):
         outcome = HandoffOutcome.DECLINED
-    elif status is not None and (status in (404, 410, 484, 485) or status >= 500):
+    elif status is not None and (status in (403, 404, 410, 484, 485) or status >= 500):
         outcome = HandoffOutcome.UNREACHABLE
     elif isinstance(error, asyncio.TimeoutError):
         outcome = HandoffOutcome.NO_ANSWER
@@ -1339,11 +1340,11 @@ class WarmHandoffAgent(Agent):
         self.settings = settings
         self.line = line
         self.models = models
-        self.destinations = settings.destinations or DEMO_DESTINATIONS
+        self.destinations = settings.destinations
         self.results: list[HandoffResult] = []
         self._busy = False
         self._leaving: asyncio.Future[None] | None = None
-        tools = [self._transfer_tool()]
+        tools = [self._transfer_tool()] if self.destinations else []
         if settings.allow_dial_pattern is not None:
             tools.append(self._direct_tool())
         teams = "\n".join(f"- {d.name}: {d.description}" for d in self.destinations)
@@ -1521,6 +1522,8 @@ async def run_call(
     console = ctx.is_fake_job()
     if console and settings.handoff_mode is HandoffMode.AUTO:
         settings = replace(settings, handoff_mode=HandoffMode.CONSULT)  # the simulated line moves
+    if console and not settings.destinations:
+        settings = replace(settings, destinations=DEMO_DESTINATIONS)
     if line is None:
         line = (
             SimulatedPhoneLine(settings.simulated_human, announce=_show_step)
@@ -1566,8 +1569,6 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1)
     cli.run_app(server)
 
-
-load_dotenv(os.environ.get("DOTENV_FILE") or None)  # DOTENV_FILE=/dev/null ignores .env
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,18 @@
 """The caller's side: greeted once, offered only configured teams, never dials a spoken number."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import Call, ScriptedLLM, settings_for, wait_for
 from livekit.agents.testing import fake_job_context
 
 import warm_handoff as wh
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_entrypoint_greets_once_before_any_model_request():
@@ -89,3 +95,38 @@ async def test_direct_numbers_only_with_the_operator_allowlist(start_call, numbe
     call = await start_call(respond, line=line, settings=allowlist_settings())
     await call.session.run(user_input="call my colleague please")
     assert [d.destination.target for d in line.dials] == (["+15105550142"] if dialled else [])
+
+
+async def test_allowlist_only_offers_just_the_direct_tool(start_call):
+    call = await start_call(
+        lambda req: "Hello",
+        settings=settings_for(destinations=(), allow_dial_pattern=re.compile(r"\+1510555\d{4}")),
+    )
+    assert [getattr(t, "id", None) for t in call.agent.tools] == ["transfer_to_number"]
+
+
+async def test_demo_destinations_exist_only_in_the_console():
+    model = ScriptedLLM(lambda req: "Hi")
+    settings = settings_for(destinations=())
+    with fake_job_context() as ctx:
+        session = await wh.run_call(ctx, settings, wh.Models(llm=model))
+        try:
+            assert [d.name for d in session.current_agent.destinations] == ["support", "billing"]
+        finally:
+            await session.aclose()
+    assert wh.WarmHandoffAgent(settings, wh.SimulatedPhoneLine(None), wh.Models()).tools == []
+
+
+def test_agent_name_from_the_dotenv_file_reaches_the_dispatcher(tmp_path):
+    env_file = tmp_path / "worker.env"
+    env_file.write_text("AGENT_NAME=acme-reception\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("AGENT_NAME", "LIVEKIT_AGENT_NAME")}
+    out = subprocess.run(
+        [sys.executable, "-c", "import warm_handoff; print(warm_handoff.server._agent_name)"],
+        env={**env, "DOTENV_FILE": str(env_file)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "acme-reception", out.stderr

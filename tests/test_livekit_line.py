@@ -133,10 +133,23 @@ async def test_the_exact_create_sip_participant_request(
         (DialScript.canceled(), Out.NO_ANSWER, "nobody from our support team picked up"),
         (DialScript.sip_error(603), Out.DECLINED, "can't take your call right now"),
         (DialScript.sip_error(404), Out.UNREACHABLE, "couldn't get through to our support team"),
+        (DialScript.sip_error(403), Out.UNREACHABLE, "couldn't get through to our support team"),
         (DialScript.sip_error(503), Out.UNREACHABLE, "couldn't get through to our support team"),
         (DialScript.server_error(), Out.FAILED, "something went wrong while I was connecting you"),
     ],
-    ids=["486", "600", "480", "408", "487", "cancel-no-status", "603", "404", "503", "twirp-500"],
+    ids=[
+        "486",
+        "600",
+        "480",
+        "408",
+        "487",
+        "cancel-no-status",
+        "603",
+        "404",
+        "403-trunk",
+        "503",
+        "twirp-500",
+    ],
 )
 @pytest.mark.parametrize("mode", [wh.HandoffMode.CONSULT, wh.HandoffMode.CONFERENCE])
 async def test_each_sip_failure_reaches_the_caller_as_the_right_message(
