@@ -100,6 +100,7 @@ class Destination:
     extension: str = ""  # DTMF sent once answered
     ring_timeout: float | None = None  # seconds; None: the global HANDOFF_RING_TIMEOUT
     spoken_name: str = ""  # how the agent names it aloud, e.g. "our billing team"
+    fallback: str = ""  # the destination to offer next when this one can't take the call
 
     @property
     def said_as(self) -> str:
@@ -119,6 +120,8 @@ class Settings:
     ring_timeout: float = 25.0
     max_hold: float = 180.0
     hello_grace: float = 2.0  # how long the human may stay silent before the brief starts
+    hold_reassure_every: float = 25.0  # the agent checks in with a caller on hold this often
+    max_attempts: int = 3  # handoff attempts per call, each to a different destination
     hold_audio_file: str = ""
     agent_name: str = DEFAULT_AGENT_NAME
     greeting: str = DEFAULT_GREETING
@@ -171,7 +174,14 @@ def _parse_destinations(raw: str, ring_timeout: float, problems: list[str]) -> l
         if not isinstance(entry, dict):
             problems.append(f"{where} must be an object")
             continue
-        unknown = set(entry) - {"number", "description", "extension", "ring_timeout", "spoken_name"}
+        unknown = set(entry) - {
+            "number",
+            "description",
+            "extension",
+            "ring_timeout",
+            "spoken_name",
+            "fallback",
+        }
         if unknown:
             problems.append(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
         target = str(entry.get("number", "")).strip()
@@ -197,8 +207,15 @@ def _parse_destinations(raw: str, ring_timeout: float, problems: list[str]) -> l
                 extension=extension,
                 ring_timeout=float(timeout) if timeout is not None else None,
                 spoken_name=str(entry.get("spoken_name", "")).strip(),
+                fallback=str(entry.get("fallback", "")).strip(),
             )
         )
+    names = {d.name for d in found}
+    for d in found:
+        if d.fallback and (d.fallback not in names or d.fallback == d.name):
+            problems.append(
+                f"HANDOFF_DESTINATIONS[{d.name!r}].fallback must name another destination"
+            )
     return found
 
 
@@ -261,6 +278,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         ring_timeout=ring_timeout,
         max_hold=number("HANDOFF_MAX_HOLD", 180.0, 30, 1800),
         hello_grace=number("HANDOFF_HELLO_GRACE", 2.0, 0, 10),
+        hold_reassure_every=number("HANDOFF_HOLD_REASSURE", 25.0, 5, 300),
+        max_attempts=int(number("HANDOFF_MAX_ATTEMPTS", 3, 1, 5)),
         hold_audio_file=get("HANDOFF_HOLD_AUDIO_FILE"),
         agent_name=get("AGENT_NAME", DEFAULT_AGENT_NAME) or DEFAULT_AGENT_NAME,
         greeting=get("GREETING") or DEFAULT_GREETING,
@@ -391,18 +410,37 @@ def classify_dial_error(error: Exception) -> DialFailed:
 
 
 class Hold:
-    """Hold audio playing to the caller; ``stop()`` is idempotent."""
+    """Hold audio playing to the caller. ``pause``/``resume`` let speech through; every
+    method is idempotent."""
 
-    def __init__(self, stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        stop: Callable[[], Awaitable[None]] | None = None,
+        pause: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
         self._stop = stop
+        self._pause = pause
         self.started_at = time.monotonic()
         self.stopped_at: float | None = None
+        self.paused = False
 
     async def stop(self) -> None:
         if self.stopped_at is None:
             self.stopped_at = time.monotonic()
             if self._stop is not None:
                 await self._stop()
+
+    async def pause(self) -> None:
+        await self._set_paused(True)
+
+    async def resume(self) -> None:
+        await self._set_paused(False)
+
+    async def _set_paused(self, paused: bool) -> None:
+        if self.stopped_at is None and self.paused != paused:
+            self.paused = paused
+            if self._pause is not None:
+                await self._pause(paused)
 
 
 class PhoneLine(abc.ABC):
@@ -411,6 +449,7 @@ class PhoneLine(abc.ABC):
 
     caller_room: str
     caller_identity: str
+    caller_number: str = ""  # the caller's own number, when the SIP trunk tells us
 
     @abc.abstractmethod
     async def dial(self, dial: Dial) -> Leg:
@@ -516,14 +555,20 @@ class LiveKitPhoneLine(PhoneLine):
     async def start_hold(self) -> Hold:
         player = BackgroundAudioPlayer()
         await player.start(room=self._ctx.room)
-        source = self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC
-        handle = player.play(AudioConfig(source, volume=0.7), loop=True)
+        music = AudioConfig(self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC, 0.7)
+        playing = [player.play(music, loop=True)]
+
+        async def pause(paused: bool) -> None:
+            if paused:
+                playing[0].stop()
+            else:
+                playing[0] = player.play(music, loop=True)
 
         async def stop() -> None:
-            handle.stop()
+            playing[0].stop()
             await player.aclose()
 
-        return Hold(stop)
+        return Hold(stop, pause)
 
     async def open_consult(
         self, room: str, human_identity: str, session: AgentSession, agent: Agent
@@ -615,6 +660,7 @@ class SimulatedPhoneLine(PhoneLine):
         ring_time: float | None = None,
         caller_room: str = "console-room",
         caller_identity: str = "caller",
+        caller_number: str = "+15550100999",
         move_supported: bool = True,
         announce: Callable[[str], None] | None = None,
     ) -> None:
@@ -623,6 +669,7 @@ class SimulatedPhoneLine(PhoneLine):
             self.ring_time = ring_time
         self.caller_room = caller_room
         self.caller_identity = caller_identity
+        self.caller_number = caller_number
         self.move_supported = move_supported
         self.rooms: dict[str, set[str]] = {caller_room: {caller_identity}}
         self.deleted_rooms: list[str] = []
@@ -723,13 +770,16 @@ class SimulatedPhoneLine(PhoneLine):
             self._log(f"room {room} deleted")
 
     async def start_hold(self) -> Hold:
-        hold = Hold(self._hold_stopped)
+        hold = Hold(self._hold_stopped, self._hold_paused)
         self.holds.append(hold)
         self._log("hold music on")
         return hold
 
     async def _hold_stopped(self) -> None:
         self._log("hold music off")
+
+    async def _hold_paused(self, paused: bool) -> None:
+        self._log("hold music paused" if paused else "hold music resumed")
 
     async def open_consult(
         self, room: str, human_identity: str, session: AgentSession, agent: Agent
@@ -851,6 +901,10 @@ CALLER_OFFER = (
     " I'm still here with you. I can try another team, or take your details so someone "
     "calls you back. What would you like to do?"
 )
+CANCEL_WORDS = re.compile(
+    r"\b(never ?mind|forget it|cancel|don'?t bother|stop the transfer|i'?ll call back)\b",
+    re.IGNORECASE,
+)
 VOICEMAIL_HINTS = re.compile(
     r"leave (me |us )?a message|after the (tone|beep)|voice ?mail|not available to take|"
     r"mailbox|press \d (for|to)",
@@ -888,10 +942,72 @@ class HandoffResult:
     detail: str = ""
     leg: Leg | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    attempt: str = ""
+    phase: str = ""  # how far it got: announcing, ringing, briefing, merging, merged
+    brief: str = ""
 
     @property
     def connected(self) -> bool:
         return self.outcome is HandoffOutcome.CONNECTED
+
+
+@dataclass
+class CallbackRequest:
+    """A promise that a person will call the caller back."""
+
+    room: str
+    caller_name: str
+    number: str
+    best_time: str
+    reason: str
+    summary: str
+    source: str  # "caller": they asked for it; "abandoned": they hung up during a transfer
+    created_at: float = field(default_factory=time.time)
+
+    def public(self) -> dict[str, Any]:
+        """The record with the number masked, for log lines."""
+        return {**self.__dict__, "number": mask_number(self.number) if self.number else ""}
+
+
+class CallRecords:
+    """Every handoff attempt and callback request of one call, each logged as one JSON line."""
+
+    def __init__(self, room: str, job_id: str = "") -> None:
+        self.room = room
+        self.job_id = job_id
+        self.handoffs: list[HandoffResult] = []
+        self.callbacks: list[CallbackRequest] = []
+
+    def handoff(self, result: HandoffResult) -> None:
+        self.handoffs.append(result)
+        record = {
+            "type": "handoff",
+            "room": self.room,
+            "job_id": self.job_id,
+            "attempt": result.attempt,
+            "destination": result.destination,
+            "mode": result.mode.value,
+            "outcome": result.outcome.value,
+            "sip_status": result.sip_status,
+            "phase": result.phase,
+            "detail": result.detail,
+        }
+        logger.info("handoff record %s", json.dumps(record))
+
+    def callback(self, request: CallbackRequest) -> None:
+        self.callbacks.append(request)
+        record = {"type": "callback_request", "job_id": self.job_id, **request.public()}
+        logger.info("callback record %s", json.dumps(record))
+
+
+def speakable_number(number: str) -> str:
+    """+15105550199 -> "5 1 0, 5 5 5, 0 1 9 9": digits a voice reads one by one."""
+    digits = re.sub(r"\D", "", number)
+    if len(digits) == 11 and digits.startswith("1"):
+        groups = [digits[1:4], digits[4:7], digits[7:]]
+    else:
+        groups = [digits[i : i + 3] for i in range(0, len(digits), 3)]
+    return ", ".join(" ".join(g) for g in groups)
 
 
 def conversation_transcript(chat_ctx: llm.ChatContext, limit: int = 30) -> str:
@@ -941,8 +1057,15 @@ async def compose_brief(
 
 
 class Handoff:
-    """One attempt to hand the caller to one destination. ``run()`` always returns a result and
-    always leaves the line clean: hold off, no ringing phone, no stray leg, no consult room."""
+    """One attempt to hand the caller to one destination.
+
+    ``run()`` always returns one result and always leaves the line clean: hold off, no ringing
+    phone, no stray leg, no consult room. While it runs the caller is on an *interactive* hold:
+    hold audio plays (paused whenever the caller or the agent speaks), the agent checks in every
+    so often, and the caller may ask how long or say never mind (see ``answer_on_hold``).
+    """
+
+    PHASES = ("announcing", "ringing", "briefing", "merging", "merged")
 
     def __init__(
         self,
@@ -964,16 +1087,27 @@ class Handoff:
         self.attempt = uuid.uuid4().hex[:8]
         self.identity = f"transfer_{self.attempt}"
         self.consult_room = f"{line.caller_room}-consult-{self.attempt}"
+        self.phase = "announcing"
         self.timings: dict[str, float] = {"decision": time.monotonic()}
         self.consult: ConsultAgent | None = None
+        self.brief = ""
         self._hold: Hold | None = None
         self._leg: Leg | None = None
         self._consult_open = False
         self._merged = False
+        self._caller_gone = False
+        self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._background: set[asyncio.Future[Any]] = set()
 
     @property
     def ring_timeout(self) -> float:
         return self.destination.ring_timeout or self.settings.ring_timeout
+
+    @property
+    def on_hold(self) -> bool:
+        return self.phase in ("ringing", "briefing") and not self._stopped.done()
 
     def _dial(self, room: str) -> Dial:
         return Dial(
@@ -987,6 +1121,11 @@ class Handoff:
     def _result(
         self, outcome: HandoffOutcome, *, sip_status: int | None = None, detail: str = ""
     ) -> HandoffResult:
+        self.timings["ended"] = time.monotonic()
+        if "hold" in self.timings:
+            self.timings["held"] = (
+                self.timings.get("merged", self.timings["ended"]) - (self.timings["hold"])
+            )
         return HandoffResult(
             outcome,
             self.destination.name,
@@ -995,7 +1134,36 @@ class Handoff:
             detail,
             self._leg if self._merged else None,
             self.timings,
+            attempt=self.attempt,
+            phase=self.phase,
+            brief=self.brief,
         )
+
+    # -- stopping from outside: the caller changes their mind, the worker shuts down ----------
+
+    def stop(self, outcome: HandoffOutcome, detail: str) -> None:
+        """End the attempt from outside the flow (before the merge); ``run()`` cleans up."""
+        if not self._stopped.done() and self.phase not in ("merging", "merged"):
+            self._stopped.set_result((outcome, detail))
+
+    def answer_on_hold(self, said: str) -> str:
+        """What the caller hears when they speak on hold: "never mind" cancels the transfer
+        (the human's phone stops ringing); anything else gets where things stand."""
+        if CANCEL_WORDS.search(said):
+            self.stop(HandoffOutcome.CANCELLED_BY_CALLER, "the caller said never mind")
+            return ""  # the transfer tool tells the caller it is cancelled
+        waited = int(time.monotonic() - self.timings.get("hold", self.timings["decision"]))
+        if self.phase == "briefing":
+            return (
+                f"Someone from {self.destination.said_as} has picked up and I'm filling "
+                f"them in now. It won't be long."
+            )
+        return (
+            f"I'm still trying {self.destination.said_as}; it's been about {waited} "
+            f"seconds. Please stay on the line, or say never mind to stop."
+        )
+
+    # -- the attempt ----------------------------------------------------------------------------
 
     async def run(self) -> HandoffResult:
         flow = asyncio.ensure_future(
@@ -1006,7 +1174,7 @@ class Handoff:
         )
         try:
             done, _ = await asyncio.wait(
-                {flow, caller_left},
+                {flow, caller_left, self._stopped},
                 timeout=self.settings.max_hold,
                 return_when=asyncio.FIRST_COMPLETED,
             )
@@ -1016,8 +1184,21 @@ class Handoff:
             with contextlib.suppress(BaseException):
                 await flow
             if caller_left in done:
-                await self._tell_human("I'm sorry, the caller has just hung up. Goodbye.")
-                return self._result(HandoffOutcome.CALLER_LEFT, detail="caller hung up")
+                await self._tell_human(
+                    "I'm sorry, the caller has just hung up. I'll pass on a callback request "
+                    "with what they needed. Goodbye."
+                )
+                self._caller_gone = True
+                return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
+            if self._stopped.done():
+                outcome, detail = self._stopped.result()
+                await self._tell_human(
+                    "Sorry to trouble you: the caller no longer needs the transfer. Goodbye."
+                    if outcome is HandoffOutcome.CANCELLED_BY_CALLER
+                    else "I'm sorry, this call has to end now. Goodbye."
+                )
+                return self._result(outcome, detail=detail)
+            await self._tell_human("I'm sorry, I have to take the caller back now. Goodbye.")
             return self._result(HandoffOutcome.NO_ANSWER, detail="maximum hold time reached")
         except Exception as e:
             logger.error(
@@ -1030,22 +1211,22 @@ class Handoff:
         finally:
             caller_left.cancel()
             await self._clean_up()
+            if self._caller_gone:  # a leg moved in at the last moment must not ring on alone
+                await self._quietly(self.line.delete_room(self.line.caller_room))
 
     async def _clean_up(self) -> None:
         """Whatever happened, nobody is left waiting for someone who is gone."""
+        for task in self._background:
+            task.cancel()
+        self.session.off("user_state_changed", self._on_caller_state)
+        self.session.off("agent_state_changed", self._on_agent_state)
         if self._hold is not None:
             await self._quietly(self._hold.stop())
-        self._pause_caller(False)
         if self._leg is not None and not self._merged:
             await self._quietly(self.line.hang_up(self._leg))
         if self._consult_open:
             self._consult_open = False
             await self._quietly(self.line.close_consult(self.consult_room))
-
-    def _pause_caller(self, paused: bool) -> None:
-        """On hold the caller's microphone is off; the conversation is paused, not ended."""
-        if self.session.input.audio is not None:
-            self.session.input.set_audio_enabled(not paused)
 
     async def _quietly(self, step: Awaitable[Any]) -> None:
         try:
@@ -1059,15 +1240,55 @@ class Handoff:
                 speech = self.consult.session.say(text, allow_interruptions=False)
                 await asyncio.wait_for(speech.wait_for_playout(), 8)
 
+    # -- hold -----------------------------------------------------------------------------------
+
     async def _announce_and_hold(self) -> None:
-        """ "Please hold", then hold audio; the caller's microphone is paused meanwhile."""
+        """ "Please hold", then hold audio, while the dial already rings."""
         await self.session.say(
             f"Let me connect you with {self.destination.said_as}. Please hold for a moment.",
             allow_interruptions=False,
         )
+        self.phase = "ringing"
         self.timings["hold"] = time.monotonic()
-        self._pause_caller(True)
         self._hold = await self.line.start_hold()
+        self.session.on("user_state_changed", self._on_caller_state)
+        self.session.on("agent_state_changed", self._on_agent_state)
+        self._spawn(self._reassure())
+
+    def _spawn(self, step: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(step)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_caller_state(self, ev: Any) -> None:
+        """Hold audio pauses while the caller talks, so it never masks them or reads as
+        speech; the agent's own words pause it too."""
+        if self._hold is not None and self.on_hold:
+            if ev.new_state == "speaking":
+                self._spawn(self._hold.pause())
+            elif self.session.agent_state != "speaking":
+                self._spawn(self._hold.resume())
+
+    def _on_agent_state(self, ev: Any) -> None:
+        if self._hold is not None and self.on_hold:
+            if ev.new_state == "speaking":
+                self._spawn(self._hold.pause())
+            elif self.session.user_state != "speaking":
+                self._spawn(self._hold.resume())
+
+    async def _reassure(self) -> None:
+        every = self.settings.hold_reassure_every
+        while True:
+            await asyncio.sleep(every)
+            if self.on_hold:
+                self.session.say(
+                    f"Thanks for holding. I'm still connecting you with "
+                    f"{self.destination.said_as}.",
+                    allow_interruptions=True,
+                    add_to_chat_ctx=False,
+                )
+
+    # -- the two modes --------------------------------------------------------------------------
 
     async def _ring(self, dial: asyncio.Future[Leg]) -> HandoffResult | None:
         try:
@@ -1093,16 +1314,16 @@ class Handoff:
                 return failed
         finally:
             dial.cancel()
-        await self._hold.stop()  # type: ignore[union-attr]
+        self.phase = "merged"
         self._merged = True
-        self._pause_caller(False)
+        self.timings["merged"] = time.monotonic()
+        await self._hold.stop()  # type: ignore[union-attr]
         await self.session.say(
             f"Hello, this is the {self.settings.business_name} assistant. I have a caller on "
             f"the line about {self.reason}. You're now connected with "
             f"{self.destination.said_as}. I'll leave you to it.",
             allow_interruptions=False,
         )
-        self.timings["merged"] = time.monotonic()
         return self._result(HandoffOutcome.CONNECTED)
 
     async def _consult(self) -> HandoffResult:
@@ -1119,6 +1340,7 @@ class Handoff:
                 timeout=self.ring_timeout,
             )
         )
+        brief.add_done_callback(self._keep_brief)
         self.consult = ConsultAgent(brief=brief, transcript=transcript, handoff=self)
         consult_session: AgentSession = AgentSession(**self.models.options())
         self._consult_open = True
@@ -1138,6 +1360,7 @@ class Handoff:
             if not brief.done() and self._leg is None:
                 brief.cancel()
 
+        self.phase = "briefing"
         human_left = asyncio.ensure_future(
             self.line.wait_for_hangup(self.consult_room, (self.identity,))
         )
@@ -1151,8 +1374,13 @@ class Handoff:
         await self._tell_human(decision.farewell)
         return self._result(decision.outcome, detail=decision.reason)
 
+    def _keep_brief(self, brief: asyncio.Future[str]) -> None:
+        if not brief.cancelled() and brief.exception() is None:
+            self.brief = brief.result()
+
     async def _merge(self) -> HandoffResult:
         assert self._leg is not None
+        self.phase = "merging"
         try:
             await self.line.move(self._leg, self.line.caller_room)
         except MoveRefused as e:
@@ -1163,10 +1391,10 @@ class Handoff:
             )
             return self._result(HandoffOutcome.FAILED, detail=f"move refused ({e})")
         self._leg = replace(self._leg, room=self.line.caller_room)
+        self.phase = "merged"
         self._merged = True
         self.timings["merged"] = time.monotonic()
         await self._hold.stop()  # type: ignore[union-attr]
-        self._pause_caller(False)
         await self.session.say(
             f"You're now connected with {self.destination.said_as}.",
             allow_interruptions=False,
@@ -1205,6 +1433,8 @@ Offer to connect the caller with a person when they ask for one, when you cannot
 they need, or when they sound upset or frustrated. Always tell the caller which team you will
 connect them to and get a clear yes before calling transfer_call. Pass a short reason that says
 what the caller needs.
+If nobody can take the call, offer a callback: ask the caller's name and the best time to
+call, then use request_callback (it reads the details back and records them).
 Never read out, invent or confirm internal phone numbers or extensions. If the caller asks you
 to call a phone number they give you, explain that you can only connect them to the teams
 listed in transfer_call{direct}.
@@ -1336,13 +1566,24 @@ class WarmHandoffAgent(Agent):
     """The receptionist the caller talks to. Its one way to reach a person is ``transfer_call``,
     which takes a destination *name* from the operator's directory, never a number."""
 
-    def __init__(self, settings: Settings, line: PhoneLine, models: Models) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        line: PhoneLine,
+        models: Models,
+        records: CallRecords | None = None,
+    ) -> None:
         self.settings = settings
         self.line = line
         self.models = models
+        self.records = records or CallRecords(line.caller_room)
         self.destinations = settings.destinations
         self.results: list[HandoffResult] = []
-        self._busy = False
+        self.tried: list[str] = []  # destination names, in the order tried on this call
+        self.handoff: Handoff | None = None  # the attempt in progress
+        self._handoff_done = asyncio.Event()
+        self._last_brief = ""
+        self._shutting_down = False
         self._leaving: asyncio.Future[None] | None = None
         tools = [self._transfer_tool()] if self.destinations else []
         if settings.allow_dial_pattern is not None:
@@ -1434,44 +1675,191 @@ class WarmHandoffAgent(Agent):
         return function_tool(transfer_to_number)
 
     async def _hand_off(self, destination: Destination, reason: str) -> Any:
-        if self._busy:
+        if self.handoff is not None:
             return ToolResult("A transfer is already in progress.", reply_required=False)
-        self._busy = True
-        try:
-            handoff = Handoff(
-                settings=self.settings,
-                line=self.line,
-                session=self.session,
-                destination=destination,
-                reason=reason or "a request for a person",
-                models=self.models,
+        if destination.name in self.tried:
+            return ToolResult(
+                f"{destination.name} was already tried on this call and could not take it; "
+                "do not try it again. " + self._what_next_for_model()
             )
-            result = await handoff.run()
-        finally:
-            self._busy = False
-        self.results.append(result)
-        logger.info(
-            "handoff to %s in room %s: %s%s",
-            destination.name,
-            self.line.caller_room,
-            result.outcome.value,
-            f" ({result.detail})" if result.detail else "",
+        if len(self.tried) >= self.settings.max_attempts:
+            return ToolResult("No more transfers on this call. " + self._what_next_for_model())
+        self.tried.append(destination.name)
+        self.handoff = Handoff(
+            settings=self.settings,
+            line=self.line,
+            session=self.session,
+            destination=destination,
+            reason=reason or "a request for a person",
+            models=self.models,
         )
+        self._handoff_done.clear()
+        try:
+            result = await self.handoff.run()
+        finally:
+            self.handoff = None
+            self._handoff_done.set()
+        self.results.append(result)
+        self.records.handoff(result)
+        if result.brief:
+            self._last_brief = result.brief
         if result.connected:
             self._leaving = asyncio.ensure_future(self._leave(result.leg))
             return ToolResult(
                 f"The caller is now talking with {destination.said_as}.", reply_required=False
             )
         if result.outcome is HandoffOutcome.CALLER_LEFT:
+            if result.phase in ("ringing", "briefing"):
+                self._record_abandoned(result)
             return ToolResult("The caller hung up during the transfer.", reply_required=False)
-        told = CALLER_HEARS[result.outcome].format(team=destination.said_as) + CALLER_OFFER
-        await self.session.say(told)
+        if result.outcome is HandoffOutcome.CANCELLED_BY_CALLER:
+            await self.session.say("No problem, I've stopped the transfer. What else can I do?")
+            return ToolResult(
+                "The caller cancelled the transfer while on hold.", reply_required=False
+            )
+        if self._shutting_down:
+            await self.session.say(
+                "I'm sorry, I have to end this call now. Please call us back in a moment."
+            )
+            return ToolResult("The call is ending.", reply_required=False)
+        told = CALLER_HEARS[result.outcome].format(team=destination.said_as)
+        await self.session.say(f"{told} {self._what_next_for_caller()}")
         return ToolResult(
             f"The transfer to {destination.name} did not happen: {result.outcome.value}"
             + (f" ({result.detail})" if result.detail else "")
-            + ". The caller has been told and asked what they want to do next.",
+            + ". The caller has been told. "
+            + self._what_next_for_model(),
             reply_required=False,
         )
+
+    def next_destination(self) -> Destination | None:
+        """Who to offer after a failed attempt: the last destination's named fallback, else
+        the next untried one in the operator's order; never one already tried."""
+        if len(self.tried) >= self.settings.max_attempts:
+            return None
+        untried = [d for d in self.destinations if d.name not in self.tried]
+        last = next((d for d in self.destinations if self.tried and d.name == self.tried[-1]), None)
+        preferred = next((d for d in untried if last and d.name == last.fallback), None)
+        return preferred or (untried[0] if untried else None)
+
+    def _what_next_for_caller(self) -> str:
+        following = self.next_destination()
+        if following is not None:
+            return (
+                f"I can try {following.said_as} instead, or take your details so someone "
+                f"calls you back. Which would you prefer?"
+            )
+        return "I can take your details so someone calls you back. Would you like that?"
+
+    def _what_next_for_model(self) -> str:
+        following = self.next_destination()
+        offer = (
+            f"If the caller agrees to try {following.name}, call transfer_call with "
+            f"destination {following.name}. "
+            if following
+            else ""
+        )
+        return (
+            offer + "If they want a callback, ask their name and the best time, then call "
+            "request_callback."
+        )
+
+    async def llm_node(
+        self, chat_ctx: llm.ChatContext, tools: list[Any], model_settings: Any
+    ) -> Any:
+        """While the caller is on hold, their words are answered here, at once and without a
+        model request: where things stand, or, for "never mind", the transfer stops."""
+        handoff = self.handoff
+        if handoff is not None and handoff.phase in ("announcing", "ringing", "briefing"):
+            said = next(
+                (
+                    m.text_content
+                    for m in reversed(chat_ctx.messages())
+                    if m.role == "user" and m.text_content
+                ),
+                "",
+            )
+            answer = handoff.answer_on_hold(said)
+            if answer:
+                yield answer
+            return
+        async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
+            yield chunk
+
+    @function_tool
+    async def request_callback(
+        self,
+        context: RunContext,
+        name: str,
+        best_time: str,
+        number: str = "",
+        confirmed: bool = False,
+    ) -> Any:
+        """Record that a person should call the caller back. Call it first with the details,
+        which are read back to the caller; then again with confirmed=true once they agree.
+
+        Args:
+            name: The caller's name.
+            best_time: When they would like the call, in their words.
+            number: Only if they want a call on a different number than the one they are
+                calling from, in international format. Otherwise leave empty.
+            confirmed: True only after the caller said the read-back details are right.
+        """
+        number = re.sub(r"[\s().-]", "", number) or self.line.caller_number
+        if not E164.match(number):
+            return ToolResult("Ask for the number to call, with the area code.")
+        if not confirmed:
+            await self.session.say(
+                f"Let me read that back: {name}, on {speakable_number(number)}, {best_time}. "
+                "Is that right?"
+            )
+            return ToolResult(
+                "The details were read back. If the caller says yes, call request_callback "
+                "again with confirmed=true; otherwise correct the details.",
+                reply_required=False,
+            )
+        reason = self.results[-1].detail if self.results else ""
+        self.records.callback(
+            CallbackRequest(
+                room=self.line.caller_room,
+                caller_name=name,
+                number=number,
+                best_time=best_time,
+                reason=reason or "asked for a callback",
+                summary=self._summary(),
+                source="caller",
+            )
+        )
+        await self.session.say(f"Thank you, {name}. Someone will call you back {best_time}.")
+        return ToolResult("The callback request is recorded.", reply_required=False)
+
+    def _summary(self) -> str:
+        if self._last_brief:
+            return self._last_brief
+        return conversation_transcript(self.session.history, limit=12)
+
+    def _record_abandoned(self, result: HandoffResult) -> None:
+        self.records.callback(
+            CallbackRequest(
+                room=self.line.caller_room,
+                caller_name="",
+                number=self.line.caller_number,
+                best_time="as soon as possible",
+                reason=f"hung up while being transferred to {result.destination}",
+                summary=result.brief or self._summary(),
+                source="abandoned",
+            )
+        )
+
+    async def shutdown_handoff(self, reason: str = "the worker is shutting down") -> None:
+        """Called when the job is told to shut down: a transfer in progress ends cleanly (the
+        human's phone stops ringing or they are told, rooms are deleted) before the process
+        goes."""
+        self._shutting_down = True
+        if self.handoff is not None:
+            self.handoff.stop(HandoffOutcome.FAILED, reason)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._handoff_done.wait(), 10)
 
     async def _leave(self, leg: Leg | None) -> None:
         """The agent steps out; the caller's room stays open for the two people and is deleted
@@ -1530,7 +1918,8 @@ async def run_call(
             if console
             else LiveKitPhoneLine(ctx, settings)
         )
-    agent = WarmHandoffAgent(settings, line, models)
+    agent = WarmHandoffAgent(settings, line, models, CallRecords(line.caller_room, ctx.job.id))
+    ctx.add_shutdown_callback(agent.shutdown_handoff)
     session: AgentSession = AgentSession()
     if console:  # the console owns the audio; there is no room to join
         await session.start(agent=agent)
@@ -1539,6 +1928,7 @@ async def run_call(
     if not console:
         caller = await ctx.wait_for_participant()
         line.caller_identity = caller.identity
+        line.caller_number = caller.attributes.get("sip.phoneNumber", "")
     session.say(settings.greeting)
     return session
 

@@ -41,11 +41,12 @@ async def test_transfer_tool_offers_only_configured_destinations(start_call):
     call = await start_call(lambda req: "Hello")
     await call.session.run(user_input="hi")
     tools = {getattr(t, "id", None): t for t in call.agent.tools}
-    assert set(tools) == {"transfer_call"}  # no free-form dialling tool without an allowlist
+    # no free-form dialling tool without an allowlist
+    assert set(tools) == {"transfer_call", "request_callback"}
     schema = tools["transfer_call"].info.raw_schema
     assert schema["parameters"]["properties"]["destination"]["enum"] == ["support", "billing"]
     assert schema["parameters"]["additionalProperties"] is False
-    assert call.model.requests[0].tools == ["transfer_call"]
+    assert sorted(call.model.requests[0].tools) == ["request_callback", "transfer_call"]
 
 
 @pytest.mark.parametrize(
@@ -102,7 +103,10 @@ async def test_allowlist_only_offers_just_the_direct_tool(start_call):
         lambda req: "Hello",
         settings=settings_for(destinations=(), allow_dial_pattern=re.compile(r"\+1510555\d{4}")),
     )
-    assert [getattr(t, "id", None) for t in call.agent.tools] == ["transfer_to_number"]
+    assert sorted(getattr(t, "id", None) for t in call.agent.tools) == [
+        "request_callback",
+        "transfer_to_number",
+    ]
 
 
 async def test_demo_destinations_exist_only_in_the_console():
@@ -114,7 +118,8 @@ async def test_demo_destinations_exist_only_in_the_console():
             assert [d.name for d in session.current_agent.destinations] == ["support", "billing"]
         finally:
             await session.aclose()
-    assert wh.WarmHandoffAgent(settings, wh.SimulatedPhoneLine(None), wh.Models()).tools == []
+    agent = wh.WarmHandoffAgent(settings, wh.SimulatedPhoneLine(None), wh.Models())
+    assert [t.id for t in agent.tools] == ["request_callback"]  # nobody to transfer to
 
 
 def test_agent_name_from_the_dotenv_file_reaches_the_dispatcher(tmp_path):

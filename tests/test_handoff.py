@@ -181,7 +181,7 @@ async def test_dial_failures_reach_the_caller(start_call, human, outcome, heard,
     await asyncio.wait_for(turn, 8)
     assert call.agent.results[0].outcome is outcome
     assert call.caller_heard()[-1].startswith(heard)
-    assert "try another team" in call.caller_heard()[-1]
+    assert "I can try our billing team instead" in call.caller_heard()[-1]
     assert_line_clean(line)
 
 
@@ -227,7 +227,14 @@ async def test_caller_hanging_up_while_it_rings_cancels_the_dial(start_call):
 
 
 async def test_a_second_attempt_in_the_same_call_uses_a_new_consult_room(start_call):
-    call = await start_call(receptionist())
+    order = iter(["support", "billing"])
+
+    def respond(req):
+        if req.purpose == "caller" and req.last_user_text().startswith("yes"):
+            return Call("transfer_call", {"destination": next(order), "reason": "a refund"})
+        return receptionist()(req)
+
+    call = await start_call(respond)
     for digit in ("2", "1"):
         call.line.answered.clear()
         turn = asyncio.ensure_future(call.session.run(user_input="yes please"))
@@ -239,6 +246,7 @@ async def test_a_second_attempt_in_the_same_call_uses_a_new_consult_room(start_c
         await asyncio.wait_for(turn, 5)
     rooms = [d.room for d in call.line.dials]
     assert len(set(rooms)) == 2 and all("-consult-" in r for r in rooms)
+    assert [d.destination.name for d in call.line.dials] == ["support", "billing"]
     assert [r.outcome for r in call.agent.results] == [Out.DECLINED, Out.CONNECTED]
 
 

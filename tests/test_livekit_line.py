@@ -162,7 +162,7 @@ async def test_each_sip_failure_reaches_the_caller_as_the_right_message(
         await asyncio.wait_for(await transfer(session), 5)
         assert agent.results[0].outcome is outcome
         said = last_said(session)
-        assert heard in said and "try another team" in said
+        assert heard in said and "I can try our billing team instead" in said
         assert humans(server) == [] and not line.on_hold
     finally:
         await session.aclose()
