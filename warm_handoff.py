@@ -1506,7 +1506,7 @@ class ConsultAgent(Agent):
         )
         if self._decision in done:
             return self._decision.result()
-        return Decision(HandoffOutcome.NO_ANSWER, "the human hung up during the briefing")
+        return Decision(HandoffOutcome.DECLINED, "the human hung up during the briefing")
 
     async def llm_node(
         self, chat_ctx: llm.ChatContext, tools: list[Any], model_settings: Any

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from livekit.agents import AgentSession, llm
+from fake_livekit import FakeLiveKitServer
+from livekit.agents import AgentSession, llm, utils
 from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
+from livekit.agents.testing import fake_job_context
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 
 import warm_handoff as wh
@@ -226,3 +228,59 @@ async def start_call():
     for call in opened:
         await call.line.aclose()
         await call.session.aclose()
+
+
+CALLER_ROOM = "fake-room"  # the fake job's room
+
+
+class LiveKitBackedLine(wh.SimulatedPhoneLine):
+    """The simulated line, but every server API call (dial, hang up, move, delete room) goes
+    through ``LiveKitPhoneLine`` to the fake server. Media (hold audio, the consult session's
+    audio) stays simulated: there is no media server here."""
+
+    def __init__(self, lk: wh.LiveKitPhoneLine) -> None:
+        super().__init__(None, caller_room=lk.caller_room)
+        self.lk = lk
+        self.hooks: dict[str, Callable[[], Any]] = {}  # "dial" / "move": run as that starts
+
+    async def _hook(self, name: str) -> None:
+        if (hook := self.hooks.pop(name, None)) is not None:
+            result = hook()
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def dial(self, dial):
+        self.dials.append(dial)
+        await self._hook("dial")
+        try:
+            leg = await self.lk.dial(dial)
+        except asyncio.CancelledError:
+            self.cancelled_dials.append(dial.identity)
+            raise
+        self.rooms.setdefault(dial.room, set()).add(dial.identity)
+        self.answered.set()
+        return leg
+
+    async def hang_up(self, leg):
+        await self.lk.hang_up(leg)
+        await super().hang_up(leg)
+
+    async def move(self, leg, room):
+        await self._hook("move")
+        await self.lk.move(leg, room)
+        await super().move(leg, room)
+
+    async def delete_room(self, room):
+        await self.lk.delete_room(room)
+        await super().delete_room(room)
+
+
+@pytest.fixture
+async def livekit(monkeypatch):
+    async with FakeLiveKitServer() as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        server.add_participant(CALLER_ROOM, "caller")
+        async with utils.http_context.open():
+            with fake_job_context() as ctx:
+                yield server, ctx

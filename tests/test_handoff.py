@@ -209,7 +209,7 @@ async def test_human_hanging_up_during_the_brief_returns_the_caller(start_call):
     await wait_for(lambda: call.human_heard())
     call.line.hang_up_human()
     await asyncio.wait_for(turn, 5)
-    assert call.agent.results[0].outcome is Out.NO_ANSWER
+    assert call.agent.results[0].outcome is Out.DECLINED
     assert_line_clean(call.line)
     assert call.session.input.audio_enabled
 

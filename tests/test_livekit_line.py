@@ -5,59 +5,20 @@ import asyncio
 import re
 
 import pytest
-from conftest import ScriptedLLM, receptionist, settings_for, wait_for
-from fake_livekit import API_KEY, API_SECRET, DialScript, FakeLiveKitServer
-from livekit.agents import AgentSession, utils
-from livekit.agents.testing import fake_job_context
+from conftest import (
+    CALLER_ROOM,
+    LiveKitBackedLine,
+    ScriptedLLM,
+    receptionist,
+    settings_for,
+    wait_for,
+)
+from fake_livekit import API_KEY, API_SECRET, DialScript
+from livekit.agents import AgentSession
 
 import warm_handoff as wh
 
 Out = wh.HandoffOutcome
-CALLER_ROOM = "fake-room"  # the fake job's room
-
-
-class LiveKitBackedLine(wh.SimulatedPhoneLine):
-    """The simulated line, but every server API call (dial, hang up, move, delete room) goes
-    through ``LiveKitPhoneLine`` to the fake server. Media (hold audio, the consult session's
-    audio) stays simulated: there is no media server here."""
-
-    def __init__(self, lk: wh.LiveKitPhoneLine) -> None:
-        super().__init__(None, caller_room=lk.caller_room)
-        self.lk = lk
-
-    async def dial(self, dial):
-        self.dials.append(dial)
-        try:
-            leg = await self.lk.dial(dial)
-        except asyncio.CancelledError:
-            self.cancelled_dials.append(dial.identity)
-            raise
-        self.rooms.setdefault(dial.room, set()).add(dial.identity)
-        self.answered.set()
-        return leg
-
-    async def hang_up(self, leg):
-        await self.lk.hang_up(leg)
-        await super().hang_up(leg)
-
-    async def move(self, leg, room):
-        await self.lk.move(leg, room)
-        await super().move(leg, room)
-
-    async def delete_room(self, room):
-        await self.lk.delete_room(room)
-        await super().delete_room(room)
-
-
-@pytest.fixture
-async def livekit(monkeypatch):
-    async with FakeLiveKitServer() as server:
-        for key, value in server.env().items():
-            monkeypatch.setenv(key, value)
-        server.add_participant(CALLER_ROOM, "caller")
-        async with utils.http_context.open():
-            with fake_job_context() as ctx:
-                yield server, ctx
 
 
 async def start(livekit, respond, **settings):
