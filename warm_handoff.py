@@ -701,8 +701,16 @@ class SimulatedPhoneLine(PhoneLine):
     def on_hold(self) -> bool:
         return any(h.stopped_at is None for h in self.holds)
 
+    def human_heard(self) -> list[str]:
+        """Everything said to the human so far, in order."""
+        return [
+            e.text.removeprefix("human hears: ")
+            for e in self.events
+            if e.text.startswith("human hears: ")
+        ]
+
     def human_heard_anything(self) -> bool:
-        return any(e.text.startswith("human hears: ") for e in self.events)
+        return bool(self.human_heard())
 
     def legs(self) -> list[str]:
         """Every human leg still connected anywhere."""
@@ -943,6 +951,7 @@ class HandoffResult:
     leg: Leg | None = None
     timings: dict[str, float] = field(default_factory=dict)
     attempt: str = ""
+    reason: str = ""
     phase: str = ""  # how far it got: announcing, ringing, briefing, merging, merged
     brief: str = ""
 
@@ -1096,6 +1105,7 @@ class Handoff:
         self._consult_open = False
         self._merged = False
         self._caller_gone = False
+        self._human_left: asyncio.Future[str] | None = None
         self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -1135,6 +1145,7 @@ class Handoff:
             self._leg if self._merged else None,
             self.timings,
             attempt=self.attempt,
+            reason=self.reason,
             phase=self.phase,
             brief=self.brief,
         )
@@ -1235,7 +1246,9 @@ class Handoff:
             logger.warning("handoff clean-up step failed in room %s: %r", self.line.caller_room, e)
 
     async def _tell_human(self, text: str) -> None:
-        if text and self._leg is not None and self._consult_open and self.consult is not None:
+        """Speak to the human in the consult room, if they are still there."""
+        human_there = self._human_left is not None and not self._human_left.done()
+        if text and human_there and self._consult_open and self.consult is not None:
             with contextlib.suppress(Exception):
                 speech = self.consult.session.say(text, allow_interruptions=False)
                 await asyncio.wait_for(speech.wait_for_playout(), 8)
@@ -1361,13 +1374,11 @@ class Handoff:
                 brief.cancel()
 
         self.phase = "briefing"
-        human_left = asyncio.ensure_future(
+        self._human_left = asyncio.ensure_future(
             self.line.wait_for_hangup(self.consult_room, (self.identity,))
         )
-        try:
-            decision = await self.consult.wait_for_decision(human_left, self.settings.hello_grace)
-        finally:
-            human_left.cancel()
+        self._background.add(self._human_left)
+        decision = await self.consult.wait_for_decision(self._human_left, self.settings.hello_grace)
         self.timings["decided"] = time.monotonic()
         if decision.accepted:
             return await self._merge()
@@ -1845,7 +1856,7 @@ class WarmHandoffAgent(Agent):
                 caller_name="",
                 number=self.line.caller_number,
                 best_time="as soon as possible",
-                reason=f"hung up while being transferred to {result.destination}",
+                reason=f"{result.reason} (hung up while being transferred to {result.destination})",
                 summary=result.brief or self._summary(),
                 source="abandoned",
             )

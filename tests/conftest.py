@@ -195,11 +195,7 @@ class CallUnderTest:
         ]
 
     def human_heard(self) -> list[str]:
-        return [
-            e.text[len("human hears: ") :]
-            for e in self.line.events
-            if e.text.startswith("human hears: ")
-        ]
+        return self.line.human_heard()
 
 
 @pytest.fixture
@@ -251,8 +247,8 @@ class LiveKitBackedLine(wh.SimulatedPhoneLine):
 
     async def dial(self, dial):
         self.dials.append(dial)
-        await self._hook("dial")
         try:
+            await self._hook("dial")
             leg = await self.lk.dial(dial)
         except asyncio.CancelledError:
             self.cancelled_dials.append(dial.identity)
