@@ -663,8 +663,10 @@ class SimulatedPhoneLine(PhoneLine):
         caller_number: str = "+15550100999",
         move_supported: bool = True,
         announce: Callable[[str], None] | None = None,
+        humans: Mapping[str, SimulatedHuman | None] | None = None,
     ) -> None:
         self.human = human  # None: the test drives the human itself
+        self.humans = dict(humans or {})  # per destination name, overriding ``human``
         if ring_time is not None:
             self.ring_time = ring_time
         self.caller_room = caller_room
@@ -728,7 +730,7 @@ class SimulatedPhoneLine(PhoneLine):
             f"ring timeout {dial.ring_timeout:g}s"
         )
         try:
-            outcome = self.human
+            outcome = self.humans.get(target.name, self.human)
             ring = min(self.ring_time, dial.ring_timeout)
             if outcome is SimulatedHuman.NO_ANSWER:
                 ring = dial.ring_timeout
@@ -1294,12 +1296,13 @@ class Handoff:
         while True:
             await asyncio.sleep(every)
             if self.on_hold:
-                self.session.say(
-                    f"Thanks for holding. I'm still connecting you with "
-                    f"{self.destination.said_as}.",
-                    allow_interruptions=True,
-                    add_to_chat_ctx=False,
-                )
+                with contextlib.suppress(RuntimeError):  # the session is closing: nobody to tell
+                    self.session.say(
+                        f"Thanks for holding. I'm still connecting you with "
+                        f"{self.destination.said_as}.",
+                        allow_interruptions=True,
+                        add_to_chat_ctx=False,
+                    )
 
     # -- the two modes --------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from livekit.agents import AgentSession, llm, utils
 from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
 from livekit.agents.testing import fake_job_context
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
+from livekit.agents.voice.io import TextOutput
 
 import warm_handoff as wh
 
@@ -43,6 +44,12 @@ class Request:
         if "transfer_call" in self.tools:
             return "caller"
         return "brief"
+
+    @property
+    def after_tool(self) -> bool:
+        """This request follows a tool's output, not something the caller said."""
+        items = self.chat_ctx.items
+        return bool(items) and items[-1].type == "function_call_output"
 
     def last_user_text(self) -> str:
         msgs = [m for m in self.chat_ctx.messages() if m.role == "user" and m.text_content]
@@ -136,6 +143,7 @@ def settings_for(**overrides: Any) -> wh.Settings:
         handoff_mode=wh.HandoffMode.CONSULT,
         ring_timeout=20.0,
         hello_grace=0.5,
+        max_hold=10.0,
         business_name="Acme",
         greeting="Thanks for calling Acme.",
     )
@@ -161,7 +169,7 @@ def receptionist(
         if req.purpose == "consult":
             return consult(req) if consult else "Anything else?"
         text = req.last_user_text().lower()
-        if text.startswith("yes"):
+        if text.startswith("yes") and not req.after_tool:
             return Call("transfer_call", {"destination": transfer_to, "reason": reason})
         return "Shall I connect you with our support team?"
 
@@ -179,13 +187,34 @@ def text_models():
     return make
 
 
+class CallerTranscript(TextOutput):
+    """Everything the caller hears, as text, including words kept out of the chat context."""
+
+    def __init__(self) -> None:
+        super().__init__(label="caller-transcript", next_in_chain=None)
+        self.lines: list[str] = []
+        self._current = ""
+
+    async def capture_text(self, text: str) -> None:
+        self._current += text
+
+    def flush(self) -> None:
+        if self._current:
+            self.lines.append(self._current)
+        self._current = ""
+
+
 @dataclass
 class CallUnderTest:
     session: AgentSession
     agent: wh.WarmHandoffAgent
     line: wh.SimulatedPhoneLine
     model: ScriptedLLM
-    spoken: list[str] = field(default_factory=list)
+    transcript: CallerTranscript = field(default_factory=CallerTranscript)
+
+    @property
+    def spoken(self) -> list[str]:
+        return self.transcript.lines
 
     def caller_heard(self) -> list[str]:
         return [
@@ -215,13 +244,15 @@ async def start_call():
         line = line or wh.SimulatedPhoneLine(None, ring_time=0.05)
         agent = wh.WarmHandoffAgent(settings or settings_for(), line, models)
         session = AgentSession()
-        await session.start(agent=agent)
         call = CallUnderTest(session, agent, line, model)
+        session.output.transcription = call.transcript
+        await session.start(agent=agent)
         opened.append(call)
         return call
 
     yield start
     for call in opened:
+        await call.agent.shutdown_handoff("the test is over")
         await call.line.aclose()
         await call.session.aclose()
 

@@ -276,6 +276,9 @@ async def test_cell(livekit, monkeypatch, mode, cell):
         await session.aclose()
 
 
+SHUTDOWNS: list[asyncio.Future[None]] = []  # what the job's shutdown callback would run
+
+
 async def inject(fault, line, agent, server) -> None:
     """Make the fault happen, on the simulated media side and on the fake server alike."""
     api = line.lk._ctx.api.room
@@ -293,7 +296,7 @@ async def inject(fault, line, agent, server) -> None:
                     wh.api.RoomParticipantIdentity(room=room, identity=identity)
                 )
     elif fault == "shutdown":
-        asyncio.ensure_future(agent.shutdown_handoff())
+        SHUTDOWNS.append(asyncio.ensure_future(agent.shutdown_handoff()))
     elif fault == "declined":
         line.human_presses("2")
     await asyncio.sleep(0)
