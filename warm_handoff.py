@@ -19,6 +19,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -133,6 +135,10 @@ class Settings:
     tts_encoding: str = "pcm_44100"
     tts_voice_id: str = ""
     simulated_human: SimulatedHuman = SimulatedHuman.ANSWER
+    webhook_url: str = ""  # outcome records and callback requests are POSTed here
+    webhook_secret: str = field(default="", repr=False)
+    callback_file: str = "callback_requests.jsonl"  # callback requests with no webhook to take them
+    sip_headers: bool = True  # X-Handoff-* headers on the human's INVITE
 
     def destination(self, name: str) -> Destination | None:
         return next((d for d in self.destinations if d.name == name), None)
@@ -291,8 +297,18 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         tts_encoding=get("TTS_ENCODING") or "pcm_44100",
         tts_voice_id=get("TTS_VOICE_ID"),
         simulated_human=choice("SIMULATED_HUMAN", SimulatedHuman, SimulatedHuman.ANSWER),
+        webhook_url=get("HANDOFF_WEBHOOK_URL"),
+        webhook_secret=get("HANDOFF_WEBHOOK_SECRET"),
+        callback_file=get("HANDOFF_CALLBACK_FILE") or "callback_requests.jsonl",
+        sip_headers=get("HANDOFF_SIP_HEADERS", "on").lower() not in ("off", "0", "false", "no"),
     )
 
+    if settings.webhook_url and not re.match(r"^https?://[^\s/]+", settings.webhook_url):
+        problems.append("HANDOFF_WEBHOOK_URL must be an http:// or https:// URL")
+    if settings.webhook_url and len(settings.webhook_secret) < 16:
+        problems.append(
+            "HANDOFF_WEBHOOK_SECRET must be set, at least 16 characters, with a webhook"
+        )
     if caller_id and not E164.match(caller_id):
         problems.append("HANDOFF_CALLER_ID must be an E.164 number like +15105550100")
     if settings.hold_audio_file and not os.path.isfile(settings.hold_audio_file):
@@ -362,6 +378,7 @@ class Dial:
     ring_timeout: float
     caller_id: str = ""
     name: str = "Human Agent"
+    headers: Mapping[str, str] = field(default_factory=dict)  # SIP X-headers on the INVITE
 
 
 @dataclass(frozen=True)
@@ -490,6 +507,11 @@ class PhoneLine(abc.ABC):
     def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
         """Call ``callback(digit)`` for each keypad press in ``room``."""
 
+    @abc.abstractmethod
+    async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
+        """Set the agent participant's attributes in ``room`` (for dashboards and softphones).
+        Never raises: a dashboard must not break a call."""
+
 
 class LiveKitPhoneLine(PhoneLine):
     """The phone line on a real LiveKit call, through the server API and the job's room."""
@@ -512,6 +534,7 @@ class LiveKitPhoneLine(PhoneLine):
             participant_name=dial.name,
             krisp_enabled=True,
             dtmf=dial.destination.extension,
+            headers=dict(dial.headers),
             wait_until_answered=True,
             play_dialtone=False,
         )
@@ -635,6 +658,15 @@ class LiveKitPhoneLine(PhoneLine):
     def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
         self._rooms[room].on("sip_dtmf_received", lambda ev: callback(ev.digit))
 
+    async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
+        lk_room = self._rooms.get(room)
+        if lk_room is None or not lk_room.isconnected():
+            return
+        try:
+            await lk_room.local_participant.set_attributes(dict(attributes))
+        except Exception as e:
+            logger.warning("could not set attributes in room %s: %r", room, e)
+
 
 @dataclass
 class LineEvent:
@@ -680,6 +712,7 @@ class SimulatedPhoneLine(PhoneLine):
         self.holds: list[Hold] = []
         self.events: list[LineEvent] = []
         self.consults: dict[str, AgentSession] = {}
+        self.attributes: dict[str, dict[str, str]] = {}  # room -> the agent's attributes there
         self._announce = announce
         self._dtmf: dict[str, list[Callable[[str], None]]] = {}
         self._left: dict[str, asyncio.Event] = {}
@@ -825,6 +858,9 @@ class SimulatedPhoneLine(PhoneLine):
 
     def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
         self._dtmf.setdefault(room, []).append(callback)
+
+    async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
+        self.attributes.setdefault(room, {}).update(attributes)
 
     # -- the people on the line -----------------------------------------------------------------
 
@@ -980,35 +1016,190 @@ class CallbackRequest:
         return {**self.__dict__, "number": mask_number(self.number) if self.number else ""}
 
 
-class CallRecords:
-    """Every handoff attempt and callback request of one call, each logged as one JSON line."""
+class RecordDelivery:
+    """Takes outcome records off the call's hands and delivers them in the background.
 
-    def __init__(self, room: str, job_id: str = "") -> None:
+    With ``HANDOFF_WEBHOOK_URL``: a JSON POST signed with HMAC-SHA256 over
+    ``"{timestamp}.{body}"`` (headers ``X-Handoff-Timestamp`` and ``X-Handoff-Signature:
+    sha256=<hex>``), retried with exponential backoff on 5xx, 408, 429 and network errors.
+    Callback requests the webhook never took, and all of them when there is no webhook, are
+    appended to ``HANDOFF_CALLBACK_FILE`` (JSON lines), so none is lost. ``submit`` never waits
+    and never raises; the queue is bounded; each record that cannot be delivered is logged once.
+    """
+
+    def __init__(
+        self,
+        url: str = "",
+        secret: str = "",
+        callback_file: str = "callback_requests.jsonl",
+        *,
+        queue_size: int = 256,
+        attempts: int = 5,
+        backoff: float = 0.5,
+        timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self._secret = secret.encode()
+        self.callback_file = callback_file
+        self.attempts = attempts
+        self.backoff = backoff
+        self.timeout = timeout
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(queue_size)
+        self._sender: asyncio.Task[None] | None = None
+        self.loop = asyncio.get_running_loop()
+
+    def sign(self, timestamp: str, body: bytes) -> str:
+        digest = hmac.new(self._secret, timestamp.encode() + b"." + body, hashlib.sha256)
+        return "sha256=" + digest.hexdigest()
+
+    def submit(self, record: dict[str, Any]) -> None:
+        if not self.url and record.get("type") != "callback_request":
+            return  # the log line is the record
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            logger.error("record queue full, dropping a %s record", record.get("type"))
+            if record.get("type") == "callback_request":
+                self._append(record)
+            return
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_all())
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait until every submitted record is delivered or given up (shutdown, tests)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+
+    async def _send_all(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
+            while not self._queue.empty():
+                record = self._queue.get_nowait()
+                try:
+                    delivered = bool(self.url) and await self._post(http, record)
+                    if not delivered and record.get("type") == "callback_request":
+                        self._append(record)
+                finally:
+                    self._queue.task_done()
+
+    async def _post(self, http: Any, record: dict[str, Any]) -> bool:
+        body = json.dumps(record, separators=(",", ":")).encode()
+        problem = ""
+        for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            timestamp = str(int(time.time()))
+            headers = {
+                "Content-Type": "application/json",
+                "X-Handoff-Timestamp": timestamp,
+                "X-Handoff-Signature": self.sign(timestamp, body),
+            }
+            try:
+                async with http.post(self.url, data=body, headers=headers) as response:
+                    if response.status < 300:
+                        return True
+                    problem = f"HTTP {response.status}"
+                    if response.status < 500 and response.status not in (408, 429):
+                        break  # the receiver refuses it; retrying won't help
+            except Exception as e:
+                problem = type(e).__name__
+        logger.error(
+            "webhook did not take a %s record for room %s after %d attempts (%s)",
+            record.get("type"),
+            record.get("room"),
+            attempt + 1,
+            problem,
+        )
+        return False
+
+    def _append(self, record: dict[str, Any]) -> None:
+        try:
+            with open(self.callback_file, "a", encoding="utf-8") as out:
+                out.write(json.dumps(record) + "\n")
+        except OSError as e:
+            logger.error("could not save a callback request to %s: %s", self.callback_file, e)
+
+
+_DELIVERIES: dict[tuple[str, str], RecordDelivery] = {}
+
+
+def delivery_for(settings: Settings) -> RecordDelivery:
+    """One delivery queue per worker process (and event loop), shared by its calls."""
+    key = (settings.webhook_url, settings.callback_file)
+    delivery = _DELIVERIES.get(key)
+    if delivery is None or delivery.loop is not asyncio.get_running_loop():
+        delivery = RecordDelivery(
+            settings.webhook_url, settings.webhook_secret, settings.callback_file
+        )
+        _DELIVERIES[key] = delivery
+    return delivery
+
+
+class CallRecords:
+    """One call's outcome records: each handoff attempt, each callback request and the call
+    itself, each as one JSON log line (numbers masked) and through ``RecordDelivery``."""
+
+    def __init__(self, room: str, job_id: str = "", delivery: RecordDelivery | None = None) -> None:
         self.room = room
         self.job_id = job_id
+        self.delivery = delivery
         self.handoffs: list[HandoffResult] = []
         self.callbacks: list[CallbackRequest] = []
+        self.started_at = time.time()
+        self.ended = False
+
+    def _emit(self, record: dict[str, Any], logged: dict[str, Any] | None = None) -> None:
+        logger.info("%s record %s", record["type"], json.dumps(logged or record))
+        if self.delivery is not None:
+            self.delivery.submit(record)
 
     def handoff(self, result: HandoffResult) -> None:
         self.handoffs.append(result)
-        record = {
-            "type": "handoff",
-            "room": self.room,
-            "job_id": self.job_id,
-            "attempt": result.attempt,
-            "destination": result.destination,
-            "mode": result.mode.value,
-            "outcome": result.outcome.value,
-            "sip_status": result.sip_status,
-            "phase": result.phase,
-            "detail": result.detail,
-        }
-        logger.info("handoff record %s", json.dumps(record))
+        start = result.timings.get("decision", 0.0)
+        self._emit(
+            {
+                "type": "handoff",
+                "room": self.room,
+                "job_id": self.job_id,
+                "attempt": result.attempt,
+                "destination": result.destination,
+                "mode": result.mode.value,
+                "outcome": result.outcome.value,
+                "sip_status": result.sip_status,
+                "phase": result.phase,
+                "detail": result.detail,
+                "decided_at": round(time.time() - (time.monotonic() - start), 3),
+                "timings": {
+                    k: round(v - start, 3) for k, v in result.timings.items() if k != "held"
+                },
+                "caller_hold_seconds": round(result.timings.get("held", 0.0), 3),
+            }
+        )
 
     def callback(self, request: CallbackRequest) -> None:
         self.callbacks.append(request)
-        record = {"type": "callback_request", "job_id": self.job_id, **request.public()}
-        logger.info("callback record %s", json.dumps(record))
+        record = {"type": "callback_request", "job_id": self.job_id, **request.__dict__}
+        self._emit(record, {**record, **request.public()})
+
+    def call_ended(self) -> None:
+        """The call's own record: how it ended, once."""
+        if self.ended:
+            return
+        self.ended = True
+        last = self.handoffs[-1] if self.handoffs else None
+        self._emit(
+            {
+                "type": "call",
+                "room": self.room,
+                "job_id": self.job_id,
+                "outcome": last.outcome.value if last else "no_handoff",
+                "attempts": [h.attempt for h in self.handoffs],
+                "destinations": [h.destination for h in self.handoffs],
+                "callback_requests": len(self.callbacks),
+                "duration_seconds": round(time.time() - self.started_at, 3),
+            }
+        )
 
 
 def speakable_number(number: str) -> str:
@@ -1100,6 +1291,9 @@ class Handoff:
         self.consult_room = f"{line.caller_room}-consult-{self.attempt}"
         self.phase = "announcing"
         self.timings: dict[str, float] = {"decision": time.monotonic()}
+        self._background: set[asyncio.Future[Any]] = set()
+        self._attributes_sent: asyncio.Future[None] | None = None
+        self._publish({"handoff.state": "announcing", "handoff.outcome": ""})
         self.consult: ConsultAgent | None = None
         self.brief = ""
         self._hold: Hold | None = None
@@ -1111,7 +1305,6 @@ class Handoff:
         self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
             asyncio.get_running_loop().create_future()
         )
-        self._background: set[asyncio.Future[Any]] = set()
 
     @property
     def ring_timeout(self) -> float:
@@ -1122,18 +1315,42 @@ class Handoff:
         return self.phase in ("ringing", "briefing") and not self._stopped.done()
 
     def _dial(self, room: str) -> Dial:
+        self.timings["dial_start"] = time.monotonic()
         return Dial(
             room=room,
             identity=self.identity,
             destination=self.destination,
             ring_timeout=self.ring_timeout,
             caller_id=self.settings.caller_id,
+            headers=self._sip_headers(),
         )
+
+    def _sip_headers(self) -> dict[str, str]:
+        """Short X-headers for the human's softphone or CRM to pop the context (off with
+        HANDOFF_SIP_HEADERS=off for trunks that reject them)."""
+        if not self.settings.sip_headers:
+            return {}
+        headers = {
+            "X-Handoff-Id": self.attempt,
+            "X-Handoff-Destination": self.destination.name,
+            "X-Handoff-Reason": re.sub(r"[^ -~]", "", self.reason)[:120],
+        }
+        if self.line.caller_number:
+            headers["X-Caller-Number"] = self.line.caller_number
+        return headers
 
     def _result(
         self, outcome: HandoffOutcome, *, sip_status: int | None = None, detail: str = ""
     ) -> HandoffResult:
         self.timings["ended"] = time.monotonic()
+        if outcome is not HandoffOutcome.CONNECTED:
+            self.timings.setdefault("returned", self.timings["ended"])
+        self._publish(
+            {
+                "handoff.state": "connected" if outcome is HandoffOutcome.CONNECTED else "returned",
+                "handoff.outcome": outcome.value,
+            }
+        )
         if "hold" in self.timings:
             self.timings["held"] = (
                 self.timings.get("merged", self.timings["ended"]) - (self.timings["hold"])
@@ -1240,6 +1457,8 @@ class Handoff:
         if self._consult_open:
             self._consult_open = False
             await self._quietly(self.line.close_consult(self.consult_room))
+        if self._attributes_sent is not None:
+            await self._quietly(asyncio.wait_for(self._attributes_sent, 2))
 
     async def _quietly(self, step: Awaitable[Any]) -> None:
         try:
@@ -1263,12 +1482,36 @@ class Handoff:
             f"Let me connect you with {self.destination.said_as}. Please hold for a moment.",
             allow_interruptions=False,
         )
-        self.phase = "ringing"
+        self._enter("ringing")
         self.timings["hold"] = time.monotonic()
         self._hold = await self.line.start_hold()
         self.session.on("user_state_changed", self._on_caller_state)
         self.session.on("agent_state_changed", self._on_agent_state)
         self._spawn(self._reassure())
+
+    def _enter(self, phase: str) -> None:
+        """Move to the next phase and show it on the agent's attributes, so a dashboard can
+        say "ringing support"."""
+        self.phase = phase
+        self.timings.setdefault(phase, time.monotonic())
+        self._publish({"handoff.state": phase})
+
+    def _publish(self, attributes: dict[str, str], room: str = "") -> None:
+        """Queue an attribute update; updates are sent one after another, in order."""
+        update = {
+            "handoff.attempt": self.attempt,
+            "handoff.destination": self.destination.name,
+            "handoff.mode": self.mode.value,
+            **attributes,
+        }
+        previous = self._attributes_sent
+
+        async def send() -> None:
+            if previous is not None:
+                await previous
+            await self.line.set_attributes(room or self.line.caller_room, update)
+
+        self._attributes_sent = asyncio.ensure_future(send())
 
     def _spawn(self, step: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(step)
@@ -1330,7 +1573,7 @@ class Handoff:
                 return failed
         finally:
             dial.cancel()
-        self.phase = "merged"
+        self._enter("merged")
         self._merged = True
         self.timings["merged"] = time.monotonic()
         await self._hold.stop()  # type: ignore[union-attr]
@@ -1368,6 +1611,7 @@ class Handoff:
             await self._announce_and_hold()
             await opening
             self.line.on_dtmf(self.consult_room, self.consult.on_digit)
+            brief.add_done_callback(self._show_brief)
             if (failed := await self._ring(dial)) is not None:
                 return failed
         finally:
@@ -1376,13 +1620,13 @@ class Handoff:
             if not brief.done() and self._leg is None:
                 brief.cancel()
 
-        self.phase = "briefing"
+        self._enter("briefing")
         self._human_left = asyncio.ensure_future(
             self.line.wait_for_hangup(self.consult_room, (self.identity,))
         )
         self._background.add(self._human_left)
         decision = await self.consult.wait_for_decision(self._human_left, self.settings.hello_grace)
-        self.timings["decided"] = time.monotonic()
+        self.timings["accepted" if decision.accepted else "declined"] = time.monotonic()
         if decision.accepted:
             return await self._merge()
         await self._tell_human(decision.farewell)
@@ -1392,9 +1636,14 @@ class Handoff:
         if not brief.cancelled() and brief.exception() is None:
             self.brief = brief.result()
 
+    def _show_brief(self, brief: asyncio.Future[str]) -> None:
+        """The consult room's agent carries the brief, for the human's softphone or CRM."""
+        if self.brief and self._consult_open:
+            self._publish({"handoff.brief": self.brief}, room=self.consult_room)
+
     async def _merge(self) -> HandoffResult:
         assert self._leg is not None
-        self.phase = "merging"
+        self._enter("merging")
         try:
             await self.line.move(self._leg, self.line.caller_room)
         except MoveRefused as e:
@@ -1405,7 +1654,7 @@ class Handoff:
             )
             return self._result(HandoffOutcome.FAILED, detail=f"move refused ({e})")
         self._leg = replace(self._leg, room=self.line.caller_room)
-        self.phase = "merged"
+        self._enter("merged")
         self._merged = True
         self.timings["merged"] = time.monotonic()
         await self._hold.stop()  # type: ignore[union-attr]
@@ -1495,6 +1744,7 @@ class ConsultAgent(Agent):
             ),
         )
         self._brief = brief
+        self._handoff = handoff
         self._decision: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self.brief_started = asyncio.Event()
 
@@ -1541,7 +1791,13 @@ class ConsultAgent(Agent):
         if heard and VOICEMAIL_HINTS.search(heard):
             self.decide(Decision(HandoffOutcome.VOICEMAIL, "a voicemail greeting answered"))
             return
-        yield await self._brief
+        text = await self._brief
+        self._handoff.timings["brief_start"] = time.monotonic()
+        self.session.once("conversation_item_added", self._brief_spoken)
+        yield text
+
+    def _brief_spoken(self, _: Any) -> None:
+        self._handoff.timings.setdefault("brief_end", time.monotonic())
 
     @function_tool
     async def connect_to_caller(self, context: RunContext) -> None:
@@ -1932,9 +2188,18 @@ async def run_call(
             if console
             else LiveKitPhoneLine(ctx, settings)
         )
-    agent = WarmHandoffAgent(settings, line, models, CallRecords(line.caller_room, ctx.job.id))
-    ctx.add_shutdown_callback(agent.shutdown_handoff)
+    records = CallRecords(line.caller_room, ctx.job.id, delivery_for(settings))
+    agent = WarmHandoffAgent(settings, line, models, records)
+
+    async def on_shutdown(reason: str = "") -> None:
+        await agent.shutdown_handoff()
+        records.call_ended()
+        if records.delivery is not None:
+            await records.delivery.drain()
+
+    ctx.add_shutdown_callback(on_shutdown)
     session: AgentSession = AgentSession()
+    session.on("close", lambda _: records.call_ended())
     if console:  # the console owns the audio; there is no room to join
         await session.start(agent=agent)
     else:

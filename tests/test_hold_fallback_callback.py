@@ -179,7 +179,7 @@ async def test_callback_is_read_back_then_recorded_with_the_summary(start_call, 
     assert (
         call.caller_heard()[-1] == "Thank you, Dana. Someone will call you back tomorrow morning."
     )
-    logged = [r.getMessage() for r in caplog.records if "callback record" in r.getMessage()]
+    logged = [r.getMessage() for r in caplog.records if "callback_request record" in r.getMessage()]
     assert len(logged) == 1 and '"caller_name": "Dana"' in logged[0]
     assert "5550199" not in " ".join(r.getMessage() for r in caplog.records)  # masked
 
