@@ -143,6 +143,38 @@ class Settings:
     def destination(self, name: str) -> Destination | None:
         return next((d for d in self.destinations if d.name == name), None)
 
+    def masked(self) -> list[tuple[str, str]]:
+        """The configuration as ``check`` prints it: secrets hidden, numbers masked."""
+
+        def secret(value: str) -> str:
+            return "(set)" if value else "(not set)"
+
+        rows = [
+            ("LIVEKIT_URL", self.livekit_url or "(not set)"),
+            ("LIVEKIT_API_KEY", self.livekit_api_key or "(not set)"),
+            ("LIVEKIT_API_SECRET", secret(self.livekit_api_secret)),
+            ("SIP_TRUNK_ID", self.sip_trunk_id or "(not set)"),
+            ("HANDOFF_CALLER_ID", mask_number(self.caller_id) if self.caller_id else "(not set)"),
+            ("HANDOFF_MODE", f"{self.handoff_mode.value} (in force: {self.mode.value})"),
+            ("HANDOFF_RING_TIMEOUT", f"{self.ring_timeout:g}s"),
+            ("HANDOFF_MAX_HOLD", f"{self.max_hold:g}s"),
+            ("HANDOFF_MAX_ATTEMPTS", str(self.max_attempts)),
+            ("AGENT_NAME", self.agent_name),
+            ("HANDOFF_WEBHOOK_URL", self.webhook_url or "(not set)"),
+            ("HANDOFF_WEBHOOK_SECRET", secret(self.webhook_secret)),
+            ("HANDOFF_CALLBACK_FILE", self.callback_file),
+            ("models", f"{self.stt_model} / {self.llm_model} / {self.tts_model}"),
+        ]
+        for d in self.destinations:
+            rows.append(
+                (
+                    f"destination {d.name}",
+                    f"{mask_number(d.target)} - {d.description}"
+                    + (f" (then {d.fallback})" if d.fallback else ""),
+                )
+            )
+        return rows
+
     @property
     def mode(self) -> HandoffMode:
         """The mode in force: ``auto`` resolves by where LiveKit runs (MoveParticipant is
@@ -2088,7 +2120,7 @@ class WarmHandoffAgent(Agent):
                 "again with confirmed=true; otherwise correct the details.",
                 reply_required=False,
             )
-        reason = self.results[-1].detail if self.results else ""
+        reason = self.results[-1].reason if self.results else ""
         self.records.callback(
             CallbackRequest(
                 room=self.line.caller_room,
@@ -2223,9 +2255,35 @@ async def entrypoint(ctx: JobContext) -> None:
     await run_call(ctx, settings, build_models(settings, ctx.proc.userdata["vad"]))
 
 
+async def check(settings: Settings) -> bool:
+    """``python warm_handoff.py check``: print the configuration (secrets masked) and prove
+    the LiveKit API credentials work with a harmless read."""
+    width = max(len(name) for name, _ in settings.masked())
+    for name, value in settings.masked():
+        print(f"{name:<{width}}  {value}")
+    try:
+        async with api.LiveKitAPI(
+            settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
+        ) as lk:
+            rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 15)
+    except Exception as e:
+        reason = getattr(e, "message", "") or type(e).__name__
+        print(f"LiveKit API: FAILED ({getattr(e, 'code', 'error')}: {reason})", file=sys.stderr)
+        return False
+    print(f"LiveKit API: OK, the credentials work ({len(rooms.rooms)} rooms open)")
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     command = argv[1] if len(argv) > 1 else ""
+    if command == "check":
+        try:
+            settings = load_settings()
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            raise SystemExit(1) from None
+        raise SystemExit(0 if asyncio.run(check(settings)) else 1)
     if command in ("start", "dev", "console", "connect") and "--help" not in argv:
         problems: list[str] = []
         try:
