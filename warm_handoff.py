@@ -1633,7 +1633,9 @@ class Handoff:
         )
         brief.add_done_callback(self._keep_brief)
         self.consult = ConsultAgent(brief=brief, transcript=transcript, handoff=self)
-        consult_session: AgentSession = AgentSession(**self.models.options())
+        if self.models.tts is not None:
+            self._spawn(self.consult.prepare_voice(self.models.tts))
+        consult_session: AgentSession = AgentSession(**self.consult_options())
         self._consult_open = True
         opening = asyncio.ensure_future(
             self.line.open_consult(self.consult_room, self.identity, consult_session, self.consult)
@@ -1663,6 +1665,18 @@ class Handoff:
             return await self._merge()
         await self._tell_human(decision.farewell)
         return self._result(decision.outcome, detail=decision.reason)
+
+    def consult_options(self) -> dict[str, Any]:
+        """The consult session's models. Its turns end on voice activity, not on the
+        end-of-turn model: that model scores a bare "Hello?" as unfinished and waits its
+        longest delay (about 2.5 s) before the human hears a word."""
+        options = self.models.options()
+        if self.models.vad is not None:
+            options["turn_handling"] = {
+                **(self.models.turn_handling or {}),
+                "turn_detection": "vad",
+            }
+        return options
 
     def _keep_brief(self, brief: asyncio.Future[str]) -> None:
         if not brief.cancelled() and brief.exception() is None:
@@ -1761,6 +1775,10 @@ greeting.
 """
 
 
+async def _words(text: str) -> Any:
+    yield text
+
+
 class ConsultAgent(Agent):
     """Talks to the human in the private consult room: brief, answer questions, take the
     decision. The brief is composed while the phone rings and spoken as soon as the human
@@ -1777,8 +1795,43 @@ class ConsultAgent(Agent):
         )
         self._brief = brief
         self._handoff = handoff
+        self._ready_audio: tuple[str, list[rtc.AudioFrame]] | None = None
+        self._speaking_brief = False
         self._decision: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self.brief_started = asyncio.Event()
+
+    async def prepare_voice(self, tts: Any) -> None:
+        """Synthesise the brief's first sentence while the phone rings, so the human hears it
+        without waiting for speech synthesis."""
+        text = await self._brief
+        first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+        try:
+            async with tts.synthesize(first) as stream:
+                frames = [audio.frame async for audio in stream]
+        except Exception as e:
+            logger.warning(
+                "could not prepare the brief's audio, it will be synthesised live: %r", e
+            )
+            return
+        self._ready_audio = (first, frames)
+
+    async def tts_node(self, text: Any, model_settings: Any) -> Any:
+        ready, self._ready_audio = self._ready_audio, None
+        if ready is None or not self._speaking_brief:
+            async for frame in Agent.default.tts_node(self, text, model_settings):
+                yield frame
+            return
+        self._speaking_brief = False
+        said = "".join([chunk async for chunk in text])  # the brief arrives whole
+        first, frames = ready
+        rest = said
+        if said.startswith(first):
+            for frame in frames:
+                yield frame
+            rest = said[len(first) :].strip()
+        if rest:
+            async for frame in Agent.default.tts_node(self, _words(rest), model_settings):
+                yield frame
 
     def decide(self, decision: Decision) -> None:
         if not self._decision.done():
@@ -1826,6 +1879,7 @@ class ConsultAgent(Agent):
         text = await self._brief
         self._handoff.timings["brief_start"] = time.monotonic()
         self.session.once("conversation_item_added", self._brief_spoken)
+        self._speaking_brief = True
         yield text
 
     def _brief_spoken(self, _: Any) -> None:
