@@ -1,0 +1,581 @@
+"""Handoff benchmark: how much silence a phone handoff costs the caller and the human.
+
+    python bench/handoff_bench.py            # about 50 s: table, bench/out/results.json, PNG
+    python bench/handoff_bench.py --quick    # a few seconds, tiny latencies: smoke test only
+
+Simulated calls run end to end through the real ``AgentSession`` and the real handoff code
+(``warm_handoff.py``), on the simulated phone line, with scripted models whose latencies are
+fixed (``--llm-ttft``, ``--tts-ttfa``, ``--ring``, ``--hello``; see ``bench/sim.py``). Every
+timestamp is read from the audio frames the caller and the human receive: their earpieces play
+audio at real-time pace and recognise each sentence by the tag the fake TTS puts in its tone.
+
+Three orderings run side by side in the same harness, so the gains are ratios:
+
+- "warm handoff": the project (please-hold and dial at once, hold audio, the brief composed
+  while the phone rings and spoken after the human's hello, keypad 1 to accept, then merge);
+- "sequential": LiveKit's WarmTransferTask order (announce, then dial, then wait for the hello,
+  then ask the model for the brief, then speak) - ``bench/orderings.py``;
+- "seed": a first receptionist (the model greets, dials the human into the caller's room, no
+  hold audio, no brief) - ``bench/seed_agent.py``.
+
+Endpointing is the framework's default, honestly run: the human's hello is real recorded speech
+(``bench/audio/hello.wav``) sent into the consult session at real-time pace, heard by the real
+Silero VAD and the framework's default turn detector (in 1.8.9 the local ``turn-detector-v1-mini``
+model, as a self-hosted ``start`` worker runs it); a scripted STT returns its text 0.3 s after the
+speech ends (``--stt-final``). The caller's own turns are text: what is measured starts at the
+model's transfer decision.
+
+Figures, all from the frames heard (median and p90 over ``--calls`` calls per ordering):
+
+- greeting: caller present (the session is started) -> first frame of the greeting;
+- announce: the model emits transfer_call -> first frame the caller hears ("please hold");
+- longest silence: the longest stretch, from the decision until the caller hears the agent again
+  after the merge, with neither speech nor hold audio (nor, in the seed, the human's hello);
+- human wait: end of the human's hello -> first frame of the brief (the seed has no brief);
+- overhead: (merge - decision) - ring - brief duration - the human's own time (their hello, and
+  their keypress after the brief). Its parts are reported: the dial's delay, the endpointing of
+  the hello, the rest of the human wait, the merge.
+
+And, from fresh processes (``bench/worker_probe.py``): import + prewarm time and memory for
+``warm_handoff`` and for the seed-style module, what the framework's default turn detector adds,
+memory per active call; and, in this process, the capacity: simultaneous talking calls (real
+VAD on real speech) before the event loop's p99 lag reaches 20 ms (``bench/capacity.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # measured as configured by the code alone: no .env file
+    os.environ.setdefault("DOTENV_FILE", os.devnull)
+
+import numpy as np  # noqa: E402
+
+from bench.calls import (  # noqa: E402
+    METRIC_TITLES,
+    METRICS,
+    ORDERINGS,
+    SEED,
+    SEQUENTIAL,
+    WARM,
+    measure,
+    run_call,
+)
+from bench.capacity import LoopLag, measure_capacity, percentile  # noqa: E402
+from bench.proposed import PROPOSED  # noqa: E402
+from bench.sim import Knobs, Trace  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+PNG = ROOT / "bench" / "timeline.png"
+QUICK = Knobs(
+    llm_ttft=0.02, tts_ttfa=0.02, ring=0.3, hello=0.6, decide=0.1, stt_final=0.05,
+    chars_per_second=400, caller_pause=0.05,
+)  # fmt: skip
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# Phases
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+async def latency_phase(
+    knobs: Knobs,
+    calls: int,
+    vad: Any,
+    stagger: float,
+    orderings: tuple[str, ...] = ORDERINGS,
+    consult_vad: Any = None,
+) -> tuple[dict[str, list[Trace]], dict[str, float]]:
+    """``calls`` calls of each ordering, all live together, starting ``stagger`` s apart in a
+    shuffled order; returns the traces and the event loop's lag meanwhile."""
+    order = [o for o in orderings for _ in range(calls)]
+    random.Random(7).shuffle(order)
+    ticker = LoopLag()
+    ticker.start()
+
+    async def one(i: int, ordering: str) -> Trace:
+        await asyncio.sleep(i * stagger)
+        return await run_call(ordering, knobs, vad, consult_vad=consult_vad)
+
+    try:
+        traces = await asyncio.gather(*(one(i, o) for i, o in enumerate(order)))
+    finally:
+        await ticker.stop()
+    by: dict[str, list[Trace]] = {o: [] for o in orderings}
+    for trace in traces:
+        by[trace.ordering].append(trace)
+    lags = [late * 1000 for _, late in ticker.samples]
+    return by, {"p50": percentile(lags, 50), "p99": percentile(lags, 99), "max": max(lags)}
+
+
+def _probe(
+    agent: str, calls: int = 0, *, nice: bool = False, quick: bool = False
+) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "bench.worker_probe", "--agent", agent]
+    command += ["--calls", str(calls)] + (["--nice"] if nice else [])
+    command += ["--quick"] if quick else []
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "BENCH_SPAWNED_AT": repr(time.time())},
+    )
+
+
+def _collect(proc: subprocess.Popen[str], started: float) -> dict[str, Any]:
+    stages: dict[str, Any] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        stage = json.loads(line)
+        stages[stage.pop("stage")] = stage
+    _, status, usage = os.wait4(proc.pid, 0)
+    stages["process"] = {
+        "exit_status": status,
+        "max_rss_mb": usage.ru_maxrss / 1024,  # /usr/bin/time's maximum resident set size
+        "wall_s": time.perf_counter() - started,
+    }
+    return stages
+
+
+Run = tuple[str, int, int, dict[str, Any]]  # agent, round, calls, the probe's stages
+
+
+def memory_probes(calls: int, quick: bool = False, rounds: int = 1) -> list[Run]:
+    """Fresh processes for both agents, with 2 and with ``calls`` active calls, ``rounds``
+    times. The two agents run side by side (one core each, the same conditions for both), the
+    two call counts one after the other (``quick``: 2 calls only, so no RSS per call)."""
+    runs: list[Run] = []
+    waves = [2] if quick else [2, max(calls, 3)]
+    for r in range(rounds):
+        for n in waves:
+            agents = [("warm", WARM), ("seed", SEED)]
+            running = [
+                (name, n, _probe(agent, n, quick=quick), time.perf_counter())
+                for agent, name in (agents if r % 2 == 0 else agents[::-1])
+            ]
+            runs += [(name, r, n, _collect(proc, t)) for name, n, proc, t in running]
+    return runs
+
+
+def worker_figures(runs: list[Run]) -> dict[str, Any]:
+    """Per agent: import + prewarm and the peak RSS then (medians over all its processes, every
+    value kept), what the default turn detector adds, and RSS per call: in each round the slope
+    between the two call counts, per phase; the median over rounds."""
+    found: dict[str, Any] = {}
+    for name in (WARM, SEED):
+        mine = [(r, n, stages) for agent, r, n, stages in runs if agent == name]
+        if not mine:
+            continue
+        ready = [stages["ready"] for _, _, stages in mine if "ready" in stages]
+        numbers = [k for k in ready[0] if all(isinstance(x.get(k), (int, float)) for x in ready)]
+        entry: dict[str, Any] = {
+            "processes": len(mine),
+            "ready": {k: float(np.median([x[k] for x in ready])) for k in numbers},
+            "ready_wall_s_values": [x.get("ready_wall_s") for x in ready],
+            "peak_rss_mb_values": [x.get("peak_rss_mb") for x in ready],
+            "preload": next((st["preload"] for _, _, st in mine if "preload" in st), {}),
+        }
+        counts = sorted({n for _, n, _ in mine})
+        per_call: dict[str, Any] = {"calls": counts}
+        for phase in ("talking", "handoff"):
+            key, slopes = f"{phase}_rss_mb", []
+            for r in sorted({r for r, _, _ in mine}):
+                by_calls = {n: st.get("per_call", {}).get(key) for rr, n, st in mine if rr == r}
+                few, many = counts[0], counts[-1]
+                if many > few and by_calls.get(few) and by_calls.get(many):
+                    slopes.append((by_calls[many] - by_calls[few]) / (many - few))
+            per_call[f"{phase}_mb_per_call"] = float(np.median(slopes)) if slopes else None
+            per_call[f"{phase}_mb_per_call_values"] = slopes
+        entry["per_call"] = per_call
+        found[name] = entry
+    return found
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# Figures
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def stats(values: list[float | None]) -> dict[str, Any]:
+    real = [v for v in values if v is not None]
+    if not real:
+        return {"median": None, "p90": None, "values": []}
+    return {
+        "median": float(np.median(real)),
+        "p90": float(np.percentile(real, 90)),
+        "values": [round(v, 4) for v in real],
+    }
+
+
+def summarise(by: dict[str, list[Trace]], knobs: Knobs) -> dict[str, Any]:
+    orderings: dict[str, Any] = {}
+    for ordering, traces in by.items():
+        measured = [measure(t, knobs) for t in traces]
+        details = sorted({k for m in measured for k in m.detail})
+        orderings[ordering] = {
+            "calls": len(traces),
+            "outcomes": [t.outcome for t in traces],
+            "metrics": {m: stats([getattr(x, m) for x in measured]) for m in METRICS},
+            "detail": {k: stats([x.detail.get(k) for x in measured]) for k in details},
+            "consult_turn_detection": next(
+                (t.consult_turn_detection for t in traces if t.consult_turn_detection), None
+            ),
+            "consult_endpointing": next((t.endpointing for t in traces if t.endpointing), None),
+            "human_heard": next((t.human_heard_text for t in traces if t.human_heard_text), []),
+        }
+    warm = orderings[WARM]["metrics"]
+    ratios = {
+        ref: {
+            m: _ratio(orderings[ref]["metrics"][m]["median"], warm[m]["median"]) for m in METRICS
+        }
+        for ref in (SEQUENTIAL, SEED)
+    }
+    return {"orderings": orderings, "ratios": ratios}
+
+
+def _ratio(reference: float | None, ours: float | None) -> float | None:
+    if reference is None or ours is None or ours <= 0:
+        return None
+    return reference / ours
+
+
+def targets(
+    results: dict[str, Any], knobs: Knobs, workers: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The issue's targets for "warm handoff", each with the value, the limit and the margin."""
+    warm = results["orderings"][WARM]
+    m = {k: v["median"] for k, v in warm["metrics"].items()}
+    d = {k: v["median"] for k, v in warm["detail"].items()}
+    found: dict[str, Any] = {}
+
+    def check(name: str, value: float | None, limit: float | None, why: str) -> None:
+        met = value is not None and limit is not None and value <= limit + 1e-9
+        found[name] = {
+            "value": value,
+            "limit": limit,
+            "met": met,
+            "over_by": None if met or value is None or limit is None else value - limit,
+            "rule": why,
+        }
+
+    check("greeting", m["greeting"], knobs.tts_ttfa + 0.1, "TTS first audio + 100 ms")
+    check("announce", m["announce"], knobs.tts_ttfa + 0.15, "TTS first audio + 150 ms")
+    check("longest_silence", m["longest_silence"], 1.0, "1.0 s")
+    endpointing = d.get("endpointing")
+    check(
+        "human_wait",
+        m["human_wait"],
+        None if endpointing is None else endpointing + 0.1,
+        "the hello's endpointing (as measured: end of hello -> user turn committed) + 100 ms",
+    )
+    check("overhead", m["overhead"], 0.3, "300 ms")
+    if workers:
+        ours, seed = workers.get(WARM, {}), workers.get(SEED, {})
+        ready = ours.get("ready", {}).get("ready_wall_s")
+        check("worker_ready", ready, seed.get("ready", {}).get("ready_wall_s"), "seed's")
+        for phase in ("talking", "handoff"):
+            key = f"{phase}_mb_per_call"
+            check(
+                f"rss_per_call_{phase}",
+                ours.get("per_call", {}).get(key),
+                seed.get("per_call", {}).get(key),
+                "seed's",
+            )
+    return found
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# Output
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:,.0f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}x"
+
+
+def table(report: dict[str, Any]) -> str:
+    orderings = report["orderings"]
+    names = list(orderings)
+    lines = [
+        f"Handoff figures, ms (median / p90 over {report['config']['calls']} calls per ordering)",
+        "",
+        f"{'':52}" + "".join(f"{n:>20}" for n in names) + f"{'seq/warm':>10}{'seed/warm':>10}",
+    ]
+    for metric in METRICS:
+        row = f"{METRIC_TITLES[metric]:52}"
+        for n in names:
+            s = orderings[n]["metrics"][metric]
+            row += f"{_ms(s['median']) + ' / ' + _ms(s['p90']):>20}"
+        row += f"{_x(report['ratios'][SEQUENTIAL][metric]):>10}"
+        row += f"{_x(report['ratios'][SEED][metric]):>10}"
+        lines.append(row)
+    lines.append("")
+    lines.append("of which (medians, ms):")
+    for key, title in (
+        ("dial_delay", "decision -> dial starts"),
+        ("endpointing", "end of hello -> user turn committed"),
+        ("brief_after_turn", "user turn committed -> first brief frame"),
+        ("merge_after_keypress", "keypress -> human moved in"),
+        ("connected_after_merge", "human moved in -> caller hears 'connected'"),
+    ):
+        row = f"  {title:50}"
+        for n in names:
+            row += f"{_ms(orderings[n]['detail'].get(key, {}).get('median')):>20}"
+        lines.append(row)
+    lag = report["loop_lag_during_calls_ms"]
+    lines.append(
+        f"  (event loop lag while these calls ran: p50 {lag['p50']:.1f} ms, "
+        f"p99 {lag['p99']:.1f} ms)"
+    )
+    consult = orderings[WARM]
+    lines.append(
+        f"  (consult session turn detection: {consult['consult_turn_detection']}, "
+        f"endpointing {consult['consult_endpointing']})"
+    )
+    workers = report.get("worker")
+    if workers:
+        heading = f"{'Worker (fresh processes)':52}" + "".join(f"{n:>20}" for n in (WARM, SEED))
+        lines += ["", heading]
+        rows = (
+            ("import + prewarm, s (wall, with interpreter)", "ready", "ready_wall_s", 1, "{:.2f}"),
+            ("  of which import, s", "ready", "import_s", 1, "{:.2f}"),
+            ("peak RSS at ready (whole process), MB", "ready", "peak_rss_mb", 1, "{:.0f}"),
+            ("+ default turn detector weights, MB", "preload", "turn_detector_mb", 1, "{:.0f}"),
+            ("+ default turn detector load, s", "preload", "turn_detector_s", 1, "{:.2f}"),
+            ("RSS per active call, talking, MB", "per_call", "talking_mb_per_call", 1, "{:.1f}"),
+            ("RSS per active call, handoff, MB", "per_call", "handoff_mb_per_call", 1, "{:.1f}"),
+        )
+        for title, stage, key, _, fmt in rows:
+            row = f"  {title:50}"
+            for n in (WARM, SEED):
+                value = workers.get(n, {}).get(stage, {}).get(key)
+                row += f"{'-' if value is None else fmt.format(value):>20}"
+            lines.append(row)
+    capacity = report.get("capacity")
+    if capacity:
+        bound = " or more (time budget reached)"
+        if capacity["reached_limit"]:
+            bound = f" (not {capacity['failed_at']})"
+        steps = ", ".join(f"{s['calls']}: {s['p99_lag_ms']:.1f}" for s in capacity["steps"])
+        lines += [
+            "",
+            f"Capacity: {capacity['calls']}{bound} talking calls with event-loop lag p99 < "
+            f"{capacity['limit_ms']:.0f} ms (calls: p99 ms = {steps})",
+        ]
+    lines += ["", "Targets (warm handoff):"]
+    for name, t in report["targets"].items():
+        unit = "MB" if "rss" in name else "s"
+        value = "-" if t["value"] is None else f"{t['value']:.3f}"
+        limit = "-" if t["limit"] is None else f"{t['limit']:.3f}"
+        verdict = "met" if t["met"] else (
+            "missed" + ("" if t["over_by"] is None else f" by {t['over_by']:.3f} {unit}")
+        )
+        lines.append(f"  {name:24} {value:>9} <= {limit:>9} {unit:3} ({t['rule']}): {verdict}")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    try:
+        from importlib.metadata import version
+
+        agents = version("livekit-agents")
+    except Exception:
+        agents = "?"
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "livekit_agents": agents,
+    }
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# Main
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python bench/handoff_bench.py",
+        description="Measure the silence in a phone handoff: warm handoff vs sequential vs seed.",
+    )
+    d = Knobs()
+    p.add_argument("--calls", type=int, default=3, help="calls per ordering (default 3)")
+    p.add_argument("--llm-ttft", type=float, default=d.llm_ttft, help="LLM time to first token, s")
+    p.add_argument("--tts-ttfa", type=float, default=d.tts_ttfa, help="TTS time to first audio, s")
+    p.add_argument("--ring", type=float, default=d.ring, help="the human's phone rings this long")
+    p.add_argument("--hello", type=float, default=d.hello, help="hello ends this long after pickup")
+    p.add_argument("--decide", type=float, default=d.decide, help="keypress this long after brief")
+    p.add_argument("--stt-final", type=float, default=d.stt_final, help="STT final after speech, s")
+    p.add_argument("--chars-per-second", type=float, default=d.chars_per_second, help="TTS rate")
+    p.add_argument("--stagger", type=float, default=0.1, help="seconds between call starts")
+    p.add_argument("--probe-calls", type=int, default=8, help="calls for RSS per call")
+    p.add_argument(
+        "--worker-rounds", type=int, default=1, help="repeat the worker processes (precision)"
+    )
+    p.add_argument("--capacity-budget", type=float, default=8.0, help="seconds for the ramp")
+    p.add_argument("--no-worker", action="store_true", help="skip the worker processes")
+    p.add_argument("--no-capacity", action="store_true", help="skip the capacity ramp")
+    p.add_argument("--quick", action="store_true", help="tiny latencies, a few seconds; smoke test")
+    p.add_argument(
+        "--proposed", action="store_true", help="also run the recommended changes (a what-if)"
+    )
+    p.add_argument(
+        "--proposed-silence", type=float, help="with --proposed: consult VAD min silence, s"
+    )
+    p.add_argument("--out", type=Path, default=OUT, help="directory for results.json")
+    p.add_argument("--png", type=Path, default=PNG, help="timeline image (needs matplotlib)")
+    p.add_argument("--no-png", action="store_true", help="do not draw the timeline")
+    p.add_argument("--verbose", action="store_true", help="show the framework's warnings")
+    return p.parse_args(argv)
+
+
+def knobs_from(args: argparse.Namespace) -> Knobs:
+    if args.quick:
+        return QUICK
+    return replace(
+        Knobs(),
+        llm_ttft=args.llm_ttft,
+        tts_ttfa=args.tts_ttfa,
+        ring=args.ring,
+        hello=args.hello,
+        decide=args.decide,
+        stt_final=args.stt_final,
+        chars_per_second=args.chars_per_second,
+    )
+
+
+async def measure_all(
+    args: argparse.Namespace, knobs: Knobs
+) -> dict[str, Any]:
+    # as a job process starts in production: the forkserver's warm-up, then its gc.freeze() (so
+    # no collection walks the import-time heap: 100+ ms pauses otherwise), then the prewarm
+    import livekit.agents.ipc._preload  # noqa: F401
+    import livekit.agents.ipc._preload_freeze  # noqa: F401
+    from livekit.plugins import silero
+
+    vad = silero.VAD.load()  # what warm_handoff.prewarm does once per process
+    orderings, consult_vad = ORDERINGS, None
+    if args.proposed:
+        orderings += (PROPOSED,)
+        if args.proposed_silence is not None:
+            silence = args.proposed_silence
+            consult_vad = (silero.VAD.load(min_silence_duration=silence), silence)
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+    stagger = 0.0 if args.quick else args.stagger
+    by, lag = await latency_phase(knobs, args.calls, vad, stagger, orderings, consult_vad)
+    phases["calls"], mark = time.perf_counter() - mark, time.perf_counter()
+    report = summarise(by, knobs)
+    report["loop_lag_during_calls_ms"] = lag
+    report["traces"] = by
+    report["phases_s"] = phases
+    if not args.no_capacity:
+        capacity = await measure_capacity(
+            vad,
+            knobs,
+            budget=1.0 if args.quick else args.capacity_budget,
+            start=1 if args.quick else 8,
+            settle=0.2 if args.quick else 0.8,
+            window=0.5 if args.quick else 1.4,
+        )
+        report["capacity"] = asdict(capacity)
+        phases["capacity"] = time.perf_counter() - mark
+    return report
+
+
+@contextlib.contextmanager
+def self_hosted() -> Iterator[None]:
+    """Measure a self-hosted worker (``start``): outside LiveKit Cloud and dev/console mode the
+    framework's default turn detector is the local model, not the cloud one."""
+    cloud = ("LIVEKIT_DEV_MODE", "LIVEKIT_REMOTE_EOT_URL")
+    saved = {k: os.environ.pop(k) for k in cloud if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    with self_hosted():
+        return _main(parse(argv))
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(
+        level=logging.WARNING if args.verbose else logging.CRITICAL,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    knobs = knobs_from(args)
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    report = asyncio.run(measure_all(args, knobs))
+    traces: dict[str, list[Trace]] = report.pop("traces")
+    workers = None
+    if not args.no_worker:  # after the rest, so the machine is otherwise idle
+        mark = time.perf_counter()
+        runs = memory_probes(args.probe_calls, args.quick, args.worker_rounds)
+        workers = worker_figures(runs)
+        report["worker"] = workers
+        report["phases_s"]["worker"] = time.perf_counter() - mark
+    report["config"] = {"calls": args.calls, "quick": args.quick, **asdict(knobs)}
+    report["machine"] = machine()
+    report["machine"]["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+    report["targets"] = targets(report, knobs, workers)
+    if not args.no_png:
+        from bench.timeline import draw
+
+        mark = time.perf_counter()
+        report["timeline_png"] = draw(traces, knobs, args.png)
+        report["phases_s"]["png"] = time.perf_counter() - mark
+    report["elapsed_s"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(table(report))
+    if load_before > 0.5 * (os.cpu_count() or 1):
+        print(
+            f"\nNote: the machine was already busy (1-minute load average {load_before:.2f} "
+            "at the start); the figures may be inflated. Run it again on a quiet machine."
+        )
+    print(
+        f"\nWrote {args.out / 'results.json'}"
+        + (f" and {report['timeline_png']}" if report.get("timeline_png") else "")
+        + f" in {report['elapsed_s']:.0f} s on {report['machine']['nproc']} cores, "
+        f"Python {report['machine']['python']}."
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The handoff benchmark runs end to end for one call of each ordering, so it cannot rot.
+
+Only the shape of its output is checked: no timing is asserted (the figures belong in
+bench/README.md, measured on a stated machine).
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDERINGS = ("warm handoff", "sequential", "seed")
+METRICS = {"greeting", "announce", "longest_silence", "human_wait", "overhead"}
+
+
+def test_bench_measures_every_figure_for_every_ordering(tmp_path):
+    png = tmp_path / "timeline.png"
+    drawing = importlib.util.find_spec("matplotlib") is not None  # requirements-bench.txt
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "handoff_bench.py"),
+        "--quick",
+        "--calls",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--png",
+        str(png),
+    ] + ([] if drawing else ["--no-png"])
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for ordering in ORDERINGS:
+        assert ordering in run.stdout  # the table names every ordering
+
+    report = json.loads((tmp_path / "results.json").read_text())
+    for ordering in ORDERINGS:
+        measured = report["orderings"][ordering]
+        assert measured["outcomes"] == ["connected"], ordering
+        assert set(measured["metrics"]) == METRICS
+        for name, figure in measured["metrics"].items():
+            assert set(figure) == {"median", "p90", "values"}
+            if not (ordering == "seed" and name == "human_wait"):  # the seed has no brief
+                assert figure["median"] is not None, (ordering, name)
+    assert set(report["ratios"]) == {"sequential", "seed"}
+    assert set(report["ratios"]["sequential"]) == METRICS
+    assert set(report["targets"]) >= METRICS | {"worker_ready", "rss_per_call_handoff"}
+    for agent in ("warm handoff", "seed"):
+        worker = report["worker"][agent]
+        assert worker["ready"]["ready_wall_s"] is not None
+        assert worker["ready"]["peak_rss_mb"] is not None
+        assert set(worker["per_call"]) >= {"talking_mb_per_call", "handoff_mb_per_call"}
+    assert report["capacity"]["steps"]
+    assert report["machine"]["nproc"]
+    assert png.exists() == drawing
