@@ -1,6 +1,8 @@
-"""A what-if, not a reference: "warm handoff" with the changes the benchmark recommends for
-``warm_handoff.py``, applied from outside so their gain is measured before they are made
-(``python bench/handoff_bench.py --proposed``).
+"""A what-if, not a reference: "warm handoff" with further changes applied from outside, so
+their gain is measured before they are made (``python bench/handoff_bench.py --proposed``).
+Item 2 and, of item 1, the brief's first sentence (synthesised while the phone rings) are now
+in ``warm_handoff.py`` (``Handoff.consult_options``, ``ConsultAgent.prepare_voice``); the rest
+stays a what-if.
 
 1. Fixed sentences are synthesised ahead of time and played from memory (``PhraseCacheTTS``):
    the greeting, and per destination "Let me connect you ... Please hold for a moment.", the
