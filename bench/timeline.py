@@ -147,7 +147,7 @@ def draw(traces: dict[str, list[Trace]], knobs: Knobs, path: Path) -> str | None
         _panel(ax, trace, knobs)
     lefts = [(t.present or 0) - (t.decision or 0) for _, t in picked]
     rights = [(t.ended or 0) - (t.decision or 0) for _, t in picked]
-    axes[-1].set_xlim(min(lefts) - 0.3, max(rights) + 0.5)
+    axes[-1].set_xlim(min(lefts) - 0.3, max(rights) + 3.0)  # room for the "connected" note
     axes[-1].set_xlabel("seconds from the model's transfer decision", fontsize=9)
     fig.suptitle(
         f"One simulated call per ordering (LLM first token {knobs.llm_ttft * 1000:.0f} ms, "
