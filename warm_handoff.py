@@ -1797,6 +1797,7 @@ class ConsultAgent(Agent):
         self._handoff = handoff
         self._ready_audio: tuple[str, list[rtc.AudioFrame]] | None = None
         self._speaking_brief = False
+        self._brief_heard = False
         self._decision: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self.brief_started = asyncio.Event()
 
@@ -1860,10 +1861,14 @@ class ConsultAgent(Agent):
     async def llm_node(
         self, chat_ctx: llm.ChatContext, tools: list[Any], model_settings: Any
     ) -> Any:
-        if self.brief_started.is_set():
+        if self._brief_heard:
             async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
                 yield chunk
             return
+        if self._decision.done():
+            return
+        # Until the brief has actually been spoken, every reply is the brief: a preemptive
+        # generation that the framework throws away must not lose it.
         self.brief_started.set()
         heard = next(
             (
@@ -1876,14 +1881,16 @@ class ConsultAgent(Agent):
         if heard and VOICEMAIL_HINTS.search(heard):
             self.decide(Decision(HandoffOutcome.VOICEMAIL, "a voicemail greeting answered"))
             return
-        text = await self._brief
+        text = await asyncio.shield(self._brief)  # a dropped reply must not cancel the brief
         self._handoff.timings["brief_start"] = time.monotonic()
-        self.session.once("conversation_item_added", self._brief_spoken)
+        self.session.on("conversation_item_added", self._brief_spoken)
         self._speaking_brief = True
         yield text
 
-    def _brief_spoken(self, _: Any) -> None:
-        self._handoff.timings.setdefault("brief_end", time.monotonic())
+    def _brief_spoken(self, ev: Any) -> None:
+        if getattr(ev.item, "role", None) == "assistant" and not self._brief_heard:
+            self._brief_heard = True
+            self._handoff.timings.setdefault("brief_end", time.monotonic())
 
     @function_tool
     async def connect_to_caller(self, context: RunContext) -> None:
