@@ -193,7 +193,7 @@ class ConfigError(Exception):
         super().__init__("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _parse_destinations(raw: str, ring_timeout: float, problems: list[str]) -> list[Destination]:
+def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
     """HANDOFF_DESTINATIONS is a JSON object: {"support": {"number": "+1...", "description":
     "...", "extension": "1234", "ring_timeout": 20, "spoken_name": "our support team"}}."""
     if not raw.strip():
@@ -308,9 +308,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         livekit_api_secret=get("LIVEKIT_API_SECRET"),
         sip_trunk_id=trunk,
         caller_id=caller_id,
-        destinations=tuple(
-            _parse_destinations(get("HANDOFF_DESTINATIONS"), ring_timeout, problems)
-        ),
+        destinations=tuple(_parse_destinations(get("HANDOFF_DESTINATIONS"), problems)),
         allow_dial_pattern=pattern,
         handoff_mode=choice("HANDOFF_MODE", HandoffMode, HandoffMode.AUTO),
         ring_timeout=ring_timeout,
@@ -1299,8 +1297,6 @@ class Handoff:
     so often, and the caller may ask how long or say never mind (see ``answer_on_hold``).
     """
 
-    PHASES = ("announcing", "ringing", "briefing", "merging", "merged")
-
     def __init__(
         self,
         *,
@@ -1994,7 +1990,7 @@ class WarmHandoffAgent(Agent):
 
         async def transfer_call(raw_arguments: dict[str, Any], context: RunContext) -> Any:
             name = str(raw_arguments.get("destination", ""))
-            destination = next((d for d in self.destinations if d.name == name), None)
+            destination = self.settings.destination(name)
             if destination is None:
                 logger.warning(
                     "transfer_call refused an unknown destination in room %s", self.line.caller_room

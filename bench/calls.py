@@ -111,9 +111,7 @@ def models_for(knobs: Knobs, vad: Any) -> tuple[wh.Models, ScriptedLLM, Scripted
     return wh.Models(stt=stt_model, llm=model, tts=tts_model, vad=vad), model, stt_model
 
 
-def build_agent(
-    ordering: str, line: BenchLine, models: wh.Models, consult_vad: Any = None
-) -> Any:
+def build_agent(ordering: str, line: BenchLine, models: wh.Models, consult_vad: Any = None) -> Any:
     if ordering == WARM:
         return wh.WarmHandoffAgent(SETTINGS, line, models)
     if ordering == SEQUENTIAL:
@@ -171,9 +169,7 @@ async def run_call(
     models, model, stt_model = models_for(knobs, vad)
     if ordering == PROPOSED:
         models = await proposed_models(models, SETTINGS)  # before the call, as prewarm would
-    line = BenchLine(
-        trace, knobs, stt_model, conference=ordering == SEED, decides=on_phase is None
-    )
+    line = BenchLine(trace, knobs, stt_model, conference=ordering == SEED, decides=on_phase is None)
     agent = build_agent(ordering, line, models, consult_vad)
     session = AgentSession()  # as run_call builds it: the framework's defaults
     session.output.audio = ear
@@ -201,9 +197,11 @@ async def run_call(
             return trace
         # the call is measured until the caller hears the agent after the merge ("connected")
         heard_after_merge = await wait_until(
-            lambda: trace.merged is not None
-            and any(h.audible and h.start >= trace.merged for h in ear.heard)
-            or bool(getattr(agent, "results", None)),
+            lambda: (
+                trace.merged is not None
+                and any(h.audible and h.start >= trace.merged for h in ear.heard)
+                or bool(getattr(agent, "results", None))
+            ),
             MAX_CALL,
         )
         results = getattr(agent, "results", None)

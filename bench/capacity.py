@@ -61,7 +61,6 @@ class LoopLag:
                 await self._task
 
 
-
 @dataclass
 class Capacity:
     limit_ms: float

@@ -244,9 +244,7 @@ def summarise(by: dict[str, list[Trace]], knobs: Knobs) -> dict[str, Any]:
         }
     warm = orderings[WARM]["metrics"]
     ratios = {
-        ref: {
-            m: _ratio(orderings[ref]["metrics"][m]["median"], warm[m]["median"]) for m in METRICS
-        }
+        ref: {m: _ratio(orderings[ref]["metrics"][m]["median"], warm[m]["median"]) for m in METRICS}
         for ref in (SEQUENTIAL, SEED)
     }
     return {"orderings": orderings, "ratios": ratios}
@@ -390,8 +388,10 @@ def table(report: dict[str, Any]) -> str:
         unit = "MB" if "rss" in name else "s"
         value = "-" if t["value"] is None else f"{t['value']:.3f}"
         limit = "-" if t["limit"] is None else f"{t['limit']:.3f}"
-        verdict = "met" if t["met"] else (
-            "missed" + ("" if t["over_by"] is None else f" by {t['over_by']:.3f} {unit}")
+        verdict = (
+            "met"
+            if t["met"]
+            else ("missed" + ("" if t["over_by"] is None else f" by {t['over_by']:.3f} {unit}"))
         )
         lines.append(f"  {name:24} {value:>9} <= {limit:>9} {unit:3} ({t['rule']}): {verdict}")
     return "\n".join(lines)
@@ -476,9 +476,7 @@ def knobs_from(args: argparse.Namespace) -> Knobs:
     )
 
 
-async def measure_all(
-    args: argparse.Namespace, knobs: Knobs
-) -> dict[str, Any]:
+async def measure_all(args: argparse.Namespace, knobs: Knobs) -> dict[str, Any]:
     # as a job process starts in production: the forkserver's warm-up, then its gc.freeze() (so
     # no collection walks the import-time heap: 100+ ms pauses otherwise), then the prewarm
     import livekit.agents.ipc._preload  # noqa: F401

@@ -556,9 +556,7 @@ class BenchLine(wh.SimulatedPhoneLine):
         self.trace.hold_pauses.append((time.monotonic(), paused))
         await super()._hold_paused(paused)
 
-    async def open_consult(
-        self, room: str, human_identity: str, session: Any, agent: Any
-    ) -> None:
+    async def open_consult(self, room: str, human_identity: str, session: Any, agent: Any) -> None:
         self.trace.human_ear = Ear("human")
         session.output.audio = self.trace.human_ear
         session.input.audio = self.mouth

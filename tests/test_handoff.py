@@ -255,6 +255,8 @@ async def test_a_second_attempt_in_the_same_call_uses_a_new_consult_room(start_c
 async def test_conference_introduces_the_caller_to_both_and_leaves(start_call):
     settings = settings_for(handoff_mode=wh.HandoffMode.CONFERENCE)
     call = await start_call(receptionist(reason="a refund for order 88"), settings=settings)
+    closed = asyncio.Event()
+    call.session.on("close", lambda _: closed.set())
     turn = await ask_for_transfer(call)
     await asyncio.wait_for(turn, 5)
     [dial] = call.line.dials
@@ -263,6 +265,4 @@ async def test_conference_introduces_the_caller_to_both_and_leaves(start_call):
     assert "a refund for order 88" in intro and "now connected with our support team" in intro
     assert call.line.holds and not call.line.on_hold  # held while ringing, then released
     assert call.agent.results[0].outcome is Out.CONNECTED
-    await wait_for(lambda: call.agent._leaving is not None)
-    await asyncio.sleep(0.05)
-    assert call.session._closing or not call.session._started  # the agent has left
+    await asyncio.wait_for(closed.wait(), 2)  # the agent has left
