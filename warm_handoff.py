@@ -45,6 +45,7 @@ from livekit.agents import (
     cli,
     llm,
     room_io,
+    utils,
 )
 from livekit.agents.llm import ToolResult, function_tool
 from livekit.agents.voice.background_audio import (
@@ -52,6 +53,7 @@ from livekit.agents.voice.background_audio import (
     BackgroundAudioPlayer,
     BuiltinAudioClip,
 )
+from livekit.api.sip_service import SipService
 from livekit.plugins import deepgram, elevenlabs, openai, silero  # register on the main thread
 
 logger = logging.getLogger("warm-handoff")
@@ -429,7 +431,32 @@ class DialFailed(Exception):
 
 
 class MoveRefused(Exception):
-    """The server would not move the human into the caller's room (self-hosted LiveKit)."""
+    """The human is not in the caller's room after a move: the server refused it (self-hosted
+    LiveKit has no MoveParticipant) or it failed and they are still where they were."""
+
+
+class LegLost(Exception):
+    """The human's leg is gone: they hung up, or their connection dropped, mid-way."""
+
+
+# Every server call made while cleaning up is bounded: a hanging DeleteRoom or RemoveParticipant
+# must never keep a caller waiting in silence.
+SERVER_CALL_BOUND = 4.0
+# A move is bounded too; past this the worker finds out where the human actually is.
+MOVE_BOUND = 10.0
+# After a failed or cancelled dial the identity is removed, retrying this long while the server
+# answers not_found: livekit/sip joins the participant to the room just before the INVITE
+# (pkg/sip/outbound.go, newCall -> connectToRoom), so a remove sent earlier finds nobody and the
+# phone would still ring.
+REMOVE_RETRY_FOR = 4.0
+
+
+def dial_request_timeout(dial: Dial) -> float:
+    """How long the dial request may take. The client's default is the ring timeout + 2 s
+    (livekit-api ``_dial_timeout.py``), but with ``wait_until_answered`` the server answers only
+    after the extension's DTMF has been sent, 0.5 s a character (livekit/media-sdk ``dtmf.go``):
+    a request cut short there would fail a call a person had answered."""
+    return dial.ring_timeout + 0.5 * len(dial.destination.extension) + 5.0
 
 
 def classify_dial_error(error: Exception) -> DialFailed:
@@ -498,6 +525,32 @@ class PhoneLine(abc.ABC):
     caller_identity: str
     caller_number: str = ""  # the caller's own number, when the SIP trunk tells us
 
+    def __init__(self) -> None:
+        self._clean_ups: set[asyncio.Task[None]] = set()
+
+    def clean_up_later(
+        self, step: Awaitable[Any], what: str, bound: float = SERVER_CALL_BOUND
+    ) -> None:
+        """Run a clean-up step in the background, bounded, so the caller is spoken to before
+        slow server calls finish. A failure is logged once."""
+
+        async def bounded() -> None:
+            try:
+                await asyncio.wait_for(step, bound)
+            except Exception as e:
+                logger.warning(
+                    "clean-up step '%s' failed in room %s: %r", what, self.caller_room, e
+                )
+
+        task = asyncio.get_running_loop().create_task(bounded())
+        self._clean_ups.add(task)
+        task.add_done_callback(self._clean_ups.discard)
+
+    async def settle(self, timeout: float = 2 * SERVER_CALL_BOUND) -> None:
+        """Wait for background clean-up (job shutdown, tests)."""
+        if self._clean_ups:
+            await asyncio.wait(set(self._clean_ups), timeout=timeout)
+
     @abc.abstractmethod
     async def dial(self, dial: Dial) -> Leg:
         """Ring the human until answered; raise ``DialFailed`` with the outcome otherwise.
@@ -531,7 +584,12 @@ class PhoneLine(abc.ABC):
 
     @abc.abstractmethod
     async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
-        """Return the identity of the first of ``identities`` to leave ``room``."""
+        """Return the identity of the first of ``identities`` to leave ``room``. If our own
+        connection to ``room`` drops, they are all gone for us: return the first."""
+
+    @abc.abstractmethod
+    async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
+        """Whether ``identity`` is (or arrives within ``timeout``) in ``room``."""
 
     @abc.abstractmethod
     def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
@@ -547,12 +605,22 @@ class LiveKitPhoneLine(PhoneLine):
     """The phone line on a real LiveKit call, through the server API and the job's room."""
 
     def __init__(self, ctx: JobContext, settings: Settings) -> None:
+        super().__init__()
         self._ctx = ctx
         self._settings = settings
         self.caller_room = ctx.job.room.name
         self.caller_identity = ""
         self._rooms: dict[str, rtc.Room] = {self.caller_room: ctx.room}
         self._consults: dict[str, AgentSession] = {}
+
+    def _sip_without_retries(self) -> SipService:
+        """CreateSIPParticipant with no hidden retry. On ``*.livekit.cloud`` the client retries
+        transport errors, timeouts and 5xx up to 3 times (livekit-api ``twirp_client.py``,
+        ``_failover.py``) and the server does not de-duplicate them: each retry is a new INVITE
+        under the same identity, which replaces (hangs up) a human who had already answered. A
+        lost answer is reconciled by looking the participant up instead (``dial``). Credentials
+        come from the environment, as for ``JobContext.api``."""
+        return api.LiveKitAPI(session=utils.http_context.http_session(), failover=False).sip
 
     async def dial(self, dial: Dial) -> Leg:
         request = api.CreateSIPParticipantRequest(
@@ -569,41 +637,124 @@ class LiveKitPhoneLine(PhoneLine):
             play_dialtone=False,
         )
         request.ringing_timeout.FromNanoseconds(int(dial.ring_timeout * 1e9))
+        leg = Leg(identity=dial.identity, room=dial.room, destination=dial.destination)
         try:
-            await self._ctx.api.sip.create_sip_participant(request)
+            await self._sip_without_retries().create_sip_participant(
+                request, timeout=dial_request_timeout(dial)
+            )
         except asyncio.CancelledError:
-            # The request was aborted; make sure the human's phone stops ringing.
-            await asyncio.shield(self._remove_quietly(dial.room, dial.identity))
+            # The caller no longer waits: make sure the human's phone stops ringing.
+            self._stop_ringing(dial)
             raise
         except Exception as e:
-            raise classify_dial_error(e) from e
-        return Leg(identity=dial.identity, room=dial.room, destination=dial.destination)
+            failed = classify_dial_error(e)
+            if failed.sip_status is None and getattr(e, "code", "") != "canceled":
+                # No final answer reached us (lost response, timeout, 5xx): the call may have
+                # been answered all the same. A SIP status or a ring timeout is final: the
+                # server has already ended the call (livekit/sip pkg/sip/outbound.go).
+                if await self._call_status(dial.room, dial.identity) == "active":
+                    logger.info("dial reported %s, but the call is up", failed.detail)
+                    return leg
+                self._stop_ringing(dial)
+            raise failed from e
+        return leg
 
-    async def _remove_quietly(self, room: str, identity: str) -> None:
-        with contextlib.suppress(Exception):
-            await self._ctx.api.room.remove_participant(
-                api.RoomParticipantIdentity(room=room, identity=identity)
+    def _stop_ringing(self, dial: Dial) -> None:
+        self.clean_up_later(
+            self._remove_until_gone(dial.room, dial.identity),
+            "stop ringing",
+            bound=REMOVE_RETRY_FOR + SERVER_CALL_BOUND,
+        )
+
+    async def _call_status(self, room: str, identity: str) -> str:
+        """The leg's ``sip.callStatus`` (dialing, ringing, automation, active), or ""."""
+        try:
+            info = await asyncio.wait_for(
+                self._ctx.api.room.get_participant(
+                    api.RoomParticipantIdentity(room=room, identity=identity)
+                ),
+                SERVER_CALL_BOUND,
             )
+        except Exception:
+            return ""
+        return info.attributes.get("sip.callStatus", "")
+
+    async def _remove_until_gone(self, room: str, identity: str) -> None:
+        """Remove ``identity`` from ``room``; while the server says not_found, keep trying for
+        ``REMOVE_RETRY_FOR`` seconds, since the participant may not have joined yet."""
+        deadline = time.monotonic() + REMOVE_RETRY_FOR
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self._ctx.api.room.remove_participant(
+                        api.RoomParticipantIdentity(room=room, identity=identity)
+                    ),
+                    SERVER_CALL_BOUND,
+                )
+                return
+            except Exception as e:
+                if time.monotonic() >= deadline:
+                    if getattr(e, "code", "") != "not_found":
+                        raise
+                    return
+            await asyncio.sleep(0.2)
 
     async def hang_up(self, leg: Leg) -> None:
-        await self._remove_quietly(leg.room, leg.identity)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._ctx.api.room.remove_participant(
+                    api.RoomParticipantIdentity(room=leg.room, identity=leg.identity)
+                ),
+                SERVER_CALL_BOUND,
+            )
 
     async def move(self, leg: Leg, room: str) -> None:
+        """Move the human into ``room``, never leaving it half done: after an error, a timeout
+        or a lost response, find out where the human actually is. Returns once they are in
+        ``room``; raises ``MoveRefused`` if they are still where they were, ``LegLost`` if they
+        are nowhere (hung up)."""
+        request = api.MoveParticipantRequest(
+            room=leg.room, identity=leg.identity, destination_room=room
+        )
         try:
-            await self._ctx.api.room.move_participant(
-                api.MoveParticipantRequest(
-                    room=leg.room, identity=leg.identity, destination_room=room
-                )
-            )
+            await asyncio.wait_for(self._ctx.api.room.move_participant(request), MOVE_BOUND)
+            return
         except api.ServerError as e:
-            raise MoveRefused(f"{e.code}: {e.message}") from e
+            if e.code == "unimplemented":  # self-hosted LiveKit: MoveParticipant is Cloud only
+                raise MoveRefused(f"{e.code}: {e.message}") from e
+            problem = f"{e.code}: {e.message}"
+        except asyncio.TimeoutError:
+            problem = f"no answer in {MOVE_BOUND:g}s"
+        except Exception as e:  # a lost response: the move may have happened all the same
+            problem = repr(e)
+        where = await self._locate(leg.identity, (room, leg.room))
+        if where == room:
+            logger.info("move reported %s, but the human is in room %s", problem, room)
+            return
+        if where == leg.room:
+            raise MoveRefused(problem)
+        raise LegLost(f"the human left during the move ({problem})")
+
+    async def _locate(self, identity: str, rooms: tuple[str, ...], within: float = 3.0) -> str:
+        """The room ``identity`` is in, or "". A moving participant leaves one room before
+        it joins the other, so look again for a moment before concluding they are gone."""
+        deadline = time.monotonic() + within
+        while True:
+            for room in rooms:
+                if await self._call_status(room, identity):
+                    return room
+            if time.monotonic() >= deadline:
+                return ""
+            await asyncio.sleep(0.2)
 
     async def delete_room(self, room: str) -> None:
         try:
-            await self._ctx.api.room.delete_room(api.DeleteRoomRequest(room=room))
+            await asyncio.wait_for(
+                self._ctx.api.room.delete_room(api.DeleteRoomRequest(room=room)), SERVER_CALL_BOUND
+            )
         except Exception as e:  # already gone is fine; anything else is worth a line
             if getattr(e, "code", "") != "not_found":
-                logger.warning("could not delete room %s: %s", room, e)
+                logger.warning("could not delete room %s: %r", room, e)
 
     async def start_hold(self) -> Hold:
         player = BackgroundAudioPlayer()
@@ -671,19 +822,46 @@ class LiveKitPhoneLine(PhoneLine):
     async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
         lk_room = self._rooms[room]
         gone = next((i for i in identities if i not in lk_room.remote_participants), None)
-        if gone is not None:
-            return gone
+        if gone is not None or not lk_room.isconnected():
+            return gone or identities[0]
         left: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         def on_left(p: rtc.RemoteParticipant) -> None:
             if p.identity in identities and not left.done():
                 left.set_result(p.identity)
 
+        def on_dropped(*_: Any) -> None:
+            # Our connection dropped: no participant-left event follows, and nobody in the
+            # room can be heard or spoken to any more (beta/workflows/warm_transfer.py
+            # watches the consult room's "disconnected" the same way).
+            if not left.done():
+                left.set_result(identities[0])
+
         lk_room.on("participant_disconnected", on_left)
+        lk_room.on("disconnected", on_dropped)
         try:
             return await left
         finally:
             lk_room.off("participant_disconnected", on_left)
+            lk_room.off("disconnected", on_dropped)
+
+    async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
+        lk_room = self._rooms[room]
+        if identity in lk_room.remote_participants:
+            return True
+        arrived: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def on_joined(p: rtc.RemoteParticipant) -> None:
+            if p.identity == identity and not arrived.done():
+                arrived.set_result(True)
+
+        lk_room.on("participant_connected", on_joined)
+        try:
+            return await asyncio.wait_for(arrived, timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            lk_room.off("participant_connected", on_joined)
 
     def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
         self._rooms[room].on("sip_dtmf_received", lambda ev: callback(ev.digit))
@@ -727,6 +905,7 @@ class SimulatedPhoneLine(PhoneLine):
         announce: Callable[[str], None] | None = None,
         humans: Mapping[str, SimulatedHuman | None] | None = None,
     ) -> None:
+        super().__init__()
         self.human = human  # None: the test drives the human itself
         self.humans = dict(humans or {})  # per destination name, overriding ``human``
         if ring_time is not None:
@@ -746,6 +925,7 @@ class SimulatedPhoneLine(PhoneLine):
         self._announce = announce
         self._dtmf: dict[str, list[Callable[[str], None]]] = {}
         self._left: dict[str, asyncio.Event] = {}
+        self._dropped: dict[str, asyncio.Event] = {}  # room -> our connection to it dropped
         self._scripts: set[asyncio.Task[None]] = set()
         self.answered = asyncio.Event()
 
@@ -878,13 +1058,25 @@ class SimulatedPhoneLine(PhoneLine):
         for identity in identities:
             if identity not in self.rooms.get(room, set()):
                 return identity
+        dropped = self._dropped.setdefault(room, asyncio.Event())
+        if dropped.is_set():
+            return identities[0]
         waits = {asyncio.ensure_future(self._left_event(i).wait()): i for i in identities}
+        waits[asyncio.ensure_future(dropped.wait())] = identities[0]
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             return waits[next(iter(done))]
         finally:
             for w in waits:
                 w.cancel()
+
+    async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while identity not in self.rooms.get(room, set()):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
         self._dtmf.setdefault(room, []).append(callback)
@@ -922,6 +1114,11 @@ class SimulatedPhoneLine(PhoneLine):
             for identity in [i for i in members if i.startswith("transfer_")]:
                 self._log("the human hangs up")
                 self._remove(room, identity)
+
+    def drop_connection(self, room: str) -> None:
+        """Our connection to ``room`` drops: no participant-left event, nobody reachable."""
+        self._log(f"connection to {room} dropped")
+        self._dropped.setdefault(room, asyncio.Event()).set()
 
     def hang_up_caller(self) -> None:
         self._log("the caller hangs up")
@@ -1436,6 +1633,14 @@ class Handoff:
                 timeout=self.settings.max_hold,
                 return_when=asyncio.FIRST_COMPLETED,
             )
+            if flow not in done and self.phase == "merging":
+                # A move in flight is never abandoned half way: the line bounds it and finds
+                # where the human is, so wait for it rather than cancel it.
+                await asyncio.wait({flow})
+                if flow.result().connected and caller_left.done():
+                    self._caller_gone = True  # the human arrives to nobody: end their leg
+                    return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
+                return flow.result()
             if flow in done:
                 return flow.result()
             flow.cancel()
@@ -1469,22 +1674,28 @@ class Handoff:
         finally:
             caller_left.cancel()
             await self._clean_up()
-            if self._caller_gone:  # a leg moved in at the last moment must not ring on alone
-                await self._quietly(self.line.delete_room(self.line.caller_room))
 
     async def _clean_up(self) -> None:
-        """Whatever happened, nobody is left waiting for someone who is gone."""
+        """Whatever happened, nobody is left waiting for someone who is gone. Local steps
+        happen now; server calls go on in the background, each bounded, so the caller is
+        spoken to before a slow server finishes."""
         for task in self._background:
             task.cancel()
         self.session.off("user_state_changed", self._on_caller_state)
         self.session.off("agent_state_changed", self._on_agent_state)
         if self._hold is not None:
-            await self._quietly(self._hold.stop())
-        if self._leg is not None and not self._merged:
-            await self._quietly(self.line.hang_up(self._leg))
+            await self._quietly(asyncio.wait_for(self._hold.stop(), SERVER_CALL_BOUND))
+        if self._leg is not None and (not self._merged or self._caller_gone):
+            self.line.clean_up_later(self.line.hang_up(self._leg), "hang up the human's leg")
         if self._consult_open:
             self._consult_open = False
-            await self._quietly(self.line.close_consult(self.consult_room))
+            self.line.clean_up_later(
+                self.line.close_consult(self.consult_room), "close the consult room"
+            )
+        if self._caller_gone:  # a leg moved in at the last moment must not ring on alone
+            self.line.clean_up_later(
+                self.line.delete_room(self.line.caller_room), "delete the caller's room"
+            )
         if self._attributes_sent is not None:
             await self._quietly(asyncio.wait_for(self._attributes_sent, 2))
 
@@ -1577,6 +1788,18 @@ class Handoff:
 
     # -- the two modes --------------------------------------------------------------------------
 
+    def _dial_now(self, room: str) -> asyncio.Future[Leg]:
+        """Start ringing the human. Whoever answers is kept as ``_leg`` the moment they do,
+        even if the flow is already stopping, so clean-up hangs them up."""
+        dial = asyncio.ensure_future(self.line.dial(self._dial(room)))
+
+        def keep_leg(done: asyncio.Future[Leg]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._leg = done.result()
+
+        dial.add_done_callback(keep_leg)
+        return dial
+
     async def _ring(self, dial: asyncio.Future[Leg]) -> HandoffResult | None:
         try:
             self._leg = await dial
@@ -1594,7 +1817,7 @@ class Handoff:
 
     async def _conference(self) -> HandoffResult:
         """The seed's three-way call, made warm: hold while ringing, then an introduction."""
-        dial = asyncio.ensure_future(self.line.dial(self._dial(self.line.caller_room)))
+        dial = self._dial_now(self.line.caller_room)
         try:
             await self._announce_and_hold()
             if (failed := await self._ring(dial)) is not None:
@@ -1636,7 +1859,7 @@ class Handoff:
         opening = asyncio.ensure_future(
             self.line.open_consult(self.consult_room, self.identity, consult_session, self.consult)
         )
-        dial = asyncio.ensure_future(self.line.dial(self._dial(self.consult_room)))
+        dial = self._dial_now(self.consult_room)
         try:
             await self._announce_and_hold()
             await opening
@@ -1688,6 +1911,13 @@ class Handoff:
         self._enter("merging")
         try:
             await self.line.move(self._leg, self.line.caller_room)
+            self._leg = replace(self._leg, room=self.line.caller_room)
+            # Only once the human is really in the caller's room is the call merged: the move
+            # takes time, and watching for hang-ups before they arrive would read as one.
+            if not await self.line.wait_for_arrival(
+                self.line.caller_room, self._leg.identity, MOVE_BOUND
+            ):
+                raise LegLost("the human did not arrive in the caller's room")
         except MoveRefused as e:
             logger.error("move refused in room %s: %s", self.line.caller_room, e)
             await self._tell_human(
@@ -1695,7 +1925,9 @@ class Handoff:
                 "I'll let the caller know. Goodbye."
             )
             return self._result(HandoffOutcome.FAILED, detail=f"move refused ({e})")
-        self._leg = replace(self._leg, room=self.line.caller_room)
+        except LegLost as e:
+            logger.warning("human lost during the move in room %s: %s", self.line.caller_room, e)
+            return self._result(HandoffOutcome.FAILED, detail=str(e))
         self._enter("merged")
         self._merged = True
         self.timings["merged"] = time.monotonic()
@@ -2053,11 +2285,17 @@ class WarmHandoffAgent(Agent):
             models=self.models,
         )
         self._handoff_done.clear()
-        try:
-            result = await self.handoff.run()
+        try:  # done once the caller has been told what happened, not before
+            try:
+                result = await self.handoff.run()
+            finally:
+                self.handoff = None
+            return await self._after_handoff(destination, result)
         finally:
-            self.handoff = None
             self._handoff_done.set()
+
+    async def _after_handoff(self, destination: Destination, result: HandoffResult) -> Any:
+        """Record the attempt and tell the caller what happens next."""
         self.results.append(result)
         self.records.handoff(result)
         if result.brief:
@@ -2217,8 +2455,10 @@ class WarmHandoffAgent(Agent):
         self._shutting_down = True
         if self.handoff is not None:
             self.handoff.stop(HandoffOutcome.FAILED, reason)
+            # a move in flight is finished, not abandoned: it is bounded by MOVE_BOUND
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._handoff_done.wait(), 10)
+                await asyncio.wait_for(self._handoff_done.wait(), 2 * MOVE_BOUND)
+        await self.line.settle()
 
     async def _leave(self, leg: Leg | None) -> None:
         """The agent steps out; the caller's room stays open for the two people and is deleted
@@ -2230,6 +2470,21 @@ class WarmHandoffAgent(Agent):
             self.line.caller_room, (self.line.caller_identity, leg.identity)
         )
         await self.line.delete_room(self.line.caller_room)
+
+
+class CallerSession(AgentSession):
+    """The caller's session. At job shutdown the framework closes it first, then disconnects
+    the room, and only then runs shutdown callbacks (livekit-agents ``ipc/job_proc_lazy_main.py``,
+    ``_shutdown_job``); closing it waits up to 60 s for a running tool (``voice/agent_activity.py``
+    ``aclose`` -> ``tool_executor.drain``). A transfer in progress is that tool, so it is ended
+    first, while the caller can still be told and the human's phone still be stopped."""
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(RuntimeError):  # never started: no agent
+            agent = self.current_agent
+            if isinstance(agent, WarmHandoffAgent):
+                await agent.shutdown_handoff()
+        await super().aclose()
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -2287,7 +2542,7 @@ async def run_call(
             await records.delivery.drain()
 
     ctx.add_shutdown_callback(on_shutdown)
-    session: AgentSession = AgentSession()
+    session = CallerSession()
     session.on("close", lambda _: records.call_ended())
     if console:  # the console owns the audio; there is no room to join
         await session.start(agent=agent)

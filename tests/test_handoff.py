@@ -21,7 +21,8 @@ def function_outputs(call):
     return [i.output for i in call.session.history.items if i.type == "function_call_output"]
 
 
-def assert_line_clean(line, *, merged=False):
+async def assert_line_clean(line, *, merged=False):
+    await line.settle()  # clean-up's server calls run in the background, bounded
     assert not line.on_hold
     assert not any("-consult-" in room for room in line.rooms)  # consult rooms deleted
     if not merged:
@@ -62,7 +63,7 @@ async def test_accept_moves_the_human_in_and_the_agent_leaves(start_call, how):
     human = call.line.dials[0].identity
     assert call.line.rooms["console-room"] == {"caller", human}  # moved into the caller's room
     assert call.caller_heard()[-1] == "You're now connected with our support team."
-    assert_line_clean(call.line, merged=True)
+    await assert_line_clean(call.line, merged=True)
     await asyncio.wait_for(closed.wait(), 2)  # the agent has left the call
     await asyncio.sleep(0.05)
     assert "console-room" in call.line.rooms  # open while both are on the line
@@ -79,6 +80,7 @@ async def test_caller_room_is_deleted_when_either_hangs_up_after_merge(start_cal
     await asyncio.wait_for(turn, 5)
     (call.line.hang_up_caller if who == "caller" else call.line.hang_up_human)()
     await asyncio.wait_for(call.agent._leaving, 2)
+    await call.line.settle()
     assert "console-room" in call.line.deleted_rooms
     assert call.line.legs() == []
 
@@ -147,7 +149,7 @@ async def test_decline_brings_the_caller_back_with_the_reason(start_call, how):
     assert reason in function_outputs(call)[-1]  # the caller-side agent knows why
     assert call.caller_heard()[-1].startswith("I'm sorry, our support team can't take your call")
     assert call.human_heard()[-1] == "Understood, I'll let the caller know. Thank you, goodbye."
-    assert_line_clean(call.line)
+    await assert_line_clean(call.line)
     assert call.session.input.audio_enabled
     # the caller is back in a working conversation
     await call.session.run(user_input="ok what now")
@@ -163,7 +165,7 @@ async def test_voicemail_is_not_briefed(start_call):
     assert call.agent.results[0].outcome is Out.VOICEMAIL
     assert call.human_heard() == []  # nothing about the caller is left on a voicemail
     assert "voicemail" in call.caller_heard()[-1]
-    assert_line_clean(call.line)
+    await assert_line_clean(call.line)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +186,7 @@ async def test_dial_failures_reach_the_caller(start_call, human, outcome, heard,
     assert call.agent.results[0].outcome is outcome
     assert call.caller_heard()[-1].startswith(heard)
     assert "I can try our billing team instead" in call.caller_heard()[-1]
-    assert_line_clean(line)
+    await assert_line_clean(line)
 
 
 async def test_move_refused_ends_the_humans_leg_and_returns_the_caller(start_call):
@@ -200,7 +202,7 @@ async def test_move_refused_ends_the_humans_leg_and_returns_the_caller(start_cal
     assert result.outcome is Out.FAILED and "move refused" in result.detail
     assert "can't put the call through" in call.human_heard()[-1]
     assert call.caller_heard()[-1].startswith("I'm sorry, something went wrong")
-    assert_line_clean(line)
+    await assert_line_clean(line)
 
 
 async def test_human_hanging_up_during_the_brief_returns_the_caller(start_call):
@@ -212,7 +214,7 @@ async def test_human_hanging_up_during_the_brief_returns_the_caller(start_call):
     call.line.hang_up_human()
     await asyncio.wait_for(turn, 5)
     assert call.agent.results[0].outcome is Out.DECLINED
-    assert_line_clean(call.line)
+    await assert_line_clean(call.line)
     assert call.session.input.audio_enabled
 
 
@@ -225,7 +227,7 @@ async def test_caller_hanging_up_while_it_rings_cancels_the_dial(start_call):
     await asyncio.wait_for(turn, 5)
     assert call.agent.results[0].outcome is Out.CALLER_LEFT
     assert line.cancelled_dials == [line.dials[0].identity]
-    assert_line_clean(line)
+    await assert_line_clean(line)
 
 
 async def test_a_second_attempt_in_the_same_call_uses_a_new_consult_room(start_call):

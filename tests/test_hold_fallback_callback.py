@@ -43,6 +43,7 @@ async def test_never_mind_while_ringing_stops_the_human_phone(start_call):
     assert call.agent.results[0].outcome is Out.CANCELLED_BY_CALLER
     assert call.line.cancelled_dials == [call.line.dials[0].identity]
     assert call.caller_heard()[-1] == "No problem, I've stopped the transfer. What else can I do?"
+    await call.line.settle()
     assert not call.line.on_hold and call.line.legs() == []
 
 
@@ -56,6 +57,7 @@ async def test_never_mind_while_the_human_is_briefed_tells_the_human(start_call)
     await asyncio.wait_for(turn, 5)
     assert call.agent.results[0].outcome is Out.CANCELLED_BY_CALLER
     assert call.human_heard()[-1].startswith("Sorry to trouble you: the caller no longer needs")
+    await call.line.settle()
     assert call.line.legs() == [] and not any("-consult-" in r for r in call.line.rooms)
 
 

@@ -124,6 +124,7 @@ async def test_each_sip_failure_reaches_the_caller_as_the_right_message(
         assert agent.results[0].outcome is outcome
         said = last_said(session)
         assert heard in said and "I can try our billing team instead" in said
+        await line.settle()
         assert humans(server) == [] and not line.on_hold
     finally:
         await session.aclose()
@@ -163,6 +164,7 @@ async def test_consult_accept_moves_the_human_and_deletes_rooms(livekit, who):
             CALLER_ROOM,
         )
         assert server.rooms[CALLER_ROOM] == {"caller", dial.request.participant_identity}
+        await line.settle()
         assert consult_room in server.deleted_rooms or consult_room not in server.rooms
         assert last_said(session) == "You're now connected with our support team."
         # either side hanging up ends the call for both: the caller's room is deleted
@@ -186,6 +188,7 @@ async def test_move_refused_removes_the_human_and_returns_the_caller(livekit):
         await asyncio.wait_for(turn, 5)
         assert agent.results[0].outcome is Out.FAILED
         identity = server.calls_to("CreateSIPParticipant")[0].request.participant_identity
+        await line.settle()
         assert [c.request.identity for c in server.calls_to("RemoveParticipant")] == [identity]
         assert humans(server) == []
         assert "something went wrong" in last_said(session)
@@ -205,6 +208,7 @@ async def test_caller_hanging_up_while_ringing_aborts_the_dial(livekit):
         assert agent.results[0].outcome is Out.CALLER_LEFT
         identity = server.calls_to("CreateSIPParticipant")[0].request.participant_identity
         await wait_for(lambda: identity in server.cancelled_dials)  # the phone stops ringing
+        await line.settle()
         assert humans(server) == []
     finally:
         await session.aclose()

@@ -127,6 +127,7 @@ async def test_fifty_concurrent_calls_each_end_with_one_outcome_and_nothing_left
 
     for (scenario, mode), (agent, line) in zip(plan, done, strict=True):
         label = f"{scenario}/{mode.value}"
+        await line.settle()
         assert len(agent.results) == 1, label  # exactly one outcome per call
         assert agent.results[0].outcome is expected(scenario, mode), (label, agent.results)
         assert line.legs() == [], label  # no human leg anywhere
