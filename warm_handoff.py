@@ -1527,6 +1527,7 @@ class Handoff:
         self._merged = False
         self._caller_gone = False
         self._human_left: asyncio.Future[str] | None = None
+        self._caller_left: asyncio.Future[str] | None = None
         self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -1624,7 +1625,7 @@ class Handoff:
         flow = asyncio.ensure_future(
             self._consult() if self.mode is HandoffMode.CONSULT else self._conference()
         )
-        caller_left = asyncio.ensure_future(
+        caller_left = self._caller_left = asyncio.ensure_future(
             self.line.wait_for_hangup(self.line.caller_room, (self.line.caller_identity,))
         )
         try:
@@ -1637,9 +1638,6 @@ class Handoff:
                 # A move in flight is never abandoned half way: the line bounds it and finds
                 # where the human is, so wait for it rather than cancel it.
                 await asyncio.wait({flow})
-                if flow.result().connected and caller_left.done():
-                    self._caller_gone = True  # the human arrives to nobody: end their leg
-                    return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
                 return flow.result()
             if flow in done:
                 return flow.result()
@@ -1928,6 +1926,9 @@ class Handoff:
         except LegLost as e:
             logger.warning("human lost during the move in room %s: %s", self.line.caller_room, e)
             return self._result(HandoffOutcome.FAILED, detail=str(e))
+        if self._caller_left is not None and self._caller_left.done():
+            self._caller_gone = True  # they arrive to nobody: the caller's room is deleted
+            return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
         self._enter("merged")
         self._merged = True
         self.timings["merged"] = time.monotonic()
