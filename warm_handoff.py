@@ -47,6 +47,7 @@ from livekit.agents import (
     room_io,
 )
 from livekit.agents.llm import ToolResult, function_tool
+from livekit.agents.utils.audio import audio_frames_from_file
 from livekit.agents.voice.background_audio import (
     AudioConfig,
     BackgroundAudioPlayer,
@@ -490,6 +491,60 @@ class Hold:
                 await self._pause(paused)
 
 
+class HoldMusic:
+    """Hold music that pauses and resumes where it left off, so the caller never hears the
+    same opening bars again after every check-in.
+
+    It is one endless stream of frames, played once with ``BackgroundAudioPlayer.play``:
+    ``play(file, loop=True)`` again would start the clip from the beginning. The file is
+    decoded once, with the framework's decoder, at the player's mixer format (48 kHz mono),
+    and replayed from memory when it ends. While paused it yields silence and keeps its place.
+    """
+
+    SAMPLE_RATE = 48000  # BackgroundAudioPlayer's mixer: rtc.AudioMixer(48000, 1, ...)
+    PAUSE_FRAME = 0.02  # seconds of silence per frame while paused
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.paused = False
+        self._frames: list[rtc.AudioFrame] = []  # decoded so far, in order
+        self._decoding: Any = None  # the decoder while the file has not been read to its end
+        self._started = False
+        self._position = 0  # the index of the next frame to play
+        self._silence = rtc.AudioFrame.create(
+            self.SAMPLE_RATE, 1, int(self.SAMPLE_RATE * self.PAUSE_FRAME)
+        )
+
+    def __aiter__(self) -> HoldMusic:
+        return self
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        if self.paused:
+            return self._silence
+        if not self._started:
+            self._started = True
+            self._decoding = audio_frames_from_file(self.path, self.SAMPLE_RATE, 1)
+        if self._position == len(self._frames) and self._decoding is not None:
+            try:
+                self._frames.append(await self._decoding.__anext__())
+            except StopAsyncIteration:
+                self._decoding = None  # the whole file is in memory now
+        if self._position == len(self._frames):
+            if not self._frames:
+                raise StopAsyncIteration  # an empty file: nothing to play
+            self._position = 0  # the end of the clip: from the top
+        frame = self._frames[self._position]
+        self._position += 1
+        return frame
+
+    async def aclose(self) -> None:
+        """Stop the decoder if the file was not read to its end (call once nothing reads)."""
+        decoding, self._decoding = self._decoding, None
+        if decoding is not None:
+            with contextlib.suppress(RuntimeError):  # already closed by a cancelled read
+                await decoding.aclose()
+
+
 class PhoneLine(abc.ABC):
     """Everything the handoff needs that only a media server can do. The handoff logic talks
     to nothing else, so the same flow runs on LiveKit and on the simulated line."""
@@ -608,18 +663,16 @@ class LiveKitPhoneLine(PhoneLine):
     async def start_hold(self) -> Hold:
         player = BackgroundAudioPlayer()
         await player.start(room=self._ctx.room)
-        music = AudioConfig(self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC, 0.7)
-        playing = [player.play(music, loop=True)]
+        music = HoldMusic(self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC.path())
+        playing = player.play(AudioConfig(music, 0.7))  # once: pausing never restarts it
 
         async def pause(paused: bool) -> None:
-            if paused:
-                playing[0].stop()
-            else:
-                playing[0] = player.play(music, loop=True)
+            music.paused = paused  # heard within the player's buffer (~0.5 s)
 
         async def stop() -> None:
-            playing[0].stop()
+            playing.stop()
             await player.aclose()
+            await music.aclose()
 
         return Hold(stop, pause)
 
