@@ -1030,9 +1030,15 @@ CALLER_OFFER = (
     " I'm still here with you. I can try another team, or take your details so someone "
     "calls you back. What would you like to do?"
 )
-CANCEL_WORDS = re.compile(
-    r"\b(never ?mind|forget it|cancel|don'?t bother|stop the transfer|i'?ll call back)\b",
-    re.IGNORECASE,
+CANCEL_WORDS = re.compile(  # a request to stop the transfer, not any use of "cancel" or "stop"
+    r"""
+    \b(never\ ?mind | forget\ (about\ )?it(?!') | don'?t\ bother | i'?ll\ call\ back
+       | changed\ my\ mind | don'?t\ transfer)\b
+    | \b(cancel|stop|abort)\ (the\ |this\ |that\ )?(call\ )?transfer(ring)?\b
+    | \b(cancel|stop)\ (that|this)(\ please|\ now)?\s*([.,;!?]|$)
+    | ^\W*(cancel|stop)(\ please|\ now)?\W*$
+    """,
+    re.IGNORECASE | re.VERBOSE,
 )
 VOICEMAIL_HINTS = re.compile(
     r"leave (me |us )?a message|after the (tone|beep)|voice ?mail|not available to take|"
@@ -1458,8 +1464,10 @@ class Handoff:
             self._stopped.set_result((outcome, detail))
 
     def answer_on_hold(self, said: str) -> str:
-        """What the caller hears when they speak on hold: "never mind" cancels the transfer
-        (the human's phone stops ringing); anything else gets where things stand."""
+        """What the caller hears when they speak on hold: a request to stop the transfer
+        ("never mind", "cancel that", ``CANCEL_WORDS``) cancels it (the human's phone stops
+        ringing); anything else, "I want to cancel my subscription" too, gets where things
+        stand."""
         if CANCEL_WORDS.search(said):
             self.stop(HandoffOutcome.CANCELLED_BY_CALLER, "the caller said never mind")
             return ""  # the transfer tool tells the caller it is cancelled

@@ -3,6 +3,8 @@
 import asyncio
 import logging
 
+import pytest
+
 from conftest import Call, receptionist, settings_for, wait_for
 from livekit.agents import UserStateChangedEvent
 
@@ -44,6 +46,50 @@ async def test_never_mind_while_ringing_stops_the_human_phone(start_call):
     assert call.line.cancelled_dials == [call.line.dials[0].identity]
     assert call.caller_heard()[-1] == "No problem, I've stopped the transfer. What else can I do?"
     assert not call.line.on_hold and call.line.legs() == []
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "never mind",
+        "cancel the transfer",
+        "cancel that",
+        "forget it, I'll call back",
+        "stop the transfer",
+        "don't bother",
+    ],
+)
+async def test_a_request_to_stop_the_transfer_cancels_it_on_hold(start_call, said):
+    call = await start_call(receptionist(), line=wh.SimulatedPhoneLine(None, ring_time=10))
+    turn = await on_hold(call)
+    call.session.generate_reply(user_input=said)
+    await asyncio.wait_for(turn, 5)
+    assert call.agent.results[0].outcome is Out.CANCELLED_BY_CALLER
+    assert call.line.cancelled_dials == [call.line.dials[0].identity]
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "I want to cancel my subscription",
+        "can you stop my card payments too?",
+        "don't forget it's urgent",
+    ],
+)
+async def test_other_words_on_hold_get_where_things_stand_and_the_transfer_goes_on(
+    start_call, said
+):
+    call = await start_call(receptionist(), line=wh.SimulatedPhoneLine(None, ring_time=10))
+    turn = await on_hold(call)
+    asked = len(call.model.of("caller"))
+    call.session.generate_reply(user_input=said)
+    await wait_for(lambda: call.caller_heard()[-1].startswith("I'm still trying our support"))
+    await asyncio.sleep(0.1)
+    assert call.line.on_hold and not turn.done() and call.line.cancelled_dials == []
+    assert len(call.model.of("caller")) == asked  # answered on hold, not by the model
+    call.line.hang_up_caller()
+    await asyncio.wait_for(turn, 5)
+    assert call.agent.results[0].outcome is Out.CALLER_LEFT
 
 
 async def test_never_mind_while_the_human_is_briefed_tells_the_human(start_call):
