@@ -1999,7 +1999,8 @@ class WarmHandoffAgent(Agent):
         self.records = records or CallRecords(line.caller_room)
         self.destinations = settings.destinations
         self.results: list[HandoffResult] = []
-        self.tried: list[str] = []  # destination names, in the order tried on this call
+        self.tried: list[Destination] = []  # every dial on this call, in order, repeats too
+        self.ended: dict[Destination, HandoffOutcome] = {}  # how each one's last dial ended
         self.handoff: Handoff | None = None  # the attempt in progress
         self._handoff_done = asyncio.Event()
         self._last_brief = ""
@@ -2097,14 +2098,15 @@ class WarmHandoffAgent(Agent):
     async def _hand_off(self, destination: Destination, reason: str) -> Any:
         if self.handoff is not None:
             return ToolResult("A transfer is already in progress.", reply_required=False)
-        if destination.name in self.tried:
+        if not self.may_offer(destination):
             return ToolResult(
                 f"{destination.name} was already tried on this call and could not take it; "
                 "do not try it again. " + self._what_next_for_model()
             )
         if len(self.tried) >= self.settings.max_attempts:
             return ToolResult("No more transfers on this call. " + self._what_next_for_model())
-        self.tried.append(destination.name)
+        self.tried.append(destination)
+        self.ended[destination] = HandoffOutcome.FAILED  # until the attempt says otherwise
         self.handoff = Handoff(
             settings=self.settings,
             line=self.line,
@@ -2119,6 +2121,7 @@ class WarmHandoffAgent(Agent):
         finally:
             self.handoff = None
             self._handoff_done.set()
+        self.ended[destination] = result.outcome
         self.results.append(result)
         self.records.handoff(result)
         if result.brief:
@@ -2135,7 +2138,9 @@ class WarmHandoffAgent(Agent):
         if result.outcome is HandoffOutcome.CANCELLED_BY_CALLER:
             await self.session.say("No problem, I've stopped the transfer. What else can I do?")
             return ToolResult(
-                "The caller cancelled the transfer while on hold.", reply_required=False
+                f"The caller cancelled the transfer while on hold. If they ask for "
+                f"{destination.name} again, call transfer_call again.",
+                reply_required=False,
             )
         if self._shutting_down:
             await self.session.say(
@@ -2152,15 +2157,26 @@ class WarmHandoffAgent(Agent):
             reply_required=False,
         )
 
+    def may_offer(self, destination: Destination) -> bool:
+        """The one rule for offering a destination (again) on this call: never after it
+        failed (busy, no answer, declined, voicemail, unreachable, or a technical failure);
+        yes if it was never dialled, or if the caller cancelled its last attempt (nothing was
+        wrong with it). Every dial, repeats included, counts toward ``HANDOFF_MAX_ATTEMPTS``
+        (see ``_hand_off``)."""
+        if destination not in self.ended:
+            return True  # never dialled
+        return self.ended[destination] is HandoffOutcome.CANCELLED_BY_CALLER
+
     def next_destination(self) -> Destination | None:
         """Who to offer after a failed attempt: the last destination's named fallback, else
-        the next untried one in the operator's order; never one already tried."""
+        the first one ``may_offer`` allows in the operator's order; nobody once
+        ``HANDOFF_MAX_ATTEMPTS`` dials were made."""
         if len(self.tried) >= self.settings.max_attempts:
             return None
-        untried = [d for d in self.destinations if d.name not in self.tried]
-        last = next((d for d in self.destinations if self.tried and d.name == self.tried[-1]), None)
-        preferred = next((d for d in untried if last and d.name == last.fallback), None)
-        return preferred or (untried[0] if untried else None)
+        offerable = [d for d in self.destinations if self.may_offer(d)]
+        last = self.tried[-1] if self.tried else None
+        preferred = next((d for d in offerable if last and d.name == last.fallback), None)
+        return preferred or (offerable[0] if offerable else None)
 
     def _what_next_for_caller(self) -> str:
         following = self.next_destination()

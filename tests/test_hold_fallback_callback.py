@@ -140,7 +140,7 @@ def _spoken(call):
     return call.spoken
 
 
-async def test_fallback_chain_follows_the_operator_and_never_repeats(start_call):
+async def test_fallback_chain_follows_the_operator_and_never_repeats_a_failed_team(start_call):
     destinations = (
         wh.Destination(
             "support",
@@ -184,6 +184,38 @@ async def test_fallback_chain_follows_the_operator_and_never_repeats(start_call)
     outputs = [i.output for i in call.session.history.items if i.type == "function_call_output"]
     assert any("already tried" in o for o in outputs)
     assert any("No more transfers on this call" in o for o in outputs)
+
+
+async def test_a_team_the_caller_cancelled_is_dialled_again_when_they_ask_again(start_call):
+    line = wh.SimulatedPhoneLine(None, ring_time=10)
+    call = await start_call(receptionist(), line=line)
+    turn = await on_hold(call)
+    call.session.generate_reply(user_input="never mind")
+    await asyncio.wait_for(turn, 5)
+    line.ring_time = 0.05
+    turn = asyncio.ensure_future(call.session.run(user_input="yes, support after all"))
+    await wait_for(line.answered.is_set)
+    line.human_says("Hello?")
+    await wait_for(line.human_heard_anything)
+    line.human_presses("1")
+    await asyncio.wait_for(turn, 5)
+    assert [d.destination.name for d in line.dials] == ["support", "support"]
+    assert [r.outcome for r in call.agent.results] == [Out.CANCELLED_BY_CALLER, Out.CONNECTED]
+
+
+async def test_every_dial_counts_toward_the_attempts_even_a_cancelled_one(start_call):
+    line = wh.SimulatedPhoneLine(None, ring_time=10)
+    call = await start_call(receptionist(), line=line, settings=settings_for(max_attempts=2))
+    for asked in ("yes please", "yes, support again", "yes, one more time"):
+        turn = asyncio.ensure_future(call.session.run(user_input=asked))
+        if len(line.dials) < 2:
+            await wait_for(lambda: line.on_hold)
+            call.session.generate_reply(user_input="cancel that")
+        await asyncio.wait_for(turn, 5)
+    assert [d.destination.name for d in line.dials] == ["support", "support"]
+    assert [r.outcome for r in call.agent.results] == [Out.CANCELLED_BY_CALLER] * 2
+    outputs = [i.output for i in call.session.history.items if i.type == "function_call_output"]
+    assert "No more transfers on this call" in outputs[-1]
 
 
 async def test_callback_is_read_back_then_recorded_with_the_summary(start_call, caplog):
