@@ -1422,7 +1422,7 @@ class Handoff:
             "X-Handoff-Destination": self.destination.name,
             "X-Handoff-Reason": re.sub(r"[^ -~]", "", self.reason)[:120],
         }
-        if self.line.caller_number:
+        if E164.fullmatch(self.line.caller_number):  # see sip_caller_number()
             headers["X-Caller-Number"] = self.line.caller_number
         return headers
 
@@ -2242,7 +2242,7 @@ class WarmHandoffAgent(Agent):
             confirmed: True only after the caller said the read-back details are right.
         """
         number = re.sub(r"[\s().-]", "", number) or self.line.caller_number
-        if not E164.match(number):
+        if not E164.fullmatch(number):
             return ToolResult("Ask for the number to call, with the area code.")
         if not confirmed:
             await self.session.say(
@@ -2279,7 +2279,7 @@ class WarmHandoffAgent(Agent):
             CallbackRequest(
                 room=self.line.caller_room,
                 caller_name="",
-                number=self.line.caller_number,
+                number=self.line.caller_number if E164.fullmatch(self.line.caller_number) else "",
                 best_time="as soon as possible",
                 reason=f"{result.reason} (hung up while being transferred to {result.destination})",
                 summary=result.brief or self._summary(),
@@ -2373,9 +2373,18 @@ async def run_call(
     if not console:
         caller = await ctx.wait_for_participant()
         line.caller_identity = caller.identity
-        line.caller_number = caller.attributes.get("sip.phoneNumber", "")
+        line.caller_number = sip_caller_number(caller.attributes)
     session.say(settings.greeting)
     return session
+
+
+def sip_caller_number(attributes: Mapping[str, str]) -> str:
+    """The caller's own number from their SIP participant's ``sip.phoneNumber``, only if it is
+    E.164 exactly as given ("+15105550100"); anything else ("anonymous", "5105550100",
+    "+1 510 555 0100", missing) is unknown, "". It is not normalised: a guessed country code
+    or a misread digit would send a stranger's number to the human or call a stranger back."""
+    number = attributes.get("sip.phoneNumber", "")
+    return number if E164.fullmatch(number) else ""
 
 
 def _show_step(text: str) -> None:

@@ -4,7 +4,6 @@ import asyncio
 import logging
 
 import pytest
-
 from conftest import Call, receptionist, settings_for, wait_for
 from livekit.agents import UserStateChangedEvent
 
