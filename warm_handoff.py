@@ -598,6 +598,17 @@ class PhoneLine(abc.ABC):
         Never raises: a dashboard must not break a call."""
 
 
+def job_server_url(ctx: JobContext, fallback: str) -> str:
+    """The LiveKit URL this job was assigned at, where the call's other rooms are joined too;
+    ``fallback`` (``LIVEKIT_URL``) when the job has none (console and test jobs).
+
+    livekit-agents 1.8.9 has no public accessor for it: it is only the private
+    ``JobContext._info.url``, set to ``job_assign.url or ws_url`` (worker.py), and the
+    framework's own warm transfer joins its consult room there (beta/workflows/
+    warm_transfer.py: ``job_ctx._info.url``). tests/test_consult_url.py fails if it goes."""
+    return getattr(getattr(ctx, "_info", None), "url", "") or fallback
+
+
 class LiveKitPhoneLine(PhoneLine):
     """The phone line on a real LiveKit call, through the server API and the job's room."""
 
@@ -680,10 +691,9 @@ class LiveKitPhoneLine(PhoneLine):
         self, room: str, human_identity: str, session: AgentSession, agent: Agent
     ) -> None:
         consult_room = rtc.Room()
-        local = self._ctx.room.local_participant
         token = (
             api.AccessToken(self._settings.livekit_api_key, self._settings.livekit_api_secret)
-            .with_identity(f"{local.identity}-consult")
+            .with_identity(f"{self._ctx.local_participant_identity}-consult")
             .with_kind("agent")
             .with_grants(
                 api.VideoGrants(
@@ -696,7 +706,7 @@ class LiveKitPhoneLine(PhoneLine):
             )
             .to_jwt()
         )
-        await consult_room.connect(self._settings.livekit_url, token)
+        await consult_room.connect(job_server_url(self._ctx, self._settings.livekit_url), token)
         self._rooms[room] = consult_room
         self._consults[room] = session
         await session.start(
