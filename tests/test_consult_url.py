@@ -64,7 +64,7 @@ def framework_job_context(url: str) -> JobContext:
     )
 
 
-def test_the_job_url_is_the_one_the_job_was_assigned():
+async def test_the_job_url_is_the_one_the_job_was_assigned():
     ctx = framework_job_context("wss://eu-central.example.livekit.cloud")
     assert ctx._info.url == "wss://eu-central.example.livekit.cloud"  # the private path itself
     assert wh.job_server_url(ctx, "wss://fallback.example") == (
@@ -72,7 +72,7 @@ def test_the_job_url_is_the_one_the_job_was_assigned():
     )
 
 
-def test_a_job_without_a_url_falls_back_to_livekit_url():
+async def test_a_job_without_a_url_falls_back_to_livekit_url():
     with fake_job_context() as ctx:  # console and test jobs have no signal URL
         assert wh.job_server_url(ctx, "wss://fallback.example") == "wss://fallback.example"
 
