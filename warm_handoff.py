@@ -48,6 +48,7 @@ from livekit.agents import (
     utils,
 )
 from livekit.agents.llm import ToolResult, function_tool
+from livekit.agents.utils.audio import audio_frames_from_file
 from livekit.agents.voice.background_audio import (
     AudioConfig,
     BackgroundAudioPlayer,
@@ -517,6 +518,60 @@ class Hold:
                 await self._pause(paused)
 
 
+class HoldMusic:
+    """Hold music that pauses and resumes where it left off, so the caller never hears the
+    same opening bars again after every check-in.
+
+    It is one endless stream of frames, played once with ``BackgroundAudioPlayer.play``:
+    ``play(file, loop=True)`` again would start the clip from the beginning. The file is
+    decoded once, with the framework's decoder, at the player's mixer format (48 kHz mono),
+    and replayed from memory when it ends. While paused it yields silence and keeps its place.
+    """
+
+    SAMPLE_RATE = 48000  # BackgroundAudioPlayer's mixer: rtc.AudioMixer(48000, 1, ...)
+    PAUSE_FRAME = 0.02  # seconds of silence per frame while paused
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.paused = False
+        self._frames: list[rtc.AudioFrame] = []  # decoded so far, in order
+        self._decoding: Any = None  # the decoder while the file has not been read to its end
+        self._started = False
+        self._position = 0  # the index of the next frame to play
+        self._silence = rtc.AudioFrame.create(
+            self.SAMPLE_RATE, 1, int(self.SAMPLE_RATE * self.PAUSE_FRAME)
+        )
+
+    def __aiter__(self) -> HoldMusic:
+        return self
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        if self.paused:
+            return self._silence
+        if not self._started:
+            self._started = True
+            self._decoding = audio_frames_from_file(self.path, self.SAMPLE_RATE, 1)
+        if self._position == len(self._frames) and self._decoding is not None:
+            try:
+                self._frames.append(await self._decoding.__anext__())
+            except StopAsyncIteration:
+                self._decoding = None  # the whole file is in memory now
+        if self._position == len(self._frames):
+            if not self._frames:
+                raise StopAsyncIteration  # an empty file: nothing to play
+            self._position = 0  # the end of the clip: from the top
+        frame = self._frames[self._position]
+        self._position += 1
+        return frame
+
+    async def aclose(self) -> None:
+        """Stop the decoder if the file was not read to its end (call once nothing reads)."""
+        decoding, self._decoding = self._decoding, None
+        if decoding is not None:
+            with contextlib.suppress(RuntimeError):  # already closed by a cancelled read
+                await decoding.aclose()
+
+
 class PhoneLine(abc.ABC):
     """Everything the handoff needs that only a media server can do. The handoff logic talks
     to nothing else, so the same flow runs on LiveKit and on the simulated line."""
@@ -599,6 +654,17 @@ class PhoneLine(abc.ABC):
     async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
         """Set the agent participant's attributes in ``room`` (for dashboards and softphones).
         Never raises: a dashboard must not break a call."""
+
+
+def job_server_url(ctx: JobContext, fallback: str) -> str:
+    """The LiveKit URL this job was assigned at, where the call's other rooms are joined too;
+    ``fallback`` (``LIVEKIT_URL``) when the job has none (console and test jobs).
+
+    livekit-agents 1.8.9 has no public accessor for it: it is only the private
+    ``JobContext._info.url``, set to ``job_assign.url or ws_url`` (worker.py), and the
+    framework's own warm transfer joins its consult room there (beta/workflows/
+    warm_transfer.py: ``job_ctx._info.url``). tests/test_consult_url.py fails if it goes."""
+    return getattr(getattr(ctx, "_info", None), "url", "") or fallback
 
 
 class LiveKitPhoneLine(PhoneLine):
@@ -759,18 +825,16 @@ class LiveKitPhoneLine(PhoneLine):
     async def start_hold(self) -> Hold:
         player = BackgroundAudioPlayer()
         await player.start(room=self._ctx.room)
-        music = AudioConfig(self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC, 0.7)
-        playing = [player.play(music, loop=True)]
+        music = HoldMusic(self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC.path())
+        playing = player.play(AudioConfig(music, 0.7))  # once: pausing never restarts it
 
         async def pause(paused: bool) -> None:
-            if paused:
-                playing[0].stop()
-            else:
-                playing[0] = player.play(music, loop=True)
+            music.paused = paused  # heard within the player's buffer (~0.5 s)
 
         async def stop() -> None:
-            playing[0].stop()
+            playing.stop()
             await player.aclose()
+            await music.aclose()
 
         return Hold(stop, pause)
 
@@ -778,10 +842,9 @@ class LiveKitPhoneLine(PhoneLine):
         self, room: str, human_identity: str, session: AgentSession, agent: Agent
     ) -> None:
         consult_room = rtc.Room()
-        local = self._ctx.room.local_participant
         token = (
             api.AccessToken(self._settings.livekit_api_key, self._settings.livekit_api_secret)
-            .with_identity(f"{local.identity}-consult")
+            .with_identity(f"{self._ctx.local_participant_identity}-consult")
             .with_kind("agent")
             .with_grants(
                 api.VideoGrants(
@@ -794,7 +857,7 @@ class LiveKitPhoneLine(PhoneLine):
             )
             .to_jwt()
         )
-        await consult_room.connect(self._settings.livekit_url, token)
+        await consult_room.connect(job_server_url(self._ctx, self._settings.livekit_url), token)
         self._rooms[room] = consult_room
         self._consults[room] = session
         await session.start(
@@ -1174,9 +1237,15 @@ CALLER_OFFER = (
     " I'm still here with you. I can try another team, or take your details so someone "
     "calls you back. What would you like to do?"
 )
-CANCEL_WORDS = re.compile(
-    r"\b(never ?mind|forget it|cancel|don'?t bother|stop the transfer|i'?ll call back)\b",
-    re.IGNORECASE,
+CANCEL_WORDS = re.compile(  # a request to stop the transfer, not any use of "cancel" or "stop"
+    r"""
+    \b(never\ ?mind | forget\ (about\ )?it(?!') | don'?t\ bother | i'?ll\ call\ back
+       | changed\ my\ mind | don'?t\ transfer)\b
+    | \b(cancel|stop|abort)\ (the\ |this\ |that\ )?(call\ )?transfer(ring)?\b
+    | \b(cancel|stop)\ (that|this)(\ please|\ now)?\s*([.,;!?]|$)
+    | ^\W*(cancel|stop)(\ please|\ now)?\W*$
+    """,
+    re.IGNORECASE | re.VERBOSE,
 )
 VOICEMAIL_HINTS = re.compile(
     r"leave (me |us )?a message|after the (tone|beep)|voice ?mail|not available to take|"
@@ -1561,7 +1630,7 @@ class Handoff:
             "X-Handoff-Destination": self.destination.name,
             "X-Handoff-Reason": re.sub(r"[^ -~]", "", self.reason)[:120],
         }
-        if self.line.caller_number:
+        if E164.fullmatch(self.line.caller_number):  # see sip_caller_number()
             headers["X-Caller-Number"] = self.line.caller_number
         return headers
 
@@ -1603,8 +1672,10 @@ class Handoff:
             self._stopped.set_result((outcome, detail))
 
     def answer_on_hold(self, said: str) -> str:
-        """What the caller hears when they speak on hold: "never mind" cancels the transfer
-        (the human's phone stops ringing); anything else gets where things stand."""
+        """What the caller hears when they speak on hold: a request to stop the transfer
+        ("never mind", "cancel that", ``CANCEL_WORDS``) cancels it (the human's phone stops
+        ringing); anything else, "I want to cancel my subscription" too, gets where things
+        stand."""
         if CANCEL_WORDS.search(said):
             self.stop(HandoffOutcome.CANCELLED_BY_CALLER, "the caller said never mind")
             return ""  # the transfer tool tells the caller it is cancelled
@@ -2171,7 +2242,8 @@ class WarmHandoffAgent(Agent):
         self.records = records or CallRecords(line.caller_room)
         self.destinations = settings.destinations
         self.results: list[HandoffResult] = []
-        self.tried: list[str] = []  # destination names, in the order tried on this call
+        self.tried: list[Destination] = []  # every dial on this call, in order, repeats too
+        self.ended: dict[Destination, HandoffOutcome] = {}  # how each one's last dial ended
         self.handoff: Handoff | None = None  # the attempt in progress
         self._handoff_done = asyncio.Event()
         self._last_brief = ""
@@ -2269,14 +2341,15 @@ class WarmHandoffAgent(Agent):
     async def _hand_off(self, destination: Destination, reason: str) -> Any:
         if self.handoff is not None:
             return ToolResult("A transfer is already in progress.", reply_required=False)
-        if destination.name in self.tried:
+        if not self.may_offer(destination):
             return ToolResult(
                 f"{destination.name} was already tried on this call and could not take it; "
                 "do not try it again. " + self._what_next_for_model()
             )
         if len(self.tried) >= self.settings.max_attempts:
             return ToolResult("No more transfers on this call. " + self._what_next_for_model())
-        self.tried.append(destination.name)
+        self.tried.append(destination)
+        self.ended[destination] = HandoffOutcome.FAILED  # until the attempt says otherwise
         self.handoff = Handoff(
             settings=self.settings,
             line=self.line,
@@ -2297,6 +2370,7 @@ class WarmHandoffAgent(Agent):
 
     async def _after_handoff(self, destination: Destination, result: HandoffResult) -> Any:
         """Record the attempt and tell the caller what happens next."""
+        self.ended[destination] = result.outcome
         self.results.append(result)
         self.records.handoff(result)
         if result.brief:
@@ -2313,7 +2387,9 @@ class WarmHandoffAgent(Agent):
         if result.outcome is HandoffOutcome.CANCELLED_BY_CALLER:
             await self.session.say("No problem, I've stopped the transfer. What else can I do?")
             return ToolResult(
-                "The caller cancelled the transfer while on hold.", reply_required=False
+                f"The caller cancelled the transfer while on hold. If they ask for "
+                f"{destination.name} again, call transfer_call again.",
+                reply_required=False,
             )
         if self._shutting_down:
             await self.session.say(
@@ -2330,15 +2406,26 @@ class WarmHandoffAgent(Agent):
             reply_required=False,
         )
 
+    def may_offer(self, destination: Destination) -> bool:
+        """The one rule for offering a destination (again) on this call: never after it
+        failed (busy, no answer, declined, voicemail, unreachable, or a technical failure);
+        yes if it was never dialled, or if the caller cancelled its last attempt (nothing was
+        wrong with it). Every dial, repeats included, counts toward ``HANDOFF_MAX_ATTEMPTS``
+        (see ``_hand_off``)."""
+        if destination not in self.ended:
+            return True  # never dialled
+        return self.ended[destination] is HandoffOutcome.CANCELLED_BY_CALLER
+
     def next_destination(self) -> Destination | None:
         """Who to offer after a failed attempt: the last destination's named fallback, else
-        the next untried one in the operator's order; never one already tried."""
+        the first one ``may_offer`` allows in the operator's order; nobody once
+        ``HANDOFF_MAX_ATTEMPTS`` dials were made."""
         if len(self.tried) >= self.settings.max_attempts:
             return None
-        untried = [d for d in self.destinations if d.name not in self.tried]
-        last = next((d for d in self.destinations if self.tried and d.name == self.tried[-1]), None)
-        preferred = next((d for d in untried if last and d.name == last.fallback), None)
-        return preferred or (untried[0] if untried else None)
+        offerable = [d for d in self.destinations if self.may_offer(d)]
+        last = self.tried[-1] if self.tried else None
+        preferred = next((d for d in offerable if last and d.name == last.fallback), None)
+        return preferred or (offerable[0] if offerable else None)
 
     def _what_next_for_caller(self) -> str:
         following = self.next_destination()
@@ -2404,7 +2491,7 @@ class WarmHandoffAgent(Agent):
             confirmed: True only after the caller said the read-back details are right.
         """
         number = re.sub(r"[\s().-]", "", number) or self.line.caller_number
-        if not E164.match(number):
+        if not E164.fullmatch(number):
             return ToolResult("Ask for the number to call, with the area code.")
         if not confirmed:
             await self.session.say(
@@ -2441,7 +2528,7 @@ class WarmHandoffAgent(Agent):
             CallbackRequest(
                 room=self.line.caller_room,
                 caller_name="",
-                number=self.line.caller_number,
+                number=self.line.caller_number if E164.fullmatch(self.line.caller_number) else "",
                 best_time="as soon as possible",
                 reason=f"{result.reason} (hung up while being transferred to {result.destination})",
                 summary=result.brief or self._summary(),
@@ -2552,9 +2639,18 @@ async def run_call(
     if not console:
         caller = await ctx.wait_for_participant()
         line.caller_identity = caller.identity
-        line.caller_number = caller.attributes.get("sip.phoneNumber", "")
+        line.caller_number = sip_caller_number(caller.attributes)
     session.say(settings.greeting)
     return session
+
+
+def sip_caller_number(attributes: Mapping[str, str]) -> str:
+    """The caller's own number from their SIP participant's ``sip.phoneNumber``, only if it is
+    E.164 exactly as given ("+15105550100"); anything else ("anonymous", "5105550100",
+    "+1 510 555 0100", missing) is unknown, "". It is not normalised: a guessed country code
+    or a misread digit would send a stranger's number to the human or call a stranger back."""
+    number = attributes.get("sip.phoneNumber", "")
+    return number if E164.fullmatch(number) else ""
 
 
 def _show_step(text: str) -> None:

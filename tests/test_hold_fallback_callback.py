@@ -3,6 +3,7 @@
 import asyncio
 import logging
 
+import pytest
 from conftest import Call, receptionist, settings_for, wait_for
 from livekit.agents import UserStateChangedEvent
 
@@ -45,6 +46,50 @@ async def test_never_mind_while_ringing_stops_the_human_phone(start_call):
     assert call.caller_heard()[-1] == "No problem, I've stopped the transfer. What else can I do?"
     await call.line.settle()
     assert not call.line.on_hold and call.line.legs() == []
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "never mind",
+        "cancel the transfer",
+        "cancel that",
+        "forget it, I'll call back",
+        "stop the transfer",
+        "don't bother",
+    ],
+)
+async def test_a_request_to_stop_the_transfer_cancels_it_on_hold(start_call, said):
+    call = await start_call(receptionist(), line=wh.SimulatedPhoneLine(None, ring_time=10))
+    turn = await on_hold(call)
+    call.session.generate_reply(user_input=said)
+    await asyncio.wait_for(turn, 5)
+    assert call.agent.results[0].outcome is Out.CANCELLED_BY_CALLER
+    assert call.line.cancelled_dials == [call.line.dials[0].identity]
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "I want to cancel my subscription",
+        "can you stop my card payments too?",
+        "don't forget it's urgent",
+    ],
+)
+async def test_other_words_on_hold_get_where_things_stand_and_the_transfer_goes_on(
+    start_call, said
+):
+    call = await start_call(receptionist(), line=wh.SimulatedPhoneLine(None, ring_time=10))
+    turn = await on_hold(call)
+    asked = len(call.model.of("caller"))
+    call.session.generate_reply(user_input=said)
+    await wait_for(lambda: call.caller_heard()[-1].startswith("I'm still trying our support"))
+    await asyncio.sleep(0.1)
+    assert call.line.on_hold and not turn.done() and call.line.cancelled_dials == []
+    assert len(call.model.of("caller")) == asked  # answered on hold, not by the model
+    call.line.hang_up_caller()
+    await asyncio.wait_for(turn, 5)
+    assert call.agent.results[0].outcome is Out.CALLER_LEFT
 
 
 async def test_never_mind_while_the_human_is_briefed_tells_the_human(start_call):
@@ -96,7 +141,7 @@ def _spoken(call):
     return call.spoken
 
 
-async def test_fallback_chain_follows_the_operator_and_never_repeats(start_call):
+async def test_fallback_chain_follows_the_operator_and_never_repeats_a_failed_team(start_call):
     destinations = (
         wh.Destination(
             "support",
@@ -140,6 +185,38 @@ async def test_fallback_chain_follows_the_operator_and_never_repeats(start_call)
     outputs = [i.output for i in call.session.history.items if i.type == "function_call_output"]
     assert any("already tried" in o for o in outputs)
     assert any("No more transfers on this call" in o for o in outputs)
+
+
+async def test_a_team_the_caller_cancelled_is_dialled_again_when_they_ask_again(start_call):
+    line = wh.SimulatedPhoneLine(None, ring_time=10)
+    call = await start_call(receptionist(), line=line)
+    turn = await on_hold(call)
+    call.session.generate_reply(user_input="never mind")
+    await asyncio.wait_for(turn, 5)
+    line.ring_time = 0.05
+    turn = asyncio.ensure_future(call.session.run(user_input="yes, support after all"))
+    await wait_for(line.answered.is_set)
+    line.human_says("Hello?")
+    await wait_for(line.human_heard_anything)
+    line.human_presses("1")
+    await asyncio.wait_for(turn, 5)
+    assert [d.destination.name for d in line.dials] == ["support", "support"]
+    assert [r.outcome for r in call.agent.results] == [Out.CANCELLED_BY_CALLER, Out.CONNECTED]
+
+
+async def test_every_dial_counts_toward_the_attempts_even_a_cancelled_one(start_call):
+    line = wh.SimulatedPhoneLine(None, ring_time=10)
+    call = await start_call(receptionist(), line=line, settings=settings_for(max_attempts=2))
+    for asked in ("yes please", "yes, support again", "yes, one more time"):
+        turn = asyncio.ensure_future(call.session.run(user_input=asked))
+        if len(line.dials) < 2:
+            await wait_for(lambda: line.on_hold)
+            call.session.generate_reply(user_input="cancel that")
+        await asyncio.wait_for(turn, 5)
+    assert [d.destination.name for d in line.dials] == ["support", "support"]
+    assert [r.outcome for r in call.agent.results] == [Out.CANCELLED_BY_CALLER] * 2
+    outputs = [i.output for i in call.session.history.items if i.type == "function_call_output"]
+    assert "No more transfers on this call" in outputs[-1]
 
 
 async def test_callback_is_read_back_then_recorded_with_the_summary(start_call, caplog):
