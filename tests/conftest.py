@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -311,3 +312,16 @@ async def livekit(monkeypatch):
         async with utils.http_context.open():
             with fake_job_context() as ctx:
                 yield server, ctx
+
+
+async def shut_down_like_the_framework(session: AgentSession, line: wh.PhoneLine, callbacks=()):
+    """A job shutdown in livekit-agents' order (``ipc/job_proc_lazy_main.py``,
+    ``_shutdown_job``): the primary session is closed first (``session.aclose()``, given up to
+    60 s), then the room is disconnected (no participant-left events follow), then the
+    shutdown callbacks run."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(session.aclose(), 60)
+    if isinstance(line, wh.SimulatedPhoneLine):
+        line.drop_connection(line.caller_room)
+    for callback in callbacks:
+        await callback("shutdown")

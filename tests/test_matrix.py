@@ -15,6 +15,7 @@ from conftest import (
     ScriptedLLM,
     receptionist,
     settings_for,
+    shut_down_like_the_framework,
     wait_for,
 )
 from fake_livekit import API_KEY, API_SECRET, DialScript
@@ -202,7 +203,7 @@ async def test_cell(livekit, monkeypatch, mode, cell):
         line,
         wh.Models(llm=ScriptedLLM(receptionist()), turn_handling={"turn_detection": "manual"}),
     )
-    session = AgentSession()
+    session = wh.CallerSession()
     await session.start(agent=agent)
     try:
         await session.run(user_input="a person please")
@@ -298,8 +299,12 @@ async def inject(fault, line, agent, server) -> None:
                 await api.remove_participant(
                     wh.api.RoomParticipantIdentity(room=room, identity=identity)
                 )
-    elif fault == "shutdown":
-        SHUTDOWNS.append(asyncio.ensure_future(agent.shutdown_handoff()))
+    elif fault == "shutdown":  # in the framework's order: the caller's session closes first
+        SHUTDOWNS.append(
+            asyncio.ensure_future(
+                shut_down_like_the_framework(agent.session, line, [agent.shutdown_handoff])
+            )
+        )
     elif fault == "declined":
         line.human_presses("2")
     await asyncio.sleep(0)
