@@ -16,6 +16,7 @@ from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
 from livekit.agents.testing import fake_job_context
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from livekit.agents.voice.io import TextOutput
+from livekit.plugins import silero
 
 import warm_handoff as wh
 
@@ -311,3 +312,10 @@ async def livekit(monkeypatch):
         async with utils.http_context.open():
             with fake_job_context() as ctx:
                 yield server, ctx
+
+
+@pytest.fixture(scope="session")
+def silero_vad() -> silero.VAD:
+    """The real Silero VAD, loaded once: the ear of a session that hears a far end
+    (``bench.voices.FarEnd``), with its default silence (0.55 s)."""
+    return silero.VAD.load()
