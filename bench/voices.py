@@ -426,9 +426,10 @@ class Spoken:
 class LineAudio(io.AudioInput):
     """The far end's audio as the session receives it. Nothing before ``start`` (the SIP bridge
     drops pre-answer audio: livekit/sip pkg/sip/outbound.go ``IgnorePreanswerData``), then 20 ms
-    frames at 16 kHz, each when its 20 ms have passed (a late frame is sent at once, so the
-    stream never drifts from the clock), carrying the line's noise floor under whatever was
-    mixed in, until ``stop``."""
+    frames at 16 kHz, each when its 20 ms have passed, carrying the line's noise floor under
+    whatever was mixed in, until ``stop``. Audio sent before the session first reads is lost (no
+    one was subscribed); after that a late read gets the buffered frames at once (an
+    ``rtc.AudioStream`` queues them), so the stream never drifts from the clock."""
 
     def __init__(self, label: str = "far-end", *, noise: float = LINE_NOISE) -> None:
         super().__init__(label=label)
@@ -440,6 +441,7 @@ class LineAudio(io.AudioInput):
         self._rng = np.random.default_rng(0)
         self._started = asyncio.Event()
         self._stopped = False
+        self._read = False
 
     @property
     def position(self) -> int:
@@ -476,6 +478,10 @@ class LineAudio(io.AudioInput):
         if self._stopped:
             await asyncio.get_running_loop().create_future()  # a hung-up leg sends nothing
         assert self.started_at is not None
+        if not self._read:  # what played before anyone listened is gone
+            self._read = True
+            missed = int((time.monotonic() - self.started_at) * MIC_RATE) // MIC_FRAME
+            self._sent = max(0, missed - 1) * MIC_FRAME
         begin, end = self._sent, self._sent + MIC_FRAME
         due = self.started_at + end / MIC_RATE
         if (wait := due - time.monotonic()) > 0:

@@ -290,3 +290,12 @@ async def test_what_the_human_says_later_is_transcribed_in_deepgram_order():
         (kinds.FINAL_TRANSCRIPT, "Yes."),
         (kinds.END_OF_SPEECH, ""),
     ]
+
+
+@in_module_loop
+async def test_audio_sent_before_the_session_listens_is_lost():
+    far_end = FarEnd(scenario("person"))
+    far_end.active()
+    await asyncio.sleep(0.3)  # no one reads: no subscriber, nothing buffered
+    await anext(far_end.mouth)
+    assert far_end.mouth.position / MIC_RATE == pytest.approx(0.3, abs=0.04)
