@@ -19,11 +19,9 @@ import contextlib
 import json
 import time
 import uuid
-import wave
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,63 +33,23 @@ from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, NotGive
 from livekit.agents.voice import io
 
 import warm_handoff as wh
+from bench.voices import (  # noqa: F401 - re-exported: the bench imports them from here
+    AUDIO_DIR,
+    MIC_FRAME,
+    MIC_RATE,
+    Ear,
+    Heard,
+    Speech,
+    caller_request,
+    human_hello,
+)
 
-AUDIO_DIR = Path(__file__).resolve().parent / "audio"
-MIC_RATE = 16_000  # what the simulated phones send (16 kHz mono, 20 ms frames)
-MIC_FRAME = MIC_RATE // 50
 TTS_RATE = 24_000
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
-# Recorded speech
+# Tags and mouths (recorded speech and ears: bench/voices.py)
 # ──────────────────────────────────────────────────────────────────────────────────────────────
-
-
-@dataclass(frozen=True)
-class Speech:
-    """A short recording (16 kHz mono int16) and what is said in it."""
-
-    text: str
-    pcm: np.ndarray
-
-    @property
-    def duration(self) -> float:
-        return len(self.pcm) / MIC_RATE
-
-    @classmethod
-    def load(cls, name: str, text: str) -> Speech:
-        with wave.open(str(AUDIO_DIR / name), "rb") as w:
-            if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (MIC_RATE, 1, 2):
-                raise ValueError(f"{name} must be 16 kHz mono 16-bit")
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-        return cls(text, pcm)
-
-
-def human_hello() -> Speech:
-    return Speech.load("hello.wav", "Hello?")
-
-
-def caller_request() -> Speech:
-    return Speech.load("caller.wav", "My printer shows error E4. Can I talk to support?")
-
-
-# ──────────────────────────────────────────────────────────────────────────────────────────────
-# Ears and mouths
-# ──────────────────────────────────────────────────────────────────────────────────────────────
-
-
-@dataclass
-class Heard:
-    """One frame as the listener heard it: when it started and ended playing, and its tag."""
-
-    start: float
-    end: float
-    tag: int
-
-    @property
-    def audible(self) -> bool:
-        """Speech from the fake TTS (tags start at 1000); the framework's padding is silence."""
-        return self.tag >= 1000
 
 
 class Utterances:
@@ -112,83 +70,6 @@ class Utterances:
 
 
 UTTERANCES = Utterances()
-
-
-@dataclass
-class _Segment:
-    start: float
-    pushed: float = 0.0
-    end: float = 0.0
-    interrupted: bool = False
-    task: asyncio.Task[None] | None = None
-
-
-class Ear(io.AudioOutput):
-    """A phone's earpiece: the session's audio output, played at real-time pace.
-
-    A frame of N ms starts playing when it arrives or when the previous frame ends, whichever is
-    later, and ends N ms after that. Each segment reports ``playback_finished`` when its last
-    frame has played (or at once, interrupted, on ``clear_buffer``), as a real sink does, so the
-    framework's speech handles complete at the right time."""
-
-    def __init__(self, label: str, *, record: bool = True) -> None:
-        super().__init__(
-            label=label,
-            capabilities=io.AudioOutputCapabilities(pause=False),
-            sample_rate=None,  # no resampling: frames arrive exactly as the TTS made them
-        )
-        self.heard: list[Heard] = []
-        self._record = record
-        self._playhead = 0.0
-        self._current: _Segment | None = None
-        self._playing: list[_Segment] = []
-
-    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
-        await super().capture_frame(frame)
-        now = time.monotonic()
-        start = max(now, self._playhead)
-        if self._current is None:
-            self._current = _Segment(start)
-            self.on_playback_started(created_at=time.time() + (start - now))
-        end = start + frame.duration
-        if self._record:
-            self.heard.append(Heard(start, end, abs(int(frame.data[0])) if len(frame.data) else 0))
-        self._playhead = end
-        self._current.pushed += frame.duration
-
-    def flush(self) -> None:
-        super().flush()
-        segment, self._current = self._current, None
-        if segment is None:
-            return
-        if segment.interrupted:
-            self.on_playback_finished(playback_position=0.0, interrupted=True)
-            return
-        segment.end = self._playhead
-        segment.task = asyncio.get_running_loop().create_task(self._finish(segment))
-        self._playing.append(segment)
-
-    async def _finish(self, segment: _Segment) -> None:
-        await asyncio.sleep(max(0.0, segment.end - time.monotonic()))
-        self._playing.remove(segment)
-        self.on_playback_finished(playback_position=segment.pushed, interrupted=False)
-
-    def clear_buffer(self) -> None:
-        now = time.monotonic()
-        if self._record:
-            while self.heard and self.heard[-1].start >= now:
-                self.heard.pop()
-            if self.heard and self.heard[-1].end > now:
-                self.heard[-1].end = now
-        self._playhead = min(self._playhead, now)
-        for segment in self._playing:
-            if segment.task is not None:
-                segment.task.cancel()
-            played = max(0.0, min(now, segment.end) - segment.start)
-            self.on_playback_finished(playback_position=played, interrupted=True)
-        self._playing.clear()
-        if self._current is not None:
-            self._current.interrupted = True  # reported when the framework flushes it
 
 
 class Mouth(io.AudioInput):

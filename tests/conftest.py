@@ -17,6 +17,7 @@ from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
 from livekit.agents.testing import fake_job_context
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from livekit.agents.voice.io import TextOutput
+from livekit.plugins import silero
 
 import warm_handoff as wh
 
@@ -325,3 +326,10 @@ async def shut_down_like_the_framework(session: AgentSession, line: wh.PhoneLine
         line.drop_connection(line.caller_room)
     for callback in callbacks:
         await callback("shutdown")
+
+
+@pytest.fixture(scope="session")
+def silero_vad() -> silero.VAD:
+    """The real Silero VAD, loaded once: the ear of a session that hears a far end
+    (``bench.voices.FarEnd``), with its default silence (0.55 s)."""
+    return silero.VAD.load()

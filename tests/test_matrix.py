@@ -19,7 +19,6 @@ from conftest import (
     wait_for,
 )
 from fake_livekit import API_KEY, API_SECRET, DialScript
-from livekit.agents import AgentSession
 
 import warm_handoff as wh
 
