@@ -28,7 +28,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -48,7 +48,9 @@ from livekit.agents import (
     utils,
 )
 from livekit.agents.llm import ToolResult, function_tool
+from livekit.agents.types import NOT_GIVEN
 from livekit.agents.utils.audio import audio_frames_from_file
+from livekit.agents.voice.amd import AMD, AMDCategory, AMDPredictionEvent
 from livekit.agents.voice.background_audio import (
     AudioConfig,
     BackgroundAudioPlayer,
@@ -106,6 +108,7 @@ class Destination:
     ring_timeout: float | None = None  # seconds; None: the global HANDOFF_RING_TIMEOUT
     spoken_name: str = ""  # how the agent names it aloud, e.g. "our billing team"
     fallback: str = ""  # the destination to offer next when this one can't take the call
+    screening: str = "amd"  # "none": softphones, internal lines: no answering-machine detection
 
     @property
     def said_as(self) -> str:
@@ -222,6 +225,7 @@ def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
             "ring_timeout",
             "spoken_name",
             "fallback",
+            "screening",
         }
         if unknown:
             problems.append(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
@@ -237,6 +241,9 @@ def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
         if timeout is not None and not (isinstance(timeout, (int, float)) and 5 <= timeout <= 120):
             problems.append(f"{where}.ring_timeout must be a number of seconds, 5 to 120")
             timeout = None
+        screening = str(entry.get("screening", "amd")).strip().lower()
+        if screening not in ("amd", "none"):
+            problems.append(f"{where}.screening must be amd (the default) or none")
         description = str(entry.get("description", "")).strip()
         if not description:
             problems.append(f"{where}.description is required (the model reads it)")
@@ -249,6 +256,7 @@ def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
                 ring_timeout=float(timeout) if timeout is not None else None,
                 spoken_name=str(entry.get("spoken_name", "")).strip(),
                 fallback=str(entry.get("fallback", "")).strip(),
+                screening=screening,
             )
         )
     names = {d.name for d in found}
@@ -634,6 +642,11 @@ class PhoneLine(abc.ABC):
         """Start ``session`` in a private room where it will talk to ``human_identity``."""
 
     @abc.abstractmethod
+    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
+        """Play pre-synthesised ``audio`` (saying ``text``) to the human in ``room``, outside
+        the consult session, and return when it has played."""
+
+    @abc.abstractmethod
     async def close_consult(self, room: str) -> None:
         """Stop the consult session and delete its room. Idempotent; never raises."""
 
@@ -678,6 +691,7 @@ class LiveKitPhoneLine(PhoneLine):
         self.caller_identity = ""
         self._rooms: dict[str, rtc.Room] = {self.caller_room: ctx.room}
         self._consults: dict[str, AgentSession] = {}
+        self._players: dict[str, BackgroundAudioPlayer] = {}
 
     def _sip_without_retries(self) -> SipService:
         """CreateSIPParticipant with no hidden retry. On ``*.livekit.cloud`` the client retries
@@ -860,6 +874,11 @@ class LiveKitPhoneLine(PhoneLine):
         await consult_room.connect(job_server_url(self._ctx, self._settings.livekit_url), token)
         self._rooms[room] = consult_room
         self._consults[room] = session
+        # The opener plays outside the session: answering-machine detection holds the
+        # session's own speech until its verdict (voice/amd/detector.py).
+        player = BackgroundAudioPlayer()
+        await player.start(room=consult_room)
+        self._players[room] = player
         await session.start(
             agent=agent,
             room=consult_room,
@@ -871,11 +890,31 @@ class LiveKitPhoneLine(PhoneLine):
             record=False,
         )
 
+    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
+        player = self._players.get(room)
+        if player is None or not audio:
+            return
+        # the player's mixer takes 48 kHz mono (voice/background_audio.py)
+        resampler = rtc.AudioResampler(audio[0].sample_rate, 48000, num_channels=1)
+
+        async def frames() -> Any:
+            for frame in audio:
+                for out in resampler.push(frame):
+                    yield out
+            for out in resampler.flush():
+                yield out
+
+        await player.play(frames()).wait_for_playout()
+
     async def close_consult(self, room: str) -> None:
         session = self._consults.pop(room, None)
         if session is not None:
             with contextlib.suppress(Exception):
                 await session.aclose()
+        player = self._players.pop(room, None)
+        if player is not None:
+            with contextlib.suppress(Exception):
+                await player.aclose()
         consult_room = self._rooms.pop(room, None)
         if consult_room is not None:
             with contextlib.suppress(Exception):
@@ -1110,6 +1149,11 @@ class SimulatedPhoneLine(PhoneLine):
         session.on("conversation_item_added", heard)
         await session.start(agent=agent)
 
+    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
+        self._log(f"human hears: {text}")
+        await asyncio.sleep(sum(frame.duration for frame in audio))
+        self._log("played to the human")
+
     async def close_consult(self, room: str) -> None:
         session = self.consults.pop(room, None)
         if session is not None:
@@ -1247,6 +1291,16 @@ CANCEL_WORDS = re.compile(  # a request to stop the transfer, not any use of "ca
     """,
     re.IGNORECASE | re.VERBOSE,
 )
+# What the human's leg hears before a person is confirmed: safe on any recording.
+OPENER = "Hi, this is the {business} assistant with a caller for you."
+ASK_PERSON = "Is this {team}? Press 1 or say yes to take a call."
+YES = re.compile(r"^\W*(yes|yeah|yep|yup|sure|speaking|go ahead|ok(ay)?|i'?m here)\b", re.I)
+CONFIRM_WITHIN = 8.0  # seconds for a yes or a key press after the question
+MACHINE_OUTCOMES = {
+    AMDCategory.MACHINE_VM: HandoffOutcome.VOICEMAIL,
+    AMDCategory.MACHINE_UNAVAILABLE: HandoffOutcome.VOICEMAIL,
+    AMDCategory.MACHINE_IVR: HandoffOutcome.UNREACHABLE,
+}
 VOICEMAIL_HINTS = re.compile(
     r"leave (me |us )?a message|after the (tone|beep)|voice ?mail|not available to take|"
     r"mailbox|press \d (for|to)",
@@ -1288,6 +1342,7 @@ class HandoffResult:
     reason: str = ""
     phase: str = ""  # how far it got: announcing, ringing, briefing, merging, merged
     brief: str = ""
+    amd: dict[str, Any] = field(default_factory=dict)  # who answered: category, reason, delay
 
     @property
     def connected(self) -> bool:
@@ -1470,6 +1525,7 @@ class CallRecords:
                     k: round(v - start, 3) for k, v in result.timings.items() if k != "held"
                 },
                 "caller_hold_seconds": round(result.timings.get("held", 0.0), 3),
+                "amd": result.amd,
             }
         )
 
@@ -1597,6 +1653,7 @@ class Handoff:
         self._caller_gone = False
         self._human_left: asyncio.Future[str] | None = None
         self._caller_left: asyncio.Future[str] | None = None
+        self.amd: dict[str, Any] = {}  # the answering-machine detection's verdict
         self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -1662,6 +1719,7 @@ class Handoff:
             reason=self.reason,
             phase=self.phase,
             brief=self.brief,
+            amd=self.amd,
         )
 
     # -- stopping from outside: the caller changes their mind, the worker shuts down ----------
@@ -1947,12 +2005,44 @@ class Handoff:
             self.line.wait_for_hangup(self.consult_room, (self.identity,))
         )
         self._background.add(self._human_left)
-        decision = await self.consult.wait_for_decision(self._human_left, self.settings.hello_grace)
+        decision = await self._brief_the_human()
         self.timings["accepted" if decision.accepted else "declined"] = time.monotonic()
         if decision.accepted:
             return await self._merge()
         await self._tell_human(decision.farewell)
         return self._result(decision.outcome, detail=decision.reason)
+
+    async def _brief_the_human(self) -> Decision:
+        """Nothing about the caller until a person is confirmed (``Screening``); then the
+        brief, in full; then their decision."""
+        assert self.consult is not None and self._human_left is not None
+        hears = self.models.stt is not None and self.models.vad is not None
+        if self.destination.screening == "none" or not hears:
+            return await self.consult.brief_on_hello(self._human_left, self.settings.hello_grace)
+        screening = Screening(
+            self.consult, self, ring_deadline=self.timings["dial_start"] + self.ring_timeout
+        )
+        gone = Decision(HandoffOutcome.DECLINED, "the human hung up during the briefing")
+        try:
+            run = asyncio.ensure_future(screening.run(self.settings.hello_grace))
+            await _first(run, self._human_left)
+            if not run.done():
+                await utils.aio.cancel_and_wait(run)
+                return gone
+            verdict = run.result()
+            self.amd = verdict.amd
+            if verdict.outcome is not None:
+                return Decision(verdict.outcome, verdict.reason)
+            if screening.opener is not None:
+                await screening.opener  # the details start when the opener has ended
+            details = asyncio.ensure_future(self.consult.speak_details(screening.human_stopped))
+            await _first(details, self._human_left)
+            if not details.done():
+                await utils.aio.cancel_and_wait(details)
+                return gone
+            return await self.consult.wait_for_decision(self._human_left)
+        finally:
+            screening.close()
 
     def consult_options(self) -> dict[str, Any]:
         """The consult session's models. Its turns end on voice activity, not on the
@@ -2027,6 +2117,177 @@ class Decision:
         return ""  # a voicemail hears nothing about the caller
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """Who answered the human's phone. ``outcome`` is None when a person is on the line."""
+
+    outcome: HandoffOutcome | None
+    reason: str
+    amd: dict[str, Any] = field(default_factory=dict)  # category, reason, delay: for tuning
+
+
+class Screening:
+    """Tells a person from a machine on the human's leg before anything about the caller is
+    said, with the framework's answering-machine detection (``voice.amd.AMD``) on the consult
+    session, using the session's own model and transcripts.
+
+    The leg first hears a neutral opener, played outside the session (AMD holds the session's
+    speech until its verdict), once the human stops speaking (the VAD's end of speech) or
+    after ``grace`` seconds of silence. A person is confirmed by AMD's ``human``, a key press or
+    a yes; a verdict from timing alone (``short_greeting``) counts only if the leg stayed silent
+    through the opener. Uncertain: ask once. A voicemail hears the opener, nothing more. On an
+    extension the PBX answers first: ``machine-ivr`` and silence are not final before the ring
+    timeout, and detection starts again with the ring time left."""
+
+    def __init__(self, consult: ConsultAgent, handoff: Handoff, ring_deadline: float) -> None:
+        self.consult = consult
+        self.handoff = handoff
+        self.session = consult.session
+        self.ring_deadline = ring_deadline
+        self.extension = bool(handoff.destination.extension)
+        self.speech_ended = asyncio.Event()
+        self.opener: asyncio.Future[None] | None = None
+        self.spoke_over_opener = False
+        self.session.on("user_state_changed", self._on_user_state)
+        self.session.on("user_input_transcribed", self._on_transcript)
+
+    def close(self) -> None:
+        self.session.off("user_state_changed", self._on_user_state)
+        self.session.off("user_input_transcribed", self._on_transcript)
+
+    def _on_user_state(self, ev: Any) -> None:
+        if ev.new_state == "speaking" and self.opener is not None and not self.opener.done():
+            self.spoke_over_opener = True
+        elif ev.old_state == "speaking" and ev.new_state == "listening":
+            self.speech_ended.set()
+            self.handoff.timings.setdefault("hello_end", time.monotonic())
+
+    def _on_transcript(self, ev: Any) -> None:
+        if ev.is_final and YES.match(ev.transcript or "") and self.consult.asked:
+            self.consult.person_confirmed.set()
+
+    async def human_stopped(self) -> None:
+        self.speech_ended.clear()
+        await self.speech_ended.wait()
+
+    async def run(self, grace: float) -> Verdict:
+        amd_seen: dict[str, Any] = {}
+        while True:
+            detector = AMD(
+                self.session,
+                llm=None,  # the session's own model and transcripts: no LiveKit Inference
+                stt=None,
+                ivr_detection=False,
+                participant_identity=self.handoff.identity,
+                suppress_compatibility_warning=True,
+                detection_options=self._detection_options(),
+            )
+            await detector.__aenter__()
+            try:
+                verdict = asyncio.ensure_future(detector.execute())
+                verdict.add_done_callback(_retrieve)
+                silent = await self._opener_cue(verdict, grace)
+                if silent:  # nothing heard: the opener, then the question
+                    return await self._ask(amd_seen, "silent line")
+                await _first(verdict, self.consult.person_confirmed.wait())
+            finally:
+                await detector.aclose()
+            if self.consult.person_confirmed.is_set():
+                return Verdict(None, "key press or yes", amd_seen)
+            result: AMDPredictionEvent = verdict.result()
+            self.handoff.timings["verdict"] = time.monotonic()
+            amd_seen = {
+                "category": result.category.value,
+                "reason": result.reason,
+                "delay": round(result.delay, 3),
+            }
+            category = result.category
+            if category is AMDCategory.HUMAN:
+                if result.reason == "short_greeting" and self.spoke_over_opener:
+                    return await self._ask(amd_seen, "spoke over the opener")
+                return Verdict(None, f"amd {result.reason}", amd_seen)
+            if self.extension and category in (AMDCategory.MACHINE_IVR, AMDCategory.UNCERTAIN):
+                if time.monotonic() < self.ring_deadline - 1.0:
+                    self.speech_ended.clear()  # the PBX is still ringing the person
+                    continue
+                if result.reason == "no_speech_timeout":
+                    return Verdict(HandoffOutcome.NO_ANSWER, "nobody picked up the extension")
+            if category in MACHINE_OUTCOMES:
+                return Verdict(MACHINE_OUTCOMES[category], f"amd {category.value}", amd_seen)
+            return await self._ask(amd_seen, f"amd uncertain ({result.reason})")
+
+    def _detection_options(self) -> dict[str, float]:
+        if not self.extension:
+            return {}
+        left = max(1.0, self.ring_deadline - time.monotonic())
+        return {"no_speech_threshold": left, "timeout": left + 20.0}
+
+    async def _opener_cue(self, verdict: asyncio.Future[Any], grace: float) -> bool:
+        """Start the opener when the human stops speaking (or a verdict or key press comes
+        first); after ``grace`` s of silence on a direct line. Returns whether it was silence.
+        On an extension silence is ringback: wait for speech until the ring timeout."""
+        if self.opener is not None:
+            return False
+        waits: list[Awaitable[Any]] = [
+            self.speech_ended.wait(),
+            self.consult.person_confirmed.wait(),
+            verdict,
+        ]
+        if not self.extension:
+            waits.append(asyncio.sleep(grace))
+        await _first(*waits)
+        silent = not (self.speech_ended.is_set() or self.consult.person_confirmed.is_set())
+        silent = silent and not verdict.done()
+        self.play_opener()
+        return silent
+
+    def play_opener(self) -> None:
+        if self.opener is None:
+            self.handoff.timings["opener_start"] = time.monotonic()
+            self.opener = asyncio.ensure_future(
+                self.handoff.line.play_to_human(
+                    self.handoff.consult_room,
+                    self.consult.opener,
+                    self.consult.voice.get("opener", []),
+                )
+            )
+
+    async def _ask(self, amd_seen: dict[str, Any], why: str) -> Verdict:
+        """Ask once whether a person is there; the details follow a yes or a key press."""
+        if self.opener is not None:
+            await self.opener
+        if not self.consult.person_confirmed.is_set():
+            self.consult.asked = True
+            question = self.consult.voice.get("question")
+            await self.session.say(
+                self.consult.question,
+                audio=_replay(question) if question else NOT_GIVEN,
+                allow_interruptions=False,
+            )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.consult.person_confirmed.wait(), CONFIRM_WITHIN)
+        if self.consult.person_confirmed.is_set():
+            return Verdict(None, f"{why}: confirmed", amd_seen)
+        return Verdict(HandoffOutcome.VOICEMAIL, f"{why}: nobody confirmed", amd_seen)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception retrieved (a verdict after detection was closed)."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _first(*waits: Awaitable[Any]) -> None:
+    """Return when the first of ``waits`` is done; cancel the rest (never a given future)."""
+    tasks = [w if isinstance(w, asyncio.Future) else asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task, wait in zip(tasks, waits, strict=True):
+            if task is not wait:
+                task.cancel()
+
+
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 # 4. The agents
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -2075,8 +2336,9 @@ greeting.
 """
 
 
-async def _words(text: str) -> Any:
-    yield text
+async def _replay(frames: list[rtc.AudioFrame]) -> AsyncIterator[rtc.AudioFrame]:
+    for frame in frames:
+        yield frame
 
 
 class ConsultAgent(Agent):
@@ -2095,62 +2357,57 @@ class ConsultAgent(Agent):
         )
         self._brief = brief
         self._handoff = handoff
-        self._ready_audio: tuple[str, list[rtc.AudioFrame]] | None = None
-        self._speaking_brief = False
-        self._brief_heard = False
+        self.opener = OPENER.format(business=handoff.settings.business_name)
+        self.question = ASK_PERSON.format(team=handoff.destination.said_as)
+        self.voice: dict[str, list[rtc.AudioFrame]] = {}  # pre-synthesised, by line
+        self.details_heard = False
+        self.unscreened = False
+        self.person_confirmed = asyncio.Event()  # a key press or a yes before the details
+        self.asked = False  # the leg was asked whether a person is there
         self._decision: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self.brief_started = asyncio.Event()
 
     async def prepare_voice(self, tts: Any) -> None:
-        """Synthesise the brief's first sentence while the phone rings, so the human hears it
-        without waiting for speech synthesis."""
-        text = await self._brief
-        first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
-        try:
-            async with tts.synthesize(first) as stream:
-                frames = [audio.frame async for audio in stream]
-        except Exception as e:
-            logger.warning(
-                "could not prepare the brief's audio, it will be synthesised live: %r", e
-            )
-            return
-        self._ready_audio = (first, frames)
-
-    async def tts_node(self, text: Any, model_settings: Any) -> Any:
-        ready, self._ready_audio = self._ready_audio, None
-        if ready is None or not self._speaking_brief:
-            async for frame in Agent.default.tts_node(self, text, model_settings):
-                yield frame
-            return
-        self._speaking_brief = False
-        said = "".join([chunk async for chunk in text])  # the brief arrives whole
-        first, frames = ready
-        rest = said
-        if said.startswith(first):
-            for frame in frames:
-                yield frame
-            rest = said[len(first) :].strip()
-        if rest:
-            async for frame in Agent.default.tts_node(self, _words(rest), model_settings):
-                yield frame
+        """Synthesise what the human may hear while the phone rings (the neutral opener, the
+        question, the brief), so none of it waits for speech synthesis once they answer."""
+        lines = {"opener": self.opener, "question": self.question, "brief": await self._brief}
+        for name, text in lines.items():
+            try:
+                async with tts.synthesize(text) as stream:
+                    self.voice[name] = [audio.frame async for audio in stream]
+            except Exception as e:
+                logger.warning("could not prepare the %s's audio, it will be live: %r", name, e)
 
     def decide(self, decision: Decision) -> None:
         if not self._decision.done():
             self._decision.set_result(decision)
 
     def on_digit(self, digit: str) -> None:
-        if digit == "1":
+        if not self.details_heard:  # before the details, any key says "a person is here"
+            self.person_confirmed.set()
+        elif digit == "1":
             self.decide(Decision(HandoffOutcome.CONNECTED))
         elif digit == "2":
             self.decide(Decision(HandoffOutcome.DECLINED, "declined on the keypad"))
 
-    async def wait_for_decision(self, human_left: asyncio.Future[str], grace: float) -> Decision:
-        """The human's answer. They get ``grace`` seconds to say hello first; then the brief
-        starts anyway."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.brief_started.wait()), grace)
-        if not self.brief_started.is_set() and not self._decision.done():
-            self.session.generate_reply()
+    async def speak_details(self, human_stopped: Callable[[], Awaitable[Any]]) -> None:
+        """The brief, in full: if the human talks over it before it was heard, it is said
+        again once they stop; it is never replaced by a model reply."""
+        text = await asyncio.shield(self._brief)
+        while not self._decision.done():
+            self._handoff.timings.setdefault("brief_start", time.monotonic())
+            audio = self.voice.get("brief")
+            handle = self.session.say(
+                text, audio=_replay(audio) if audio else NOT_GIVEN, allow_interruptions=True
+            )
+            await handle.wait_for_playout()
+            if not handle.interrupted:
+                self.details_heard = True
+                self._handoff.timings.setdefault("brief_end", time.monotonic())
+                return
+            await human_stopped()
+
+    async def wait_for_decision(self, human_left: asyncio.Future[str]) -> Decision:
         done, _ = await asyncio.wait(
             {self._decision, human_left}, return_when=asyncio.FIRST_COMPLETED
         )
@@ -2158,17 +2415,27 @@ class ConsultAgent(Agent):
             return self._decision.result()
         return Decision(HandoffOutcome.DECLINED, "the human hung up during the briefing")
 
+    async def brief_on_hello(self, human_left: asyncio.Future[str], grace: float) -> Decision:
+        """Unscreened (``screening: none``, or a line the session cannot hear, like the
+        console's text-only human): the brief on the human's hello, or after ``grace`` s."""
+        self.unscreened = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.brief_started.wait()), grace)
+        if not self.brief_started.is_set() and not self._decision.done():
+            self.session.generate_reply()
+        return await self.wait_for_decision(human_left)
+
     async def llm_node(
         self, chat_ctx: llm.ChatContext, tools: list[Any], model_settings: Any
     ) -> Any:
-        if self._brief_heard:
+        if self.details_heard:
             async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
                 yield chunk
             return
-        if self._decision.done():
-            return
-        # Until the brief has actually been spoken, every reply is the brief: a preemptive
-        # generation that the framework throws away must not lose it.
+        if self._decision.done() or not self.unscreened:
+            return  # screening speaks for itself: no model reply before the details
+        # Unscreened: until the brief has actually been spoken, every reply is the brief (a
+        # preemptive generation that the framework throws away must not lose it).
         self.brief_started.set()
         heard = next(
             (
@@ -2184,12 +2451,11 @@ class ConsultAgent(Agent):
         text = await asyncio.shield(self._brief)  # a dropped reply must not cancel the brief
         self._handoff.timings["brief_start"] = time.monotonic()
         self.session.on("conversation_item_added", self._brief_spoken)
-        self._speaking_brief = True
         yield text
 
     def _brief_spoken(self, ev: Any) -> None:
-        if getattr(ev.item, "role", None) == "assistant" and not self._brief_heard:
-            self._brief_heard = True
+        if getattr(ev.item, "role", None) == "assistant" and not self.details_heard:
+            self.details_heard = True
             self._handoff.timings.setdefault("brief_end", time.monotonic())
 
     @function_tool

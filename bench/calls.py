@@ -92,6 +92,8 @@ def receptionist(req: Request) -> str | ToolCall | None:
     the model)."""
     if req.purpose == "brief":
         return SUMMARY
+    if req.purpose == "amd":  # the classifier is scripted: its accuracy is not measured
+        return ToolCall("save_prediction", {"label": "human"})
     if req.purpose == "consult":
         return "I don't know more than that, sorry."
     if req.after_tool():

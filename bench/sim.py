@@ -276,6 +276,8 @@ class Request:
 
     @property
     def purpose(self) -> str:
+        if "save_prediction" in self.tools:  # answering-machine detection (voice/amd)
+            return "amd"
         if "connect_to_caller" in self.tools:
             return "consult"
         if "transfer_call" in self.tools:

@@ -41,6 +41,8 @@ class Request:
 
     @property
     def purpose(self) -> str:
+        if "save_prediction" in self.tools:  # answering-machine detection (voice/amd)
+            return "amd"
         if "connect_to_caller" in self.tools:
             return "consult"
         if "transfer_call" in self.tools:
@@ -159,6 +161,7 @@ def receptionist(
     *,
     brief: str | None = None,
     consult: Callable[[Request], Reply | None] | None = None,
+    amd_label: str = "human",
 ):
     """A model that: asks the caller to confirm, transfers on 'yes', echoes the caller's words as
     the brief, and lets ``consult`` answer the human."""
@@ -168,6 +171,8 @@ def receptionist(
             said = req.chat_ctx.messages()[-1].text_content or ""
             callers = [line for line in said.splitlines() if line.startswith("Caller:")]
             return brief if brief is not None else "Summary: " + " ".join(callers)
+        if req.purpose == "amd":  # what the answering-machine detection's model concludes
+            return Call("save_prediction", {"label": amd_label})
         if req.purpose == "consult":
             return consult(req) if consult else "Anything else?"
         text = req.last_user_text().lower()
