@@ -1293,6 +1293,8 @@ CANCEL_WORDS = re.compile(  # a request to stop the transfer, not any use of "ca
 )
 # What the human's leg hears before a person is confirmed: safe on any recording.
 OPENER = "Hi, this is the {business} assistant with a caller for you."
+BRIEF_ASK = "Say put them through, or press 1, to take the call; press 2 if you can't."
+BRIEF_INTRO = "Hi, this is the {business} assistant with a caller for {team}. "  # unscreened
 ASK_PERSON = "Is this {team}? Press 1 or say yes to take a call."
 YES = re.compile(r"^\W*(yes|yeah|yep|yup|sure|speaking|go ahead|ok(ay)?|i'?m here)\b", re.I)
 CONFIRM_WITHIN = 8.0  # seconds for a yes or a key press after the question
@@ -1603,11 +1605,8 @@ async def compose_brief(
         summary = f"They're calling about {reason}."
         if said:
             summary += " In their words: " + " ".join(said[-3:])
-    return (
-        f"Hi, this is the {settings.business_name} assistant with a caller for "
-        f"{destination.said_as}. {summary} Say put them through, or press 1, to take the call; "
-        f"press 2 if you can't."
-    )
+    intro = BRIEF_INTRO.format(business=settings.business_name, team=destination.said_as)
+    return f"{intro}{summary} {BRIEF_ASK}"
 
 
 class Handoff:
@@ -2187,11 +2186,12 @@ class Screening:
                 verdict = asyncio.ensure_future(detector.execute())
                 verdict.add_done_callback(_retrieve)
                 silent = await self._opener_cue(verdict, grace)
-                if silent:  # nothing heard: the opener, then the question
-                    return await self._ask(amd_seen, "silent line")
-                await _first(verdict, self.consult.person_confirmed.wait())
+                if not silent:
+                    await _first(verdict, self.consult.person_confirmed.wait())
             finally:
-                await detector.aclose()
+                await detector.aclose()  # lets the session speak again
+            if silent:  # nothing heard: the opener, then the question
+                return await self._ask(amd_seen, "silent line")
             if self.consult.person_confirmed.is_set():
                 return Verdict(None, "key press or yes", amd_seen)
             result: AMDPredictionEvent = verdict.result()
@@ -2370,13 +2370,20 @@ class ConsultAgent(Agent):
     async def prepare_voice(self, tts: Any) -> None:
         """Synthesise what the human may hear while the phone rings (the neutral opener, the
         question, the brief), so none of it waits for speech synthesis once they answer."""
-        lines = {"opener": self.opener, "question": self.question, "brief": await self._brief}
+        lines = {"opener": self.opener, "question": self.question, "brief": await self.details()}
         for name, text in lines.items():
             try:
                 async with tts.synthesize(text) as stream:
                     self.voice[name] = [audio.frame async for audio in stream]
             except Exception as e:
                 logger.warning("could not prepare the %s's audio, it will be live: %r", name, e)
+
+    async def details(self) -> str:
+        """The brief as said after the opener: without its introduction, already heard."""
+        intro = BRIEF_INTRO.format(
+            business=self._handoff.settings.business_name, team=self._handoff.destination.said_as
+        )
+        return (await asyncio.shield(self._brief)).removeprefix(intro)
 
     def decide(self, decision: Decision) -> None:
         if not self._decision.done():
@@ -2393,7 +2400,7 @@ class ConsultAgent(Agent):
     async def speak_details(self, human_stopped: Callable[[], Awaitable[Any]]) -> None:
         """The brief, in full: if the human talks over it before it was heard, it is said
         again once they stop; it is never replaced by a model reply."""
-        text = await asyncio.shield(self._brief)
+        text = await self.details()
         while not self._decision.done():
             self._handoff.timings.setdefault("brief_start", time.monotonic())
             audio = self.voice.get("brief")
