@@ -16,40 +16,67 @@ applies exactly as it does against LiveKit Cloud::
 Public API (stable; the worker's tests build on it):
 
 * ``FakeLiveKitServer(cloud=True, move_supported=True, join_delay=0.02, ringing_delay=0.01,
-  dtmf_char_time=0.5, move_delay=0.2)``; ``url``, ``local_url``, ``env()``; ``async with`` or
-  ``start()``/``stop()``. ``cloud=False`` serves at ``http://127.0.0.1:<port>`` (self-hosted:
-  the client never retries); with ``cloud=True`` the process resolves ``*.livekit.cloud`` to
-  127.0.0.1 while the server runs (``resolve_livekit_cloud_locally``), nothing else changes.
-* Scripts: ``script_dial(*DialScript)`` (FIFO, one per INVITE; default: answer at once) and
-  ``script_method(method, *MethodFault)`` (FIFO, one per request of that method).
+  dtmf_char_time=0.5, move_delay=0.2)``; ``async with`` or ``start()``/``stop()``; ``url``,
+  ``local_url``, ``port``, ``env()`` (``env(local=True)`` for a child process: the cloud name
+  resolves only in this one). ``cloud=True``: while the server runs, this process resolves
+  ``*.livekit.cloud`` to 127.0.0.1 (``resolve_livekit_cloud_locally``) and ``url`` is
+  ``http://test-project.livekit.cloud:<port>``; ``GET /settings/regions`` lists other region
+  names for the same server, so the client's retries fail over there. ``cloud=False``:
+  ``http://127.0.0.1:<port>``, self-hosted, never retried.
+* Scripts: ``script_dial(*DialScript)`` (FIFO, one per INVITE, i.e. per request try; default:
+  answer at once) and ``script_method(method, *MethodFault)`` (FIFO, one per request try).
 * State: ``rooms`` (``{room: Room}``; a ``Room`` is a dict ``identity -> Participant``, so
   ``identity in lk.rooms[room]`` and ``set(lk.rooms[room])`` work), ``participant(room,
-  identity)``, ``attributes(room, identity)``, ``sip_calls`` (every INVITE, ``SipCall``),
-  ``calls`` / ``calls_to(method)`` (every HTTP request, ``RecordedCall``), ``rejected``,
-  ``deleted_rooms``, ``cancelled_dials`` (identities whose ringing INVITE was cancelled
-  because their participant left the room: removed, room deleted or replaced),
-  ``aborted_requests`` (requests the client gave up on; the server carried on),
+  identity)`` (``.attributes``, ``.call_status``, ``.who``, ``.call``), ``attributes(room,
+  identity)``, ``sip_calls`` / ``dials_to(identity)`` (every INVITE: ``SipCall`` with
+  ``status``, ``outcome``, ``who``, ``up``, ``ringing``, ``invite_at``/``answered_at``/
+  ``active_at``/``ended_at``, ``end_reason``), ``calls`` / ``calls_to(method)`` (every HTTP
+  request: ``RecordedCall`` with ``request_id``, ``host``, ``answer``, ``aborted``,
+  ``response_lost``), ``rejected``, ``deleted_rooms``, ``cancelled_dials`` (identities whose
+  ringing INVITE was cancelled because their participant left the room: removed, room deleted,
+  replaced), ``aborted_requests`` (the client gave up; the server carried on),
   ``lost_responses``, ``move_supported``.
 * Events: ``events`` (every ``RoomEvent``), ``subscribe(room, callback) -> unsubscribe``
-  (``room=None``: all rooms), ``await wait_for(predicate, timeout)``. Kinds:
-  ``participant_connected``, ``participant_attributes_changed``, ``participant_disconnected``
-  (with ``reason``, a ``livekit.DisconnectReason`` name), ``room_deleted``.
-* Test drivers: ``add_participant(room, identity)``, ``remove_participant(room, identity)``,
-  ``far_end_hangs_up(room, identity)`` (the phone sends BYE).
+  (``room=None``: every room), ``await wait_for(predicate, timeout=5)``. Kinds:
+  ``participant_connected``, ``participant_attributes_changed`` (``changed``, e.g.
+  ``sip.callStatus``), ``participant_disconnected`` (``reason``: a ``DisconnectReason`` name),
+  ``room_deleted``.
+* Drivers: ``add_participant(room, identity, **attributes)``, ``remove_participant(room,
+  identity)``, ``far_end_hangs_up(room, identity)`` (the phone sends BYE).
+
+A dial, as LiveKit runs it: the SIP participant joins the room ``join_delay`` after the
+request (``sip.callStatus`` "dialing"), "ringing" at the 180, and on the answer "automation"
+while the request's DTMF is sent (0.5 s a character) then "active". Without
+``wait_until_answered`` the response comes once the participant has joined; with it, once
+"active". A ring timeout or the participant leaving while it rings (RemoveParticipant,
+DeleteRoom, a same-identity join) cancels the INVITE: Twirp ``canceled``, no SIP status. A
+RemoveParticipant before the join is ``not_found`` and the INVITE still goes out. A client that
+gives up (timeout, cancelled task) does not stop the call. Each request try is a new INVITE (the
+server does not de-duplicate ``X-Livekit-Request-Id``); the newest participant of an identity
+replaces the older one, whose call is hung up.
+
+What the real client (livekit-api 1.2.2 on aiohttp 3.14) does with it: a dial with
+``wait_until_answered`` times out after ring timeout + 2 s; on ``*.livekit.cloud`` transport
+errors (a dropped connection, a timeout) and HTTP 5xx are tried up to 3 times when the request
+timeout is 5 s or more (the session default is 10 s), all tries with one request id; RoomService
+calls have no HTTP timeout at all (twirp_client.py passes ``timeout=None``, which aiohttp reads
+as "none", not "the session's").
 
 Dials (``DialScript``; ``ring`` is seconds from the INVITE to the far end's final response):
 
-* ``answer(ring=0, who="person", drop_response=False, hangs_up_after=None)``; ``person(ring)``,
-  ``voicemail(ring=25)``, ``pbx()``, ``silent(ring)``: the call is answered; ``who`` says who
-  picked up (``Participant.who``/``SipCall.who``) for the audio model to key off.
+* ``answer(ring=0, who="person", drop_response=False, hangs_up_after=None)``; ``person(ring=2)``,
+  ``voicemail(ring=25)``, ``pbx()``, ``silent(ring=2)``: answered; ``who`` says who picked up
+  (``Participant.who``/``SipCall.who``) for the audio model to key off. ``drop_response``: the
+  connection drops instead of the response, after the outcome (the call stays up).
 * ``sip_error(code, reason=None, delay=0)`` -> ``api.SipCallError`` with that status.
 * ``canceled(delay=0)`` -> the INVITE transaction ends with no final response: Twirp
   ``canceled`` with no SIP status.
 * ``server_error(delay=0)`` -> Twirp ``internal`` before anyone joins (the client retries it).
-* ``hang()`` -> rings until the ring timeout (or until the participant is removed).
+* ``hang()`` -> rings until the ring timeout (or until the participant leaves).
 
-Method faults (``MethodFault``): ``hang()`` (never answered, nothing happens), ``slow(delay)``
-(acts and answers after ``delay``), ``lose_response()`` (acts, then drops the connection).
+Method faults (``MethodFault``, any method): ``hang()`` (never answered; nothing happens, but a
+dial's call goes on), ``slow(delay)`` (acts and answers after ``delay``), ``lose_response()``
+(acts, then drops the connection: on cloud the client retries).
 """
 
 from __future__ import annotations
@@ -268,6 +295,7 @@ class RecordedCall:
     host: str = ""  # the Host the client used (a retry may go to another region's host)
     aborted: bool = False  # the client gave up before the response
     response_lost: bool = False  # the server dropped the connection instead of answering
+    answer: str = ""  # "ok", or the Twirp error code the server answered with
 
 
 @dataclass
@@ -556,9 +584,11 @@ class FakeLiveKitServer:
 
     # --- test helpers ------------------------------------------------------------------------
 
-    def env(self) -> dict[str, str]:
+    def env(self, *, local: bool = False) -> dict[str, str]:
+        """LIVEKIT_* for a client of this server; ``local=True`` gives the 127.0.0.1 URL, for a
+        child process (the *.livekit.cloud name resolves only in this one)."""
         return {
-            "LIVEKIT_URL": self.url,
+            "LIVEKIT_URL": self.local_url if local else self.url,
             "LIVEKIT_API_KEY": self.api_key,
             "LIVEKIT_API_SECRET": self.api_secret,
         }
@@ -705,8 +735,11 @@ class FakeLiveKitServer:
             self.calls.append(call)  # every try, even of one logical request: no de-duplication
             self._touch()
             reply = await handler(msg, call)
+            call.answer = "ok"
             return web.Response(body=reply.SerializeToString(), content_type="application/protobuf")
         except TwirpError as e:
+            if call is not None:
+                call.answer = e.code
             return e.response()
         except _ResponseLost:
             assert call is not None
