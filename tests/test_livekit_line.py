@@ -96,7 +96,12 @@ async def test_the_exact_create_sip_participant_request(
         (DialScript.sip_error(404), Out.UNREACHABLE, "couldn't get through to our support team"),
         (DialScript.sip_error(403), Out.UNREACHABLE, "couldn't get through to our support team"),
         (DialScript.sip_error(503), Out.UNREACHABLE, "couldn't get through to our support team"),
-        (DialScript.server_error(), Out.FAILED, "something went wrong while I was connecting you"),
+        # on *.livekit.cloud the client tries a 5xx three times before it gives up
+        (
+            (DialScript.server_error(),) * 3,
+            Out.FAILED,
+            "something went wrong while I was connecting you",
+        ),
     ],
     ids=[
         "486",
@@ -117,7 +122,7 @@ async def test_each_sip_failure_reaches_the_caller_as_the_right_message(
     livekit, script, outcome, heard, mode
 ):
     server, _ = livekit
-    server.script_dial(script)
+    server.script_dial(*(script if isinstance(script, tuple) else (script,)))
     session, agent, line = await start(livekit, receptionist(), handoff_mode=mode)
     try:
         await asyncio.wait_for(await transfer(session), 5)
@@ -163,7 +168,7 @@ async def test_consult_accept_moves_the_human_and_deletes_rooms(livekit, who):
             dial.request.participant_identity,
             CALLER_ROOM,
         )
-        assert server.rooms[CALLER_ROOM] == {"caller", dial.request.participant_identity}
+        assert set(server.rooms[CALLER_ROOM]) == {"caller", dial.request.participant_identity}
         await line.settle()
         assert consult_room in server.deleted_rooms or consult_room not in server.rooms
         assert last_said(session) == "You're now connected with our support team."

@@ -283,7 +283,7 @@ CHECK_ENV = {
 async def test_check_prints_the_configuration_masked_and_proves_the_credentials(livekit):
     server, _ = livekit
     server.add_participant("call-1", "caller")
-    code, out, err = await run_check({**CHECK_ENV, **server.env()})
+    code, out, err = await run_check({**CHECK_ENV, **server.env(local=True)})
     assert code == 0, err
     assert "LiveKit API: OK" in out and "(2 rooms open)" in out
     assert "destination support" in out and "+1510•••00" in out
@@ -294,7 +294,11 @@ async def test_check_prints_the_configuration_masked_and_proves_the_credentials(
 
 async def test_check_fails_clearly_on_bad_credentials(livekit):
     server, _ = livekit
-    env = {**CHECK_ENV, **server.env(), "LIVEKIT_API_SECRET": "wrong-secret-wrong-secret-wrong!"}
+    env = {
+        **CHECK_ENV,
+        **server.env(local=True),
+        "LIVEKIT_API_SECRET": "wrong-secret-wrong-secret-wrong!",
+    }
     code, out, err = await run_check(env)
     assert code == 1
     assert "LiveKit API: FAILED (unauthenticated" in err
