@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from fake_livekit import FakeLiveKitServer
+from fake_livekit import FakeLiveKitServer, RoomEvent
 from livekit.agents import AgentSession, llm, utils
 from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
 from livekit.agents.testing import fake_job_context
@@ -268,14 +268,34 @@ CALLER_ROOM = "fake-room"  # the fake job's room
 
 
 class LiveKitBackedLine(wh.SimulatedPhoneLine):
-    """The simulated line, but every server API call (dial, hang up, move, delete room) goes
-    through ``LiveKitPhoneLine`` to the fake server. Media (hold audio, the consult session's
+    """The simulated line on the fake LiveKit server: every server call (dial, hang up, move,
+    delete room) goes through ``LiveKitPhoneLine`` and the real client to the fake, and who is
+    in which room is what the server's participant events say, as the agent's room connections
+    would see them (a SIP participant present from the INVITE, gone on BYE or removal, a moving
+    human absent from both rooms for a moment). Media (hold audio, the consult session's
     audio) stays simulated: there is no media server here."""
 
-    def __init__(self, lk: wh.LiveKitPhoneLine) -> None:
+    def __init__(self, lk: wh.LiveKitPhoneLine, server: FakeLiveKitServer) -> None:
         super().__init__(None, caller_room=lk.caller_room)
         self.lk = lk
-        self.hooks: dict[str, Callable[[], Any]] = {}  # "dial" / "move": run as that starts
+        self.server = server
+        self.hooks: dict[str, Callable[[], Any]] = {}  # "dial" / "answered" / "move"
+        self.rooms = {room: set(members) for room, members in server.rooms.items()}
+        self._unsubscribe = server.subscribe(None, self._on_event)
+
+    def _on_event(self, ev: RoomEvent) -> None:
+        if ev.kind == "participant_connected":
+            self.rooms.setdefault(ev.room, set()).add(ev.identity)
+            self._left.pop(ev.identity, None)
+        elif ev.kind == "participant_disconnected":
+            self._remove(ev.room, ev.identity)
+        elif ev.kind == "room_deleted":
+            for identity in list(self.rooms.get(ev.room, ())):
+                self._remove(ev.room, identity)
+            self.rooms.pop(ev.room, None)
+            self.deleted_rooms.append(ev.room)
+        elif ev.changed.get("sip.callStatus") == "active":
+            self.answered.set()
 
     async def _hook(self, name: str) -> None:
         if (hook := self.hooks.pop(name, None)) is not None:
@@ -291,22 +311,34 @@ class LiveKitBackedLine(wh.SimulatedPhoneLine):
         except asyncio.CancelledError:
             self.cancelled_dials.append(dial.identity)
             raise
-        self.rooms.setdefault(dial.room, set()).add(dial.identity)
-        self.answered.set()
+        await self._hook("answered")
         return leg
 
     async def hang_up(self, leg):
         await self.lk.hang_up(leg)
-        await super().hang_up(leg)
 
     async def move(self, leg, room):
         await self._hook("move")
         await self.lk.move(leg, room)
-        await super().move(leg, room)
 
     async def delete_room(self, room):
         await self.lk.delete_room(room)
-        await super().delete_room(room)
+
+    def hang_up_human(self) -> None:
+        """The human's phone hangs up (BYE)."""
+        for room, members in list(self.server.rooms.items()):
+            for identity in [i for i in members if i.startswith("transfer_")]:
+                self._log("the human hangs up")
+                self.server.far_end_hangs_up(room, identity)
+
+    def hang_up_caller(self) -> None:
+        self._log("the caller hangs up")
+        if self.caller_identity in self.server.rooms.get(self.caller_room, {}):
+            self.server.remove_participant(self.caller_room, self.caller_identity)
+
+    async def aclose(self) -> None:
+        self._unsubscribe()
+        await super().aclose()
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ async def dial_with_headers(livekit, number: str) -> dict[str, str]:
         livekit_api_secret=API_SECRET,
         handoff_mode=wh.HandoffMode.CONFERENCE,
     )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, settings))
+    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, settings), server)
     line.caller_number = number
     agent = wh.WarmHandoffAgent(
         settings,

@@ -26,7 +26,7 @@ async def start(livekit, respond, **settings):
     s = settings_for(
         livekit_url=server.url, livekit_api_key=API_KEY, livekit_api_secret=API_SECRET, **settings
     )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, s))
+    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, s), server)
     agent = wh.WarmHandoffAgent(
         s, line, wh.Models(llm=ScriptedLLM(respond), turn_handling={"turn_detection": "manual"})
     )

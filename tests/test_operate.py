@@ -225,7 +225,7 @@ async def test_the_invite_carries_short_x_headers(livekit, headers_on):
         sip_headers=headers_on,
         handoff_mode=wh.HandoffMode.CONFERENCE,
     )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, settings))
+    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, settings), server)
     line.caller_number = "+15105550199"
     agent = wh.WarmHandoffAgent(
         settings,
