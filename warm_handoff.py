@@ -2147,6 +2147,7 @@ class Screening:
         self.speech_ended = asyncio.Event()
         self.opener: asyncio.Future[None] | None = None
         self.spoke_over_opener = False
+        self.heard_speech = False
         self.session.on("user_state_changed", self._on_user_state)
         self.session.on("user_input_transcribed", self._on_transcript)
 
@@ -2155,6 +2156,8 @@ class Screening:
         self.session.off("user_input_transcribed", self._on_transcript)
 
     def _on_user_state(self, ev: Any) -> None:
+        if ev.new_state == "speaking":
+            self.heard_speech = True
         if ev.new_state == "speaking" and self.opener is not None and not self.opener.done():
             self.spoke_over_opener = True
         elif ev.old_state == "speaking" and ev.new_state == "listening":
@@ -2203,6 +2206,8 @@ class Screening:
             }
             category = result.category
             if category is AMDCategory.HUMAN:
+                if result.reason == "short_greeting" and self.opener is not None:
+                    await self.opener  # timing alone counts only if the leg stays silent
                 if result.reason == "short_greeting" and self.spoke_over_opener:
                     return await self._ask(amd_seen, "spoke over the opener")
                 return Verdict(None, f"amd {result.reason}", amd_seen)
@@ -2234,12 +2239,19 @@ class Screening:
             verdict,
         ]
         if not self.extension:
-            waits.append(asyncio.sleep(grace))
+            waits.append(self._silence(grace))
         await _first(*waits)
         silent = not (self.speech_ended.is_set() or self.consult.person_confirmed.is_set())
         silent = silent and not verdict.done()
         self.play_opener()
         return silent
+
+    async def _silence(self, grace: float) -> None:
+        """Returns after ``grace`` s from the answer if nobody has started speaking; a human
+        who has started is waited for (their end of speech starts the opener instead)."""
+        await asyncio.sleep(grace)
+        if self.heard_speech:
+            await asyncio.get_running_loop().create_future()  # never: speech_ended decides
 
     def play_opener(self) -> None:
         if self.opener is None:

@@ -63,6 +63,7 @@ async def screened_call(silero_vad):
 
     async def start(answer: AnswerScenario, *, stt_delay: float = 0.3, **settings):
         settings.setdefault("max_hold", 60.0)
+        settings.setdefault("hello_grace", 2.0)  # the default
         support, billing = settings_for().destinations
         # a direct line unless a test says otherwise (support's extension is the PBX case)
         settings.setdefault("destinations", (dataclasses.replace(support, extension=""), billing))
