@@ -500,11 +500,12 @@ def redact(text: str) -> str:
     return DIGIT_RUN.sub(replace_run, text)
 
 
-def capped(text: str, limit: int = 100) -> str:
-    """Model-written text kept short: one line, its first sentence, at most ``limit``
-    characters cut at a word, without the closing full stop (it is read inside a sentence)."""
+def capped(text: str, limit: int = 100, *, sentence: bool = True) -> str:
+    """Model-written text kept short: one line, its first sentence (unless ``sentence`` is
+    False), at most ``limit`` characters cut at a word, without the closing full stop (it is
+    read inside a sentence)."""
     flat = " ".join(str(text).split())
-    first = re.split(r"(?<=[.!?])\s", flat, maxsplit=1)[0]
+    first = re.split(r"(?<=[.!?])\s", flat, maxsplit=1)[0] if sentence else flat
     if len(first) > limit:
         first = first[:limit].rsplit(" ", 1)[0] if " " in first[:limit] else first[:limit]
     return first.rstrip(" .!?,;:")
@@ -1813,6 +1814,8 @@ class Handoff:
             flow.cancel()
             with contextlib.suppress(BaseException):
                 await flow
+            if self._merged:  # the human is with the caller; only "You're now connected" was left
+                return self._result(HandoffOutcome.CONNECTED)
             if caller_left in done:
                 await self._tell_human(
                     "I'm sorry, the caller has just hung up. I'll pass on a callback request "
@@ -2053,7 +2056,7 @@ class Handoff:
     def _show_brief(self, brief: asyncio.Future[str]) -> None:
         """The consult room's agent carries the brief, for the human's softphone or CRM."""
         if self.brief and self._consult_open:
-            self._publish({"handoff.brief": self.brief}, room=self.consult_room)
+            self._publish({"handoff.brief": redact(self.brief)}, room=self.consult_room)
 
     async def _merge(self) -> HandoffResult:
         assert self._leg is not None
@@ -2293,6 +2296,21 @@ DEMO_DESTINATIONS = (
 )
 
 
+TRANSFER_TOOLS = ("transfer_call", "transfer_to_number")
+
+
+@dataclass
+class ModelReply:
+    """The tool calls of one model reply, as they stream in: tools of one reply run in
+    parallel, so each can see what else the model asked for in the same turn."""
+
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (tool name, call id)
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def first_transfer(self) -> str | None:
+        return next((call_id for name, call_id in self.calls if name in TRANSFER_TOOLS), None)
+
+
 class WarmHandoffAgent(Agent):
     """The receptionist the caller talks to. Its one way to reach a person is ``transfer_call``,
     which takes a destination *name* from the operator's directory, never a number."""
@@ -2316,6 +2334,9 @@ class WarmHandoffAgent(Agent):
         self._last_brief = ""
         self._shutting_down = False
         self._leaving: asyncio.Future[None] | None = None
+        self._reply = ModelReply()
+        self._reply.complete.set()
+        self._unconfirmed: CallbackRequest | None = None  # read back, not yet confirmed
         tools = [self._transfer_tool()] if self.destinations else []
         if settings.allow_dial_pattern is not None:
             tools.append(self._direct_tool())
@@ -2361,6 +2382,8 @@ class WarmHandoffAgent(Agent):
         }
 
         async def transfer_call(raw_arguments: dict[str, Any], context: RunContext) -> Any:
+            if (refused := self._refuse_transfer(context)) is not None:
+                return refused
             name = str(raw_arguments.get("destination", ""))
             destination = self.settings.destination(name)
             if destination is None:
@@ -2387,8 +2410,10 @@ class WarmHandoffAgent(Agent):
                 number: The number in international format, e.g. +15105550100.
                 reason: What the caller needs, in a few words.
             """
+            if (refused := self._refuse_transfer(context)) is not None:
+                return refused
             number = re.sub(r"[\s().-]", "", number)
-            if not (E164.match(number) and pattern.fullmatch(number)):
+            if not (E164.match(number) and dial_allowed(pattern, number)):
                 logger.warning(
                     "transfer_to_number refused %s in room %s",
                     mask_number(number),
@@ -2404,6 +2429,26 @@ class WarmHandoffAgent(Agent):
             return await self._hand_off(direct, reason)
 
         return function_tool(transfer_to_number)
+
+    @property
+    def connected(self) -> bool:
+        """The caller was handed to a person: the agent has nothing more to say."""
+        return any(r.connected for r in self.results)
+
+    def _refuse_transfer(self, context: RunContext) -> ToolResult | None:
+        """Refuse, silently, a transfer once the caller is connected, or a second transfer
+        in the same model reply (tools of one reply run in parallel)."""
+        if self.connected:
+            return ToolResult("The caller is already talking with a person.", reply_required=False)
+        first = self._reply.first_transfer()
+        if first is not None and first != context.function_call.call_id:
+            logger.warning(
+                "a second transfer in one turn was refused in room %s", self.line.caller_room
+            )
+            return ToolResult(
+                "Only one transfer per turn; this one was not made.", reply_required=False
+            )
+        return None
 
     async def _hand_off(self, destination: Destination, reason: str) -> Any:
         if self.handoff is not None:
@@ -2421,7 +2466,7 @@ class WarmHandoffAgent(Agent):
             line=self.line,
             session=self.session,
             destination=destination,
-            reason=reason or "a request for a person",
+            reason=redact(capped(reason)) or "a request for a person",
             models=self.models,
         )
         self._handoff_done.clear()
@@ -2514,8 +2559,15 @@ class WarmHandoffAgent(Agent):
             if answer:
                 yield answer
             return
-        async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
-            yield chunk
+        reply = self._reply = ModelReply()
+        try:
+            async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
+                delta = getattr(chunk, "delta", None)
+                for call in (delta.tool_calls if delta is not None else None) or []:
+                    reply.calls.append((call.name, call.call_id))
+                yield chunk
+        finally:
+            reply.complete.set()
 
     @function_tool
     async def request_callback(
@@ -2536,33 +2588,84 @@ class WarmHandoffAgent(Agent):
                 calling from, in international format. Otherwise leave empty.
             confirmed: True only after the caller said the read-back details are right.
         """
+        if (refused := await self._refuse_callback()) is not None:
+            return refused
+        name, best_time = capped(name, 60, sentence=False), capped(best_time, 80)
         number = re.sub(r"[\s().-]", "", number) or self.line.caller_number
         if not E164.match(number):
             return ToolResult("Ask for the number to call, with the area code.")
+        reason = self.results[-1].reason if self.results else ""
+        request = CallbackRequest(
+            room=self.line.caller_room,
+            caller_name=name,
+            number=number,
+            best_time=best_time,
+            reason=reason or "asked for a callback",
+            summary=self._summary(),
+            source="caller",
+        )
         if not confirmed:
-            await self.session.say(
-                f"Let me read that back: {name}, on {speakable_number(number)}, {best_time}. "
-                "Is that right?"
-            )
+            # Kept until confirmed: a caller who hangs up now still gets their callback.
+            self._unconfirmed = replace(request, source="abandoned")
+            if await self._caller_left_during(
+                self.session.say(
+                    f"Let me read that back: {name}, on {speakable_number(number)}, "
+                    f"{best_time}. Is that right?"
+                )
+            ):
+                self.record_unconfirmed_callback()
+                return ToolResult("The caller hung up during the read-back.", reply_required=False)
             return ToolResult(
                 "The details were read back. If the caller says yes, call request_callback "
                 "again with confirmed=true; otherwise correct the details.",
                 reply_required=False,
             )
-        reason = self.results[-1].reason if self.results else ""
-        self.records.callback(
-            CallbackRequest(
-                room=self.line.caller_room,
-                caller_name=name,
-                number=number,
-                best_time=best_time,
-                reason=reason or "asked for a callback",
-                summary=self._summary(),
-                source="caller",
-            )
-        )
+        self._unconfirmed = None
+        self.records.callback(request)
         await self.session.say(f"Thank you, {name}. Someone will call you back {best_time}.")
         return ToolResult("The callback request is recorded.", reply_required=False)
+
+    async def _refuse_callback(self) -> ToolResult | None:
+        """A callback is not taken once the caller is connected, during a transfer, or in the
+        same model reply as a transfer (whichever of the two tools runs first)."""
+        reply = self._reply
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(reply.complete.wait(), 5)  # every call of this reply known
+        if self.connected or self.handoff is not None or reply.first_transfer() is not None:
+            return ToolResult(
+                "No callback was recorded: a transfer was asked for in the same turn. Offer "
+                "a callback only if the transfer does not happen.",
+                reply_required=False,
+            )
+        return None
+
+    async def _caller_left_during(self, speech: Any) -> bool:
+        """Wait for ``speech`` to be played; True if the caller hung up first."""
+
+        async def played() -> None:
+            await speech
+
+        playing = asyncio.ensure_future(played())
+        left = asyncio.ensure_future(
+            self.line.wait_for_hangup(self.line.caller_room, (self.line.caller_identity,))
+        )
+        try:
+            await asyncio.wait({playing, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            playing.cancel()
+            left.cancel()
+        return left.done() and not left.cancelled() and left.exception() is None
+
+    def record_unconfirmed_callback(self) -> None:
+        """The caller left before confirming the read-back: record what they gave so far."""
+        request, self._unconfirmed = self._unconfirmed, None
+        if request is not None:
+            self.records.callback(request)
+
+    def call_ended(self) -> None:
+        """The call is over (the session closed or the job shuts down): nothing left pending."""
+        self.record_unconfirmed_callback()
+        self.records.call_ended()
 
     def _summary(self) -> str:
         if self._last_brief:
@@ -2653,14 +2756,11 @@ async def run_call(
     agent = WarmHandoffAgent(settings, line, models, records)
 
     async def on_shutdown(reason: str = "") -> None:
-        await agent.shutdown_handoff()
-        records.call_ended()
-        if records.delivery is not None:
-            await records.delivery.drain()
+        await finish_call(agent, records)
 
     ctx.add_shutdown_callback(on_shutdown)
     session: AgentSession = AgentSession()
-    session.on("close", lambda _: records.call_ended())
+    session.on("close", lambda _: agent.call_ended())
     if console:  # the console owns the audio; there is no room to join
         await session.start(agent=agent)
     else:
@@ -2673,56 +2773,181 @@ async def run_call(
     return session
 
 
+async def finish_call(
+    agent: WarmHandoffAgent, records: CallRecords, budget: float = JOB_SHUTDOWN_TIMEOUT - 3
+) -> None:
+    """The job's last steps: end a transfer in progress, record how the call ended, send the
+    records. Bounded by ``budget`` so the process exits before the framework kills it
+    (``JOB_SHUTDOWN_TIMEOUT``, less what the framework itself needs to close the session and
+    leave the room); records not sent by then wait in the outbox for the worker."""
+    deadline = time.monotonic() + budget
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(agent.shutdown_handoff(), budget / 2)
+    agent.call_ended()
+    if records.delivery is not None:
+        await records.delivery.drain(max(0.5, deadline - time.monotonic()))
+
+
 def _show_step(text: str) -> None:
     logger.info("📞 %s", text)
 
 
-@server.rtc_session(agent_name=os.environ.get("AGENT_NAME") or DEFAULT_AGENT_NAME)
+@server.rtc_session(agent_name=registered_agent_name())
 async def entrypoint(ctx: JobContext) -> None:
     ctx.log_context_fields = {"room": ctx.room.name}
     settings = load_settings(telephony=not ctx.is_fake_job())
     await run_call(ctx, settings, build_models(settings, ctx.proc.userdata["vad"]))
 
 
-async def check(settings: Settings) -> bool:
-    """``python warm_handoff.py check``: print the configuration (secrets masked) and prove
-    the LiveKit API credentials work with a harmless read."""
+_resender: asyncio.Task[None] | None = None
+
+
+@server.on("worker_started")
+def resend_outbox_in_the_background() -> None:
+    """The worker's main process owns the outbox. Job processes run one job each and exit
+    (livekit/agents/ipc: one job per forkserver/spawn process), so what a job could not send
+    in its shutdown is resent here, at start and then every minute. ``worker_started`` is
+    AgentServer's public event, emitted by ``AgentServer.run`` inside the main process's
+    event loop (livekit/agents/worker.py), for start, dev and console alike; the task lives
+    on that loop and ends with it."""
+    global _resender
+    try:
+        settings = load_settings(telephony=False)
+    except ConfigError:
+        return  # main() refuses to start with a bad configuration; nothing to resend to
+    if settings.webhook_url and (_resender is None or _resender.done()):
+        delivery = RecordDelivery(
+            settings.webhook_url, settings.webhook_secret, settings.callback_file
+        )
+        _resender = asyncio.get_running_loop().create_task(keep_resending(delivery))
+
+
+def callback_file_problems(settings: Settings) -> list[str]:
+    """Where callback requests (and, with a webhook, the outbox) are written must be a
+    folder the worker can write in; checked at start and by ``check``."""
+    path = Path(settings.callback_file)
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        return [f"HANDOFF_CALLBACK_FILE: the folder {folder} does not exist"]
+    if path.is_dir():
+        return [f"HANDOFF_CALLBACK_FILE: {path} is a folder, not a file"]
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as e:
+        return [f"HANDOFF_CALLBACK_FILE: cannot write in {folder} ({e.strerror or e})"]
+    if settings.webhook_url:
+        try:
+            outbox_folder(settings.callback_file).mkdir(exist_ok=True)
+        except OSError as e:
+            return [f"HANDOFF_CALLBACK_FILE: cannot make the outbox folder ({e.strerror or e})"]
+    return []
+
+
+def describe_failure(error: BaseException) -> str:
+    """A failed request to LiveKit, named for an operator: the cause, not just a class."""
+    import aiohttp
+
+    if isinstance(error, aiohttp.ClientConnectorError):
+        where = f"cannot connect to host {error.host}:{error.port}"
+        if isinstance(error, aiohttp.ClientConnectorDNSError):
+            return f"{where}: name resolution failed"
+        cause = error.os_error.strerror or str(error.os_error) or type(error.os_error).__name__
+        return f"{where}: {cause}"
+    if isinstance(error, asyncio.TimeoutError):
+        return "no answer within 15 seconds"
+    reason = getattr(error, "message", "") or str(error) or type(error).__name__
+    return f"{getattr(error, 'code', 'error')}: {reason}"
+
+
+async def check(settings: Settings, env: Mapping[str, str] | None = None) -> bool:
+    """``python warm_handoff.py check``: print the configuration (secrets masked), say what
+    would stop a call (provider keys, the callback file's folder), how many records wait in
+    the outbox, and prove the LiveKit API credentials work with a harmless read."""
+    ok = True
     width = max(len(name) for name, _ in settings.masked())
     for name, value in settings.masked():
         print(f"{name:<{width}}  {value}")
+    if missing := missing_provider_keys(env):  # named; the exit code is about LiveKit
+        print(f"Provider keys: MISSING {', '.join(missing)} (start refuses)", file=sys.stderr)
+    if problems := callback_file_problems(settings):
+        print(f"Callback file: FAILED ({'; '.join(problems)})", file=sys.stderr)
+        ok = False
+    else:
+        print(f"Callback file: OK ({settings.callback_file})")
+    if settings.webhook_url:
+        waiting = Outbox(outbox_folder(settings.callback_file)).waiting()
+        backlog = f"{len(waiting)} record(s) waiting"
+        if waiting:
+            oldest = time.time() - waiting[0].stat().st_mtime
+            backlog += f", the oldest for {oldest / 60:.0f} min (resend-outbox sends them now)"
+        print(f"Outbox: {backlog}")
     try:
         async with api.LiveKitAPI(
             settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
         ) as lk:
             rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 15)
     except Exception as e:
-        reason = getattr(e, "message", "") or type(e).__name__
-        print(f"LiveKit API: FAILED ({getattr(e, 'code', 'error')}: {reason})", file=sys.stderr)
+        print(f"LiveKit API: FAILED ({describe_failure(e)})", file=sys.stderr)
         return False
     print(f"LiveKit API: OK, the credentials work ({len(rooms.rooms)} rooms open)")
-    return True
+    return ok
+
+
+async def resend_outbox(settings: Settings) -> bool:
+    """``python warm_handoff.py resend-outbox``: send every record waiting in the outbox now
+    (however young); True when none is left."""
+    if not settings.webhook_url:
+        print("HANDOFF_WEBHOOK_URL is not set: there is no outbox to resend", file=sys.stderr)
+        return False
+    delivery = RecordDelivery(settings.webhook_url, settings.webhook_secret, settings.callback_file)
+    sent, left = await delivery.resend(min_age=0)
+    print(f"Outbox: {sent} record(s) sent, {left} still waiting")
+    return left == 0
+
+
+OUR_COMMANDS = """\
+Warm Handoff commands (besides the framework's, listed below):
+  check          Validate the configuration, show it masked, report the outbox and prove the
+                 LiveKit credentials with a harmless read. Exits 1 on any problem.
+  resend-outbox  Send the records waiting in the outbox to HANDOFF_WEBHOOK_URL now.
+"""
+
+
+def _settings_or_exit(telephony: bool) -> Settings:
+    try:
+        return load_settings(telephony=telephony)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     command = argv[1] if len(argv) > 1 else ""
     if command == "check":
-        try:
-            settings = load_settings()
-        except ConfigError as e:
-            print(e, file=sys.stderr)
-            raise SystemExit(1) from None
-        raise SystemExit(0 if asyncio.run(check(settings)) else 1)
+        raise SystemExit(0 if asyncio.run(check(_settings_or_exit(True))) else 1)
+    if command == "resend-outbox":
+        raise SystemExit(0 if asyncio.run(resend_outbox(_settings_or_exit(False))) else 1)
+    if command in ("", "--help", "-h", "help"):
+        print(OUR_COMMANDS)
     if command in ("start", "dev", "console", "connect") and "--help" not in argv:
         problems: list[str] = []
         try:
-            load_settings(telephony=command != "console")
+            settings = load_settings(telephony=command != "console")
         except ConfigError as e:
             problems += e.problems
+        else:
+            problems += callback_file_problems(settings)
         problems += [f"{key} is not set" for key in missing_provider_keys()]
         if problems:
             print(ConfigError(problems), file=sys.stderr)
             raise SystemExit(1)
+        if command == "console" and not (sys.stdin.isatty() and sys.stdout.isatty()):
+            print("console needs a terminal: run it in an interactive shell", file=sys.stderr)
+            raise SystemExit(2)
     cli.run_app(server)
 
 
