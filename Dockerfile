@@ -27,6 +27,10 @@ WORKDIR /home/appuser
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
 
+# Callback requests and the webhook outbox: mount a volume here (see "Deploy" in README.md);
+# a new named volume takes this folder's owner.
+RUN mkdir -p /var/lib/warm-handoff && chown appuser:appuser /var/lib/warm-handoff
+
 USER appuser
 
 # Fetch the plugins' model files at build time, so a new worker starts without downloading.

@@ -26,13 +26,16 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
+import regex
 from dotenv import load_dotenv
 from livekit import api, rtc
 from livekit.agents import (
@@ -66,10 +69,16 @@ load_dotenv(os.environ.get("DOTENV_FILE") or None)  # DOTENV_FILE=/dev/null igno
 # 1. Configuration
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
-E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-SIP_URI = re.compile(r"^sips?:[^@\s]+@[^@\s]+$")
-DTMF = re.compile(r"^[0-9*#wW]{1,32}$")
-DESTINATION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# Whole-string patterns (\A...\Z: "$" would accept a trailing newline); phone numbers take
+# ASCII digits only ("\d" also matches other scripts' digits, which no trunk dials).
+E164 = re.compile(r"\A\+[1-9][0-9]{6,14}\Z")
+SIP_URI = re.compile(r"\Asips?:[^@\s]+@[^@\s]+\Z")
+DTMF = re.compile(r"\A[0-9*#wW]{1,32}\Z")
+DESTINATION_NAME = re.compile(r"\A[a-z][a-z0-9_-]{0,31}\Z")
+AGENT_NAME_RULE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
+MAX_DESTINATIONS_CHARS = 65_536
+MAX_JSON_DEPTH = 10  # a destination's opening hours need about six levels
+DIAL_PATTERN_TIMEOUT = 0.05  # seconds a HANDOFF_ALLOW_DIAL_PATTERN match may take
 
 DEFAULT_AGENT_NAME = "warm-handoff-agent"
 DEFAULT_GREETING = "Thanks for calling. This is the virtual assistant. How can I help you today?"
@@ -123,7 +132,7 @@ class Settings:
     sip_trunk_id: str = ""
     caller_id: str = ""  # the number the human's phone shows (must belong to the trunk)
     destinations: tuple[Destination, ...] = ()
-    allow_dial_pattern: re.Pattern[str] | None = None
+    allow_dial_pattern: re.Pattern[str] | regex.Pattern[str] | None = None
     handoff_mode: HandoffMode = HandoffMode.AUTO
     ring_timeout: float = 25.0
     max_hold: float = 180.0
@@ -166,7 +175,7 @@ class Settings:
             ("HANDOFF_MAX_HOLD", f"{self.max_hold:g}s"),
             ("HANDOFF_MAX_ATTEMPTS", str(self.max_attempts)),
             ("AGENT_NAME", self.agent_name),
-            ("HANDOFF_WEBHOOK_URL", self.webhook_url or "(not set)"),
+            ("HANDOFF_WEBHOOK_URL", url_origin(self.webhook_url) or "(not set)"),
             ("HANDOFF_WEBHOOK_SECRET", secret(self.webhook_secret)),
             ("HANDOFF_CALLBACK_FILE", self.callback_file),
             ("models", f"{self.stt_model} / {self.llm_model} / {self.tts_model}"),
@@ -199,16 +208,63 @@ class ConfigError(Exception):
         super().__init__("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+def _json_depth(raw: str) -> int:
+    """How deeply ``raw`` nests arrays and objects, counted without parsing it (the parser
+    itself would recurse, and fail with a traceback, on a deep enough input)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
 def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
     """HANDOFF_DESTINATIONS is a JSON object: {"support": {"number": "+1...", "description":
     "...", "extension": "1234", "ring_timeout": 20, "spoken_name": "our support team"}}."""
     if not raw.strip():
         return []
+    if len(raw) > MAX_DESTINATIONS_CHARS:
+        problems.append(
+            f"HANDOFF_DESTINATIONS is too long ({len(raw)} characters, at most "
+            f"{MAX_DESTINATIONS_CHARS})"
+        )
+        return []
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        problems.append(f"HANDOFF_DESTINATIONS nests deeper than {MAX_JSON_DEPTH} levels")
+        return []
+    repeated: list[str] = []
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                repeated.append(key)
+            seen[key] = value
+        return seen
+
     try:
-        entries = json.loads(raw)
+        entries = json.loads(raw, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
         problems.append(f"HANDOFF_DESTINATIONS is not valid JSON ({e.msg} at {e.pos})")
         return []
+    except RecursionError:  # _json_depth bounds this; kept so no input can show a traceback
+        problems.append("HANDOFF_DESTINATIONS nests too deeply")
+        return []
+    for key in dict.fromkeys(repeated):
+        problems.append(f"HANDOFF_DESTINATIONS has the key {key!r} more than once")
     if not isinstance(entries, dict):
         problems.append("HANDOFF_DESTINATIONS must be a JSON object of name -> destination")
         return []
@@ -229,33 +285,48 @@ def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
         }
         if unknown:
             problems.append(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
-        target = str(entry.get("number", "")).strip()
+
+        def text(key: str, entry: dict[str, Any] = entry, where: str = where) -> str | None:
+            """A text value; None (and a problem named) when it is null or not text."""
+            value = entry.get(key, "")
+            if key == "extension" and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # "extension": 1234 reads as the digits
+            if not isinstance(value, str):
+                problems.append(f"{where}.{key} must be text (got {json.dumps(value)[:20]})")
+                return None
+            return value.strip()
+
+        target = text("number")
         if not DESTINATION_NAME.match(name):
             problems.append(f"{where}: name must be lower-case letters, digits, '-' or '_'")
-        if not (E164.match(target) or SIP_URI.match(target)):
+        if target is not None and not (E164.match(target) or SIP_URI.match(target)):
             problems.append(f"{where}.number must be E.164 (+15105550100) or a sip: URI")
-        extension = str(entry.get("extension", "")).strip()
+        extension = text("extension") or ""
         if extension and not DTMF.match(extension):
             problems.append(f"{where}.extension may hold only 0-9 * # w")
         timeout = entry.get("ring_timeout")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and 5 <= timeout <= 120):
+        if timeout is not None and not (
+            isinstance(timeout, (int, float))
+            and not isinstance(timeout, bool)
+            and 5 <= timeout <= 120
+        ):
             problems.append(f"{where}.ring_timeout must be a number of seconds, 5 to 120")
             timeout = None
-        screening = str(entry.get("screening", "amd")).strip().lower()
+        screening = (text("screening") or "amd").lower()
         if screening not in ("amd", "none"):
             problems.append(f"{where}.screening must be amd (the default) or none")
-        description = str(entry.get("description", "")).strip()
-        if not description:
+        description = text("description")
+        if description == "":
             problems.append(f"{where}.description is required (the model reads it)")
         found.append(
             Destination(
                 name=name,
-                target=target,
-                description=description,
+                target=target or "",
+                description=description or "",
                 extension=extension,
                 ring_timeout=float(timeout) if timeout is not None else None,
-                spoken_name=str(entry.get("spoken_name", "")).strip(),
-                fallback=str(entry.get("fallback", "")).strip(),
+                spoken_name=text("spoken_name") or "",
+                fallback=text("fallback") or "",
                 screening=screening,
             )
         )
@@ -268,6 +339,16 @@ def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
     return found
 
 
+def _env_text(env: Mapping[str, str], name: str, default: str = "") -> str:
+    return env.get(name, default).strip()
+
+
+def registered_agent_name(env: Mapping[str, str] | None = None) -> str:
+    """The name the server registers: AGENT_NAME exactly as ``load_settings`` reads it."""
+    env = os.environ if env is None else env
+    return _env_text(env, "AGENT_NAME") or DEFAULT_AGENT_NAME
+
+
 def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = True) -> Settings:
     """Read and validate the configuration. ``telephony=False`` (console) does not require
     LiveKit credentials or a trunk. Raises ``ConfigError`` naming every bad value; secret
@@ -276,7 +357,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
     problems: list[str] = []
 
     def get(name: str, default: str = "") -> str:
-        return env.get(name, default).strip()
+        return _env_text(env, name, default)
 
     def number(name: str, default: float, low: float, high: float) -> float:
         raw = get(name)
@@ -290,6 +371,15 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         if not low <= value <= high:
             problems.append(f"{name} must be between {low:g} and {high:g} seconds")
         return value
+
+    def count(name: str, default: int, low: int, high: int) -> int:
+        raw = get(name)
+        if not raw:
+            return default
+        if not re.fullmatch(r"[0-9]+", raw) or not low <= int(raw) <= high:
+            problems.append(f"{name} must be a whole number from {low} to {high} (got {raw!r})")
+            return default
+        return int(raw)
 
     def choice(name: str, enum: type[Enum], default: Enum) -> Any:
         raw = get(name).lower().replace(" ", "_")
@@ -308,27 +398,28 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
     pattern_raw = get("HANDOFF_ALLOW_DIAL_PATTERN")
     pattern = None
     if pattern_raw:
-        try:
-            pattern = re.compile(pattern_raw)
-        except re.error as e:
+        try:  # the regex package: its matches take a timeout (see dial_allowed)
+            pattern = regex.compile(pattern_raw)
+        except regex.error as e:
             problems.append(f"HANDOFF_ALLOW_DIAL_PATTERN is not a valid regular expression ({e})")
 
+    destinations_raw = get("HANDOFF_DESTINATIONS")
     settings = Settings(
         livekit_url=get("LIVEKIT_URL"),
         livekit_api_key=get("LIVEKIT_API_KEY"),
         livekit_api_secret=get("LIVEKIT_API_SECRET"),
         sip_trunk_id=trunk,
         caller_id=caller_id,
-        destinations=tuple(_parse_destinations(get("HANDOFF_DESTINATIONS"), problems)),
+        destinations=tuple(_parse_destinations(destinations_raw, problems)),
         allow_dial_pattern=pattern,
         handoff_mode=choice("HANDOFF_MODE", HandoffMode, HandoffMode.AUTO),
         ring_timeout=ring_timeout,
         max_hold=number("HANDOFF_MAX_HOLD", 180.0, 30, 1800),
         hello_grace=number("HANDOFF_HELLO_GRACE", 2.0, 0, 10),
         hold_reassure_every=number("HANDOFF_HOLD_REASSURE", 25.0, 5, 300),
-        max_attempts=int(number("HANDOFF_MAX_ATTEMPTS", 3, 1, 5)),
+        max_attempts=count("HANDOFF_MAX_ATTEMPTS", 3, 1, 5),
         hold_audio_file=get("HANDOFF_HOLD_AUDIO_FILE"),
-        agent_name=get("AGENT_NAME", DEFAULT_AGENT_NAME) or DEFAULT_AGENT_NAME,
+        agent_name=get("AGENT_NAME") or DEFAULT_AGENT_NAME,  # = registered_agent_name()
         greeting=get("GREETING") or DEFAULT_GREETING,
         business_name=get("BUSINESS_NAME") or "our company",
         business_scope=get("BUSINESS_SCOPE") or Settings.business_scope,
@@ -354,7 +445,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         problems.append("HANDOFF_CALLER_ID must be an E.164 number like +15105550100")
     if settings.hold_audio_file and not os.path.isfile(settings.hold_audio_file):
         problems.append("HANDOFF_HOLD_AUDIO_FILE does not name a readable file")
-    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", settings.agent_name):
+    if not AGENT_NAME_RULE.match(settings.agent_name):
         problems.append("AGENT_NAME may hold only letters, digits, '-' and '_'")
     if settings.livekit_url and not re.match(r"^(wss?|https?)://", settings.livekit_url):
         problems.append("LIVEKIT_URL must start with wss://, ws://, https:// or http://")
@@ -362,7 +453,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
             if not get(name):
                 problems.append(f"{name} is not set")
-        if not settings.destinations and not pattern:
+        if not destinations_raw and not pattern:
             problems.append("HANDOFF_DESTINATIONS is empty: configure at least one destination")
         if not trunk:
             problems.append("SIP_TRUNK_ID (or LIVEKIT_SIP_OUTBOUND_TRUNK) is not set")
@@ -390,6 +481,71 @@ def mask_number(target: str) -> str:
         user, _, host = target.partition("@")
         return f"{user[:6]}•••@{host}"
     return f"{target[:5]}•••{target[-2:]}" if len(target) > 7 else "•••"
+
+
+DIGIT_RUN = re.compile(r"(?<![0-9])\+?[0-9](?:[ -]?[0-9])*")  # ASCII digits, spaced or dashed
+
+
+def _luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, digit in enumerate(reversed(digits)):
+        value = int(digit) * (2 if i % 2 else 1)
+        total += value - 9 if value > 9 else value
+    return total % 10 == 0
+
+
+def redact(text: str) -> str:
+    """Applied to every text that leaves the call (logs, records, attributes, headers): a
+    Luhn-valid run of 13 to 19 digits becomes "a card ending 1234"; any other run of 7 or
+    more digits is masked like ``mask_number``."""
+
+    def replace_run(m: re.Match[str]) -> str:
+        run = m.group(0)
+        digits = re.sub(r"[^0-9]", "", run)
+        if len(digits) < 7:
+            return run
+        if 13 <= len(digits) <= 19 and _luhn_valid(digits):
+            return f"a card ending {digits[-4:]}"
+        return mask_number(("+" if run.startswith("+") else "") + digits)
+
+    return DIGIT_RUN.sub(replace_run, text)
+
+
+def capped(text: str, limit: int = 100, *, sentence: bool = True) -> str:
+    """Model-written text kept short: one line, its first sentence (unless ``sentence`` is
+    False), at most ``limit`` characters cut at a word, without the closing full stop (it is
+    read inside a sentence)."""
+    flat = " ".join(str(text).split())
+    first = re.split(r"(?<=[.!?])\s", flat, maxsplit=1)[0] if sentence else flat
+    if len(first) > limit:
+        first = first[:limit].rsplit(" ", 1)[0] if " " in first[:limit] else first[:limit]
+    return first.rstrip(" .!?,;:")
+
+
+def url_origin(url: str) -> str:
+    """scheme://host[:port] of a URL, for printing: tokens live in its path and query."""
+    m = re.match(r"\A([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^@/?#]*@)?([^/?#]*)", url)
+    if not m:
+        return "(set)" if url else ""
+    rest = url[m.end() :]
+    return m.group(1) + m.group(2) + ("/…" if rest.strip("/") else "")
+
+
+def dial_allowed(pattern: re.Pattern[str] | regex.Pattern[str], number: str) -> bool:
+    """Whether ``number`` fully matches HANDOFF_ALLOW_DIAL_PATTERN. The match is bounded in
+    time, so a pattern that backtracks catastrophically refuses instead of blocking the
+    event loop."""
+    if isinstance(pattern, re.Pattern):  # a Settings built in code with re.compile
+        pattern = regex.compile(pattern.pattern, pattern.flags & ~re.UNICODE)
+    try:
+        return pattern.fullmatch(number, timeout=DIAL_PATTERN_TIMEOUT) is not None
+    except TimeoutError:
+        logger.error(
+            "HANDOFF_ALLOW_DIAL_PATTERN took over %gs on %s: refused",
+            DIAL_PATTERN_TIMEOUT,
+            mask_number(number),
+        )
+        return False
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -1361,7 +1517,7 @@ class CallbackRequest:
     best_time: str
     reason: str
     summary: str
-    source: str  # "caller": they asked for it; "abandoned": they hung up during a transfer
+    source: str  # "caller": they asked for it; "abandoned": they hung up before it was confirmed
     created_at: float = field(default_factory=time.time)
 
     def public(self) -> dict[str, Any]:
@@ -1369,15 +1525,114 @@ class CallbackRequest:
         return {**self.__dict__, "number": mask_number(self.number) if self.number else ""}
 
 
-class RecordDelivery:
-    """Takes outcome records off the call's hands and delivers them in the background.
+# What a record's fields may hold: these are names and codes, never said by anyone; every
+# other text field is redacted (and ``number``, the callback number, is masked in logs).
+RECORD_CODES = frozenset(
+    {"type", "id", "room", "job_id", "attempt", "destination", "mode", "outcome", "phase"}
+    | {"source", "number"}
+)
+RECORD_TEXT_LIMIT = 2000  # characters of any one text field (a summary, a brief)
 
-    With ``HANDOFF_WEBHOOK_URL``: a JSON POST signed with HMAC-SHA256 over
-    ``"{timestamp}.{body}"`` (headers ``X-Handoff-Timestamp`` and ``X-Handoff-Signature:
-    sha256=<hex>``), retried with exponential backoff on 5xx, 408, 429 and network errors.
-    Callback requests the webhook never took, and all of them when there is no webhook, are
-    appended to ``HANDOFF_CALLBACK_FILE`` (JSON lines), so none is lost. ``submit`` never waits
-    and never raises; the queue is bounded; each record that cannot be delivered is logged once.
+# livekit-agents: ServerOptions.shutdown_process_timeout = 10.0 (livekit/agents/worker.py); a
+# job process that has not exited that long after its shutdown was acknowledged is killed
+# (livekit/agents/ipc/supervised_proc.py, SupervisedProc.aclose).
+JOB_SHUTDOWN_TIMEOUT = 10.0
+OUTBOX_RESEND_EVERY = 60.0  # the worker's main process sweeps the outbox this often
+OUTBOX_RESEND_MAX_EVERY = 900.0  # backing off to this while the receiver keeps failing
+OUTBOX_MIN_AGE = 30.0  # younger files are still the job's to send
+
+
+def outbox_folder(callback_file: str) -> Path:
+    """Records waiting for the webhook: ``outbox/`` beside the callback file."""
+    return Path(callback_file).resolve().parent / "outbox"
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Outbox:
+    """One file per record not yet taken by the webhook: ``<id>.json``, written atomically
+    (temporary file, fsync, rename, fsync the folder). Whoever sends a file holds an exclusive
+    ``flock`` on it, so a job process and the worker's main process never send it at once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def put(self, record_id: str, record: Mapping[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(record, out, separators=(",", ":"))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, self.folder / f"{record_id}.json")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        _fsync_folder(self.folder)
+
+    def waiting(self, min_age: float = 0.0) -> list[Path]:
+        """The records waiting, oldest first, skipping those younger than ``min_age``."""
+        now = time.time()
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for path in self.folder.glob("*.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    modified = path.stat().st_mtime
+                    if now - modified >= min_age:
+                        found.append((modified, path))
+        return [path for _, path in sorted(found)]
+
+    @contextlib.contextmanager
+    def claim(self, path: Path) -> Iterator[bool]:
+        """Hold ``path`` while sending it: False if it is gone or someone else holds it."""
+        import fcntl
+
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:  # sent and deleted by someone else between our open and our lock
+                still_there = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                still_there = False
+            yield still_there
+        finally:
+            os.close(fd)  # releases the lock
+
+    def remove(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            _fsync_folder(self.folder)
+
+
+class RecordDelivery:
+    """Takes outcome records off the call's hands, durably, and delivers them.
+
+    A callback request is first appended to ``HANDOFF_CALLBACK_FILE`` (JSON lines, flushed and
+    fsynced): the file is the source of truth, the webhook a copy. With ``HANDOFF_WEBHOOK_URL``,
+    every record is then written to the outbox (``Outbox``) and sent at once, at least once: a
+    JSON POST signed with HMAC-SHA256 over ``"{timestamp}.{body}"`` (``X-Handoff-Timestamp``,
+    ``X-Handoff-Signature: sha256=<hex>``, signed afresh on every attempt) with the record's id
+    in ``X-Handoff-Record-Id`` so the receiver can de-duplicate, retried with exponential backoff
+    on 5xx, 408, 429 and network errors. Its outbox file is deleted when the receiver answers
+    2xx; what is left is sent again by the worker's main process (``keep_resending``) or by
+    ``python warm_handoff.py resend-outbox``. ``submit`` never raises and never waits on the
+    network; each record that cannot be delivered now is logged once.
     """
 
     def __init__(
@@ -1394,10 +1649,11 @@ class RecordDelivery:
         self.url = url
         self._secret = secret.encode()
         self.callback_file = callback_file
+        self.outbox = Outbox(outbox_folder(callback_file))
         self.attempts = attempts
         self.backoff = backoff
         self.timeout = timeout
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(queue_size)
         self._sender: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
 
@@ -1406,40 +1662,108 @@ class RecordDelivery:
         return "sha256=" + digest.hexdigest()
 
     def submit(self, record: dict[str, Any]) -> None:
-        if not self.url and record.get("type") != "callback_request":
-            return  # the log line is the record
+        if record.get("type") == "callback_request":
+            self._save_callback(record)  # before anything else is tried
+        if not self.url:
+            return  # the log line (and, for a callback request, the file) is the record
+        record_id = str(record.get("id") or uuid.uuid4().hex)
         try:
-            self._queue.put_nowait(record)
+            self.outbox.put(record_id, record)
+        except OSError as e:
+            logger.error(
+                "could not write a %s record for room %s to %s (%s): sending it from memory",
+                record.get("type"),
+                record.get("room"),
+                self.outbox.folder,
+                e.strerror or type(e).__name__,
+            )
+        try:
+            self._queue.put_nowait((record_id, record))
         except asyncio.QueueFull:
-            logger.error("record queue full, dropping a %s record", record.get("type"))
-            if record.get("type") == "callback_request":
-                self._append(record)
+            logger.error(
+                "record queue full: the %s record for room %s waits in %s for the worker",
+                record.get("type"),
+                record.get("room"),
+                self.outbox.folder,
+            )
             return
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_all())
 
     async def drain(self, timeout: float = 10.0) -> None:
-        """Wait until every submitted record is delivered or given up (shutdown, tests)."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout)
+        """Send what was submitted for at most ``timeout`` seconds (shutdown, tests); what is
+        not sent by then stays in the outbox for the worker's main process."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._queue.join()), timeout)
+            return
+        except asyncio.TimeoutError:
+            pass
+        left = self._queue.qsize() + 1
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sender
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self._queue.task_done()
+        logger.warning(
+            "the webhook did not take %d record(s) in %gs; they wait in %s for the worker "
+            "to resend",
+            left,
+            timeout,
+            self.outbox.folder,
+        )
 
     async def _send_all(self) -> None:
         import aiohttp
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
             while not self._queue.empty():
-                record = self._queue.get_nowait()
+                record_id, record = self._queue.get_nowait()
                 try:
-                    delivered = bool(self.url) and await self._post(http, record)
-                    if not delivered and record.get("type") == "callback_request":
-                        self._append(record)
+                    path = self.outbox.folder / f"{record_id}.json"
+                    if not path.exists():  # it could not be written: send from memory
+                        await self._post(http, record, record_id)
+                        continue
+                    with self.outbox.claim(path) as mine:
+                        if mine and await self._post(http, record, record_id):
+                            self.outbox.remove(path)
                 finally:
                     self._queue.task_done()
 
-    async def _post(self, http: Any, record: dict[str, Any]) -> bool:
+    async def resend(self, min_age: float = OUTBOX_MIN_AGE) -> tuple[int, int]:
+        """Send every outbox record older than ``min_age`` once: (sent, still waiting)."""
+        import aiohttp
+
+        sent = failed = 0
+        waiting = self.outbox.waiting(min_age)
+        if not waiting:
+            return 0, 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
+            for path in waiting:
+                with self.outbox.claim(path) as mine:
+                    if not mine:
+                        continue
+                    try:
+                        record = json.loads(path.read_text(encoding="utf-8"))
+                    except (OSError, ValueError) as e:
+                        logger.error("unreadable outbox record %s: %s", path.name, e)
+                        failed += 1
+                        continue
+                    if await self._post(http, record, path.stem, attempts=1):
+                        self.outbox.remove(path)
+                        sent += 1
+                    else:
+                        failed += 1
+        return sent, failed
+
+    async def _post(
+        self, http: Any, record: dict[str, Any], record_id: str, attempts: int | None = None
+    ) -> bool:
         body = json.dumps(record, separators=(",", ":")).encode()
         problem = ""
-        for attempt in range(self.attempts):
+        attempts = attempts or self.attempts
+        for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
             timestamp = str(int(time.time()))
@@ -1447,6 +1771,7 @@ class RecordDelivery:
                 "Content-Type": "application/json",
                 "X-Handoff-Timestamp": timestamp,
                 "X-Handoff-Signature": self.sign(timestamp, body),
+                "X-Handoff-Record-Id": record_id,
             }
             try:
                 async with http.post(self.url, data=body, headers=headers) as response:
@@ -1466,12 +1791,43 @@ class RecordDelivery:
         )
         return False
 
-    def _append(self, record: dict[str, Any]) -> None:
+    def _save_callback(self, record: dict[str, Any]) -> None:
+        """Append, flush, fsync. If that fails, the request goes to the log at error level
+        with the number in full (the one unmasked number a log may hold), so an operator can
+        still call back; its other texts are redacted as in records."""
         try:
             with open(self.callback_file, "a", encoding="utf-8") as out:
                 out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
         except OSError as e:
-            logger.error("could not save a callback request to %s: %s", self.callback_file, e)
+            shown = {
+                k: redact(v) if isinstance(v, str) and k not in RECORD_CODES else v
+                for k, v in record.items()
+            }
+            logger.error(
+                "could not save a callback request to %s (%s): call back %s; request %s",
+                self.callback_file,
+                e.strerror or type(e).__name__,
+                record.get("number", ""),
+                json.dumps(shown),
+            )
+
+
+async def keep_resending(delivery: RecordDelivery) -> None:
+    """The worker's main process: send the outbox's leftovers at start, then every
+    ``OUTBOX_RESEND_EVERY`` seconds, backing off while the receiver keeps failing."""
+    every = OUTBOX_RESEND_EVERY
+    while True:
+        try:
+            sent, failed = await delivery.resend(OUTBOX_MIN_AGE)
+        except Exception as e:  # a sweep that breaks must not end the resender
+            logger.error("outbox sweep failed: %r", e)
+            sent, failed = 0, 1
+        if sent:
+            logger.info("resent %d record(s) from the outbox", sent)
+        every = min(every * 2, OUTBOX_RESEND_MAX_EVERY) if failed else OUTBOX_RESEND_EVERY
+        await asyncio.sleep(every)
 
 
 _DELIVERIES: dict[tuple[str, str], RecordDelivery] = {}
@@ -1489,9 +1845,23 @@ def delivery_for(settings: Settings) -> RecordDelivery:
     return delivery
 
 
+def _cleaned(record: dict[str, Any]) -> dict[str, Any]:
+    """Every text a record carries out of the call, redacted and capped."""
+
+    def clean(key: str, value: Any) -> Any:
+        if isinstance(value, str) and key not in RECORD_CODES:
+            return redact(value[:RECORD_TEXT_LIMIT])
+        if isinstance(value, list):
+            return [clean(key, v) for v in value]
+        return value
+
+    return {k: clean(k, v) for k, v in record.items()}
+
+
 class CallRecords:
     """One call's outcome records: each handoff attempt, each callback request and the call
-    itself, each as one JSON log line (numbers masked) and through ``RecordDelivery``."""
+    itself, each with a unique ``id``, as one JSON log line (numbers masked, texts redacted)
+    and through ``RecordDelivery``."""
 
     def __init__(self, room: str, job_id: str = "", delivery: RecordDelivery | None = None) -> None:
         self.room = room
@@ -1502,8 +1872,12 @@ class CallRecords:
         self.started_at = time.time()
         self.ended = False
 
-    def _emit(self, record: dict[str, Any], logged: dict[str, Any] | None = None) -> None:
-        logger.info("%s record %s", record["type"], json.dumps(logged or record))
+    def _emit(self, record: dict[str, Any]) -> None:
+        record = _cleaned({"type": record["type"], "id": uuid.uuid4().hex, **record})
+        logged = {**record}
+        if logged.get("number"):
+            logged["number"] = mask_number(logged["number"])
+        logger.info("%s record %s", record["type"], json.dumps(logged))
         if self.delivery is not None:
             self.delivery.submit(record)
 
@@ -1533,8 +1907,7 @@ class CallRecords:
 
     def callback(self, request: CallbackRequest) -> None:
         self.callbacks.append(request)
-        record = {"type": "callback_request", "job_id": self.job_id, **request.__dict__}
-        self._emit(record, {**record, **request.public()})
+        self._emit({"type": "callback_request", "job_id": self.job_id, **request.__dict__})
 
     def call_ended(self) -> None:
         """The call's own record: how it ended, once."""
@@ -1772,6 +2145,8 @@ class Handoff:
             flow.cancel()
             with contextlib.suppress(BaseException):
                 await flow
+            if self._merged:  # the human is with the caller; only "You're now connected" was left
+                return self._result(HandoffOutcome.CONNECTED)
             if caller_left in done:
                 await self._tell_human(
                     "I'm sorry, the caller has just hung up. I'll pass on a callback request "
@@ -2062,7 +2437,7 @@ class Handoff:
     def _show_brief(self, brief: asyncio.Future[str]) -> None:
         """The consult room's agent carries the brief, for the human's softphone or CRM."""
         if self.brief and self._consult_open:
-            self._publish({"handoff.brief": self.brief}, room=self.consult_room)
+            self._publish({"handoff.brief": redact(self.brief)}, room=self.consult_room)
 
     async def _merge(self) -> HandoffResult:
         assert self._leg is not None
@@ -2510,6 +2885,21 @@ DEMO_DESTINATIONS = (
 )
 
 
+TRANSFER_TOOLS = ("transfer_call", "transfer_to_number")
+
+
+@dataclass
+class ModelReply:
+    """The tool calls of one model reply, as they stream in: tools of one reply run in
+    parallel, so each can see what else the model asked for in the same turn."""
+
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (tool name, call id)
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def first_transfer(self) -> str | None:
+        return next((call_id for name, call_id in self.calls if name in TRANSFER_TOOLS), None)
+
+
 class WarmHandoffAgent(Agent):
     """The receptionist the caller talks to. Its one way to reach a person is ``transfer_call``,
     which takes a destination *name* from the operator's directory, never a number."""
@@ -2534,6 +2924,9 @@ class WarmHandoffAgent(Agent):
         self._last_brief = ""
         self._shutting_down = False
         self._leaving: asyncio.Future[None] | None = None
+        self._reply = ModelReply()
+        self._reply.complete.set()
+        self._unconfirmed: CallbackRequest | None = None  # read back, not yet confirmed
         tools = [self._transfer_tool()] if self.destinations else []
         if settings.allow_dial_pattern is not None:
             tools.append(self._direct_tool())
@@ -2579,6 +2972,8 @@ class WarmHandoffAgent(Agent):
         }
 
         async def transfer_call(raw_arguments: dict[str, Any], context: RunContext) -> Any:
+            if (refused := self._refuse_transfer(context)) is not None:
+                return refused
             name = str(raw_arguments.get("destination", ""))
             destination = self.settings.destination(name)
             if destination is None:
@@ -2605,8 +3000,10 @@ class WarmHandoffAgent(Agent):
                 number: The number in international format, e.g. +15105550100.
                 reason: What the caller needs, in a few words.
             """
+            if (refused := self._refuse_transfer(context)) is not None:
+                return refused
             number = re.sub(r"[\s().-]", "", number)
-            if not (E164.match(number) and pattern.fullmatch(number)):
+            if not (E164.match(number) and dial_allowed(pattern, number)):
                 logger.warning(
                     "transfer_to_number refused %s in room %s",
                     mask_number(number),
@@ -2622,6 +3019,26 @@ class WarmHandoffAgent(Agent):
             return await self._hand_off(direct, reason)
 
         return function_tool(transfer_to_number)
+
+    @property
+    def connected(self) -> bool:
+        """The caller was handed to a person: the agent has nothing more to say."""
+        return any(r.connected for r in self.results)
+
+    def _refuse_transfer(self, context: RunContext) -> ToolResult | None:
+        """Refuse, silently, a transfer once the caller is connected, or a second transfer
+        in the same model reply (tools of one reply run in parallel)."""
+        if self.connected:
+            return ToolResult("The caller is already talking with a person.", reply_required=False)
+        first = self._reply.first_transfer()
+        if first is not None and first != context.function_call.call_id:
+            logger.warning(
+                "a second transfer in one turn was refused in room %s", self.line.caller_room
+            )
+            return ToolResult(
+                "Only one transfer per turn; this one was not made.", reply_required=False
+            )
+        return None
 
     async def _hand_off(self, destination: Destination, reason: str) -> Any:
         if self.handoff is not None:
@@ -2640,7 +3057,7 @@ class WarmHandoffAgent(Agent):
             line=self.line,
             session=self.session,
             destination=destination,
-            reason=reason or "a request for a person",
+            reason=redact(capped(reason)) or "a request for a person",
             models=self.models,
         )
         self._handoff_done.clear()
@@ -2753,8 +3170,15 @@ class WarmHandoffAgent(Agent):
             if answer:
                 yield answer
             return
-        async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
-            yield chunk
+        reply = self._reply = ModelReply()
+        try:
+            async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
+                delta = getattr(chunk, "delta", None)
+                for call in (delta.tool_calls if delta is not None else None) or []:
+                    reply.calls.append((call.name, call.call_id))
+                yield chunk
+        finally:
+            reply.complete.set()
 
     @function_tool
     async def request_callback(
@@ -2775,33 +3199,84 @@ class WarmHandoffAgent(Agent):
                 calling from, in international format. Otherwise leave empty.
             confirmed: True only after the caller said the read-back details are right.
         """
+        if (refused := await self._refuse_callback()) is not None:
+            return refused
+        name, best_time = capped(name, 60, sentence=False), capped(best_time, 80)
         number = re.sub(r"[\s().-]", "", number) or self.line.caller_number
         if not E164.fullmatch(number):
             return ToolResult("Ask for the number to call, with the area code.")
+        reason = self.results[-1].reason if self.results else ""
+        request = CallbackRequest(
+            room=self.line.caller_room,
+            caller_name=name,
+            number=number,
+            best_time=best_time,
+            reason=reason or "asked for a callback",
+            summary=self._summary(),
+            source="caller",
+        )
         if not confirmed:
-            await self.session.say(
-                f"Let me read that back: {name}, on {speakable_number(number)}, {best_time}. "
-                "Is that right?"
-            )
+            # Kept until confirmed: a caller who hangs up now still gets their callback.
+            self._unconfirmed = replace(request, source="abandoned")
+            if await self._caller_left_during(
+                self.session.say(
+                    f"Let me read that back: {name}, on {speakable_number(number)}, "
+                    f"{best_time}. Is that right?"
+                )
+            ):
+                self.record_unconfirmed_callback()
+                return ToolResult("The caller hung up during the read-back.", reply_required=False)
             return ToolResult(
                 "The details were read back. If the caller says yes, call request_callback "
                 "again with confirmed=true; otherwise correct the details.",
                 reply_required=False,
             )
-        reason = self.results[-1].reason if self.results else ""
-        self.records.callback(
-            CallbackRequest(
-                room=self.line.caller_room,
-                caller_name=name,
-                number=number,
-                best_time=best_time,
-                reason=reason or "asked for a callback",
-                summary=self._summary(),
-                source="caller",
-            )
-        )
+        self._unconfirmed = None
+        self.records.callback(request)
         await self.session.say(f"Thank you, {name}. Someone will call you back {best_time}.")
         return ToolResult("The callback request is recorded.", reply_required=False)
+
+    async def _refuse_callback(self) -> ToolResult | None:
+        """A callback is not taken once the caller is connected, during a transfer, or in the
+        same model reply as a transfer (whichever of the two tools runs first)."""
+        reply = self._reply
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(reply.complete.wait(), 5)  # every call of this reply known
+        if self.connected or self.handoff is not None or reply.first_transfer() is not None:
+            return ToolResult(
+                "No callback was recorded: a transfer was asked for in the same turn. Offer "
+                "a callback only if the transfer does not happen.",
+                reply_required=False,
+            )
+        return None
+
+    async def _caller_left_during(self, speech: Any) -> bool:
+        """Wait for ``speech`` to be played; True if the caller hung up first."""
+
+        async def played() -> None:
+            await speech
+
+        playing = asyncio.ensure_future(played())
+        left = asyncio.ensure_future(
+            self.line.wait_for_hangup(self.line.caller_room, (self.line.caller_identity,))
+        )
+        try:
+            await asyncio.wait({playing, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            playing.cancel()
+            left.cancel()
+        return left.done() and not left.cancelled() and left.exception() is None
+
+    def record_unconfirmed_callback(self) -> None:
+        """The caller left before confirming the read-back: record what they gave so far."""
+        request, self._unconfirmed = self._unconfirmed, None
+        if request is not None:
+            self.records.callback(request)
+
+    def call_ended(self) -> None:
+        """The call is over (the session closed or the job shuts down): nothing left pending."""
+        self.record_unconfirmed_callback()
+        self.records.call_ended()
 
     def _summary(self) -> str:
         if self._last_brief:
@@ -2828,10 +3303,10 @@ class WarmHandoffAgent(Agent):
         self._shutting_down = True
         if self.handoff is not None:
             self.handoff.stop(HandoffOutcome.FAILED, reason)
-            # a move in flight is finished, not abandoned: it is bounded by MOVE_BOUND
+            # bounded: the whole job shutdown must end before the framework kills the process
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._handoff_done.wait(), 2 * MOVE_BOUND)
-        await self.line.settle()
+                await asyncio.wait_for(self._handoff_done.wait(), JOB_SHUTDOWN_TIMEOUT / 2)
+        await self.line.settle(timeout=JOB_SHUTDOWN_TIMEOUT / 4)
 
     async def _leave(self, leg: Leg | None) -> None:
         """The agent steps out; the caller's room stays open for the two people and is deleted
@@ -2909,14 +3384,11 @@ async def run_call(
     agent = WarmHandoffAgent(settings, line, models, records)
 
     async def on_shutdown(reason: str = "") -> None:
-        await agent.shutdown_handoff()
-        records.call_ended()
-        if records.delivery is not None:
-            await records.delivery.drain()
+        await finish_call(agent, records)
 
     ctx.add_shutdown_callback(on_shutdown)
     session = CallerSession()
-    session.on("close", lambda _: records.call_ended())
+    session.on("close", lambda _: agent.call_ended())
     if console:  # the console owns the audio; there is no room to join
         await session.start(agent=agent)
     else:
@@ -2938,56 +3410,181 @@ def sip_caller_number(attributes: Mapping[str, str]) -> str:
     return number if E164.fullmatch(number) else ""
 
 
+async def finish_call(
+    agent: WarmHandoffAgent, records: CallRecords, budget: float = JOB_SHUTDOWN_TIMEOUT - 3
+) -> None:
+    """The job's last steps: end a transfer in progress, record how the call ended, send the
+    records. Bounded by ``budget`` so the process exits before the framework kills it
+    (``JOB_SHUTDOWN_TIMEOUT``, less what the framework itself needs to close the session and
+    leave the room); records not sent by then wait in the outbox for the worker."""
+    deadline = time.monotonic() + budget
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(agent.shutdown_handoff(), budget / 2)
+    agent.call_ended()
+    if records.delivery is not None:
+        await records.delivery.drain(max(0.5, deadline - time.monotonic()))
+
+
 def _show_step(text: str) -> None:
     logger.info("📞 %s", text)
 
 
-@server.rtc_session(agent_name=os.environ.get("AGENT_NAME") or DEFAULT_AGENT_NAME)
+@server.rtc_session(agent_name=registered_agent_name())
 async def entrypoint(ctx: JobContext) -> None:
     ctx.log_context_fields = {"room": ctx.room.name}
     settings = load_settings(telephony=not ctx.is_fake_job())
     await run_call(ctx, settings, build_models(settings, ctx.proc.userdata["vad"]))
 
 
-async def check(settings: Settings) -> bool:
-    """``python warm_handoff.py check``: print the configuration (secrets masked) and prove
-    the LiveKit API credentials work with a harmless read."""
+_resender: asyncio.Task[None] | None = None
+
+
+@server.on("worker_started")
+def resend_outbox_in_the_background() -> None:
+    """The worker's main process owns the outbox. Job processes run one job each and exit
+    (livekit/agents/ipc: one job per forkserver/spawn process), so what a job could not send
+    in its shutdown is resent here, at start and then every minute. ``worker_started`` is
+    AgentServer's public event, emitted by ``AgentServer.run`` inside the main process's
+    event loop (livekit/agents/worker.py), for start, dev and console alike; the task lives
+    on that loop and ends with it."""
+    global _resender
+    try:
+        settings = load_settings(telephony=False)
+    except ConfigError:
+        return  # main() refuses to start with a bad configuration; nothing to resend to
+    if settings.webhook_url and (_resender is None or _resender.done()):
+        delivery = RecordDelivery(
+            settings.webhook_url, settings.webhook_secret, settings.callback_file
+        )
+        _resender = asyncio.get_running_loop().create_task(keep_resending(delivery))
+
+
+def callback_file_problems(settings: Settings) -> list[str]:
+    """Where callback requests (and, with a webhook, the outbox) are written must be a
+    folder the worker can write in; checked at start and by ``check``."""
+    path = Path(settings.callback_file)
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        return [f"HANDOFF_CALLBACK_FILE: the folder {folder} does not exist"]
+    if path.is_dir():
+        return [f"HANDOFF_CALLBACK_FILE: {path} is a folder, not a file"]
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as e:
+        return [f"HANDOFF_CALLBACK_FILE: cannot write in {folder} ({e.strerror or e})"]
+    if settings.webhook_url:
+        try:
+            outbox_folder(settings.callback_file).mkdir(exist_ok=True)
+        except OSError as e:
+            return [f"HANDOFF_CALLBACK_FILE: cannot make the outbox folder ({e.strerror or e})"]
+    return []
+
+
+def describe_failure(error: BaseException) -> str:
+    """A failed request to LiveKit, named for an operator: the cause, not just a class."""
+    import aiohttp
+
+    if isinstance(error, aiohttp.ClientConnectorError):
+        where = f"cannot connect to host {error.host}:{error.port}"
+        if isinstance(error, aiohttp.ClientConnectorDNSError):
+            return f"{where}: name resolution failed"
+        cause = error.os_error.strerror or str(error.os_error) or type(error.os_error).__name__
+        return f"{where}: {cause}"
+    if isinstance(error, asyncio.TimeoutError):
+        return "no answer within 15 seconds"
+    reason = getattr(error, "message", "") or str(error) or type(error).__name__
+    return f"{getattr(error, 'code', 'error')}: {reason}"
+
+
+async def check(settings: Settings, env: Mapping[str, str] | None = None) -> bool:
+    """``python warm_handoff.py check``: print the configuration (secrets masked), say what
+    would stop a call (provider keys, the callback file's folder), how many records wait in
+    the outbox, and prove the LiveKit API credentials work with a harmless read."""
+    ok = True
     width = max(len(name) for name, _ in settings.masked())
     for name, value in settings.masked():
         print(f"{name:<{width}}  {value}")
+    if missing := missing_provider_keys(env):  # named; the exit code is about LiveKit
+        print(f"Provider keys: MISSING {', '.join(missing)} (start refuses)", file=sys.stderr)
+    if problems := callback_file_problems(settings):
+        print(f"Callback file: FAILED ({'; '.join(problems)})", file=sys.stderr)
+        ok = False
+    else:
+        print(f"Callback file: OK ({settings.callback_file})")
+    if settings.webhook_url:
+        waiting = Outbox(outbox_folder(settings.callback_file)).waiting()
+        backlog = f"{len(waiting)} record(s) waiting"
+        if waiting:
+            oldest = time.time() - waiting[0].stat().st_mtime
+            backlog += f", the oldest for {oldest / 60:.0f} min (resend-outbox sends them now)"
+        print(f"Outbox: {backlog}")
     try:
         async with api.LiveKitAPI(
             settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
         ) as lk:
             rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 15)
     except Exception as e:
-        reason = getattr(e, "message", "") or type(e).__name__
-        print(f"LiveKit API: FAILED ({getattr(e, 'code', 'error')}: {reason})", file=sys.stderr)
+        print(f"LiveKit API: FAILED ({describe_failure(e)})", file=sys.stderr)
         return False
     print(f"LiveKit API: OK, the credentials work ({len(rooms.rooms)} rooms open)")
-    return True
+    return ok
+
+
+async def resend_outbox(settings: Settings) -> bool:
+    """``python warm_handoff.py resend-outbox``: send every record waiting in the outbox now
+    (however young); True when none is left."""
+    if not settings.webhook_url:
+        print("HANDOFF_WEBHOOK_URL is not set: there is no outbox to resend", file=sys.stderr)
+        return False
+    delivery = RecordDelivery(settings.webhook_url, settings.webhook_secret, settings.callback_file)
+    sent, left = await delivery.resend(min_age=0)
+    print(f"Outbox: {sent} record(s) sent, {left} still waiting")
+    return left == 0
+
+
+OUR_COMMANDS = """\
+Warm Handoff commands (besides the framework's, listed below):
+  check          Validate the configuration, show it masked, report the outbox and prove the
+                 LiveKit credentials with a harmless read. Exits 1 on any problem.
+  resend-outbox  Send the records waiting in the outbox to HANDOFF_WEBHOOK_URL now.
+"""
+
+
+def _settings_or_exit(telephony: bool) -> Settings:
+    try:
+        return load_settings(telephony=telephony)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     command = argv[1] if len(argv) > 1 else ""
     if command == "check":
-        try:
-            settings = load_settings()
-        except ConfigError as e:
-            print(e, file=sys.stderr)
-            raise SystemExit(1) from None
-        raise SystemExit(0 if asyncio.run(check(settings)) else 1)
+        raise SystemExit(0 if asyncio.run(check(_settings_or_exit(True))) else 1)
+    if command == "resend-outbox":
+        raise SystemExit(0 if asyncio.run(resend_outbox(_settings_or_exit(False))) else 1)
+    if command in ("", "--help", "-h", "help"):
+        print(OUR_COMMANDS)
     if command in ("start", "dev", "console", "connect") and "--help" not in argv:
         problems: list[str] = []
         try:
-            load_settings(telephony=command != "console")
+            settings = load_settings(telephony=command != "console")
         except ConfigError as e:
             problems += e.problems
+        else:
+            problems += callback_file_problems(settings)
         problems += [f"{key} is not set" for key in missing_provider_keys()]
         if problems:
             print(ConfigError(problems), file=sys.stderr)
             raise SystemExit(1)
+        if command == "console" and not (sys.stdin.isatty() and sys.stdout.isatty()):
+            print("console needs a terminal: run it in an interactive shell", file=sys.stderr)
+            raise SystemExit(2)
     cli.run_app(server)
 
 

@@ -143,7 +143,11 @@ async def test_records_reach_the_webhook_signed_and_match_the_call(start_call, r
     )  # the full number, not masked
     assert callback["reason"] == "router keeps rebooting" and callback["summary"]
     assert (ended["type"], ended["outcome"], ended["callback_requests"]) == ("call", "busy", 1)
-    assert not (tmp_path / "callbacks.jsonl").exists()  # the webhook took it
+    # The webhook took every record: nothing waits in the outbox. The callback file is the
+    # source of truth (issue 11), so it keeps the request the webhook also took.
+    assert list((tmp_path / "outbox").glob("*.json")) == []
+    [saved] = [json.loads(x) for x in (tmp_path / "callbacks.jsonl").read_text().splitlines()]
+    assert saved["id"] == callback["id"]
 
 
 async def test_webhook_is_retried_after_5xx(start_call, receiver, tmp_path):
