@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 from conftest import CallerTranscript, ScriptedLLM, receptionist, settings_for, wait_for
-from livekit.agents import APIConnectOptions, APIStatusError, tts
+from livekit.agents import Agent, AgentSession, APIConnectOptions, APIStatusError, tts
 from livekit.agents.testing import fake_job_context
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from livekit.plugins import elevenlabs
@@ -285,6 +285,29 @@ async def test_please_hold_and_the_check_in_play_from_the_cache_on_a_later_call(
     assert hold in told
     assert fixed(later.synthesized) == []  # both from the folder
     assert "Shall I connect you with our support team?" in later.synthesized  # the rest: live
+
+
+async def test_the_opener_to_the_human_plays_from_the_cache_where_the_tts_is_the_sessions(
+    tmp_path,
+):
+    """The consult session carries the TTS itself (``Handoff.consult_options``), not its agent:
+    the cache keys and synthesises with the TTS that ``say`` would use."""
+    opener = wh.OPENER_TO_HUMAN.format(business="Acme")
+    heard: list[list] = []
+    voices = [CountingTTS(), CountingTTS()]
+    for voice in voices:  # two calls on the host
+        session = AgentSession(tts=voice)
+        ear = Ear("human")
+        session.output.audio = ear
+        await session.start(agent=Agent(instructions="You brief a colleague."))
+        try:
+            speech = wh.say_fixed(session, opener, wh.PhraseCache(str(tmp_path)))
+            await asyncio.wait_for(speech.wait_for_playout(), 5)
+            heard.append([h.tag for h in ear.heard if h.audible])
+        finally:
+            await session.aclose()
+    assert voices[0].synthesized == [opener] and voices[1].synthesized == []
+    assert heard[1] and set(heard[1]) == set(heard[0])
 
 
 # ── the key and the configuration ───────────────────────────────────────────────────────────
