@@ -356,9 +356,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         )
     if caller_id and not E164.match(caller_id):
         problems.append("HANDOFF_CALLER_ID must be an E.164 number like +15105550100")
-    if settings.phrase_cache and os.path.exists(settings.phrase_cache):
-        if not os.path.isdir(settings.phrase_cache):
-            problems.append("HANDOFF_PHRASE_CACHE must name a folder, or be off")
+    if os.path.exists(settings.phrase_cache) and not os.path.isdir(settings.phrase_cache):
+        problems.append("HANDOFF_PHRASE_CACHE must name a folder, or be off")
     if settings.hold_audio_file and not os.path.isfile(settings.hold_audio_file):
         problems.append("HANDOFF_HOLD_AUDIO_FILE does not name a readable file")
     if not re.match(r"^[A-Za-z0-9_-]{1,64}$", settings.agent_name):
