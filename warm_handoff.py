@@ -25,12 +25,13 @@ import json
 import logging
 import os
 import re
+import struct
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from livekit.agents import (
     AgentSession,
     JobContext,
     JobProcess,
+    ModelSettings,
     RunContext,
     cli,
     llm,
@@ -51,7 +53,7 @@ from livekit.agents import (
     utils,
 )
 from livekit.agents.llm import ToolResult, function_tool
-from livekit.agents.types import NOT_GIVEN
+from livekit.agents.types import NOT_GIVEN, NotGiven
 from livekit.agents.utils.audio import audio_frames_from_file
 from livekit.agents.voice.amd import AMD, AMDCategory, AMDPredictionEvent
 from livekit.agents.voice.background_audio import (
@@ -82,6 +84,10 @@ DIAL_PATTERN_TIMEOUT = 0.05  # seconds a HANDOFF_ALLOW_DIAL_PATTERN match may ta
 
 DEFAULT_AGENT_NAME = "warm-handoff-agent"
 DEFAULT_GREETING = "Thanks for calling. This is the virtual assistant. How can I help you today?"
+# a folder per user: another account on the host cannot plant sentences in it (see PhraseCache)
+DEFAULT_PHRASE_CACHE = os.path.join(
+    tempfile.gettempdir(), f"warm-handoff-phrases-{os.getuid() if hasattr(os, 'getuid') else 0}"
+)
 PROVIDER_KEYS = {
     "deepgram": "DEEPGRAM_API_KEY",
     "openai": "OPENAI_API_KEY",
@@ -154,6 +160,7 @@ class Settings:
     webhook_secret: str = field(default="", repr=False)
     callback_file: str = "callback_requests.jsonl"  # callback requests with no webhook to take them
     sip_headers: bool = True  # X-Handoff-* headers on the human's INVITE
+    phrase_cache: str = DEFAULT_PHRASE_CACHE  # folder of synthesised fixed sentences; "": off
 
     def destination(self, name: str) -> Destination | None:
         return next((d for d in self.destinations if d.name == name), None)
@@ -178,6 +185,7 @@ class Settings:
             ("HANDOFF_WEBHOOK_URL", url_origin(self.webhook_url) or "(not set)"),
             ("HANDOFF_WEBHOOK_SECRET", secret(self.webhook_secret)),
             ("HANDOFF_CALLBACK_FILE", self.callback_file),
+            ("HANDOFF_PHRASE_CACHE", self.phrase_cache or "off"),
             ("models", f"{self.stt_model} / {self.llm_model} / {self.tts_model}"),
         ]
         for d in self.destinations:
@@ -433,6 +441,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         webhook_secret=get("HANDOFF_WEBHOOK_SECRET"),
         callback_file=get("HANDOFF_CALLBACK_FILE") or "callback_requests.jsonl",
         sip_headers=get("HANDOFF_SIP_HEADERS", "on").lower() not in ("off", "0", "false", "no"),
+        phrase_cache=_phrase_cache_folder(get("HANDOFF_PHRASE_CACHE")),
     )
 
     if settings.webhook_url and not re.match(r"^https?://[^\s/]+", settings.webhook_url):
@@ -443,6 +452,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         )
     if caller_id and not E164.match(caller_id):
         problems.append("HANDOFF_CALLER_ID must be an E.164 number like +15105550100")
+    if os.path.exists(settings.phrase_cache) and not os.path.isdir(settings.phrase_cache):
+        problems.append("HANDOFF_PHRASE_CACHE must name a folder, or be off")
     if settings.hold_audio_file and not os.path.isfile(settings.hold_audio_file):
         problems.append("HANDOFF_HOLD_AUDIO_FILE does not name a readable file")
     if not AGENT_NAME_RULE.match(settings.agent_name):
@@ -462,6 +473,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _phrase_cache_folder(raw: str) -> str:
+    """HANDOFF_PHRASE_CACHE: a folder (default ``DEFAULT_PHRASE_CACHE``), or off ("")."""
+    if raw.lower() in ("off", "0", "false", "no"):
+        return ""
+    return raw or DEFAULT_PHRASE_CACHE
 
 
 def missing_provider_keys(env: Mapping[str, str] | None = None) -> list[str]:
@@ -1475,6 +1493,7 @@ class Models:
     tts: Any = None
     vad: Any = None
     turn_handling: dict[str, Any] | None = None  # None: the framework's default turn detection
+    phrases: PhraseCache | None = None  # fixed sentences played from disk (None: always live)
 
     def options(self) -> dict[str, Any]:
         given = {
@@ -2218,8 +2237,10 @@ class Handoff:
 
     async def _announce_and_hold(self) -> None:
         """ "Please hold", then hold audio, while the dial already rings."""
-        await self.session.say(
-            f"Let me connect you with {self.destination.said_as}. Please hold for a moment.",
+        await say_fixed(
+            self.session,
+            PLEASE_HOLD.format(team=self.destination.said_as),
+            self.models.phrases,
             allow_interruptions=False,
         )
         self._enter("ringing")
@@ -2280,9 +2301,10 @@ class Handoff:
             await asyncio.sleep(every)
             if self.on_hold:
                 with contextlib.suppress(RuntimeError):  # the session is closing: nobody to tell
-                    self.session.say(
-                        f"Thanks for holding. I'm still connecting you with "
-                        f"{self.destination.said_as}.",
+                    say_fixed(
+                        self.session,
+                        HOLD_CHECK_IN.format(team=self.destination.said_as),
+                        self.models.phrases,
                         allow_interruptions=True,
                         add_to_chat_ctx=False,
                     )
@@ -2723,9 +2745,197 @@ greeting.
 """
 
 
+async def _words(text: str) -> AsyncIterator[str]:
+    yield text
+
+
 async def _replay(frames: list[rtc.AudioFrame]) -> AsyncIterator[rtc.AudioFrame]:
     for frame in frames:
         yield frame
+
+
+# -- instant words: fixed sentences from a cache on the worker host -----------------------------
+
+# The sentences whose words never depend on what was said: the greeting (GREETING), these, and
+# nothing else. Each is synthesised live once per worker host and played from disk after that.
+PLEASE_HOLD = "Let me connect you with {team}. Please hold for a moment."
+HOLD_CHECK_IN = "Thanks for holding. I'm still connecting you with {team}."
+# and the opener to the human (OPENER), and the question (ASK_PERSON)
+
+
+def say_fixed(session: AgentSession, text: str, phrases: PhraseCache | None, **options: Any) -> Any:
+    """``session.say`` for a fixed sentence: from the phrase cache when there is one."""
+    if phrases is None:
+        return session.say(text, **options)
+    return phrases.say(session, text, **options)
+
+
+def tts_voice(tts: Any) -> dict[str, Any]:
+    """What makes a TTS sound as it does, for the phrase cache's key: its class, model, sample
+    rate and channels (public properties), and every plain value of its options object. The
+    LiveKit plugins keep voice, voice settings, encoding and language only there, in a private
+    dataclass ``_opts`` (livekit-plugins-elevenlabs 1.8.9 ``tts.py``, ``_TTSOptions``: voice_id,
+    voice_settings, model, language, encoding, sample_rate, text normalisation, pronunciation
+    dictionaries ...). Credentials are left out; anything else extra only costs a miss, while a
+    setting left out could replay a stale voice."""
+    voice: dict[str, Any] = {
+        "tts": f"{type(tts).__module__}.{type(tts).__qualname__}",
+        "model": tts.model,
+        "sample_rate": tts.sample_rate,
+        "num_channels": tts.num_channels,
+    }
+    options = getattr(tts, "_opts", None)
+    if is_dataclass(options) and not isinstance(options, type):
+        for f in fields(options):
+            if re.search(r"key|secret|token|password|auth", f.name, re.IGNORECASE):
+                continue  # credentials (a tokenizer object would be skipped as not plain anyway)
+            value = _plain(getattr(options, f.name))
+            if value is not _NOT_PLAIN:
+                voice[f"opts.{f.name}"] = value
+    return voice
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-ready data, or ``_NOT_PLAIN`` for an object (a tokenizer, a session)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, NotGiven):
+        return "NOT_GIVEN"
+    if isinstance(value, Enum):
+        return value.value
+    if is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in fields(value)}
+    if isinstance(value, dict):
+        items = {str(k): _plain(v) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v is not _NOT_PLAIN}
+    if isinstance(value, (list, tuple)):
+        return [v for v in (_plain(x) for x in value) if v is not _NOT_PLAIN]
+    return _NOT_PLAIN
+
+
+class PhraseCache:
+    """Instant words: fixed sentences play from a folder on the worker host instead of waiting
+    for speech synthesis.
+
+    A job process runs one call, so the folder, not the process, is the cache. A sentence's
+    first live synthesis on a host is played as it arrives and saved (a temporary file renamed
+    into place: a reader sees the whole file or none); later calls play the file at once. The
+    file's name is a hash of the text and the voice (``tts_voice``), so a changed greeting or
+    voice is another file and never plays a stale sentence. A file that does not verify (a
+    header with the length and a SHA-256 of the audio) is never played: the sentence is
+    synthesised live and the file replaced. A synthesis that fails or is interrupted saves
+    nothing. The folder must belong to this user and be writable by nobody else (anyone who can
+    write to it chooses what callers hear); otherwise the cache is off."""
+
+    MAGIC = b"WHPHRASE"
+    HEADER = struct.Struct("<8sIHI32s")  # magic, sample rate, channels, PCM bytes, SHA-256
+    FRAME_MS = 100  # played in frames this long
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.usable = self._prepare()
+
+    def _prepare(self) -> bool:
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = self.folder.stat()
+        except OSError as e:
+            logger.warning("phrase cache off: cannot use HANDOFF_PHRASE_CACHE (%r)", e)
+            return False
+        mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+        if not mine or st.st_mode & 0o022:
+            logger.warning(
+                "phrase cache off: HANDOFF_PHRASE_CACHE %s must belong to this user and be "
+                "writable by nobody else",
+                self.folder,
+            )
+            return False
+        return True
+
+    def path_for(self, text: str, tts: Any) -> Path:
+        key = json.dumps({"format": 1, "text": text, "voice": tts_voice(tts)}, sort_keys=True)
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.pcm"
+
+    def say(self, session: AgentSession, text: str, **options: Any) -> Any:
+        agent = session.current_agent
+        tts = agent.tts if utils.is_given(agent.tts) else session.tts  # the one say() would use
+        if not self.usable or tts is None:
+            return session.say(text, **options)
+        return session.say(
+            text, audio=self._audio(agent, text, self.path_for(text, tts)), **options
+        )
+
+    async def _audio(self, agent: Agent, text: str, path: Path) -> Any:
+        saved = self.load(path)
+        if saved is not None:
+            for frame in saved:
+                yield frame
+            return
+        # Not ready yet: the framework's own synthesis for say(text) (the agent's TTS, the
+        # session's connection options, sentence by sentence for a TTS that does not stream),
+        # kept as it plays. A failure ends the speech as a failed say(text) does, and is logged
+        # by the framework; an interruption closes this generator. Either way nothing is saved.
+        made: list[rtc.AudioFrame] = []
+        live = Agent.default.tts_node(agent, _words(text), ModelSettings())
+        async with contextlib.aclosing(live):
+            async for frame in live:
+                made.append(frame)
+                yield frame
+        if made:
+            await asyncio.to_thread(self.store, path, made)
+
+    def load(self, path: Path) -> list[rtc.AudioFrame] | None:
+        """The saved sentence as frames, or None: missing, partial or corrupt."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if len(data) < self.HEADER.size:
+            return None
+        magic, rate, channels, size, digest = self.HEADER.unpack_from(data)
+        pcm = data[self.HEADER.size :]
+        width = 2 * channels
+        if (
+            magic != self.MAGIC
+            or not rate
+            or not 1 <= channels <= 2
+            or size != len(pcm)
+            or not size
+            or size % width
+            or hashlib.sha256(pcm).digest() != digest
+        ):
+            logger.debug("phrase cache: %s does not verify, it will be replaced", path.name)
+            return None
+        step = rate * self.FRAME_MS // 1000 * width
+        return [
+            rtc.AudioFrame(pcm[i : i + step], rate, channels, len(pcm[i : i + step]) // width)
+            for i in range(0, size, step)
+        ]
+
+    def store(self, path: Path, frames: list[rtc.AudioFrame]) -> None:
+        """Save a whole sentence: written to a temporary file, then renamed into place."""
+        rate, channels = frames[0].sample_rate, frames[0].num_channels
+        if any(f.sample_rate != rate or f.num_channels != channels for f in frames):
+            return  # one sentence in two formats: not worth keeping
+        pcm = b"".join(f.data.tobytes() for f in frames)
+        header = self.HEADER.pack(
+            self.MAGIC, rate, channels, len(pcm), hashlib.sha256(pcm).digest()
+        )
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(temporary, "wb") as f:
+                f.write(header + pcm)
+            os.replace(temporary, path)
+        except OSError as e:
+            self.usable = False  # logged once: this call speaks live from now on
+            logger.warning(
+                "phrase cache: could not save a fixed sentence, off for this call: %r", e
+            )
+            with contextlib.suppress(OSError):
+                temporary.unlink()
 
 
 class ConsultAgent(Agent):
@@ -2757,13 +2967,23 @@ class ConsultAgent(Agent):
     async def prepare_voice(self, tts: Any) -> None:
         """Synthesise what the human may hear while the phone rings (the neutral opener, the
         question, the brief), so none of it waits for speech synthesis once they answer."""
-        lines = {"opener": self.opener, "question": self.question, "brief": await self.details()}
+        phrases = self._handoff.models.phrases
+        fixed = {"opener": self.opener, "question": self.question}  # the same on every call
+        lines = {**fixed, "brief": await self.details()}
         for name, text in lines.items():
+            path = phrases.path_for(text, tts) if phrases and phrases.usable else None
+            if path is not None and name in fixed:
+                if (saved := phrases.load(path)) is not None:  # type: ignore[union-attr]
+                    self.voice[name] = saved
+                    continue
             try:
                 async with tts.synthesize(text) as stream:
                     self.voice[name] = [audio.frame async for audio in stream]
             except Exception as e:
                 logger.warning("could not prepare the %s's audio, it will be live: %r", name, e)
+                continue
+            if path is not None and name in fixed and self.voice[name]:
+                await asyncio.to_thread(phrases.store, path, self.voice[name])  # type: ignore[union-attr]
 
     async def details(self) -> str:
         """The brief as said after the opener: without its introduction, already heard."""
@@ -3362,6 +3582,7 @@ def build_models(settings: Settings, vad: Any) -> Models:
         llm=openai.LLM(model=settings.llm_model),
         tts=elevenlabs.TTS(**tts_options),
         vad=vad,
+        phrases=PhraseCache(settings.phrase_cache) if settings.phrase_cache else None,
     )
 
 
@@ -3397,7 +3618,7 @@ async def run_call(
         caller = await ctx.wait_for_participant()
         line.caller_identity = caller.identity
         line.caller_number = sip_caller_number(caller.attributes)
-    session.say(settings.greeting)
+    say_fixed(session, settings.greeting, models.phrases)
     return session
 
 

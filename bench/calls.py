@@ -106,11 +106,14 @@ def receptionist(req: Request) -> str | ToolCall | None:
     return "I can help with that. What seems to be the problem?"
 
 
-def models_for(knobs: Knobs, vad: Any) -> tuple[wh.Models, ScriptedLLM, ScriptedSTT]:
+def models_for(
+    knobs: Knobs, vad: Any, phrases: wh.PhraseCache | None = None
+) -> tuple[wh.Models, ScriptedLLM, ScriptedSTT]:
     model = ScriptedLLM(receptionist, ttft=knobs.llm_ttft)
     stt_model = ScriptedSTT(final_delay=knobs.stt_final)
     tts_model = ToneTTS(ttfa=knobs.tts_ttfa, chars_per_second=knobs.chars_per_second)
-    return wh.Models(stt=stt_model, llm=model, tts=tts_model, vad=vad), model, stt_model
+    models = wh.Models(stt=stt_model, llm=model, tts=tts_model, vad=vad, phrases=phrases)
+    return models, model, stt_model
 
 
 def build_agent(ordering: str, line: BenchLine, models: wh.Models, consult_vad: Any = None) -> Any:
@@ -158,6 +161,7 @@ async def run_call(
     caller_speech: Speech | None = None,
     on_phase: Phase | None = None,
     consult_vad: Any = None,
+    phrase_cache: str = "",
 ) -> Trace:
     """Run one call; returns its ``Trace`` (``outcome`` says how it ended).
 
@@ -165,10 +169,12 @@ async def run_call(
     caller's VAD runs as on a real call. ``on_phase`` (the worker probe's barrier) is awaited
     at "talking" (greeting heard, before the transfer) and at "handoff" (the human has answered
     and said hello: in the consult room, or in the seed in the caller's room); with it the human
-    never decides and the call ends after "handoff"."""
+    never decides and the call ends after "handoff". ``phrase_cache``: the worker host's
+    phrase cache folder (as ``build_models`` gives each job its ``PhraseCache``), "" for none."""
     ear = Ear("caller")
     trace = Trace(ordering, ear)
-    models, model, stt_model = models_for(knobs, vad)
+    phrases = wh.PhraseCache(phrase_cache) if phrase_cache else None
+    models, model, stt_model = models_for(knobs, vad, phrases)
     if ordering == PROPOSED:
         models = await proposed_models(models, SETTINGS)  # before the call, as prewarm would
     line = BenchLine(trace, knobs, stt_model, conference=ordering == SEED, decides=on_phase is None)
@@ -183,7 +189,8 @@ async def run_call(
     try:
         await session.start(agent=agent)
         if ordering != SEED:
-            session.say(SETTINGS.greeting)  # as run_call does; the seed's model greets on_enter
+            # as run_call does; the seed's model greets on_enter
+            wh.say_fixed(session, SETTINGS.greeting, models.phrases)
         if not await wait_until(lambda: quiet(session, ear), 30):
             trace.outcome = "no greeting"
             return trace

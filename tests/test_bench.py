@@ -43,6 +43,10 @@ def test_bench_measures_every_figure_for_every_ordering(tmp_path):
             assert set(figure) == {"median", "p90", "values"}
             if not (ordering == "seed" and name == "human_wait"):  # the seed has no brief
                 assert figure["median"] is not None, (ordering, name)
+    first = report["first_call"]  # a new host's first call, before the phrase cache has them
+    assert first["outcome"] == "connected"
+    assert first["greeting"] is not None and first["announce"] is not None
+    assert set(report["targets"]) >= {"greeting_later_call", "announce_later_call"}
     assert set(report["ratios"]) == {"sequential", "seed"}
     assert set(report["ratios"]["sequential"]) == METRICS
     assert set(report["targets"]) >= METRICS | {"worker_ready", "rss_per_call_handoff"}

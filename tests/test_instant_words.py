@@ -1,0 +1,365 @@
+"""Instant words: the fixed sentences play from a cache folder on the worker host.
+
+Every call here is a real ``AgentSession`` whose TTS is ``ToneTTS`` (bench/sim.py: a tone tagged
+per sentence after a fixed time to first audio), counting what it is asked to synthesise, and
+whose caller hears through ``Ear`` (bench/voices.py: real-time playback, each frame
+timestamped). A call is one job process: it gets its own ``PhraseCache`` object and its own
+TTS; only the folder is shared between calls, as on a worker host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from conftest import CallerTranscript, ScriptedLLM, receptionist, settings_for, wait_for
+from livekit.agents import Agent, AgentSession, APIConnectOptions, APIStatusError, tts
+from livekit.agents.testing import fake_job_context
+from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
+from livekit.plugins import elevenlabs
+
+import warm_handoff as wh
+from bench.sim import TTS_RATE, UTTERANCES, ToneTTS
+from bench.voices import Ear
+
+TTFA = 0.15  # the fake TTS's time to first audio
+GREETING = "Thanks for calling Acme. How can I help?"
+
+
+@dataclass
+class _Voice:
+    """Options kept the way LiveKit's TTS plugins keep them: a dataclass in ``_opts``."""
+
+    voice_id: str
+    api_key: str = "not-part-of-the-key"
+
+
+class CountingTTS(ToneTTS):
+    """``ToneTTS`` that records every text it is asked to synthesise; the first ``fail``
+    requests fail as ElevenLabs does on a rejected key or exhausted quota: HTTP 401, which
+    the framework does not retry (livekit-agents ``_exceptions.py`` ``APIStatusError``)."""
+
+    def __init__(self, *, voice: str = "alice", fail: int = 0) -> None:
+        super().__init__(ttfa=TTFA, chars_per_second=300)
+        self._opts = _Voice(voice)
+        self.synthesized: list[str] = []
+        self.fail = fail
+
+    def synthesize(
+        self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
+    ) -> tts.ChunkedStream:
+        self.synthesized.append(text)
+        if self.fail:
+            self.fail -= 1
+            return _Refused(tts=self, input_text=text, conn_options=conn_options)
+        return super().synthesize(text, conn_options=conn_options)
+
+
+class _Refused(tts.ChunkedStream):
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        output_emitter.initialize(
+            request_id=uuid.uuid4().hex[:12],
+            sample_rate=TTS_RATE,
+            num_channels=1,
+            mime_type="audio/pcm",
+        )
+        await asyncio.sleep(0.01)
+        raise APIStatusError("quota exceeded", status_code=401)
+
+
+@dataclass
+class Greeted:
+    session: wh.CallerSession
+    ear: Ear
+    tts: CountingTTS
+    first_frame: float | None  # seconds from the greeting's say() to its first frame heard
+
+    @property
+    def heard(self) -> tuple[list[str], int]:
+        """What the caller heard: the sentences (read from each frame's tag), and for how long
+        in all (ms)."""
+        tags: list[int] = []
+        for h in self.ear.heard:
+            if h.audible and (not tags or tags[-1] != h.tag):
+                tags.append(h.tag)
+        duration = sum(h.end - h.start for h in self.ear.heard)
+        return [UTTERANCES.text(tag) for tag in tags], round(duration * 1000)
+
+
+async def greet(folder, tts_model: CountingTTS, greeting: str = GREETING) -> Greeted:
+    """One call on the worker host: ``run_call`` answers and greets; the caller listens until
+    the greeting is over (it is in the history once played, or once it failed)."""
+    settings = settings_for(greeting=greeting, phrase_cache=str(folder))
+    models = wh.Models(
+        llm=ScriptedLLM(lambda req: "Sure."),
+        tts=tts_model,
+        turn_handling={"turn_detection": "manual"},
+        phrases=wh.PhraseCache(settings.phrase_cache),
+    )
+    ear = Ear("caller")
+    with fake_job_context() as ctx:
+        session = await wh.run_call(ctx, settings, models, wh.SimulatedPhoneLine(None))
+        # The greeting is scheduled; its speech task reads the session's audio output when it
+        # first runs, which is after this line (a room's output is set at start, like this).
+        session.output.audio = ear
+        said = time.monotonic()
+        # over: it played (or its synthesis began), and nothing is being said any more
+        await wait_for(
+            lambda: (ear.heard or tts_model.synthesized) and session.current_speech is None, 5
+        )
+        await wait_for(lambda: not ear.heard or time.monotonic() >= ear.heard[-1].end, 5)
+    audible = [h for h in ear.heard if h.audible]
+    first = audible[0].start - said if audible else None
+    return Greeted(session, ear, tts_model, first)
+
+
+def saved(folder) -> list:
+    return sorted(p for p in folder.iterdir() if p.suffix == ".pcm")
+
+
+async def test_the_first_call_synthesises_live_and_saves_a_later_call_plays_it_at_once(tmp_path):
+    first = await greet(tmp_path, CountingTTS())
+    await first.session.aclose()
+    assert first.tts.synthesized == ["Thanks for calling Acme.", "How can I help?"]
+    assert first.first_frame >= TTFA  # not ready yet: the caller waits for the synthesis
+    assert len(saved(tmp_path)) == 1
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # renamed into place
+
+    later = await greet(tmp_path, CountingTTS())  # another job process on the same host
+    await later.session.aclose()
+    assert later.tts.synthesized == []  # no synthesis at all
+    assert later.first_frame <= 0.03  # the issue's goal for a later call
+    assert later.heard == first.heard  # the same audio: first call's tags, as long
+    assert later.heard[0] == ["Thanks for calling Acme.", "How can I help?"]
+    assert [m.text_content for m in later.session.history.messages()] == [GREETING]
+
+
+async def test_a_changed_greeting_or_voice_never_plays_a_stale_sentence(tmp_path):
+    await (await greet(tmp_path, CountingTTS(voice="alice"))).session.aclose()
+
+    other_voice = await greet(tmp_path, CountingTTS(voice="bob"))
+    await other_voice.session.aclose()
+    assert other_voice.tts.synthesized == ["Thanks for calling Acme.", "How can I help?"]
+
+    changed = await greet(tmp_path, CountingTTS(voice="alice"), "Acme, good morning.")
+    await changed.session.aclose()
+    assert changed.tts.synthesized == ["Acme, good morning."]
+    assert len(saved(tmp_path)) == 3
+
+    again = await greet(tmp_path, CountingTTS(voice="bob"))
+    await again.session.aclose()
+    assert again.tts.synthesized == []  # each voice keeps its own
+
+
+async def test_a_failed_synthesis_saves_nothing_and_the_call_goes_on(tmp_path):
+    call = await greet(tmp_path, CountingTTS(fail=1))
+    try:
+        assert call.tts.synthesized == ["Thanks for calling Acme."]  # refused, not retried
+        assert call.ear.heard == []  # as a failed say(text): nothing to hear, nothing said
+        assert list(tmp_path.iterdir()) == []  # nothing saved, no temporary file left
+        # the call goes on: the next fixed sentence is synthesised live, heard and saved
+        speech = wh.say_fixed(call.session, GREETING, call.session.current_agent.models.phrases)
+        await asyncio.wait_for(speech.wait_for_playout(), 5)
+        assert any(h.audible for h in call.ear.heard)
+        assert [m.text_content for m in call.session.history.messages()] == [GREETING]
+        assert len(saved(tmp_path)) == 1
+    finally:
+        await call.session.aclose()
+
+
+async def test_a_partial_or_corrupt_file_is_never_played(tmp_path):
+    first = await greet(tmp_path, CountingTTS())
+    await first.session.aclose()
+    (path,) = saved(tmp_path)
+    whole = path.read_bytes()
+
+    path.write_bytes(whole[: len(whole) // 2])  # cut short
+    cut = await greet(tmp_path, CountingTTS())
+    await cut.session.aclose()
+    assert cut.tts.synthesized == ["Thanks for calling Acme.", "How can I help?"]
+    assert cut.heard == first.heard  # all of it, live
+    assert len(path.read_bytes()) == len(whole)  # and the file replaced by a whole one
+
+    flipped = bytearray(whole)
+    flipped[-1] ^= 0x01  # the right length, one bit wrong
+    path.write_bytes(bytes(flipped))
+    corrupt = await greet(tmp_path, CountingTTS())
+    await corrupt.session.aclose()
+    assert corrupt.tts.synthesized == ["Thanks for calling Acme.", "How can I help?"]
+
+    fine = await greet(tmp_path, CountingTTS())
+    await fine.session.aclose()
+    assert fine.tts.synthesized == []
+
+
+async def test_a_cache_that_cannot_be_written_still_lets_the_caller_hear_the_sentence(tmp_path):
+    folder = tmp_path / "phrases"
+    settings = settings_for(phrase_cache=str(folder))
+    phrases = wh.PhraseCache(settings.phrase_cache)
+    folder.rmdir()
+    folder.write_text("not a folder any more")  # the disk, not the code, refuses the write
+    tts_model = CountingTTS()
+    models = wh.Models(llm=ScriptedLLM(lambda req: "Sure."), tts=tts_model, phrases=phrases)
+    session = wh.CallerSession()
+    ear = Ear("caller")
+    session.output.audio = ear
+    await session.start(agent=wh.WarmHandoffAgent(settings, wh.SimulatedPhoneLine(None), models))
+    try:
+        speech = wh.say_fixed(session, GREETING, phrases)
+        await asyncio.wait_for(speech.wait_for_playout(), 5)
+        assert len([h for h in ear.heard if h.audible]) > 0
+        assert [m.text_content for m in session.history.messages()] == [GREETING]
+        assert not phrases.usable  # the rest of this call speaks live, without trying again
+    finally:
+        await session.aclose()
+
+
+async def test_a_folder_others_can_write_to_is_not_used(tmp_path, caplog):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o777)  # anyone on the host could choose what callers hear
+    caplog.set_level(logging.WARNING, logger="warm-handoff")
+    assert not wh.PhraseCache(str(folder)).usable
+    assert any("phrase cache off" in r.getMessage() for r in caplog.records)
+    call = await greet(folder, CountingTTS())
+    await call.session.aclose()
+    assert call.tts.synthesized and list(folder.iterdir()) == []
+
+
+# ── the handoff's sentences ─────────────────────────────────────────────────────────────────
+
+
+async def hold_then_hang_up(folder, tts_model: CountingTTS) -> list[str]:
+    """A transfer to support that rings long enough for one check-in; the caller then hangs
+    up. Returns what the caller was told, as text."""
+    settings = settings_for(hold_reassure_every=0.3, phrase_cache=str(folder))
+    line = wh.SimulatedPhoneLine(None, ring_time=3)
+    models = wh.Models(
+        llm=ScriptedLLM(receptionist()),
+        tts=tts_model,
+        turn_handling={"turn_detection": "manual"},
+        phrases=wh.PhraseCache(settings.phrase_cache),
+    )
+    agent = wh.WarmHandoffAgent(settings, line, models)
+    session = wh.CallerSession()
+    session.output.audio = Ear("caller")
+    told = CallerTranscript()  # what the caller is told, check-ins (not in the history) too
+    session.output.transcription = told
+    await session.start(agent=agent)
+    try:
+        await session.run(user_input="a person please")
+        turn = asyncio.ensure_future(session.run(user_input="yes please"))
+        await wait_for(lambda: line.on_hold)
+        check_in = wh.HOLD_CHECK_IN.format(team="our support team")
+        await wait_for(lambda: check_in in told.lines, 5)
+        line.hang_up_caller()
+        await asyncio.wait_for(turn, 5)
+        return told.lines
+    finally:
+        await agent.shutdown_handoff("the test is over")
+        await line.aclose()
+        await session.aclose()
+
+
+async def test_please_hold_and_the_check_in_play_from_the_cache_on_a_later_call(tmp_path):
+    hold = wh.PLEASE_HOLD.format(team="our support team")
+    check_in = wh.HOLD_CHECK_IN.format(team="our support team")
+
+    def fixed(synthesized: list[str]) -> list[str]:
+        return [t for t in synthesized if t in hold or t in check_in]
+
+    first = CountingTTS()
+    told = await hold_then_hang_up(tmp_path, first)
+    assert hold in told
+    assert fixed(first.synthesized) == [
+        "Let me connect you with our support team.",
+        "Please hold for a moment.",
+        check_in,
+    ]
+    later = CountingTTS()
+    told = await hold_then_hang_up(tmp_path, later)
+    assert hold in told
+    assert fixed(later.synthesized) == []  # both from the folder
+    assert "Shall I connect you with our support team?" in later.synthesized  # the rest: live
+
+
+async def test_the_opener_to_the_human_plays_from_the_cache_where_the_tts_is_the_sessions(
+    tmp_path,
+):
+    """The consult session carries the TTS itself (``Handoff.consult_options``), not its agent:
+    the cache keys and synthesises with the TTS that ``say`` would use."""
+    opener = wh.OPENER.format(business="Acme")
+    heard: list[list] = []
+    voices = [CountingTTS(), CountingTTS()]
+    for voice in voices:  # two calls on the host
+        session = AgentSession(tts=voice)
+        ear = Ear("human")
+        session.output.audio = ear
+        await session.start(agent=Agent(instructions="You brief a colleague."))
+        try:
+            speech = wh.say_fixed(session, opener, wh.PhraseCache(str(tmp_path)))
+            await asyncio.wait_for(speech.wait_for_playout(), 5)
+            heard.append([h.tag for h in ear.heard if h.audible])
+        finally:
+            await session.aclose()
+    assert voices[0].synthesized == [opener] and voices[1].synthesized == []
+    assert heard[1] and set(heard[1]) == set(heard[0])
+
+
+# ── the key and the configuration ───────────────────────────────────────────────────────────
+
+
+def test_the_key_follows_the_text_and_every_voice_setting_of_elevenlabs_but_not_the_api_key(
+    tmp_path,
+):
+    """``tts_voice`` reads ElevenLabs' private options object (livekit-plugins-elevenlabs 1.8.9
+    ``_TTSOptions``): if the plugin moves a setting, this test fails, not a caller's ears."""
+    phrases = wh.PhraseCache(str(tmp_path))
+
+    def path(text: str = GREETING, **options) -> str:
+        made = {"api_key": "key-one", "voice_id": "voice-a", "model": "eleven_flash_v2_5"}
+        return phrases.path_for(text, elevenlabs.TTS(**{**made, **options})).name
+
+    base = path()
+    assert path() == base
+    assert path(api_key="key-two") == base  # a rotated key keeps the cache
+    settings = elevenlabs.VoiceSettings(stability=0.5, similarity_boost=0.75)
+    changed = {
+        "text": path("Thanks for calling Acme!"),
+        "voice": path(voice_id="voice-b"),
+        "model": path(model="eleven_multilingual_v2"),
+        "encoding": path(encoding="pcm_44100"),
+        "voice settings": path(voice_settings=settings),
+        "voice settings value": path(
+            voice_settings=elevenlabs.VoiceSettings(stability=0.6, similarity_boost=0.75)
+        ),
+        "language": path(language="de"),
+    }
+    assert base not in changed.values()
+    assert len(set(changed.values())) == len(changed)
+    voice = wh.tts_voice(elevenlabs.TTS(api_key="secret-value", voice_id="voice-a"))
+    assert "secret-value" not in str(voice)
+
+
+def test_the_cache_folder_is_configured_shown_and_can_be_turned_off(tmp_path, monkeypatch):
+    env = {"DOTENV_FILE": "/dev/null"}
+    assert wh.load_settings(env, telephony=False).phrase_cache == wh.DEFAULT_PHRASE_CACHE
+    on = wh.load_settings({"HANDOFF_PHRASE_CACHE": str(tmp_path)}, telephony=False)
+    off = wh.load_settings({"HANDOFF_PHRASE_CACHE": "off"}, telephony=False)
+    assert (on.phrase_cache, off.phrase_cache) == (str(tmp_path), "")
+    assert ("HANDOFF_PHRASE_CACHE", str(tmp_path)) in on.masked()
+    assert ("HANDOFF_PHRASE_CACHE", "off") in off.masked()
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(wh.ConfigError, match="HANDOFF_PHRASE_CACHE must name a folder"):
+        wh.load_settings({"HANDOFF_PHRASE_CACHE": str(a_file)}, telephony=False)
+
+    for key in ("DEEPGRAM_API_KEY", "OPENAI_API_KEY", "ELEVEN_API_KEY"):
+        monkeypatch.setenv(key, "test-key")
+    models = wh.build_models(on, vad=None)
+    assert models.phrases is not None and models.phrases.folder == tmp_path
+    assert wh.build_models(off, vad=None).phrases is None
