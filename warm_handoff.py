@@ -158,6 +158,11 @@ def when_it_opens(opens: datetime, now: datetime) -> str:
     return f"on {weekday}, {opens.strftime('%B')} {opens.day}, at {at}"
 
 
+def sentence(text: str) -> str:
+    """``text`` ending in one full stop, also after "a.m.": "tomorrow at 9 a.m."."""
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -348,8 +353,9 @@ def _parse_hours(raw: Any, where: str, problems: list[str]) -> OpeningHours | No
         problems.append(f'{where} has no opening times: add days like "mon-fri": "09:00-17:00"')
     if len(problems) > found:
         return None
-    spec = ", ".join(f"{k} {v}" for k, v in raw.items() if k not in ("tz", "closed"))
-    spec += f" {tz}" + (f", closed on {len(closed)} dates" if closed else "")
+    spec = f"{tz}: " + ", ".join(f"{k} {v}" for k, v in raw.items() if k not in ("tz", "closed"))
+    if closed:
+        spec += f"; {len(closed)} closed date" + ("s" if len(closed) > 1 else "")
     return OpeningHours(
         tz=tz, weekly=tuple(tuple(sorted(d)) for d in weekly), closed=frozenset(closed), spec=spec
     )
@@ -2669,17 +2675,18 @@ class WarmHandoffAgent(Agent):
         self.results.append(result)
         self.records.handoff(result)
         team = destination.said_as[0].upper() + destination.said_as[1:]
-        told = f"{team} is closed right now" + (f" and opens {when}." if when else ".")
+        told = sentence(f"{team} is closed right now" + (f" and opens {when}" if when else ""))
         callback_at = when or "as soon as they can"
         following = self.next_destination(after=destination)
         if following is not None:
             offer = (
                 f"I can try {following.said_as}, who can take your call now, or take your "
-                f"details so someone calls you back {callback_at}. Which would you prefer?"
+                f"details so someone calls you back {sentence(callback_at)} "
+                "Which would you prefer?"
             )
         else:
             offer = (
-                f"I can take your details so someone calls you back {callback_at}. "
+                f"I can take your details so someone calls you back {sentence(callback_at)} "
                 "Would you like that?"
             )
         await self.session.say(f"{told} {offer}")
@@ -2753,22 +2760,6 @@ class WarmHandoffAgent(Agent):
         """While the caller is on hold, their words are answered here, at once and without a
         model request: where things stand, or, for "never mind", the transfer stops."""
         handoff = self.handoff
-        if handoff is None and (teams_now := self.teams_now()):
-            # Opening hours change during a call: the model sees which teams are open at the
-            # moment of this request, next to its instructions (this request's own copy).
-            with contextlib.suppress(ValueError):
-                chat_ctx.remove(TEAMS_NOW_ID)  # an earlier request of the same turn
-            at = next(
-                (
-                    i
-                    for i, item in enumerate(chat_ctx.items)
-                    if not (item.type == "message" and item.role == "system")
-                ),
-                len(chat_ctx.items),
-            )
-            chat_ctx.items.insert(
-                at, llm.ChatMessage(id=TEAMS_NOW_ID, role="system", content=[teams_now])
-            )
         if handoff is not None and handoff.phase in ("announcing", "ringing", "briefing"):
             said = next(
                 (
@@ -2782,8 +2773,31 @@ class WarmHandoffAgent(Agent):
             if answer:
                 yield answer
             return
+        self._show_teams_now(chat_ctx)
         async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
             yield chunk
+
+    def _show_teams_now(self, chat_ctx: llm.ChatContext) -> None:
+        """Opening hours change during a call: the model sees which teams are open at the
+        moment of each request, in a system message after its instructions. ``chat_ctx`` is
+        this request's own copy (voice/agent_activity.py ``_pipeline_reply_task_impl``), so
+        nothing stale stays in the history."""
+        teams_now = self.teams_now()
+        if not teams_now:
+            return
+        with contextlib.suppress(ValueError):
+            chat_ctx.remove(TEAMS_NOW_ID)  # from an earlier request of the same turn
+        at = next(
+            (
+                i
+                for i, item in enumerate(chat_ctx.items)
+                if not (item.type == "message" and item.role == "system")
+            ),
+            len(chat_ctx.items),
+        )
+        chat_ctx.items.insert(
+            at, llm.ChatMessage(id=TEAMS_NOW_ID, role="system", content=[teams_now])
+        )
 
     @function_tool
     async def request_callback(
@@ -2833,7 +2847,9 @@ class WarmHandoffAgent(Agent):
                 source="caller",
             )
         )
-        await self.session.say(f"Thank you, {name}. Someone will call you back {best_time}.")
+        await self.session.say(
+            f"Thank you, {name}. Someone will call you back {sentence(best_time)}"
+        )
         return ToolResult("The callback request is recorded.", reply_required=False)
 
     @function_tool
