@@ -108,11 +108,14 @@ async def test_never_hangs_up_mid_transfer(start_call, caplog):
     await wait_for(line.human_heard_anything)
     line.human_presses("1")
     await wait_for(line.moving.is_set)  # merging: the caller's words reach the model again
-    call.session.generate_reply(user_input="bye")
-    await wait_for(lambda: end_call_outputs(call))
-    assert end_call_outputs(call) == ["The caller is being transferred: the call was not ended."]
-    assert line.caller_room not in line.deleted_rooms and GOODBYE not in call.caller_heard()
-    line.release.set()
+    try:
+        call.session.generate_reply(user_input="bye")
+        await wait_for(lambda: end_call_outputs(call))
+        refused = "The caller is being transferred: the call was not ended."
+        assert end_call_outputs(call) == [refused]
+        assert line.caller_room not in line.deleted_rooms and GOODBYE not in call.caller_heard()
+    finally:
+        line.release.set()  # the move finishes either way
     await asyncio.wait_for(turn, 5)
     assert call.agent.results[0].outcome is wh.HandoffOutcome.CONNECTED
     assert call_records(caplog) == []  # the call goes on, between the two people
