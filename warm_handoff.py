@@ -1213,6 +1213,7 @@ class SimulatedPhoneLine(PhoneLine):
         self._log(
             f"dialling {target.name} ({mask_number(target.target)}), "
             f"ring timeout {dial.ring_timeout:g}s"
+            + (f", showing {mask_number(dial.caller_id)}" if dial.caller_id else "")
         )
         try:
             outcome = self.humans.get(target.name, self.human)
