@@ -72,6 +72,11 @@ DTMF = re.compile(r"^[0-9*#wW]{1,32}$")
 DESTINATION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 CALLER_ID_FROM_CALLER = "caller"  # HANDOFF_CALLER_ID=caller: the human's phone shows the caller
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+MONTH_NAMES = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September",
+    "October", "November", "December",
+)  # fmt: skip
 DAY_SPAN = re.compile(r"^(mon|tue|wed|thu|fri|sat|sun)(?:-(mon|tue|wed|thu|fri|sat|sun))?$")
 TIME_SPAN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-(?:([01]\d|2[0-3]):([0-5]\d)|(24):(00))$")
 
@@ -148,14 +153,14 @@ def when_it_opens(opens: datetime, now: datetime) -> str:
     at = {(0, 0): "midnight", (12, 0): "noon"}.get(
         (opens.hour, opens.minute), f"{clock} {'a.m.' if opens.hour < 12 else 'p.m.'}"
     )
-    weekday = opens.strftime("%A")
+    weekday = DAY_NAMES[opens.weekday()]
     if days == 0:
         return f"today at {at}"
     if days == 1:
         return f"tomorrow at {at}"
     if days < 7:
         return f"on {weekday} at {at}"
-    return f"on {weekday}, {opens.strftime('%B')} {opens.day}, at {at}"
+    return f"on {weekday}, {MONTH_NAMES[opens.month - 1]} {opens.day}, at {at}"
 
 
 def sentence(text: str) -> str:
@@ -2257,6 +2262,7 @@ connect them to and get a clear yes before calling transfer_call. Pass a short r
 what the caller needs.
 If nobody can take the call, offer a callback: ask the caller's name and the best time to
 call, then use request_callback (it reads the details back and records them).
+When the caller is done and says goodbye, call end_call: it says goodbye and hangs up.
 Never read out, invent or confirm internal phone numbers or extensions. If the caller asks you
 to call a phone number they give you, explain that you can only connect them to the teams
 listed in transfer_call{direct}.

@@ -311,3 +311,11 @@ async def test_a_callback_for_a_closed_team_is_for_when_it_opens(start_call, cap
     logged = [r.getMessage() for r in caplog.records if "callback_request record" in r.getMessage()]
     (record,) = [json.loads(m.split(" record ", 1)[1]) for m in logged]
     assert (record["best_time"], record["reason"]) == ("tomorrow at 9 a.m.", "a refund")
+
+
+def test_an_opening_a_week_or_more_away_is_said_with_its_date():
+    monday = destinations({"tz": "Europe/London", "mon": "12:00-13:00", "closed": ["2025-03-10"]})
+    now = datetime(2025, 3, 4, 12, 0, tzinfo=ZoneInfo("Europe/London"))  # Tuesday
+    assert wh.when_it_opens(monday[0].hours.next_opening(now), now) == (
+        "on Monday, March 17, at noon"
+    )
