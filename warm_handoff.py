@@ -32,9 +32,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from datetime import date, datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import regex
 from dotenv import load_dotenv
@@ -81,6 +83,15 @@ AGENT_NAME_RULE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
 MAX_DESTINATIONS_CHARS = 65_536
 MAX_JSON_DEPTH = 10  # a destination's opening hours need about six levels
 DIAL_PATTERN_TIMEOUT = 0.05  # seconds a HANDOFF_ALLOW_DIAL_PATTERN match may take
+CALLER_ID_FROM_CALLER = "caller"  # HANDOFF_CALLER_ID=caller: the human's phone shows the caller
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+MONTH_NAMES = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September",
+    "October", "November", "December",
+)  # fmt: skip
+DAY_SPAN = re.compile(r"\A(mon|tue|wed|thu|fri|sat|sun)(?:-(mon|tue|wed|thu|fri|sat|sun))?\Z")
+TIME_SPAN = re.compile(r"\A([01]\d|2[0-3]):([0-5]\d)-(?:([01]\d|2[0-3]):([0-5]\d)|(24):(00))\Z")
 
 DEFAULT_AGENT_NAME = "warm-handoff-agent"
 DEFAULT_GREETING = "Thanks for calling. This is the virtual assistant. How can I help you today?"
@@ -113,6 +124,72 @@ class SimulatedHuman(str, Enum):
 
 
 @dataclass(frozen=True)
+class OpeningHours:
+    """When a destination takes calls: weekly ranges of wall-clock time in its own IANA time
+    zone, minus closed dates. A range that ends at or before it starts runs past midnight
+    ("22:00-02:00"); a closed date cancels the ranges that start on it. Instants are compared
+    in UTC, so a daylight-saving change moves nothing on the team's clock."""
+
+    tz: str
+    weekly: tuple[tuple[tuple[int, int], ...], ...]  # Monday first: (start, end) minutes
+    closed: frozenset[date] = frozenset()
+    spec: str = field(default="", compare=False)  # as configured, for ``check``
+
+    def _openings(self, now: datetime, days: int) -> Any:
+        """Each opening (start, end) in UTC, from the day before ``now``'s local date on."""
+        zone = ZoneInfo(self.tz)
+        first = now.astimezone(zone).date() - timedelta(days=1)
+        for offset in range(days + 1):
+            day = first + timedelta(days=offset)
+            if day in self.closed:
+                continue
+            midnight = datetime(day.year, day.month, day.day)
+            for start, end in self.weekly[day.weekday()]:
+                yield tuple(
+                    (midnight + timedelta(minutes=m)).replace(tzinfo=zone).astimezone(timezone.utc)
+                    for m in (start, end)
+                )
+
+    def is_open(self, now: datetime) -> bool:
+        return any(start <= now < end for start, end in self._openings(now, 1))
+
+    def next_opening(self, now: datetime) -> datetime | None:
+        """When it next opens after ``now``, on its own clock; None if not within a year."""
+        for start, _ in self._openings(now, 366):
+            if start > now:
+                return start.astimezone(ZoneInfo(self.tz))
+        return None
+
+
+def when_it_opens(opens: datetime, now: datetime) -> str:
+    """How the agent says an opening time, on the team's clock: "tomorrow at 9 a.m.",
+    "today at 1:30 p.m.", "on Monday at 9 a.m.", "on Monday, March 9, at 9 a.m."."""
+    days = (opens.date() - now.astimezone(opens.tzinfo).date()).days
+    hour = opens.hour % 12 or 12
+    clock = f"{hour}:{opens.minute:02d}" if opens.minute else f"{hour}"
+    at = {(0, 0): "midnight", (12, 0): "noon"}.get(
+        (opens.hour, opens.minute), f"{clock} {'a.m.' if opens.hour < 12 else 'p.m.'}"
+    )
+    weekday = DAY_NAMES[opens.weekday()]
+    if days == 0:
+        return f"today at {at}"
+    if days == 1:
+        return f"tomorrow at {at}"
+    if days < 7:
+        return f"on {weekday} at {at}"
+    return f"on {weekday}, {MONTH_NAMES[opens.month - 1]} {opens.day}, at {at}"
+
+
+def sentence(text: str) -> str:
+    """``text`` ending in one full stop, also after "a.m.": "tomorrow at 9 a.m."."""
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
 class Destination:
     """A human the operator allows the agent to hand calls to."""
 
@@ -124,6 +201,7 @@ class Destination:
     spoken_name: str = ""  # how the agent names it aloud, e.g. "our billing team"
     fallback: str = ""  # the destination to offer next when this one can't take the call
     screening: str = "amd"  # "none": softphones, internal lines: no answering-machine detection
+    hours: OpeningHours | None = None  # None: always open
 
     @property
     def said_as(self) -> str:
@@ -136,7 +214,8 @@ class Settings:
     livekit_api_key: str = ""
     livekit_api_secret: str = field(default="", repr=False)
     sip_trunk_id: str = ""
-    caller_id: str = ""  # the number the human's phone shows (must belong to the trunk)
+    caller_id: str = ""  # the number the human's phone shows (the trunk's), or "caller"
+    trunk_number: str = ""  # with "caller": shown when the caller's number is unknown or refused
     destinations: tuple[Destination, ...] = ()
     allow_dial_pattern: re.Pattern[str] | regex.Pattern[str] | None = None
     handoff_mode: HandoffMode = HandoffMode.AUTO
@@ -176,7 +255,11 @@ class Settings:
             ("LIVEKIT_API_KEY", self.livekit_api_key or "(not set)"),
             ("LIVEKIT_API_SECRET", secret(self.livekit_api_secret)),
             ("SIP_TRUNK_ID", self.sip_trunk_id or "(not set)"),
-            ("HANDOFF_CALLER_ID", mask_number(self.caller_id) if self.caller_id else "(not set)"),
+            ("HANDOFF_CALLER_ID", self._caller_id_shown()),
+            (
+                "HANDOFF_TRUNK_NUMBER",
+                mask_number(self.trunk_number) if self.trunk_number else "(not set)",
+            ),
             ("HANDOFF_MODE", f"{self.handoff_mode.value} (in force: {self.mode.value})"),
             ("HANDOFF_RING_TIMEOUT", f"{self.ring_timeout:g}s"),
             ("HANDOFF_MAX_HOLD", f"{self.max_hold:g}s"),
@@ -193,10 +276,16 @@ class Settings:
                 (
                     f"destination {d.name}",
                     f"{mask_number(d.target)} - {d.description}"
-                    + (f" (then {d.fallback})" if d.fallback else ""),
+                    + (f" (then {d.fallback})" if d.fallback else "")
+                    + (f"; open {d.hours.spec}" if d.hours else ""),
                 )
             )
         return rows
+
+    def _caller_id_shown(self) -> str:
+        if self.caller_id == CALLER_ID_FROM_CALLER:
+            return "caller (the caller's own number; else HANDOFF_TRUNK_NUMBER)"
+        return mask_number(self.caller_id) if self.caller_id else "(not set)"
 
     @property
     def mode(self) -> HandoffMode:
@@ -237,6 +326,87 @@ def _json_depth(raw: str) -> int:
         elif char in "]}":
             depth -= 1
     return deepest
+
+
+def _parse_hours(raw: Any, where: str, problems: list[str]) -> OpeningHours | None:
+    """A destination's ``hours``: {"tz": "America/Los_Angeles", "mon-fri": "09:00-17:30",
+    "sat": "10:00-14:00", "closed": ["2025-12-25"]}. Days are mon..sun, a span of them
+    ("mon-fri", "fri-mon") or several joined by commas ("sat,sun"); times are HH:MM-HH:MM,
+    several joined by commas ("09:00-12:00,13:00-17:00")."""
+    where = f"{where}.hours"
+    if not isinstance(raw, dict):
+        problems.append(
+            f'{where} must be an object like {{"tz": "Europe/London", "mon-fri": "09:00-17:00"}}'
+        )
+        return None
+    found = len(problems)
+    tz = raw.get("tz")
+    try:
+        ZoneInfo(tz)  # type: ignore[arg-type]
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        problems.append(
+            f"{where}.tz must be an IANA time zone like America/Los_Angeles (got {tz!r})"
+        )
+    weekly: list[list[tuple[int, int]]] = [[] for _ in WEEKDAYS]
+    given: dict[int, str] = {}
+    closed: set[date] = set()
+    for key, value in raw.items():
+        if key == "tz":
+            continue
+        if key == "closed":
+            dates = value if isinstance(value, list) else [value]
+            for day in dates:
+                try:
+                    closed.add(date.fromisoformat(day))
+                except (TypeError, ValueError):
+                    problems.append(f"{where}.closed must list dates like 2025-12-25 (got {day!r})")
+            continue
+        days: list[int] = []
+        for span in str(key).replace(" ", "").lower().split(","):
+            if not (m := DAY_SPAN.match(span)):
+                days = []
+                break
+            first = WEEKDAYS.index(m[1])
+            last = WEEKDAYS.index(m[2] or m[1])
+            days += [(first + i) % 7 for i in range((last - first) % 7 + 1)]
+        if not days:
+            problems.append(
+                f"{where} has an unknown key {key!r}: use tz, closed, or days "
+                "like mon, mon-fri or sat,sun"
+            )
+            continue
+        ranges = []
+        for span in str(value).replace(" ", "").split(",") if isinstance(value, str) else [""]:
+            if not (m := TIME_SPAN.match(span)):
+                ranges = []
+                break
+            start = int(m[1]) * 60 + int(m[2])
+            end = int(m[3] or m[5]) * 60 + int(m[4] or m[6])
+            if end == start:
+                ranges = []
+                break
+            ranges.append((start, end if end > start else end + 24 * 60))  # past midnight
+        if not ranges:
+            problems.append(
+                f'{where}[{key!r}] must be opening times like "09:00-17:30", '
+                f"several joined by commas (got {value!r})"
+            )
+            continue
+        for day in days:
+            if day in given:
+                problems.append(f"{where}: {WEEKDAYS[day]} is in both {given[day]!r} and {key!r}")
+            given[day] = key
+            weekly[day] += ranges
+    if not given and len(problems) == found:
+        problems.append(f'{where} has no opening times: add days like "mon-fri": "09:00-17:00"')
+    if len(problems) > found:
+        return None
+    spec = f"{tz}: " + ", ".join(f"{k} {v}" for k, v in raw.items() if k not in ("tz", "closed"))
+    if closed:
+        spec += f"; {len(closed)} closed date" + ("s" if len(closed) > 1 else "")
+    return OpeningHours(
+        tz=tz, weekly=tuple(tuple(sorted(d)) for d in weekly), closed=frozenset(closed), spec=spec
+    )
 
 
 def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
@@ -290,6 +460,7 @@ def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
             "spoken_name",
             "fallback",
             "screening",
+            "hours",
         }
         if unknown:
             problems.append(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
@@ -336,6 +507,7 @@ def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
                 spoken_name=text("spoken_name") or "",
                 fallback=text("fallback") or "",
                 screening=screening,
+                hours=_parse_hours(entry["hours"], where, problems) if "hours" in entry else None,
             )
         )
     names = {d.name for d in found}
@@ -403,6 +575,9 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
     ring_timeout = number("HANDOFF_RING_TIMEOUT", 25.0, 5, 120)
     trunk = get("SIP_TRUNK_ID") or get("LIVEKIT_SIP_OUTBOUND_TRUNK")
     caller_id = get("HANDOFF_CALLER_ID")
+    if caller_id.lower() == CALLER_ID_FROM_CALLER:
+        caller_id = CALLER_ID_FROM_CALLER
+    trunk_number = get("HANDOFF_TRUNK_NUMBER")
     pattern_raw = get("HANDOFF_ALLOW_DIAL_PATTERN")
     pattern = None
     if pattern_raw:
@@ -418,6 +593,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         livekit_api_secret=get("LIVEKIT_API_SECRET"),
         sip_trunk_id=trunk,
         caller_id=caller_id,
+        trunk_number=trunk_number,
         destinations=tuple(_parse_destinations(destinations_raw, problems)),
         allow_dial_pattern=pattern,
         handoff_mode=choice("HANDOFF_MODE", HandoffMode, HandoffMode.AUTO),
@@ -450,8 +626,15 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         problems.append(
             "HANDOFF_WEBHOOK_SECRET must be set, at least 16 characters, with a webhook"
         )
-    if caller_id and not E164.match(caller_id):
-        problems.append("HANDOFF_CALLER_ID must be an E.164 number like +15105550100")
+    if caller_id and caller_id != CALLER_ID_FROM_CALLER and not E164.fullmatch(caller_id):
+        problems.append("HANDOFF_CALLER_ID must be an E.164 number like +15105550100, or caller")
+    if trunk_number and not E164.fullmatch(trunk_number):
+        problems.append("HANDOFF_TRUNK_NUMBER must be an E.164 number like +15105550100")
+    elif trunk_number and caller_id != CALLER_ID_FROM_CALLER:
+        problems.append(
+            "HANDOFF_TRUNK_NUMBER is used only with HANDOFF_CALLER_ID=caller "
+            "(otherwise put the trunk's number in HANDOFF_CALLER_ID)"
+        )
     if os.path.exists(settings.phrase_cache) and not os.path.isdir(settings.phrase_cache):
         problems.append("HANDOFF_PHRASE_CACHE must name a folder, or be off")
     if settings.hold_audio_file and not os.path.isfile(settings.hold_audio_file):
@@ -580,6 +763,7 @@ class HandoffOutcome(str, Enum):
     UNREACHABLE = "unreachable"
     CALLER_LEFT = "caller_left"
     CANCELLED_BY_CALLER = "cancelled_by_caller"
+    CLOSED = "closed"  # outside the destination's opening hours: never dialled
     FAILED = "failed"
 
 
@@ -1247,6 +1431,7 @@ class SimulatedPhoneLine(PhoneLine):
         self._log(
             f"dialling {target.name} ({mask_number(target.target)}), "
             f"ring timeout {dial.ring_timeout:g}s"
+            + (f", showing {mask_number(dial.caller_id)}" if dial.caller_id else "")
         )
         try:
             outcome = self.humans.get(target.name, self.human)
@@ -1928,8 +2113,9 @@ class CallRecords:
         self.callbacks.append(request)
         self._emit({"type": "callback_request", "job_id": self.job_id, **request.__dict__})
 
-    def call_ended(self) -> None:
-        """The call's own record: how it ended, once."""
+    def call_ended(self, outcome: str = "") -> None:
+        """The call's own record: how it ended, once. ``outcome`` "completed": the agent hung
+        up because the caller was done; by default, the last handoff's outcome."""
         if self.ended:
             return
         self.ended = True
@@ -1939,7 +2125,7 @@ class CallRecords:
                 "type": "call",
                 "room": self.room,
                 "job_id": self.job_id,
-                "outcome": last.outcome.value if last else "no_handoff",
+                "outcome": outcome or (last.outcome.value if last else "no_handoff"),
                 "attempts": [h.attempt for h in self.handoffs],
                 "destinations": [h.destination for h in self.handoffs],
                 "callback_requests": len(self.callbacks),
@@ -2064,9 +2250,41 @@ class Handoff:
             identity=self.identity,
             destination=self.destination,
             ring_timeout=self.ring_timeout,
-            caller_id=self.settings.caller_id,
+            caller_id=self._caller_id(),
             headers=self._sip_headers(),
         )
+
+    def _caller_id(self) -> str:
+        """What the human's phone shows: with HANDOFF_CALLER_ID=caller the caller's own number
+        when the trunk gave a valid one (``sip_caller_number``), else HANDOFF_TRUNK_NUMBER ("":
+        the trunk's own number)."""
+        if self.settings.caller_id != CALLER_ID_FROM_CALLER:
+            return self.settings.caller_id
+        if E164.fullmatch(self.line.caller_number):
+            return self.line.caller_number
+        return self.settings.trunk_number
+
+    async def _place_call(self, room: str) -> Leg:
+        """Dial the human. A trunk that will not show the caller's number answers the first
+        INVITE with 403 Forbidden before any ringing: the same attempt dials once more, at once,
+        with the trunk's number. A 603 is a person declining and is never retried."""
+        dial = self._dial(room)
+        try:
+            return await self.line.dial(dial)
+        except DialFailed as e:
+            fallback = self.settings.trunk_number
+            showed_caller = self.settings.caller_id == CALLER_ID_FROM_CALLER
+            if e.sip_status != 403 or not showed_caller or dial.caller_id == fallback:
+                raise
+            logger.info(
+                "the trunk refused the caller's number as caller ID in room %s (%s); "
+                "dialling %s again with the trunk's number",
+                self.line.caller_room,
+                e.detail,
+                self.destination.name,
+            )
+            self.timings["caller_id_refused"] = time.monotonic()
+            return await self.line.dial(replace(dial, caller_id=fallback))
 
     def _sip_headers(self) -> dict[str, str]:
         """Short X-headers for the human's softphone or CRM to pop the context (off with
@@ -2314,7 +2532,7 @@ class Handoff:
     def _dial_now(self, room: str) -> asyncio.Future[Leg]:
         """Start ringing the human. Whoever answers is kept as ``_leg`` the moment they do,
         even if the flow is already stopping, so clean-up hangs them up."""
-        dial = asyncio.ensure_future(self.line.dial(self._dial(room)))
+        dial = asyncio.ensure_future(self._place_call(room))
 
         def keep_leg(done: asyncio.Future[Leg]) -> None:
             if not done.cancelled() and done.exception() is None:
@@ -2714,6 +2932,7 @@ connect them to and get a clear yes before calling transfer_call. Pass a short r
 what the caller needs.
 If nobody can take the call, offer a callback: ask the caller's name and the best time to
 call, then use request_callback (it reads the details back and records them).
+When the caller is done and says goodbye, call end_call: it says goodbye and hangs up.
 Never read out, invent or confirm internal phone numbers or extensions. If the caller asks you
 to call a phone number they give you, explain that you can only connect them to the teams
 listed in transfer_call{direct}.
@@ -3120,6 +3339,9 @@ class ModelReply:
         return next((call_id for name, call_id in self.calls if name in TRANSFER_TOOLS), None)
 
 
+TEAMS_NOW_ID = "warm-handoff.teams-now"  # the system message saying which teams are open now
+
+
 class WarmHandoffAgent(Agent):
     """The receptionist the caller talks to. Its one way to reach a person is ``transfer_call``,
     which takes a destination *name* from the operator's directory, never a number."""
@@ -3130,11 +3352,13 @@ class WarmHandoffAgent(Agent):
         line: PhoneLine,
         models: Models,
         records: CallRecords | None = None,
+        now: Callable[[], datetime] = utc_now,
     ) -> None:
         self.settings = settings
         self.line = line
         self.models = models
         self.records = records or CallRecords(line.caller_room)
+        self.now = now  # the clock opening hours are read with (aware datetimes)
         self.destinations = settings.destinations
         self.results: list[HandoffResult] = []
         self.tried: list[Destination] = []  # every dial on this call, in order, repeats too
@@ -3147,6 +3371,8 @@ class WarmHandoffAgent(Agent):
         self._reply = ModelReply()
         self._reply.complete.set()
         self._unconfirmed: CallbackRequest | None = None  # read back, not yet confirmed
+        self._ending = False  # end_call said goodbye: no transfer starts any more
+        self._callback_time = ""  # when the closed team last asked for opens: a callback's time
         tools = [self._transfer_tool()] if self.destinations else []
         if settings.allow_dial_pattern is not None:
             tools.append(self._direct_tool())
@@ -3263,6 +3489,10 @@ class WarmHandoffAgent(Agent):
     async def _hand_off(self, destination: Destination, reason: str) -> Any:
         if self.handoff is not None:
             return ToolResult("A transfer is already in progress.", reply_required=False)
+        if self._ending:
+            return ToolResult("The call is ending.", reply_required=False)
+        if not self.is_open(destination):
+            return await self._closed(destination, reason)
         if not self.may_offer(destination):
             return ToolResult(
                 f"{destination.name} was already tried on this call and could not take it; "
@@ -3328,6 +3558,82 @@ class WarmHandoffAgent(Agent):
             reply_required=False,
         )
 
+    def is_open(self, destination: Destination, now: datetime | None = None) -> bool:
+        """Whether ``destination`` takes calls now (one with no ``hours`` always does)."""
+        hours = destination.hours
+        return hours is None or hours.is_open(now or self.now())
+
+    def _opens(self, destination: Destination, now: datetime) -> str:
+        opens = destination.hours.next_opening(now) if destination.hours else None
+        return when_it_opens(opens, now) if opens else ""
+
+    def teams_now(self) -> str:
+        """Which teams take calls right now, for the model; "" when no team has hours."""
+        if not any(d.hours for d in self.destinations):
+            return ""
+        now = self.now()
+        open_now = [d.name for d in self.destinations if self.is_open(d, now)]
+        closed = [
+            f"{d.name} (opens {self._opens(d, now) or 'at no set time'})"
+            for d in self.destinations
+            if not self.is_open(d, now)
+        ]
+        return (
+            f"Right now these teams are open: {', '.join(open_now) or 'none'}; closed: "
+            f"{', '.join(closed) or 'none'}. Offer only open teams. If the caller asks for a "
+            "closed team, call transfer_call with it anyway: the caller is told when it opens "
+            "and offered an open team or a callback."
+        )
+
+    async def _closed(self, destination: Destination, reason: str) -> Any:
+        """A closed team was asked for: never dialled. The caller hears when it opens next and
+        is offered an open team or a callback, at that time unless they choose another."""
+        now = self.now()
+        when = self._opens(destination, now)
+        self._callback_time = when
+        result = HandoffResult(
+            HandoffOutcome.CLOSED,
+            destination.name,
+            self.settings.mode,
+            detail=f"outside opening hours; opens {when}" if when else "outside opening hours",
+            timings={"decision": time.monotonic()},
+            attempt=uuid.uuid4().hex[:8],
+            reason=reason or "a request for a person",
+            phase="closed",
+        )
+        self.results.append(result)
+        self.records.handoff(result)
+        team = destination.said_as[0].upper() + destination.said_as[1:]
+        told = sentence(f"{team} is closed right now" + (f" and opens {when}" if when else ""))
+        callback_at = when or "as soon as they can"
+        following = self.next_destination(after=destination)
+        if following is not None:
+            offer = (
+                f"I can try {following.said_as}, who can take your call now, or take your "
+                f"details so someone calls you back {sentence(callback_at)} "
+                "Which would you prefer?"
+            )
+        else:
+            offer = (
+                f"I can take your details so someone calls you back {sentence(callback_at)} "
+                "Would you like that?"
+            )
+        await self.session.say(f"{told} {offer}")
+        return ToolResult(
+            f"{destination.name} is closed now and was not dialled"
+            + (f"; it opens {when}" if when else "")
+            + ". The caller has been told. "
+            + (
+                f"If the caller agrees to try {following.name}, call transfer_call with "
+                f"destination {following.name}. "
+                if following
+                else ""
+            )
+            + "If they want a callback, ask their name, then call request_callback; leave "
+            f"best_time empty for {callback_at}, unless they ask for another time.",
+            reply_required=False,
+        )
+
     def may_offer(self, destination: Destination) -> bool:
         """The one rule for offering a destination (again) on this call: never after it
         failed (busy, no answer, declined, voicemail, unreachable, or a technical failure);
@@ -3338,14 +3644,20 @@ class WarmHandoffAgent(Agent):
             return True  # never dialled
         return self.ended[destination] is HandoffOutcome.CANCELLED_BY_CALLER
 
-    def next_destination(self) -> Destination | None:
-        """Who to offer after a failed attempt: the last destination's named fallback, else
-        the first one ``may_offer`` allows in the operator's order; nobody once
-        ``HANDOFF_MAX_ATTEMPTS`` dials were made."""
+    def next_destination(self, after: Destination | None = None) -> Destination | None:
+        """Who to offer after a failed attempt (or instead of the closed ``after``): the last
+        destination's named fallback, else the first one ``may_offer`` allows in the
+        operator's order; only a team open now; nobody once ``HANDOFF_MAX_ATTEMPTS`` dials were
+        made."""
         if len(self.tried) >= self.settings.max_attempts:
             return None
-        offerable = [d for d in self.destinations if self.may_offer(d)]
-        last = self.tried[-1] if self.tried else None
+        now = self.now()
+        offerable = [
+            d
+            for d in self.destinations
+            if self.may_offer(d) and self.is_open(d, now) and d != after
+        ]
+        last = after or (self.tried[-1] if self.tried else None)
         preferred = next((d for d in offerable if last and d.name == last.fallback), None)
         return preferred or (offerable[0] if offerable else None)
 
@@ -3390,6 +3702,7 @@ class WarmHandoffAgent(Agent):
             if answer:
                 yield answer
             return
+        self._show_teams_now(chat_ctx)
         reply = self._reply = ModelReply()
         try:
             async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
@@ -3400,12 +3713,34 @@ class WarmHandoffAgent(Agent):
         finally:
             reply.complete.set()
 
+    def _show_teams_now(self, chat_ctx: llm.ChatContext) -> None:
+        """Opening hours change during a call: the model sees which teams are open at the
+        moment of each request, in a system message after its instructions. ``chat_ctx`` is
+        this request's own copy (voice/agent_activity.py ``_pipeline_reply_task_impl``), so
+        nothing stale stays in the history."""
+        teams_now = self.teams_now()
+        if not teams_now:
+            return
+        with contextlib.suppress(ValueError):
+            chat_ctx.remove(TEAMS_NOW_ID)  # from an earlier request of the same turn
+        at = next(
+            (
+                i
+                for i, item in enumerate(chat_ctx.items)
+                if not (item.type == "message" and item.role == "system")
+            ),
+            len(chat_ctx.items),
+        )
+        chat_ctx.items.insert(
+            at, llm.ChatMessage(id=TEAMS_NOW_ID, role="system", content=[teams_now])
+        )
+
     @function_tool
     async def request_callback(
         self,
         context: RunContext,
         name: str,
-        best_time: str,
+        best_time: str = "",
         number: str = "",
         confirmed: bool = False,
     ) -> Any:
@@ -3414,7 +3749,8 @@ class WarmHandoffAgent(Agent):
 
         Args:
             name: The caller's name.
-            best_time: When they would like the call, in their words.
+            best_time: When they would like the call, in their words. Empty after a closed
+                team was asked for: the time it opens.
             number: Only if they want a call on a different number than the one they are
                 calling from, in international format. Otherwise leave empty.
             confirmed: True only after the caller said the read-back details are right.
@@ -3425,6 +3761,9 @@ class WarmHandoffAgent(Agent):
         number = re.sub(r"[\s().-]", "", number) or self.line.caller_number
         if not E164.fullmatch(number):
             return ToolResult("Ask for the number to call, with the area code.")
+        best_time = best_time.strip() or self._callback_time
+        if not best_time:
+            return ToolResult("Ask the caller when is the best time to call them back.")
         reason = self.results[-1].reason if self.results else ""
         request = CallbackRequest(
             room=self.line.caller_room,
@@ -3453,7 +3792,9 @@ class WarmHandoffAgent(Agent):
             )
         self._unconfirmed = None
         self.records.callback(request)
-        await self.session.say(f"Thank you, {name}. Someone will call you back {best_time}.")
+        await self.session.say(
+            f"Thank you, {name}. Someone will call you back {sentence(best_time)}"
+        )
         return ToolResult("The callback request is recorded.", reply_required=False)
 
     async def _refuse_callback(self) -> ToolResult | None:
@@ -3497,6 +3838,36 @@ class WarmHandoffAgent(Agent):
         """The call is over (the session closed or the job shuts down): nothing left pending."""
         self.record_unconfirmed_callback()
         self.records.call_ended()
+
+    @function_tool
+    async def end_call(self, context: RunContext) -> Any:
+        """Say goodbye and hang up, when the caller is done: they said goodbye, or that they
+        need nothing else. Not when they ask to hold or for a person, not while they are
+        being transferred, and not when unsure."""
+        if self.handoff is not None:
+            logger.info(
+                "end_call refused in room %s: a transfer is in progress", self.line.caller_room
+            )
+            return ToolResult(
+                "The caller is being transferred: the call was not ended.", reply_required=False
+            )
+        if self._ending:
+            return ToolResult("The call is already ending.", reply_required=False)
+        self._ending = True
+        await self.session.say(
+            f"Thank you for calling {self.settings.business_name}. Goodbye!",
+            allow_interruptions=False,
+        )
+        self.record_unconfirmed_callback()
+        self.records.call_ended(outcome="completed")
+        self._leaving = asyncio.ensure_future(self._hang_up())
+        return ToolResult("The call has ended.", reply_required=False)
+
+    async def _hang_up(self) -> None:
+        """The agent ends the call: its session closes and the caller's room is deleted, which
+        ends the caller's phone leg (and the job)."""
+        self.session.shutdown()
+        await self.line.delete_room(self.line.caller_room)
 
     def _summary(self) -> str:
         if self._last_brief:

@@ -42,11 +42,11 @@ async def test_transfer_tool_offers_only_configured_destinations(start_call):
     await call.session.run(user_input="hi")
     tools = {getattr(t, "id", None): t for t in call.agent.tools}
     # no free-form dialling tool without an allowlist
-    assert set(tools) == {"transfer_call", "request_callback"}
+    assert set(tools) == {"transfer_call", "request_callback", "end_call"}
     schema = tools["transfer_call"].info.raw_schema
     assert schema["parameters"]["properties"]["destination"]["enum"] == ["support", "billing"]
     assert schema["parameters"]["additionalProperties"] is False
-    assert sorted(call.model.requests[0].tools) == ["request_callback", "transfer_call"]
+    assert sorted(call.model.requests[0].tools) == ["end_call", "request_callback", "transfer_call"]
 
 
 @pytest.mark.parametrize(
@@ -104,6 +104,7 @@ async def test_allowlist_only_offers_just_the_direct_tool(start_call):
         settings=settings_for(destinations=(), allow_dial_pattern=re.compile(r"\+1510555\d{4}")),
     )
     assert sorted(getattr(t, "id", None) for t in call.agent.tools) == [
+        "end_call",
         "request_callback",
         "transfer_to_number",
     ]
@@ -119,7 +120,7 @@ async def test_demo_destinations_exist_only_in_the_console():
         finally:
             await session.aclose()
     agent = wh.WarmHandoffAgent(settings, wh.SimulatedPhoneLine(None), wh.Models())
-    assert [t.id for t in agent.tools] == ["request_callback"]  # nobody to transfer to
+    assert [t.id for t in agent.tools] == ["end_call", "request_callback"]  # nobody to transfer to
 
 
 def test_agent_name_from_the_dotenv_file_reaches_the_dispatcher(tmp_path):
