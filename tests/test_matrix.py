@@ -30,6 +30,7 @@ NOBODY = "I'm sorry, nobody from our support team picked up."
 WRONG = "I'm sorry, something went wrong while I was connecting you."
 ENDING = "I'm sorry, I have to end this call now."
 HOLD = "Let me connect you with our support team. Please hold for a moment."
+SHUTDOWN = "shutdown_framework_order"  # a job shutdown, in livekit-agents' order
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,13 @@ COMMON = [
         dial_cancelled=True,
     ),
     Cell(
-        "announcing", "shutdown_framework_order", Out.FAILED, ENDING, None, DialScript.hang(), dial_cancelled=True
+        "announcing",
+        SHUTDOWN,
+        Out.FAILED,
+        ENDING,
+        None,
+        DialScript.hang(),
+        dial_cancelled=True,
     ),
     Cell(
         "ringing",
@@ -110,7 +117,7 @@ COMMON = [
         dial_cancelled=True,
         callback=True,
     ),
-    Cell("ringing", "shutdown_framework_order", Out.FAILED, ENDING, None, DialScript.hang(), dial_cancelled=True),
+    Cell("ringing", SHUTDOWN, Out.FAILED, ENDING, None, DialScript.hang(), dial_cancelled=True),
     *RINGING_FAILURES,
 ]
 CONSULT = [
@@ -143,7 +150,7 @@ CONSULT = [
         "I'm sorry, I reached our support team's voicem",
         None,
     ),
-    Cell("briefing", "shutdown_framework_order", Out.FAILED, ENDING, "I'm sorry, this call has to end now."),
+    Cell("briefing", SHUTDOWN, Out.FAILED, ENDING, "I'm sorry, this call has to end now."),
     Cell(
         "briefing",
         "max_hold",
@@ -220,7 +227,7 @@ async def test_cell(livekit, monkeypatch, mode, cell):
             server.move_supported = False
         turn = asyncio.ensure_future(session.run(user_input="yes"))
 
-        if cell.phase == "ringing" and cell.fault in ("caller_hangs_up", "shutdown_framework_order"):
+        if cell.phase == "ringing" and cell.fault in ("caller_hangs_up", SHUTDOWN):
             await wait_for(lambda: line.on_hold and server.calls_to("CreateSIPParticipant"))
             await inject(cell.fault, line, agent, server)
         if cell.phase in ("briefing", "merging", "merged"):
@@ -292,7 +299,7 @@ async def inject(fault, line, agent, server) -> None:
         line.hang_up_caller()
     elif fault == "human_hangs_up":
         line.hang_up_human()
-    elif fault == "shutdown_framework_order":  # in the framework's order: the caller's session closes first
+    elif fault == SHUTDOWN:  # in the framework's order: the caller's session closes first
         SHUTDOWNS.append(
             asyncio.ensure_future(
                 shut_down_like_the_framework(agent.session, line, [agent.shutdown_handoff])
