@@ -968,9 +968,10 @@ class PhoneLine(abc.ABC):
         task.add_done_callback(self._clean_ups.discard)
 
     async def settle(self, timeout: float = 2 * SERVER_CALL_BOUND) -> None:
-        """Wait for background clean-up (job shutdown, tests)."""
-        if self._clean_ups:
-            await asyncio.wait(set(self._clean_ups), timeout=timeout)
+        """Wait for background clean-up (job shutdown, tests), including steps it starts."""
+        deadline = time.monotonic() + timeout
+        while self._clean_ups and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._clean_ups), timeout=left)
 
     @abc.abstractmethod
     async def dial(self, dial: Dial) -> Leg:

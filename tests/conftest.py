@@ -280,10 +280,18 @@ class LiveKitBackedLine(wh.SimulatedPhoneLine):
         self.lk = lk
         self.server = server
         self.hooks: dict[str, Callable[[], Any]] = {}  # "dial" / "answered" / "move"
-        self.rooms = {room: set(members) for room, members in server.rooms.items()}
+        self.rooms = {
+            room: set(members) for room, members in server.rooms.items() if self._ours(room)
+        }
         self._unsubscribe = server.subscribe(None, self._on_event)
 
+    def _ours(self, room: str) -> bool:
+        """This call's rooms: the caller's and its consult rooms (other calls share the server)."""
+        return room == self.caller_room or room.startswith(f"{self.caller_room}-consult-")
+
     def _on_event(self, ev: RoomEvent) -> None:
+        if not self._ours(ev.room):
+            return
         if ev.kind == "participant_connected":
             self.rooms.setdefault(ev.room, set()).add(ev.identity)
             self._left.pop(ev.identity, None)
@@ -327,6 +335,8 @@ class LiveKitBackedLine(wh.SimulatedPhoneLine):
     def hang_up_human(self) -> None:
         """The human's phone hangs up (BYE)."""
         for room, members in list(self.server.rooms.items()):
+            if not self._ours(room):
+                continue
             for identity in [i for i in members if i.startswith("transfer_")]:
                 self._log("the human hangs up")
                 self.server.far_end_hangs_up(room, identity)

@@ -265,8 +265,10 @@ class DialScript:
 class MethodFault:
     """A fault for one request of a method (``FakeLiveKitServer.script_method``)."""
 
-    kind: str  # "hang" | "slow" | "lose_response"
+    kind: str  # "hang" | "slow" | "lose_response" | "refuse"
     delay: float = 0.0
+    code: str = ""  # refuse: the Twirp error code answered
+    msg: str = ""
 
     @classmethod
     def hang(cls) -> MethodFault:
@@ -277,6 +279,12 @@ class MethodFault:
     def slow(cls, delay: float) -> MethodFault:
         """The server acts and answers only after ``delay`` s."""
         return cls("slow", delay)
+
+    @classmethod
+    def refuse(cls, code: str, msg: str = "") -> MethodFault:
+        """The server answers with Twirp ``code`` and does nothing, e.g. "unimplemented", as
+        self-hosted LiveKit answers MoveParticipant (a Cloud-only feature)."""
+        return cls("refuse", code=code, msg=msg or f"{code}")
 
     @classmethod
     def lose_response(cls, delay: float = 0.0) -> MethodFault:
@@ -508,8 +516,8 @@ class FakeLiveKitServer:
         self._subscribers: list[tuple[str | None, Callable[[RoomEvent], Any]]] = []
         self._changed = asyncio.Event()
         self._verifier = TokenVerifier(api_key, api_secret)
-        self._dial_script: deque[DialScript] = deque()
-        self._faults: dict[str, deque[MethodFault]] = {}
+        self._dial_script_to: dict[str, deque[DialScript]] = {}  # by number; "" for any
+        self._faults: dict[tuple[str, str], deque[MethodFault]] = {}  # (method, room or "")
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -596,13 +604,23 @@ class FakeLiveKitServer:
     def calls_to(self, method: str) -> list[RecordedCall]:
         return [c for c in self.calls if c.method == method]
 
-    def script_dial(self, *outcomes: DialScript) -> None:
-        """Queue what the far end does for the next INVITEs (FIFO; one per request try)."""
-        self._dial_script.extend(outcomes)
+    def script_dial(self, *outcomes: DialScript, to: str = "") -> None:
+        """Queue what the far end does for the next INVITEs (FIFO; one per request try).
+        ``to``: only INVITEs to that number (``sip_call_to``), served before the shared queue,
+        so calls running side by side each get their own far end."""
+        self._dial_script_to.setdefault(to, deque()).extend(outcomes)
 
-    def script_method(self, method: str, *faults: MethodFault) -> None:
-        """Queue faults for the next requests of ``method`` (FIFO; one per request try)."""
-        self._faults.setdefault(method, deque()).extend(faults)
+    def script_method(self, method: str, *faults: MethodFault, room: str = "") -> None:
+        """Queue faults for the next requests of ``method`` (FIFO; one per request try).
+        ``room``: only requests about that room (for MoveParticipant, its destination room),
+        served before the shared queue."""
+        self._faults.setdefault((method, room), deque()).extend(faults)
+
+    def _next_fault(self, method: str, room: str) -> MethodFault | None:
+        for key in ((method, room), (method, "")):
+            if queue := self._faults.get(key):
+                return queue.popleft()
+        return None
 
     def participant(self, room: str, identity: str) -> Participant | None:
         return self.rooms.get(room, {}).get(identity)
@@ -644,9 +662,11 @@ class FakeLiveKitServer:
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0) -> None:
         """Wait until ``predicate()`` is true; it is re-checked after every change."""
-        async with asyncio.timeout(timeout):
+        async def changed_until_true() -> None:
             while not predicate():
                 await self._changed.wait()
+
+        await asyncio.wait_for(changed_until_true(), timeout)  # (asyncio.timeout is 3.11+)
 
     # --- rooms and participants (what members of a room observe) ------------------------------
 
@@ -787,14 +807,15 @@ class FakeLiveKitServer:
         }
         return web.json_response(body, headers={"Cache-Control": "max-age=0"})
 
-    async def _apply_fault(self, method: str) -> MethodFault | None:
+    async def _apply_fault(self, method: str, room: str = "") -> MethodFault | None:
         """Hang or delay as scripted; returns a lose_response fault for the caller to apply."""
-        queue = self._faults.get(method)
-        fault = queue.popleft() if queue else None
+        fault = self._next_fault(method, room)
         if fault is None:
             return None
         if fault.kind == "hang":
             await asyncio.Event().wait()
+        if fault.kind == "refuse":
+            raise TwirpError(fault.code, fault.msg)
         await asyncio.sleep(fault.delay)
         return fault if fault.kind == "lose_response" else None
 
@@ -812,11 +833,11 @@ class FakeLiveKitServer:
     async def _create_sip_participant(
         self, req: sip_pb.CreateSIPParticipantRequest, recorded: RecordedCall
     ) -> sip_pb.SIPParticipantInfo:
-        queue = self._faults.get("CreateSIPParticipant")
-        fault = queue.popleft() if queue else None
+        fault = self._next_fault("CreateSIPParticipant", req.room_name)
         if fault is not None and fault.kind == "slow":
             await asyncio.sleep(fault.delay)
-        script = self._dial_script.popleft() if self._dial_script else DialScript.answer()
+        mine, shared = self._dial_script_to.get(req.sip_call_to), self._dial_script_to.get("")
+        script = (mine or shared or deque([DialScript.answer()])).popleft()
         if script.kind == "server_error":
             # Fails before the room is joined and before any INVITE (livekit/sip outbound.go
             # newCall: a failed room join is psrpc.Internal), so a retry is safe.
@@ -1001,7 +1022,7 @@ class FakeLiveKitServer:
         )
 
     async def _delete_room(self, req: room_pb.DeleteRoomRequest, _: RecordedCall) -> Message:
-        lose = await self._apply_fault("DeleteRoom")
+        lose = await self._apply_fault("DeleteRoom", req.room)
         # livekit/livekit pkg/service/roomservice.go: an unknown room is "not_found".
         if req.room not in self.rooms:
             raise TwirpError("not_found", "requested room does not exist")
@@ -1020,7 +1041,7 @@ class FakeLiveKitServer:
     async def _list_participants(
         self, req: room_pb.ListParticipantsRequest, _: RecordedCall
     ) -> Message:
-        if await self._apply_fault("ListParticipants"):
+        if await self._apply_fault("ListParticipants", req.room):
             raise _ResponseLost()
         members = self.rooms.get(req.room, {})
         return room_pb.ListParticipantsResponse(
@@ -1028,12 +1049,12 @@ class FakeLiveKitServer:
         )
 
     async def _get_participant(self, req: room_pb.RoomParticipantIdentity, _: Any) -> Message:
-        if await self._apply_fault("GetParticipant"):
+        if await self._apply_fault("GetParticipant", req.room):
             raise _ResponseLost()
         return self._require(req.room, req.identity).info()
 
     async def _remove_participant(self, req: room_pb.RoomParticipantIdentity, _: Any) -> Message:
-        lose = await self._apply_fault("RemoveParticipant")
+        lose = await self._apply_fault("RemoveParticipant", req.room)
         # roomservice.go RemoveParticipant: not_found before the participant exists (a dial
         # whose participant has not joined yet is not stopped: its INVITE still goes out).
         self.remove_participant(req.room, req.identity)
@@ -1046,7 +1067,7 @@ class FakeLiveKitServer:
             raise TwirpError("unimplemented", "MoveParticipant is not supported")
         if req.room == req.destination_room:  # roomservice.go ErrDestinationSameAsSourceRoom
             raise TwirpError("invalid_argument", "destination room cannot be the same as source")
-        lose = await self._apply_fault("MoveParticipant")
+        lose = await self._apply_fault("MoveParticipant", req.destination_room)
         # Cloud's move: the participant leaves the source room, reconnects into the
         # destination (taking move_delay), then the API answers. A retry after a lost
         # response finds nobody in the source room: not_found.
@@ -1064,7 +1085,7 @@ class FakeLiveKitServer:
         return room_pb.MoveParticipantResponse()
 
     async def _update_participant(self, req: room_pb.UpdateParticipantRequest, _: Any) -> Message:
-        lose = await self._apply_fault("UpdateParticipant")
+        lose = await self._apply_fault("UpdateParticipant", req.room)
         p = self._require(req.room, req.identity)
         if req.name:
             p.name = req.name
