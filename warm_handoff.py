@@ -4025,7 +4025,10 @@ class WarmHandoffAgent(Agent):
         chat_ctx.add_message(role="system", content=note)
         await self.update_chat_ctx(chat_ctx)
         self._park(False)
-        await self.session.say(told)
+        try:
+            await self.session.say(told)
+        except RuntimeError as e:  # the caller hung up too, a moment after the human
+            logger.info("rejoin not spoken in room %s: %s", self.line.caller_room, e)
 
 
 class CallerSession(AgentSession):
