@@ -121,6 +121,7 @@ class SimulatedHuman(str, Enum):
     NO_ANSWER = "no_answer"
     VOICEMAIL = "voicemail"
     UNREACHABLE = "unreachable"
+    DROP_AFTER_MERGE = "drop_after_merge"  # takes the call, hangs up moments after the merge
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ class Settings:
     hello_grace: float = 2.0  # how long the human may stay silent before the brief starts
     hold_reassure_every: float = 25.0  # the agent checks in with a caller on hold this often
     max_attempts: int = 3  # handoff attempts per call, each to a different destination
+    rejoin_window: float = 20.0  # seconds the agent stays, silent, after the merge; 0: off
     hold_audio_file: str = ""
     agent_name: str = DEFAULT_AGENT_NAME
     greeting: str = DEFAULT_GREETING
@@ -264,6 +266,7 @@ class Settings:
             ("HANDOFF_RING_TIMEOUT", f"{self.ring_timeout:g}s"),
             ("HANDOFF_MAX_HOLD", f"{self.max_hold:g}s"),
             ("HANDOFF_MAX_ATTEMPTS", str(self.max_attempts)),
+            ("HANDOFF_REJOIN_WINDOW", f"{self.rejoin_window:g}s" if self.rejoin_window else "off"),
             ("AGENT_NAME", self.agent_name),
             ("HANDOFF_WEBHOOK_URL", url_origin(self.webhook_url) or "(not set)"),
             ("HANDOFF_WEBHOOK_SECRET", secret(self.webhook_secret)),
@@ -602,6 +605,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
         hello_grace=number("HANDOFF_HELLO_GRACE", 2.0, 0, 10),
         hold_reassure_every=number("HANDOFF_HOLD_REASSURE", 25.0, 5, 300),
         max_attempts=count("HANDOFF_MAX_ATTEMPTS", 3, 1, 5),
+        rejoin_window=number("HANDOFF_REJOIN_WINDOW", 20.0, 0, 120),
         hold_audio_file=get("HANDOFF_HOLD_AUDIO_FILE"),
         agent_name=get("AGENT_NAME") or DEFAULT_AGENT_NAME,  # = registered_agent_name()
         greeting=get("GREETING") or DEFAULT_GREETING,
@@ -764,6 +768,7 @@ class HandoffOutcome(str, Enum):
     CALLER_LEFT = "caller_left"
     CANCELLED_BY_CALLER = "cancelled_by_caller"
     CLOSED = "closed"  # outside the destination's opening hours: never dialled
+    REJOINED = "rejoined"  # connected, but the human left within HANDOFF_REJOIN_WINDOW
     FAILED = "failed"
 
 
@@ -1353,6 +1358,7 @@ class SimulatedPhoneLine(PhoneLine):
     ring_time = 3.0  # how long the simulated phone rings before it is answered
     hello_after = 0.8  # the scripted human's "Hello?" after picking up
     decide_after = 1.0  # and their keypad answer after the brief
+    drop_after = 3.0  # SimulatedHuman.DROP_AFTER_MERGE: hangs up this long after the merge
 
     def __init__(
         self,
@@ -1617,7 +1623,13 @@ class SimulatedPhoneLine(PhoneLine):
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(self.decide_after)
-        self.human_presses("1" if outcome is SimulatedHuman.ANSWER else "2")
+        takes_it = outcome in (SimulatedHuman.ANSWER, SimulatedHuman.DROP_AFTER_MERGE)
+        human = [i for i in self.rooms.get(room, set()) if i.startswith("transfer_")]
+        self.human_presses("1" if takes_it else "2")
+        if outcome is SimulatedHuman.DROP_AFTER_MERGE and human:
+            if await self.wait_for_arrival(self.caller_room, human[0], timeout=10):
+                await asyncio.sleep(self.drop_after)
+                self.hang_up_human()  # a bad line, a wrong button
 
     async def aclose(self) -> None:
         for task in list(self._scripts):
@@ -2087,7 +2099,13 @@ class CallRecords:
             self.delivery.submit(record)
 
     def handoff(self, result: HandoffResult) -> None:
-        self.handoffs.append(result)
+        """Record an attempt. An attempt recorded again (``connected``, then ``rejoined``)
+        keeps one place in the list; its later record is its outcome."""
+        earlier = [i for i, h in enumerate(self.handoffs) if h.attempt == result.attempt]
+        if result.attempt and earlier:
+            self.handoffs[earlier[0]] = result
+        else:
+            self.handoffs.append(result)
         start = result.timings.get("decision", 0.0)
         self._emit(
             {
@@ -3369,6 +3387,7 @@ class WarmHandoffAgent(Agent):
         self._last_brief = ""
         self._shutting_down = False
         self._leaving: asyncio.Future[None] | None = None
+        self._job_ending = asyncio.Event()  # shutdown_handoff: the agent stays for nothing more
         self._reply = ModelReply()
         self._reply.complete.set()
         self._unconfirmed: CallbackRequest | None = None  # read back, not yet confirmed
@@ -3529,7 +3548,7 @@ class WarmHandoffAgent(Agent):
         if result.brief:
             self._last_brief = result.brief
         if result.connected:
-            self._leaving = asyncio.ensure_future(self._leave(result.leg))
+            self._leaving = asyncio.ensure_future(self._leave(destination, result))
             return ToolResult(
                 f"The caller is now talking with {destination.said_as}.", reply_required=False
             )
@@ -3638,12 +3657,16 @@ class WarmHandoffAgent(Agent):
     def may_offer(self, destination: Destination) -> bool:
         """The one rule for offering a destination (again) on this call: never after it
         failed (busy, no answer, declined, voicemail, unreachable, or a technical failure);
-        yes if it was never dialled, or if the caller cancelled its last attempt (nothing was
-        wrong with it). Every dial, repeats included, counts toward ``HANDOFF_MAX_ATTEMPTS``
-        (see ``_hand_off``)."""
+        yes if it was never dialled, if the caller cancelled its last attempt (nothing was
+        wrong with it), or if its human dropped right after the merge (``rejoined``: a bad
+        line, a wrong button). Every dial, repeats included, counts toward
+        ``HANDOFF_MAX_ATTEMPTS`` (see ``_hand_off``)."""
         if destination not in self.ended:
             return True  # never dialled
-        return self.ended[destination] is HandoffOutcome.CANCELLED_BY_CALLER
+        return self.ended[destination] in (
+            HandoffOutcome.CANCELLED_BY_CALLER,
+            HandoffOutcome.REJOINED,
+        )
 
     def next_destination(self, after: Destination | None = None) -> Destination | None:
         """Who to offer after a failed attempt (or instead of the closed ``after``): the last
@@ -3893,6 +3916,12 @@ class WarmHandoffAgent(Agent):
         human's phone stops ringing or they are told, rooms are deleted) before the process
         goes."""
         self._shutting_down = True
+        self._job_ending.set()
+        if self._leaving is not None and not self._leaving.done():
+            # parked after a merge (or waiting for a hang-up): the caller's room is deleted now,
+            # while the server can still be reached, so no leg is left in it
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._leaving), SERVER_CALL_BOUND)
         if self.handoff is not None:
             self.handoff.stop(HandoffOutcome.FAILED, reason)
             # bounded: the whole job shutdown must end before the framework kills the process
@@ -3900,16 +3929,107 @@ class WarmHandoffAgent(Agent):
                 await asyncio.wait_for(self._handoff_done.wait(), JOB_SHUTDOWN_TIMEOUT / 2)
         await self.line.settle(timeout=JOB_SHUTDOWN_TIMEOUT / 4)
 
-    async def _leave(self, leg: Leg | None) -> None:
+    async def _leave(self, destination: Destination, result: HandoffResult) -> None:
         """The agent steps out; the caller's room stays open for the two people and is deleted
-        as soon as either hangs up, so no leg lingers."""
-        self.session.shutdown()
+        as soon as either hangs up (or the job ends), so no leg lingers.
+
+        The safety net: for ``HANDOFF_REJOIN_WINDOW`` seconds after the merge the agent first
+        stays in the room, parked (``_park``): it hears and says nothing. If the human leaves
+        in that window while the caller is still there, it speaks again (``_rejoin``)."""
+        room, leg = self.line.caller_room, result.leg
         if leg is None:
+            self.session.shutdown()
             return
-        await self.line.wait_for_hangup(
-            self.line.caller_room, (self.line.caller_identity, leg.identity)
+        hangup = asyncio.ensure_future(
+            self.line.wait_for_hangup(room, (self.line.caller_identity, leg.identity))
         )
-        await self.line.delete_room(self.line.caller_room)
+        ending = asyncio.ensure_future(self._job_ending.wait())
+        try:
+            window = self.settings.rejoin_window
+            if window > 0 and not self._shutting_down:
+                self._park(True)
+                await asyncio.wait(
+                    {hangup, ending}, timeout=window, return_when=asyncio.FIRST_COMPLETED
+                )
+                human_left = (
+                    hangup.done() and not hangup.exception() and hangup.result() == leg.identity
+                )
+                if human_left and not ending.done():
+                    if await self.line.wait_for_arrival(room, self.line.caller_identity, 0):
+                        await self._rejoin(destination, result)
+                        return
+            self.session.shutdown()
+            await asyncio.wait({hangup, ending}, return_when=asyncio.FIRST_COMPLETED)
+            await self.line.delete_room(room)
+        finally:
+            hangup.cancel()
+            ending.cancel()
+
+    def _park(self, parked: bool) -> None:
+        """Parked, the caller's session stays connected but hears and says nothing: its audio
+        input is detached (RoomIO drops the caller's frames, livekit-agents
+        ``voice/room_io/_input.py`` ``_forward_task``), so no speech-to-text runs, no turn
+        ends and no model is asked; its audio output is off. Unparked, both come back."""
+        self.session.input.set_audio_enabled(not parked)
+        self.session.output.set_audio_enabled(not parked)
+
+    async def _rejoin(self, destination: Destination, result: HandoffResult) -> None:
+        """The human dropped within the window, the caller is still there: the attempt is
+        recorded again as ``rejoined`` (same ``attempt`` id) and the agent, back on the line,
+        offers the same team again (``may_offer``), another, or a callback."""
+        merged = result.timings.get("merged", 0.0)
+        rejoined = replace(
+            result,
+            outcome=HandoffOutcome.REJOINED,
+            detail=f"the human left {time.monotonic() - merged:.1f}s after the merge",
+            timings={**result.timings, "rejoined": time.monotonic()},
+        )
+        self.results[next(i for i, r in enumerate(self.results) if r is result)] = rejoined
+        self.ended[destination] = HandoffOutcome.REJOINED
+        self.records.handoff(rejoined)
+        logger.info(
+            "the human left right after the merge in room %s: the agent is back",
+            self.line.caller_room,
+        )
+        again = (
+            self.may_offer(destination)
+            and self.is_open(destination)
+            and len(self.tried) < self.settings.max_attempts
+        )
+        other = self.next_destination(after=destination)
+        options = (["try them again"] if again else []) + (
+            [f"try {other.said_as}"] if other else []
+        )
+        offer = ", ".join([*options, "or take your details for a callback"])
+        if not options:
+            offer = offer.removeprefix("or ")
+        told = f"It looks like we lost {destination.said_as}. I can {offer}."
+        same = (
+            f"transfer_call with destination {destination.name}"
+            if destination in self.destinations
+            else "transfer_to_number with the same number"
+        )
+        note = (
+            f"The person from {destination.said_as} hung up right after the transfer; the "
+            f"caller is back with you and has just heard: {told!r} "
+            + (f"If they want them again, call {same}. " if again else "")
+            + (
+                f"If they agree to try {other.name}, call transfer_call with destination "
+                f"{other.name}. "
+                if other
+                else ""
+            )
+            + "If they want a callback, ask their name and the best time, then call "
+            "request_callback."
+        )
+        chat_ctx = self.chat_ctx.copy()
+        chat_ctx.add_message(role="system", content=note)
+        await self.update_chat_ctx(chat_ctx)
+        self._park(False)
+        try:
+            await self.session.say(told)
+        except RuntimeError as e:  # the caller hung up too, a moment after the human
+            logger.info("rejoin not spoken in room %s: %s", self.line.caller_room, e)
 
 
 class CallerSession(AgentSession):

@@ -150,6 +150,7 @@ def settings_for(**overrides: Any) -> wh.Settings:
         max_hold=10.0,
         business_name="Acme",
         greeting="Thanks for calling Acme.",
+        rejoin_window=0.0,  # the safety net after the merge: tests/test_safety_net.py
     )
     base.update(overrides)
     return wh.Settings(**base)
