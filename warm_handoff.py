@@ -693,14 +693,14 @@ DIGIT_WORDS = {
     "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9",
 }  # fmt: skip
 _WORD = r"\b(?:" + "|".join(DIGIT_WORDS) + r")\b"
-_DIGIT_TOKEN = rf"(?:[0-9]+|(?:double|triple)[ \t]++(?:[0-9](?![0-9])|{_WORD})|{_WORD})"
+_DIGIT_TOKEN = rf"(?:[0-9]+|(?:double|triple)[ \t]+(?:[0-9](?![0-9])|{_WORD})|{_WORD})"
 DIGIT_TOKEN = re.compile(_DIGIT_TOKEN, re.IGNORECASE)
+_BETWEEN = r"(?:[ \t]*[,.\-–][ \t]*|[ \t]+)"
 _STARTS = "".join(sorted({w[0] for w in [*DIGIT_WORDS, "double", "triple"]}))
 NUMBER_RUN = re.compile(  # the lookahead first: a quick skip past letters that start no number
-    rf"(?=[0-9+{_STARTS}])(?<![0-9])\+?{_DIGIT_TOKEN}(?:(?:[ \t]*+[,.\-–][ \t]*+|[ \t]++){_DIGIT_TOKEN})*",
+    rf"(?=[0-9+{_STARTS}])(?<![0-9])\+?{_DIGIT_TOKEN}(?:{_BETWEEN}{_DIGIT_TOKEN})*",
     re.IGNORECASE,
 )
-
 
 _DOUBLED = str.maketrans("0123456789", "0246813579")  # each digit doubled, its digits summed
 
@@ -712,7 +712,7 @@ def _luhn_valid(digits: str) -> bool:
 
 
 def _token_digits(token: str) -> str:
-    """"4242" -> "4242", "oh" -> "0", "double four" -> "44"."""
+    """A token's digits: "4242" -> "4242", "oh" -> "0", "double four" -> "44"."""
     word = token.lower()
     if word[0].isdigit():
         return word
@@ -779,12 +779,15 @@ def redact(text: str) -> str:
         run = m.group(0)
         tokens = list(DIGIT_TOKEN.finditer(run))
         digits = [_token_digits(t.group(0)) for t in tokens]
-        if sum(map(len, digits)) < 7:
+        count = sum(map(len, digits))
+        if count < 7:
             return run
         # A card may start or end between groups ("4242 4242", "four two, four two"), but
         # not inside a string of single digits read one by one: its parts would pass the
         # Luhn check by chance, one time in ten each.
-        single = [len(d) == 1 or not t.group(0)[0].isdigit() for t, d in zip(tokens, digits)]
+        single = [
+            len(d) == 1 or not t.group(0)[0].isdigit() for t, d in zip(tokens, digits, strict=True)
+        ]
         cuts = {0, len(tokens)} | {
             i
             for i in range(1, len(tokens))
@@ -792,7 +795,7 @@ def redact(text: str) -> str:
             or run[tokens[i - 1].end() : tokens[i].start()].strip()
         }
         out, done = [], 0
-        for start, end in _card_spans(digits, cuts) if sum(map(len, digits)) >= 13 else []:
+        for start, end in _card_spans(digits, cuts) if count >= 13 else []:
             out.append(_masked_digits(run[done : tokens[start].start()]))
             out.append(f"a card ending {''.join(digits[start:end])[-4:]}")
             done = tokens[end - 1].end()

@@ -196,8 +196,8 @@ async def test_records_and_their_log_lines_carry_no_spoken_card(tmp_path, caplog
             number="+15105550199",
             best_time="after 5pm",
             reason=f"refund to {SPOKEN}",
-            summary=f"Caller: my card is 4 2 four 2 4242 four two 4 2 four two four 2\n"
-            f"Caller: and my account is nine eight seven, six five four, three two one",
+            summary="Caller: my card is 4 2 four 2 4242 four two 4 2 four two four 2\n"
+            "Caller: and my account is nine eight seven, six five four, three two one",
             source="caller",
         )
     )
