@@ -690,30 +690,122 @@ def mask_number(target: str) -> str:
 
 DIGIT_RUN = re.compile(r"(?<![0-9])\+?[0-9](?:[ -]?[0-9])*")  # ASCII digits, spaced or dashed
 
+# Digits as a speech-to-text service writes what a caller reads out: numerals, words ("four",
+# "oh" for zero), "double four" and "triple oh", separated by spaces, commas, dots or dashes.
+DIGIT_WORDS = {
+    "zero": "0", "oh": "0", "nought": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9",
+}  # fmt: skip
+_WORD = r"\b(?:" + "|".join(DIGIT_WORDS) + r")\b"
+_DIGIT_TOKEN = rf"(?:[0-9]+|(?:double|triple)[ \t]+(?:[0-9](?![0-9])|{_WORD})|{_WORD})"
+DIGIT_TOKEN = re.compile(_DIGIT_TOKEN, re.IGNORECASE)
+_BETWEEN = r"(?:[ \t]*[,.\-–][ \t]*|[ \t]+)"
+_STARTS = "".join(sorted({w[0] for w in [*DIGIT_WORDS, "double", "triple"]}))
+NUMBER_RUN = re.compile(  # the lookahead first: a quick skip past letters that start no number
+    rf"(?=[0-9+{_STARTS}])(?<![0-9])\+?{_DIGIT_TOKEN}(?:{_BETWEEN}{_DIGIT_TOKEN})*",
+    re.IGNORECASE,
+)
+
+_DOUBLED = str.maketrans("0123456789", "0246813579")  # each digit doubled, its digits summed
+
 
 def _luhn_valid(digits: str) -> bool:
-    total = 0
-    for i, digit in enumerate(reversed(digits)):
-        value = int(digit) * (2 if i % 2 else 1)
-        total += value - 9 if value > 9 else value
-    return total % 10 == 0
+    backwards = digits[::-1]
+    doubled = backwards[1::2].translate(_DOUBLED)
+    return (sum(map(int, backwards[0::2])) + sum(map(int, doubled))) % 10 == 0
+
+
+def _token_digits(token: str) -> str:
+    """A token's digits: "4242" -> "4242", "oh" -> "0", "double four" -> "44"."""
+    word = token.lower()
+    if word[0].isdigit():
+        return word
+    times = {"double": 2, "triple": 3}.get(word.split()[0], 1)
+    last = word.split()[-1]
+    return DIGIT_WORDS.get(last, last) * times
+
+
+CARD_LENGTHS = (16, 15, 19, 18, 17, 14, 13)  # the commonest first: "... 4242, 123" is a card
+# of 16 and its code, not one of 19
+
+
+def _card_spans(digits: list[str], cuts: set[int]) -> list[tuple[int, int]]:
+    """The cards in a run of tokens: 13 to 19 digits that pass the Luhn check, leftmost first,
+    each from cut to cut (``cuts``: token indexes a card may start or end at). A card never
+    starts with 0, so a leading "oh" is not part of one."""
+    spans: list[tuple[int, int]] = []
+    starts = set(cuts)
+    for start in range(len(digits)):
+        if start not in starts or (spans and start < spans[-1][1]):
+            continue
+        if digits[start][0] == "0":
+            starts.add(start + 1)
+            continue
+        found: dict[int, int] = {}  # length -> end
+        count = 0
+        for end in range(start + 1, len(digits) + 1):
+            count += len(digits[end - 1])
+            if count > 19:
+                break
+            if count >= 13 and end in cuts and _luhn_valid("".join(digits[start:end])):
+                found[count] = end
+        if found:
+            spans.append((start, found[min(found, key=CARD_LENGTHS.index)]))
+    return spans
+
+
+def _masked_digits(run: str) -> str:
+    """Today's masking of a long run without a card: written digits run by run (``DIGIT_RUN``);
+    spoken ones, once there are seven or more, as one number."""
+
+    def mask(m: re.Match[str]) -> str:
+        digits = re.sub(r"[^0-9]", "", m.group(0))
+        if len(digits) < 7:
+            return m.group(0)
+        return mask_number(("+" if m.group(0).startswith("+") else "") + digits)
+
+    if not re.search(r"[a-z]", run, re.IGNORECASE):
+        return DIGIT_RUN.sub(mask, run)
+    tokens = list(DIGIT_TOKEN.finditer(run))
+    digits = "".join(_token_digits(t.group(0)) for t in tokens)
+    if len(digits) < 7:
+        return run
+    return run[: tokens[0].start()] + mask_number(digits) + run[tokens[-1].end() :]
 
 
 def redact(text: str) -> str:
-    """Applied to every text that leaves the call (logs, records, attributes, headers): a
-    Luhn-valid run of 13 to 19 digits becomes "a card ending 1234"; any other run of 7 or
-    more digits is masked like ``mask_number``."""
+    """Applied to every text that leaves the call (logs, records, attributes, headers, and
+    the brief the human hears): a card number, written or spoken ("4242-4242-…", "four two
+    four two …", "double four"), 13 to 19 digits that pass the Luhn check, becomes "a card
+    ending 4242"; any other run of 7 or more digits is masked like ``mask_number``."""
 
     def replace_run(m: re.Match[str]) -> str:
         run = m.group(0)
-        digits = re.sub(r"[^0-9]", "", run)
-        if len(digits) < 7:
+        tokens = list(DIGIT_TOKEN.finditer(run))
+        digits = [_token_digits(t.group(0)) for t in tokens]
+        count = sum(map(len, digits))
+        if count < 7:
             return run
-        if 13 <= len(digits) <= 19 and _luhn_valid(digits):
-            return f"a card ending {digits[-4:]}"
-        return mask_number(("+" if run.startswith("+") else "") + digits)
+        # A card may start or end between groups ("4242 4242", "four two, four two"), but
+        # not inside a string of single digits read one by one: its parts would pass the
+        # Luhn check by chance, one time in ten each.
+        single = [
+            len(d) == 1 or not t.group(0)[0].isdigit() for t, d in zip(tokens, digits, strict=True)
+        ]
+        cuts = {0, len(tokens)} | {
+            i
+            for i in range(1, len(tokens))
+            if not (single[i - 1] and single[i])
+            or run[tokens[i - 1].end() : tokens[i].start()].strip()
+        }
+        out, done = [], 0
+        for start, end in _card_spans(digits, cuts) if count >= 13 else []:
+            out.append(_masked_digits(run[done : tokens[start].start()]))
+            out.append(f"a card ending {''.join(digits[start:end])[-4:]}")
+            done = tokens[end - 1].end()
+        return "".join(out) + _masked_digits(run[done:])
 
-    return DIGIT_RUN.sub(replace_run, text)
+    return NUMBER_RUN.sub(replace_run, text)
 
 
 def capped(text: str, limit: int = 100, *, sentence: bool = True) -> str:
@@ -2182,7 +2274,8 @@ async def compose_brief(
 ) -> str:
     """The words the human hears first: who is calling, what they want, what was tried, why a
     person is needed. Summarised by the model while the phone rings; if the model is slow or
-    fails, the caller's own recent words are used, so a brief is always ready."""
+    fails, the caller's own recent words are used, so a brief is always ready. Either way it is
+    redacted: the human never hears a card number, whatever the model wrote."""
     summary = ""
     if model is not None and transcript:
         ctx = llm.ChatContext()
@@ -2202,6 +2295,7 @@ async def compose_brief(
         summary = f"They're calling about {reason}."
         if said:
             summary += " In their words: " + " ".join(said[-3:])
+    summary = redact(summary)
     intro = BRIEF_INTRO.format(business=settings.business_name, team=destination.said_as)
     return f"{intro}{summary} {BRIEF_ASK}"
 
@@ -2598,8 +2692,9 @@ class Handoff:
 
     async def _consult(self) -> HandoffResult:
         """Brief the human privately, then move them in: the caller never hears the brief and
-        the human never picks up to silence."""
-        transcript = conversation_transcript(self.session.history)
+        the human never picks up to silence. Neither the brief's model nor the consult agent
+        sees a card number: the transcript they get is redacted."""
+        transcript = redact(conversation_transcript(self.session.history))
         brief = asyncio.ensure_future(
             compose_brief(
                 self.models.llm,
@@ -2979,7 +3074,8 @@ BRIEF_PROMPT = """\
 You brief a member of staff who is about to take over a phone call. From the conversation,
 write two or three short spoken sentences: who is calling (if they said), what they want, what
 was already tried, and why they need a person. Plain words only, no lists or symbols, no
-greeting.
+greeting. Never repeat a card, account or other long number, not even digit by digit: say
+"a card ending" and its last four digits, for example "a card ending 4242".
 """
 
 
@@ -3527,7 +3623,7 @@ class WarmHandoffAgent(Agent):
             line=self.line,
             session=self.session,
             destination=destination,
-            reason=redact(capped(reason)) or "a request for a person",
+            reason=capped(redact(reason)) or "a request for a person",
             models=self.models,
         )
         self._handoff_done.clear()

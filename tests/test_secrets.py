@@ -1,0 +1,209 @@
+"""A brief that keeps secrets: a card number, however the caller read it out and however the
+speech-to-text wrote it, never reaches the human, a log line, a record, an attribute or an
+X-header; it becomes "a card ending 4242"."""
+
+import asyncio
+import json
+import logging
+import re
+import time
+
+import pytest
+from conftest import receptionist, settings_for, wait_for
+
+import warm_handoff as wh
+
+CARD = "4242 4242 4242 4242"  # a Luhn-valid test card
+SPOKEN = "four two four two four two four two four two four two four two four two"
+ENDING = "a card ending 4242"
+
+
+def no_card_in(text: str) -> bool:
+    """Nothing of the card but its last four digits, in numerals or words."""
+    rest = text.replace(ENDING, "")
+    return not re.search(r"42\D?42|four\W+two", rest, re.IGNORECASE)
+
+
+# ── redact(): written and spoken forms ──────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "4242424242424242",
+        CARD,
+        "4242-4242-4242-4242",
+        "4242, 4242, 4242, 4242",
+        SPOKEN,
+        "Four, two, four, two. Four, two, four, two, four two four two, four two four two",
+        "4 2 four 2 4242 four two 4 2 four two four 2",  # numerals and words mixed
+        "four two 4242 4 2 4 2 four-two-four-two",
+    ],
+)
+def test_a_card_however_it_was_written_becomes_its_last_four_digits(said):
+    assert wh.redact(f"My card is {said} and it was charged twice") == (
+        f"My card is {ENDING} and it was charged twice"
+    )
+
+
+def test_oh_for_zero_double_and_triple_are_digits_too():
+    # 4000 0566 5566 5556 and the 15 digits of 3782 822463 10005, as people read them out
+    visa = "four triple oh, oh five double six, five five double six, triple five six"
+    amex = "three seven eight two, eight two two four six three, one double oh oh five"
+    assert wh.redact(f"card {visa}.") == "card a card ending 5556."
+    assert wh.redact(f"Amex {amex} please") == "Amex a card ending 0005 please"
+
+
+def test_a_card_among_other_digits_is_found_and_the_rest_keeps_todays_masking():
+    assert wh.redact(f"Oh, {CARD}, 123 is the code") == f"Oh, {ENDING}, 123 is the code"
+    assert wh.redact(f"{SPOKEN}, one two three") == f"{ENDING}, one two three"
+    assert wh.redact(f"oh {SPOKEN}") == f"oh {ENDING}"
+    assert wh.redact(f"{CARD} 510 555 0123") == f"{ENDING} 51055•••23"
+
+
+def test_runs_that_fail_the_luhn_check_are_masked_as_today():
+    assert wh.redact("4242 4242 4242 4241") == "42424•••41"
+    assert wh.redact("4242-4242-4242-4241") == "42424•••41"
+    # digits read one by one are one number: its first 15 ("4242...424") pass the Luhn
+    # check, but nothing says the caller read out a card and a separate 1
+    spoken = SPOKEN.rsplit(" ", 1)[0] + " one"
+    assert wh.redact(f"card {spoken}.") == "card 42424•••41."
+    assert wh.redact("call five one oh, five five five, oh one four two") == "call 51055•••42"
+    assert wh.redact("call +1 510 555 0123") == "call +1510•••23"
+    assert wh.redact("order 123456, 3 items") == "order 123456, 3 items"
+
+
+def test_everyday_words_and_short_numbers_are_left_alone():
+    for text in (
+        "Oh, one more thing: I have two or three questions.",
+        "Someone phoned; nine to five, seven days a week.",
+        "room one two three four five six",  # six digits: not a number to hide
+        "version 1.2.3.4.5.6.7 on 192.168.100.200",
+        "Two weeks ago, at 10:30, the 4th time",
+    ):
+        assert wh.redact(text) == text
+
+
+def test_redaction_stays_fast_on_a_long_line():
+    """It runs on every log line of a record: a 2,000-character text, the longest a record
+    field holds, takes milliseconds even when it is all digits."""
+    texts = [
+        "Caller: the printer on floor 3 jams on page 2 of 10 again. " * 35,
+        "1 " * 1000,
+        "one " * 500,
+        "4" + " " * 2000 + "x",
+        CARD + ", " + "9 " * 990,
+    ]
+    start = time.perf_counter()
+    for text in texts:
+        wh.redact(text[: wh.RECORD_TEXT_LIMIT])
+    assert time.perf_counter() - start < 0.25
+
+
+# ── the brief the human hears ───────────────────────────────────────────────────────────────
+
+
+async def hand_over(call, said: str):
+    """The caller reads out their card, agrees to a transfer, and the human says hello."""
+    await call.session.run(user_input=said)
+    await call.session.run(user_input="I want to talk to a person")
+    turn = asyncio.ensure_future(call.session.run(user_input="yes please"))
+    await wait_for(call.line.answered.is_set)
+    call.line.human_says("Hello?")
+    await wait_for(lambda: call.human_heard())
+    return turn
+
+
+async def test_the_human_hears_a_card_ending_4242_even_when_the_model_repeats_the_card(
+    start_call, caplog
+):
+    caplog.set_level(logging.INFO)
+    said = f"I was charged twice on my card, it's {SPOKEN}."
+    # a brief model that ignores its prompt and reads the number out
+    call = await start_call(receptionist(brief=f"They were charged twice on card {CARD}."))
+    turn = await hand_over(call, said)
+
+    brief = call.human_heard()[0]
+    assert f"charged twice on card {ENDING}" in brief
+    assert no_card_in(brief)
+    [request] = call.model.of("brief")  # the brief's model was never given the card
+    assert ENDING in request.chat_ctx.messages()[-1].text_content
+    assert no_card_in(json.dumps(request.chat_ctx.to_dict()))
+    assert no_card_in(call.line.dials[0].identity) and no_card_in(str(call.agent.handoff))
+    consult = call.line.dials[0].room
+    assert no_card_in(call.line.attributes[consult]["handoff.brief"])
+    call.line.human_presses("1")
+    await asyncio.wait_for(turn, 5)
+    assert no_card_in(call.agent.results[0].brief)
+    assert no_card_in(caplog.text)
+
+
+async def test_the_brief_model_is_told_never_to_repeat_a_card_number(start_call):
+    call = await start_call(receptionist())
+    turn = await hand_over(call, f"my card is {CARD}")
+    [request] = call.model.of("brief")
+    prompt = request.chat_ctx.messages()[0].text_content
+    assert "Never repeat a card" in prompt and '"a card ending' in prompt
+    call.line.human_presses("2")
+    await asyncio.wait_for(turn, 5)
+
+
+async def test_the_callers_own_words_carry_no_card_when_the_brief_model_fails(start_call):
+    def respond(req):
+        if req.purpose == "brief":
+            raise RuntimeError("model down")
+        return receptionist()(req)
+
+    call = await start_call(respond)
+    turn = await hand_over(call, f"My card {SPOKEN} was charged twice")
+
+    brief = call.human_heard()[0]
+    assert f"In their words: My card {ENDING} was charged twice" in brief
+    assert no_card_in(brief)
+    call.line.human_presses("2")
+    await asyncio.wait_for(turn, 5)
+
+
+# ── log lines, records, attributes and X-headers ────────────────────────────────────────────
+
+
+async def test_a_spoken_card_in_the_reason_never_reaches_a_header_attribute_or_log(
+    start_call, caplog
+):
+    caplog.set_level(logging.INFO)
+    reason = f"A refund of the double charge on the card the caller read out, {SPOKEN}. Urgent"
+    line = wh.SimulatedPhoneLine(wh.SimulatedHuman.ANSWER, ring_time=0.05)
+    settings = settings_for(handoff_mode=wh.HandoffMode.CONFERENCE)
+    call = await start_call(receptionist(reason=reason), line=line, settings=settings)
+    await call.session.run(user_input="a person please")
+    await asyncio.wait_for(call.session.run(user_input="yes please"), 5)
+
+    header = line.dials[0].headers["X-Handoff-Reason"]
+    assert header.endswith(ENDING) and no_card_in(header)
+    assert f"about {reason.split(', four')[0]}, {ENDING}." in call.caller_heard()[-1]
+    assert no_card_in(json.dumps(line.attributes))
+    assert no_card_in(caplog.text)
+
+
+async def test_records_and_their_log_lines_carry_no_spoken_card(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "callbacks.jsonl"
+    records = wh.CallRecords("room-1", "job-1", wh.RecordDelivery("", "", str(path)))
+    records.callback(
+        wh.CallbackRequest(
+            room="room-1",
+            caller_name="Dana",
+            number="+15105550199",
+            best_time="after 5pm",
+            reason=f"refund to {SPOKEN}",
+            summary="Caller: my card is 4 2 four 2 4242 four two 4 2 four two four 2\n"
+            "Caller: and my account is nine eight seven, six five four, three two one",
+            source="caller",
+        )
+    )
+    [saved] = [json.loads(x) for x in path.read_text().splitlines()]
+    assert saved["reason"] == f"refund to {ENDING}"
+    assert saved["summary"] == (
+        f"Caller: my card is {ENDING}\nCaller: and my account is 98765•••21"
+    )
+    assert no_card_in(caplog.text) and "four" not in caplog.text
