@@ -2574,7 +2574,8 @@ class Handoff:
             self.models.phrases,
             allow_interruptions=False,
         )
-        self._enter("ringing")
+        if self.phase == "announcing":  # a human may already be on the line (briefing)
+            self._enter("ringing")
         self.timings["hold"] = time.monotonic()
         self._hold = await self.line.start_hold()
         self.session.on("user_state_changed", self._on_caller_state)
@@ -2715,12 +2716,17 @@ class Handoff:
             self.line.open_consult(self.consult_room, self.identity, consult_session, self.consult)
         )
         dial = self._dial_now(self.consult_room)
+        # "Please hold" goes on while the phone rings, and while the human is screened if they
+        # answer before it ends: the two sessions are apart, and screening must hear the leg
+        # from the moment it is active.
+        announce = asyncio.ensure_future(self._announce_and_hold())
+        self._background.add(announce)
         try:
-            await self._announce_and_hold()
             await opening
             self.line.on_dtmf(self.consult_room, self.consult.on_digit)
             brief.add_done_callback(self._show_brief)
             if (failed := await self._ring(dial)) is not None:
+                await announce  # the caller hears "please hold" in full, then what happened
                 return failed
         finally:
             dial.cancel()
@@ -2734,6 +2740,7 @@ class Handoff:
         )
         self._background.add(self._human_left)
         decision = await self._brief_the_human()
+        await announce  # the caller is on hold before anything else is said to them
         self.timings["accepted" if decision.accepted else "declined"] = time.monotonic()
         if decision.accepted:
             return await self._merge()
