@@ -18,9 +18,11 @@ room's other track, where ``play_to_human`` plays the opener (``AnswerLine.room_
 frame is timestamped when it is sent and when it plays; the fake TTS's tag says which sentence
 it belongs to.
 
-Rings are not measured, so they are short: every scenario rings ``knobs.ring`` (4 s) except the
-PBX, which answers at once. The voicemail's 22 s ring is compressed to ``knobs.ring`` too: the
-screening starts when the leg is ``active`` and nothing measured depends on the ring's length.
+Each scenario rings as long as it says (``AnswerScenario.ring``: 4 s, the voicemail 22 s, the
+PBX 0 s), whatever ``--ring`` says for the orderings. The ring is not a figure, but its length
+matters: the caller's "please hold" (about 5 s at the bench's speaking rate) plays while the
+phone rings, and a phone answered before it ends is answered before the screening starts
+listening (see bench/README.md). ``--quick`` shortens every ring to its ``knobs.ring``.
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ class AnswerLine(BenchLine):
     ``room_ear`` (the opener, played outside the session). The human presses a key ``decide``
     seconds after a question, and 1 ``decide`` seconds after the details, unless a machine."""
 
-    def __init__(self, trace: Trace, knobs: Knobs, answer: AnswerScenario) -> None:
+    def __init__(
+        self, trace: Trace, knobs: Knobs, answer: AnswerScenario, ring: float | None = None
+    ) -> None:
         super().__init__(trace, knobs, None)  # type: ignore[arg-type] # no Mouth: the far end
-        # rings are not measured (module docstring): the PBX answers at once, the rest ring
-        self.ring_time = 0.0 if answer.ring == 0 else knobs.ring
+        self.ring_time = answer.ring if ring is None else min(answer.ring, ring)
         self.answer = answer
         self.far_end = FarEnd(answer)
         self.far_end.ear = TimedEar("human")
@@ -160,10 +163,13 @@ class AnswerCall:
     grace: float = 0.0
 
 
-async def run_answer(name: str, knobs: Knobs, vad: Any, *, phrase_cache: str = "") -> AnswerCall:
+async def run_answer(
+    name: str, knobs: Knobs, vad: Any, *, phrase_cache: str = "", ring: float | None = None
+) -> AnswerCall:
     """One "warm handoff" call whose human's phone is answered as scenario ``name``: the caller
     is greeted, asks for support, the model transfers; measured until the caller hears the agent
-    after the merge, or the handoff's result."""
+    after the merge, or the handoff's result. ``ring``: at most this long (None: the
+    scenario's own ring)."""
     answer = scenario(name)
     settings = settings_for(name)
     ear = Ear("caller")
@@ -177,7 +183,7 @@ async def run_answer(name: str, knobs: Knobs, vad: Any, *, phrase_cache: str = "
         vad=vad,
         phrases=phrases,
     )
-    line = AnswerLine(trace, knobs, answer)
+    line = AnswerLine(trace, knobs, answer, ring)
     agent = wh.WarmHandoffAgent(settings, line, models)
     line.agent = agent
     session = AgentSession()  # as run_call builds it: the framework's defaults
