@@ -1,7 +1,9 @@
 """Handoff benchmark: how much silence a phone handoff costs the caller and the human.
 
-    python bench/handoff_bench.py            # about 50 s: table, bench/out/results.json, PNG
-    python bench/handoff_bench.py --quick    # a few seconds, tiny latencies: smoke test only
+    python bench/handoff_bench.py            # about 2 min: table, bench/out/results.json, PNG
+    python bench/handoff_bench.py --quick    # about 20 s, tiny latencies: smoke test only
+
+What is measured and how to read it: ``bench/README.md``.
 
 Simulated calls run end to end through the real ``AgentSession`` and the real handoff code
 (``warm_handoff.py``), on the simulated phone line, with scripted models whose latencies are
@@ -41,6 +43,16 @@ words, ``warm_handoff.PhraseCache``), empty when the run starts: one "warm hando
 alone first (the first call on a new host: greeting and announce synthesised live and saved);
 the figures above are the later calls, which find them saved. The first call's greeting and
 announce are reported on their own. ``--no-phrase-cache`` runs every sentence live.
+
+Who answers the human's phone (``bench/answers.py``, ``--scenarios``, default all): one
+"warm handoff" call per scenario and ``--calls``, after the orderings: a short hello (today's),
+a long greeting with a 0.4 s pause, a voicemail (22 s ring, 8 s greeting, the beep), a PBX
+auto-attendant then the person 6 s later (an extension), a silent person; through the real
+Silero VAD, a Deepgram-timed STT and the worker's own screening (``voice.amd.AMD``, with a
+scripted classifier: its accuracy is not measured). In ms from the end of the utterance that
+cues the opener: the VAD's end of speech, the opener's first frame heard, the verdict (and its
+reason), the confirmation, the details' first frame heard, and the frames about the caller sent
+before a person was confirmed (must be none).
 
 And, from fresh processes (``bench/worker_probe.py``): import + prewarm time and memory for
 ``warm_handoff`` and for the seed-style module, what the framework's default turn detector adds,
