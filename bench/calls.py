@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -84,6 +85,7 @@ CALLER_SAYS = (
 SUMMARY = "Printer error E4 since an update."
 CONNECTED = "You're now connected with our support team."
 MAX_CALL = 120.0  # seconds: a call that takes longer is reported as failed
+MAILBOX = re.compile(r"reached|message|mailbox|voicemail|not available", re.I)
 
 
 def receptionist(req: Request) -> str | ToolCall | None:
@@ -93,7 +95,7 @@ def receptionist(req: Request) -> str | ToolCall | None:
     if req.purpose == "brief":
         return SUMMARY
     if req.purpose == "amd":  # the classifier is scripted: its accuracy is not measured
-        return ToolCall("save_prediction", {"label": "human"})
+        return amd_by_words(req)
     if req.purpose == "consult":
         return "I don't know more than that, sorry."
     if req.after_tool():
@@ -104,6 +106,15 @@ def receptionist(req: Request) -> str | ToolCall | None:
     if not said:
         return SETTINGS.greeting
     return "I can help with that. What seems to be the problem?"
+
+
+def amd_by_words(req: Request) -> ToolCall:
+    """The answering-machine classifier's model, scripted as in tests/test_screening.py: the
+    transcript so far has words of a mailbox -> ``machine-vm``, anything else -> ``human``."""
+    heard = (req.user_texts() or [""])[-1]
+    return ToolCall(
+        "save_prediction", {"label": "machine-vm" if MAILBOX.search(heard) else "human"}
+    )
 
 
 def models_for(

@@ -1,4 +1,5 @@
-"""The handoff benchmark runs end to end for one call of each ordering, so it cannot rot.
+"""The handoff benchmark runs end to end for one call of each ordering and of each answer
+scenario (who picks up the human's phone), so it cannot rot.
 
 Only the shape of its output is checked: no timing is asserted (the figures belong in
 bench/README.md, measured on a stated machine).
@@ -13,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ORDERINGS = ("warm handoff", "sequential", "seed")
 METRICS = {"greeting", "announce", "longest_silence", "human_wait", "overhead"}
+ANSWERS = {"person": "connected", "long_greeting": "connected", "voicemail": "voicemail"}
+ANSWERS |= {"pbx": "connected", "silent": "connected"}  # who answers -> how the handoff ends
 
 
 def test_bench_measures_every_figure_for_every_ordering(tmp_path):
@@ -58,3 +61,27 @@ def test_bench_measures_every_figure_for_every_ordering(tmp_path):
     assert report["capacity"]["steps"]
     assert report["machine"]["nproc"]
     assert png.exists() == drawing
+
+    # who answers the human's phone: every scenario reports its figures
+    assert "Who answers" in run.stdout
+    answers = report["answers"]["scenarios"]
+    assert set(answers) == set(ANSWERS)
+    for name, outcome in ANSWERS.items():
+        measured = answers[name]
+        assert measured["outcomes"] == [outcome], name
+        figures = measured["figures"]
+        assert figures["opener"]["median"] is not None, name  # everyone hears the opener
+        assert measured["details_before_confirmation"] == [0], name  # a safety rule, not timing
+        if outcome == "voicemail":
+            assert figures["details"]["median"] is None  # nothing about the caller
+        else:
+            assert figures["details"]["median"] is not None, name
+            assert figures["details_after_ready"]["median"] is not None, name
+            assert figures["confirmed"]["median"] is not None, name
+        if name != "silent":  # a silent line gets no verdict: a key press confirms the person
+            assert figures["vad_end"]["median"] is not None, name
+            assert figures["verdict"]["median"] is not None, name
+            assert measured["amd"][0]["category"] == (
+                "human" if outcome != "voicemail" else "machine-vm"
+            )
+        assert set(measured["targets"]) >= {"opener", "never_before_confirmation"}
