@@ -193,7 +193,7 @@ async def test_fifty_concurrent_calls_each_end_with_one_outcome_and_nothing_left
     )
     assert not any("-consult-" in name and len(room) for name, room in server.rooms.items())
     assert len(plan) == CALLS
-    await asyncio.gather(*(line.settle(12) for _, line in done))  # bounded clean-up has ended
+    await asyncio.gather(*(line.settle(30) for _, line in done))  # bounded clean-up has ended
     leftovers = [
         t
         for t in asyncio.all_tasks()

@@ -150,7 +150,7 @@ async def test_a_voicemail_hears_nothing_about_the_caller(screened_call, hinted)
     # the mailbox answers after 25 s of ringing, as one does (today's phrase-checked one at once)
     ring = 0.05 if hinted else 25.0
     agent, line, turn, _ = await screened_call(answer, ring=ring, ring_timeout=30.0)
-    await asyncio.wait_for(turn, 20)
+    await asyncio.wait_for(turn, ring + 20)
     [result] = agent.results
     assert result.outcome is Out.VOICEMAIL, result
     assert about_the_caller(line) == [] and BRIEF not in " ".join(line.human_heard())
