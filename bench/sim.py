@@ -363,6 +363,7 @@ class Trace:
     hello_end: float | None = None
     turn_committed: float | None = None  # the consult session took the hello as a user turn
     brief_end: float | None = None
+    opener: tuple[float, float] | None = None  # the neutral opener, played outside the session
     keypress: float | None = None
     merged: float | None = None  # the human is in the caller's room
     ended: float | None = None
@@ -460,6 +461,11 @@ class BenchLine(wh.SimulatedPhoneLine):
 
         session.on("conversation_item_added", on_item)
         await super().open_consult(room, human_identity, session, agent)
+
+    async def play_to_human(self, room: str, text: str, audio: list[Any]) -> None:
+        start = time.monotonic()
+        await super().play_to_human(room, text, audio)
+        self.trace.opener = (start, time.monotonic())
 
     async def move(self, leg: wh.Leg, room: str) -> None:
         await super().move(leg, room)

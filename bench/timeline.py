@@ -19,6 +19,7 @@ COLOURS = {
     "ringing": "#f2c94c",
     "hello": "#937860",
     "brief": "#2a9d8f",
+    "opener": "#8ab17d",
     "silence": "#d62728",
 }
 LANES = ("caller hears", "human's phone", "human says", "human hears")
@@ -101,12 +102,14 @@ def _panel(ax: Any, trace: Trace, knobs: Knobs) -> None:
     else:
         for start, end, _ in spans(trace.human_ear):
             bar("human hears", start, end, COLOURS["brief"], "brief")
+    if trace.opener is not None:  # nothing about the caller until a person is confirmed
+        bar("human hears", *trace.opener, COLOURS["opener"], "opener")
     if metrics.human_wait and trace.hello_end is not None:
-        end = trace.hello_end + metrics.human_wait
+        end = trace.opener[0] if trace.opener else trace.hello_end + metrics.human_wait
         bar("human hears", trace.hello_end, end, COLOURS["silence"], alpha=0.35)
         ax.annotate(
-            f"waits {metrics.human_wait:.2f} s", ((trace.hello_end + end) / 2 - zero,
-            y["human hears"]), fontsize=7.5, ha="center", va="center", color="#8b0000",
+            f"to the brief {metrics.human_wait:.2f} s", (trace.hello_end - zero,
+            y["human hears"] + 0.38), fontsize=7.5, ha="left", va="center", color="#8b0000",
         )  # fmt: skip
     ax.axvline(0, color="black", lw=1)
     ax.annotate("decision", (0, len(LANES) - 0.45), fontsize=7.5, ha="left", va="bottom")
