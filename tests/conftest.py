@@ -347,6 +347,10 @@ class LiveKitBackedLine(wh.SimulatedPhoneLine):
         if self.caller_identity in self.server.rooms.get(self.caller_room, {}):
             self.server.remove_participant(self.caller_room, self.caller_identity)
 
+    async def settle(self, timeout: float = 2 * wh.SERVER_CALL_BOUND) -> None:
+        """Clean-up steps run on this line and on the LiveKit line it wraps (stop ringing)."""
+        await asyncio.gather(super().settle(timeout), self.lk.settle(timeout))
+
     async def aclose(self) -> None:
         self._unsubscribe()
         await super().aclose()
