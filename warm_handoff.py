@@ -1838,7 +1838,7 @@ class CallbackRequest:
 # other text field is redacted (and ``number``, the callback number, is masked in logs).
 RECORD_CODES = frozenset(
     {"type", "id", "room", "job_id", "attempt", "destination", "mode", "outcome", "phase"}
-    | {"source", "number"}
+    | {"source", "number", "attempts", "destinations"}  # ids and names: never redacted
 )
 RECORD_TEXT_LIMIT = 2000  # characters of any one text field (a summary, a brief)
 

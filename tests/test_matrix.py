@@ -266,7 +266,10 @@ async def test_cell(livekit, monkeypatch, mode, cell):
         # teardown: hold off, no consult room, no human leg left anywhere on the server
         await line.settle()
         assert not line.on_hold
-        assert not any("-consult-" in room for room in server.rooms)
+        # no consult room with anyone in it (a join that lands after the caller left
+        # re-creates the deleted room, emptied when the leg is removed; LiveKit closes an empty
+        # room itself after its departure timeout)
+        assert not any("-consult-" in name and len(room) for name, room in server.rooms.items())
         humans = [i for members in server.rooms.values() for i in members if i != "caller"]
         assert humans == []
         if cell.dial_cancelled:

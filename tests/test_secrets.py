@@ -207,3 +207,16 @@ async def test_records_and_their_log_lines_carry_no_spoken_card(tmp_path, caplog
         f"Caller: my card is {ENDING}\nCaller: and my account is 98765•••21"
     )
     assert no_card_in(caplog.text) and "four" not in caplog.text
+
+
+def test_attempt_ids_that_look_like_numbers_are_not_redacted(caplog):
+    # an attempt id is 8 hex characters; "4930309e" has a run of 7 digits, not a phone number
+    records = wh.CallRecords("room-1")
+    result = wh.HandoffResult(wh.HandoffOutcome.NO_ANSWER, "support", wh.HandoffMode.CONSULT)
+    result.attempt = "4930309e"
+    records.handoff(result)
+    with caplog.at_level("INFO", logger="warm-handoff"):
+        records.call_ended()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("call record")]
+    call = json.loads(line.removeprefix("call record "))
+    assert call["attempts"] == ["4930309e"] and call["destinations"] == ["support"]
