@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from fake_livekit import FakeLiveKitServer, RoomEvent
+from fake_livekit import API_KEY, API_SECRET, FakeLiveKitServer, RoomEvent
 from livekit.agents import AgentSession, llm, utils
 from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
 from livekit.agents.testing import fake_job_context
@@ -365,6 +365,30 @@ async def livekit(monkeypatch):
         async with utils.http_context.open():
             with fake_job_context() as ctx:
                 yield server, ctx
+
+
+async def start_livekit_call(
+    livekit, respond=None, *, caller_number: str | None = None, **settings
+):
+    """A caller's session on the LiveKit-backed line, through the fake server (the ``livekit``
+    fixture): returns (session, agent, line); the test closes the session."""
+    server, ctx = livekit
+    config = settings_for(
+        livekit_url=server.url, livekit_api_key=API_KEY, livekit_api_secret=API_SECRET, **settings
+    )
+    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, config), server)
+    if caller_number is not None:
+        line.caller_number = caller_number
+    agent = wh.WarmHandoffAgent(
+        config,
+        line,
+        wh.Models(
+            llm=ScriptedLLM(respond or receptionist()), turn_handling={"turn_detection": "manual"}
+        ),
+    )
+    session = wh.CallerSession()
+    await session.start(agent=agent)
+    return session, agent, line
 
 
 async def shut_down_like_the_framework(session: AgentSession, line: wh.PhoneLine, callbacks=()):

@@ -5,9 +5,8 @@ more with the trunk's number; a 603 is a person declining and is never retried."
 import asyncio
 
 import pytest
-from conftest import LiveKitBackedLine, ScriptedLLM, receptionist, settings_for
-from fake_livekit import API_KEY, API_SECRET, DialScript
-from livekit.agents import AgentSession
+from conftest import start_livekit_call
+from fake_livekit import DialScript
 
 import warm_handoff as wh
 
@@ -18,26 +17,13 @@ TRUNK = "+15105550999"
 async def transfer(livekit, *scripts, caller_number=CALLER, **settings_overrides):
     """One call through the fake LiveKit server: the caller asks for support and says yes.
     Returns the agent's results and the sip_number of each CreateSIPParticipant request."""
-    server, ctx = livekit
+    server, _ = livekit
     server.script_dial(*scripts)
     options = dict(caller_id="caller", trunk_number=TRUNK)
     options.update(settings_overrides)
-    settings = settings_for(
-        livekit_url=server.url,
-        livekit_api_key=API_KEY,
-        livekit_api_secret=API_SECRET,
-        handoff_mode=wh.HandoffMode.CONFERENCE,
-        **options,
+    session, agent, _ = await start_livekit_call(
+        livekit, caller_number=caller_number, handoff_mode=wh.HandoffMode.CONFERENCE, **options
     )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, settings), server)
-    line.caller_number = caller_number
-    agent = wh.WarmHandoffAgent(
-        settings,
-        line,
-        wh.Models(llm=ScriptedLLM(receptionist()), turn_handling={"turn_detection": "manual"}),
-    )
-    session = AgentSession()
-    await session.start(agent=agent)
     try:
         await session.run(user_input="a person please")
         await asyncio.wait_for(session.run(user_input="yes"), 10)

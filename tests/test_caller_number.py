@@ -6,14 +6,10 @@ import asyncio
 import pytest
 from conftest import (
     Call,
-    LiveKitBackedLine,
-    ScriptedLLM,
     receptionist,
-    settings_for,
+    start_livekit_call,
     wait_for,
 )
-from fake_livekit import API_KEY, API_SECRET
-from livekit.agents import AgentSession
 
 import warm_handoff as wh
 
@@ -36,22 +32,10 @@ def test_only_an_e164_number_as_given_is_the_callers_number():
 
 
 async def dial_with_headers(livekit, number: str) -> dict[str, str]:
-    server, ctx = livekit
-    settings = settings_for(
-        livekit_url=server.url,
-        livekit_api_key=API_KEY,
-        livekit_api_secret=API_SECRET,
-        handoff_mode=wh.HandoffMode.CONFERENCE,
+    server, _ = livekit
+    session, agent, _ = await start_livekit_call(
+        livekit, caller_number=number, handoff_mode=wh.HandoffMode.CONFERENCE
     )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, settings), server)
-    line.caller_number = number
-    agent = wh.WarmHandoffAgent(
-        settings,
-        line,
-        wh.Models(llm=ScriptedLLM(receptionist()), turn_handling={"turn_detection": "manual"}),
-    )
-    session = AgentSession()
-    await session.start(agent=agent)
     try:
         await session.run(user_input="a person please")
         await asyncio.wait_for(session.run(user_input="yes"), 5)

@@ -7,14 +7,11 @@ import re
 import pytest
 from conftest import (
     CALLER_ROOM,
-    LiveKitBackedLine,
-    ScriptedLLM,
     receptionist,
-    settings_for,
+    start_livekit_call,
     wait_for,
 )
-from fake_livekit import API_KEY, API_SECRET, DialScript
-from livekit.agents import AgentSession
+from fake_livekit import DialScript
 
 import warm_handoff as wh
 
@@ -22,17 +19,7 @@ Out = wh.HandoffOutcome
 
 
 async def start(livekit, respond, **settings):
-    server, ctx = livekit
-    s = settings_for(
-        livekit_url=server.url, livekit_api_key=API_KEY, livekit_api_secret=API_SECRET, **settings
-    )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, s), server)
-    agent = wh.WarmHandoffAgent(
-        s, line, wh.Models(llm=ScriptedLLM(respond), turn_handling={"turn_detection": "manual"})
-    )
-    session = AgentSession()
-    await session.start(agent=agent)
-    return session, agent, line
+    return await start_livekit_call(livekit, respond, **settings)
 
 
 async def transfer(session):

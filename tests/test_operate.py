@@ -15,14 +15,11 @@ from aiohttp import web
 from conftest import (
     CALLER_ROOM,
     Call,
-    LiveKitBackedLine,
-    ScriptedLLM,
     receptionist,
-    settings_for,
+    start_livekit_call,
     wait_for,
 )
-from fake_livekit import API_KEY, API_SECRET
-from livekit.agents import AgentSession
+from fake_livekit import API_SECRET
 
 import warm_handoff as wh
 
@@ -221,23 +218,13 @@ async def test_attributes_show_the_handoff_live_and_the_brief_in_the_consult_roo
 
 @pytest.mark.parametrize("headers_on", [True, False])
 async def test_the_invite_carries_short_x_headers(livekit, headers_on):
-    server, ctx = livekit
-    settings = settings_for(
-        livekit_url=server.url,
-        livekit_api_key=API_KEY,
-        livekit_api_secret=API_SECRET,
+    server, _ = livekit
+    session, agent, _ = await start_livekit_call(
+        livekit,
+        caller_number="+15105550199",
         sip_headers=headers_on,
         handoff_mode=wh.HandoffMode.CONFERENCE,
     )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, settings), server)
-    line.caller_number = "+15105550199"
-    agent = wh.WarmHandoffAgent(
-        settings,
-        line,
-        wh.Models(llm=ScriptedLLM(receptionist()), turn_handling={"turn_detection": "manual"}),
-    )
-    session = AgentSession()
-    await session.start(agent=agent)
     try:
         await session.run(user_input="a person please")
         await asyncio.wait_for(session.run(user_input="yes"), 5)
