@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import regex
@@ -45,10 +45,13 @@ from livekit.agents import (
     Agent,
     AgentServer,
     AgentSession,
+    AgentStateChangedEvent,
     JobContext,
     JobProcess,
     ModelSettings,
     RunContext,
+    UserInputTranscribedEvent,
+    UserStateChangedEvent,
     cli,
     llm,
     room_io,
@@ -67,6 +70,7 @@ from livekit.api.sip_service import SipService
 from livekit.plugins import deepgram, elevenlabs, openai, silero  # register on the main thread
 
 logger = logging.getLogger("warm-handoff")
+T = TypeVar("T")
 load_dotenv(os.environ.get("DOTENV_FILE") or None)  # DOTENV_FILE=/dev/null ignores .env
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -862,6 +866,21 @@ class HandoffOutcome(str, Enum):
     CLOSED = "closed"  # outside the destination's opening hours: never dialled
     REJOINED = "rejoined"  # connected, but the human left within HANDOFF_REJOIN_WINDOW
     FAILED = "failed"
+
+
+class Phase(str, Enum):
+    """How far an attempt has got. The agent's ``handoff.state`` attribute shows it live and
+    the record keeps the last one."""
+
+    ANNOUNCING = "announcing"  # the caller hears "please hold"; the human's phone already rings
+    RINGING = "ringing"  # the caller is on hold
+    BRIEFING = "briefing"  # someone answered: screened, briefed and asked, in private (consult)
+    MERGING = "merging"  # the human is on the way into the caller's room
+    MERGED = "merged"  # caller and human talk; the agent steps out
+    CLOSED = "closed"  # never dialled: the team is outside its opening hours
+
+
+ON_HOLD = (Phase.RINGING, Phase.BRIEFING)
 
 
 @dataclass(frozen=True)
@@ -1741,9 +1760,26 @@ CALLER_HEARS = {
     HandoffOutcome.UNREACHABLE: "I'm sorry, I couldn't get through to {team}.",
     HandoffOutcome.FAILED: "I'm sorry, something went wrong while I was connecting you.",
 }
-CALLER_OFFER = (
-    " I'm still here with you. I can try another team, or take your details so someone "
-    "calls you back. What would you like to do?"
+STILL_TRYING = (
+    "I'm still trying {team}; it's been about {waited} seconds. Please stay on the line, or "
+    "say never mind to stop."
+)
+BEING_BRIEFED = "Someone from {team} has picked up and I'm filling them in now. It won't be long."
+NOW_CONNECTED = "You're now connected with {team}."
+CONFERENCE_INTRODUCTION = (
+    "Hello, this is the {business} assistant. I have a caller on the line about {reason}. "
+    "You're now connected with {team}. I'll leave you to it."
+)
+HUMAN_DECLINED = "Understood, I'll let the caller know. Thank you, goodbye."
+HUMAN_CALLER_LEFT = (
+    "I'm sorry, the caller has just hung up. I'll pass on a callback request with what they "
+    "needed. Goodbye."
+)
+HUMAN_CANCELLED = "Sorry to trouble you: the caller no longer needs the transfer. Goodbye."
+HUMAN_CALL_ENDS = "I'm sorry, this call has to end now. Goodbye."
+HUMAN_MAX_HOLD = "I'm sorry, I have to take the caller back now. Goodbye."
+HUMAN_MOVE_REFUSED = (
+    "I'm sorry, I can't put the call through from here. I'll let the caller know. Goodbye."
 )
 CANCEL_WORDS = re.compile(  # a request to stop the transfer, not any use of "cancel" or "stop"
     r"""
@@ -1807,7 +1843,7 @@ class HandoffResult:
     timings: dict[str, float] = field(default_factory=dict)
     attempt: str = ""
     reason: str = ""
-    phase: str = ""  # how far it got: announcing, ringing, briefing, merging, merged
+    phase: Phase = Phase.ANNOUNCING  # how far it got
     brief: str = ""
     amd: dict[str, Any] = field(default_factory=dict)  # who answered: category, reason, delay
 
@@ -2209,7 +2245,7 @@ class CallRecords:
                 "mode": result.mode.value,
                 "outcome": result.outcome.value,
                 "sip_status": result.sip_status,
-                "phase": result.phase,
+                "phase": result.phase.value,
                 "detail": result.detail,
                 "decided_at": round(time.time() - (time.monotonic() - start), 3),
                 "timings": {
@@ -2300,63 +2336,86 @@ async def compose_brief(
     return f"{intro}{summary} {BRIEF_ASK}"
 
 
-class Handoff:
-    """One attempt to hand the caller to one destination.
+@dataclass(frozen=True)
+class Decision:
+    """The human's answer to the brief."""
 
-    ``run()`` always returns one result and always leaves the line clean: hold off, no ringing
-    phone, no stray leg, no consult room. While it runs the caller is on an *interactive* hold:
-    hold audio plays (paused whenever the caller or the agent speaks), the agent checks in every
-    so often, and the caller may ask how long or say never mind (see ``answer_on_hold``).
-    """
+    outcome: HandoffOutcome
+    reason: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome is HandoffOutcome.CONNECTED
+
+    @property
+    def farewell(self) -> str:
+        if self.outcome is HandoffOutcome.DECLINED:
+            return HUMAN_DECLINED
+        return ""  # a voicemail hears nothing about the caller
+
+
+class HumanCall:
+    """Rings the human: the ``Dial`` (whose number the phone shows, the X-headers), the one
+    retry a trunk's refusal of the caller's number earns, and the leg once someone answers."""
 
     def __init__(
         self,
         *,
         settings: Settings,
         line: PhoneLine,
-        session: AgentSession,
         destination: Destination,
+        attempt: str,
         reason: str,
-        models: Models,
+        timings: dict[str, float],
     ) -> None:
         self.settings = settings
         self.line = line
-        self.session = session
         self.destination = destination
+        self.attempt = attempt
+        self.identity = f"transfer_{attempt}"
         self.reason = reason
-        self.models = models
-        self.mode = settings.mode
-        self.attempt = uuid.uuid4().hex[:8]
-        self.identity = f"transfer_{self.attempt}"
-        self.consult_room = f"{line.caller_room}-consult-{self.attempt}"
-        self.phase = "announcing"
-        self.timings: dict[str, float] = {"decision": time.monotonic()}
-        self._background: set[asyncio.Future[Any]] = set()
-        self._attributes_sent: asyncio.Future[None] | None = None
-        self._publish({"handoff.state": "announcing", "handoff.outcome": ""})
-        self.consult: ConsultAgent | None = None
-        self.brief = ""
-        self._hold: Hold | None = None
-        self._leg: Leg | None = None
-        self._consult_open = False
-        self._merged = False
-        self._caller_gone = False
-        self._human_left: asyncio.Future[str] | None = None
-        self._caller_left: asyncio.Future[str] | None = None
-        self.amd: dict[str, Any] = {}  # the answering-machine detection's verdict
-        self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        self.timings = timings
+        self.leg: Leg | None = None  # whoever answered, as soon as they did
 
     @property
     def ring_timeout(self) -> float:
         return self.destination.ring_timeout or self.settings.ring_timeout
 
-    @property
-    def on_hold(self) -> bool:
-        return self.phase in ("ringing", "briefing") and not self._stopped.done()
+    def start(self, room: str) -> asyncio.Future[Leg]:
+        """Start ringing. Whoever answers is kept as ``leg`` the moment they do, even if the
+        flow is already stopping, so clean-up hangs them up."""
+        dial = asyncio.ensure_future(self._place(room))
 
-    def _dial(self, room: str) -> Dial:
+        def keep_leg(done: asyncio.Future[Leg]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self.leg = done.result()
+
+        dial.add_done_callback(keep_leg)
+        return dial
+
+    async def _place(self, room: str) -> Leg:
+        """Dial. A trunk that will not show the caller's number answers the first INVITE with
+        403 Forbidden before any ringing: the same attempt dials once more, at once, with the
+        trunk's number. A 603 is a person declining and is never retried."""
+        dial = self._dial_request(room)
+        try:
+            return await self.line.dial(dial)
+        except DialFailed as e:
+            fallback = self.settings.trunk_number
+            showed_caller = self.settings.caller_id == CALLER_ID_FROM_CALLER
+            if e.sip_status != 403 or not showed_caller or dial.caller_id == fallback:
+                raise
+            logger.info(
+                "the trunk refused the caller's number as caller ID in room %s (%s); "
+                "dialling %s again with the trunk's number",
+                self.line.caller_room,
+                e.detail,
+                self.destination.name,
+            )
+            self.timings["caller_id_refused"] = time.monotonic()
+            return await self.line.dial(replace(dial, caller_id=fallback))
+
+    def _dial_request(self, room: str) -> Dial:
         self.timings["dial_start"] = time.monotonic()
         return Dial(
             room=room,
@@ -2377,28 +2436,6 @@ class Handoff:
             return self.line.caller_number
         return self.settings.trunk_number
 
-    async def _place_call(self, room: str) -> Leg:
-        """Dial the human. A trunk that will not show the caller's number answers the first
-        INVITE with 403 Forbidden before any ringing: the same attempt dials once more, at once,
-        with the trunk's number. A 603 is a person declining and is never retried."""
-        dial = self._dial(room)
-        try:
-            return await self.line.dial(dial)
-        except DialFailed as e:
-            fallback = self.settings.trunk_number
-            showed_caller = self.settings.caller_id == CALLER_ID_FROM_CALLER
-            if e.sip_status != 403 or not showed_caller or dial.caller_id == fallback:
-                raise
-            logger.info(
-                "the trunk refused the caller's number as caller ID in room %s (%s); "
-                "dialling %s again with the trunk's number",
-                self.line.caller_room,
-                e.detail,
-                self.destination.name,
-            )
-            self.timings["caller_id_refused"] = time.monotonic()
-            return await self.line.dial(replace(dial, caller_id=fallback))
-
     def _sip_headers(self) -> dict[str, str]:
         """Short X-headers for the human's softphone or CRM to pop the context (off with
         HANDOFF_SIP_HEADERS=off for trunks that reject them)."""
@@ -2413,42 +2450,145 @@ class Handoff:
             headers["X-Caller-Number"] = self.line.caller_number
         return headers
 
-    def _result(
-        self, outcome: HandoffOutcome, *, sip_status: int | None = None, detail: str = ""
-    ) -> HandoffResult:
-        self.timings["ended"] = time.monotonic()
-        if outcome is not HandoffOutcome.CONNECTED:
-            self.timings.setdefault("returned", self.timings["ended"])
-        self._publish(
-            {
-                "handoff.state": "connected" if outcome is HandoffOutcome.CONNECTED else "returned",
-                "handoff.outcome": outcome.value,
-            }
+
+class CallerHold:
+    """The caller's side of an attempt: "please hold", then hold audio that pauses whenever
+    the caller or the agent speaks (it must never mask the caller or read as speech), and a
+    check-in every ``HANDOFF_HOLD_REASSURE_EVERY`` seconds while the caller waits."""
+
+    def __init__(self, handoff: Handoff) -> None:
+        self.handoff = handoff
+        self.session = handoff.session
+        self.team = handoff.destination.said_as
+        self.phrases = handoff.models.phrases
+        self.audio: Hold | None = None
+        self.tasks = utils.aio.TaskSet()
+
+    async def announce_and_hold(self) -> None:
+        """ "Please hold", then hold audio, while the dial already rings."""
+        await say_fixed(
+            self.session,
+            PLEASE_HOLD.format(team=self.team),
+            self.phrases,
+            allow_interruptions=False,
         )
-        if "hold" in self.timings:
-            self.timings["held"] = (
-                self.timings.get("merged", self.timings["ended"]) - (self.timings["hold"])
-            )
-        return HandoffResult(
-            outcome,
-            self.destination.name,
-            self.mode,
-            sip_status,
-            detail,
-            self._leg if self._merged else None,
-            self.timings,
+        self.handoff.on_hold_now()
+        self.audio = await self.handoff.line.start_hold()
+        self.session.on("user_state_changed", self._sync)
+        self.session.on("agent_state_changed", self._sync)
+        self.tasks.create_task(self._check_in())
+
+    def _sync(self, ev: UserStateChangedEvent | AgentStateChangedEvent) -> None:
+        """Paused while either the caller or the agent speaks, playing otherwise."""
+        if self.audio is None or not self.handoff.on_hold:
+            return
+        caller, agent = self.session.user_state, self.session.agent_state
+        if isinstance(ev, UserStateChangedEvent):
+            caller = ev.new_state
+        else:
+            agent = ev.new_state
+        speaking = "speaking" in (caller, agent)
+        self.tasks.create_task(self.audio.pause() if speaking else self.audio.resume())
+
+    async def _check_in(self) -> None:
+        every = self.handoff.settings.hold_reassure_every
+        while True:
+            await asyncio.sleep(every)
+            if self.handoff.on_hold:
+                with contextlib.suppress(RuntimeError):  # the session is closing: nobody to tell
+                    say_fixed(
+                        self.session,
+                        HOLD_CHECK_IN.format(team=self.team),
+                        self.phrases,
+                        allow_interruptions=True,
+                        add_to_chat_ctx=False,
+                    )
+
+    async def end(self) -> None:
+        """Hold audio off and nothing more said about holding."""
+        for task in self.tasks.tasks:
+            task.cancel()
+        self.session.off("user_state_changed", self._sync)
+        self.session.off("agent_state_changed", self._sync)
+        if self.audio is not None:
+            await self.audio.stop()
+
+
+class Handoff:
+    """One attempt to hand the caller to one destination.
+
+    ``run()`` always returns one result and always leaves the line clean: hold off, no ringing
+    phone, no stray leg, no consult room. While it runs the caller is on an *interactive* hold
+    (``CallerHold``, ``answer_on_hold``): they may ask how long, or say never mind.
+
+    Why not the framework's ``beta.workflows.WarmTransferTask``: it dials only after the
+    caller has been put on hold, briefs whoever picks up (a voicemail too), needs a media
+    server to run at all, and leaves a lost move or a hanging clean-up to the caller's patience.
+    This class keeps its shape (hold, dial, brief in a consult room, move) and adds the rest.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        line: PhoneLine,
+        session: AgentSession,
+        destination: Destination,
+        reason: str,
+        models: Models,
+    ) -> None:
+        self.settings = settings
+        self.line = line
+        self.session = session
+        self.destination = destination
+        self.reason = reason
+        self.models = models
+        self.mode = settings.mode
+        self.attempt = uuid.uuid4().hex[:8]
+        self.timings: dict[str, float] = {"decision": time.monotonic()}
+        self.call = HumanCall(
+            settings=settings,
+            line=line,
+            destination=destination,
             attempt=self.attempt,
-            reason=self.reason,
-            phase=self.phase,
-            brief=self.brief,
-            amd=self.amd,
+            reason=reason,
+            timings=self.timings,
         )
+        self.identity = self.call.identity
+        self.consult_room = f"{line.caller_room}-consult-{self.attempt}"
+        self.phase = Phase.ANNOUNCING
+        self.outcome: HandoffOutcome | None = None  # once ``run()`` has its result
+        self.hold = CallerHold(self)
+        self.tasks = utils.aio.TaskSet()
+        self._attributes_sent: asyncio.Future[None] | None = None
+        self._publish({"handoff.state": Phase.ANNOUNCING.value, "handoff.outcome": ""})
+        self.consult: ConsultAgent | None = None  # while the consult room is open
+        self.brief = ""
+        self.amd: dict[str, Any] = {}  # the answering-machine detection's verdict
+        self._human_left: asyncio.Future[str] | None = None
+        self._caller_left: asyncio.Future[str] | None = None
+        self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    @property
+    def ring_timeout(self) -> float:
+        return self.call.ring_timeout
+
+    @property
+    def on_hold(self) -> bool:
+        return self.phase in ON_HOLD and not self._stopped.done()
+
+    def on_hold_now(self) -> None:
+        self.timings["hold"] = time.monotonic()
+        if self.phase is Phase.ANNOUNCING:  # a human may already be on the line (briefing)
+            self._enter(Phase.RINGING)
 
     # -- stopping from outside: the caller changes their mind, the worker shuts down ----------
 
     def stop(self, outcome: HandoffOutcome, detail: str) -> None:
         """End the attempt from outside the flow (before the merge); ``run()`` cleans up."""
-        if not self._stopped.done() and self.phase not in ("merging", "merged"):
+        if not self._stopped.done() and self.phase not in (Phase.MERGING, Phase.MERGED):
             self._stopped.set_result((outcome, detail))
 
     def answer_on_hold(self, said: str) -> str:
@@ -2460,15 +2600,9 @@ class Handoff:
             self.stop(HandoffOutcome.CANCELLED_BY_CALLER, "the caller said never mind")
             return ""  # the transfer tool tells the caller it is cancelled
         waited = int(time.monotonic() - self.timings.get("hold", self.timings["decision"]))
-        if self.phase == "briefing":
-            return (
-                f"Someone from {self.destination.said_as} has picked up and I'm filling "
-                f"them in now. It won't be long."
-            )
-        return (
-            f"I'm still trying {self.destination.said_as}; it's been about {waited} "
-            f"seconds. Please stay on the line, or say never mind to stop."
-        )
+        if self.phase is Phase.BRIEFING:
+            return BEING_BRIEFED.format(team=self.destination.said_as)
+        return STILL_TRYING.format(team=self.destination.said_as, waited=waited)
 
     # -- the attempt ----------------------------------------------------------------------------
 
@@ -2485,35 +2619,14 @@ class Handoff:
                 timeout=self.settings.max_hold,
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            if flow not in done and self.phase == "merging":
+            if flow not in done and self.phase is Phase.MERGING:
                 # A move in flight is never abandoned half way: the line bounds it and finds
                 # where the human is, so wait for it rather than cancel it.
                 await asyncio.wait({flow})
+            if flow.done():
                 return flow.result()
-            if flow in done:
-                return flow.result()
-            flow.cancel()
-            with contextlib.suppress(BaseException):
-                await flow
-            if self._merged:  # the human is with the caller; only "You're now connected" was left
-                return self._result(HandoffOutcome.CONNECTED)
-            if caller_left in done:
-                await self._tell_human(
-                    "I'm sorry, the caller has just hung up. I'll pass on a callback request "
-                    "with what they needed. Goodbye."
-                )
-                self._caller_gone = True
-                return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
-            if self._stopped.done():
-                outcome, detail = self._stopped.result()
-                await self._tell_human(
-                    "Sorry to trouble you: the caller no longer needs the transfer. Goodbye."
-                    if outcome is HandoffOutcome.CANCELLED_BY_CALLER
-                    else "I'm sorry, this call has to end now. Goodbye."
-                )
-                return self._result(outcome, detail=detail)
-            await self._tell_human("I'm sorry, I have to take the caller back now. Goodbye.")
-            return self._result(HandoffOutcome.NO_ANSWER, detail="maximum hold time reached")
+            await utils.aio.cancel_and_wait(flow)
+            return await self._ended_from_outside(caller_left_first=caller_left in done)
         except Exception as e:
             logger.error(
                 "handoff to %s failed in room %s: %r",
@@ -2526,24 +2639,71 @@ class Handoff:
             caller_left.cancel()
             await self._clean_up()
 
+    async def _ended_from_outside(self, *, caller_left_first: bool) -> HandoffResult:
+        """The flow was stopped before its end: by the caller hanging up, a stop (never mind,
+        shutdown) or ``HANDOFF_MAX_HOLD``. The human, if on the line, is told why."""
+        if self.phase is Phase.MERGED:  # only "You're now connected" was left to say
+            return self._result(HandoffOutcome.CONNECTED)
+        if caller_left_first:
+            await self._tell_human(HUMAN_CALLER_LEFT)
+            return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
+        if self._stopped.done():
+            outcome, detail = self._stopped.result()
+            cancelled = outcome is HandoffOutcome.CANCELLED_BY_CALLER
+            await self._tell_human(HUMAN_CANCELLED if cancelled else HUMAN_CALL_ENDS)
+            return self._result(outcome, detail=detail)
+        await self._tell_human(HUMAN_MAX_HOLD)
+        return self._result(HandoffOutcome.NO_ANSWER, detail="maximum hold time reached")
+
+    def _result(
+        self, outcome: HandoffOutcome, *, sip_status: int | None = None, detail: str = ""
+    ) -> HandoffResult:
+        self.outcome = outcome
+        self.timings["ended"] = time.monotonic()
+        connected = outcome is HandoffOutcome.CONNECTED
+        if not connected:
+            self.timings.setdefault("returned", self.timings["ended"])
+        self._publish(
+            {
+                "handoff.state": "connected" if connected else "returned",
+                "handoff.outcome": outcome.value,
+            }
+        )
+        if "hold" in self.timings:
+            ended = self.timings.get("merged", self.timings["ended"])
+            self.timings["held"] = ended - self.timings["hold"]
+        return HandoffResult(
+            outcome,
+            self.destination.name,
+            self.mode,
+            sip_status,
+            detail,
+            self.call.leg if self.phase is Phase.MERGED else None,
+            self.timings,
+            attempt=self.attempt,
+            reason=self.reason,
+            phase=self.phase,
+            brief=self.brief,
+            amd=self.amd,
+        )
+
     async def _clean_up(self) -> None:
         """Whatever happened, nobody is left waiting for someone who is gone. Local steps
         happen now; server calls go on in the background, each bounded, so the caller is
         spoken to before a slow server finishes."""
-        for task in self._background:
+        for task in self.tasks.tasks:
             task.cancel()
-        self.session.off("user_state_changed", self._on_caller_state)
-        self.session.off("agent_state_changed", self._on_agent_state)
-        if self._hold is not None:
-            await self._quietly(asyncio.wait_for(self._hold.stop(), SERVER_CALL_BOUND))
-        if self._leg is not None and (not self._merged or self._caller_gone):
-            self.line.clean_up_later(self.line.hang_up(self._leg), "hang up the human's leg")
-        if self._consult_open:
-            self._consult_open = False
+        await self._quietly(asyncio.wait_for(self.hold.end(), SERVER_CALL_BOUND))
+        caller_gone = self.outcome is HandoffOutcome.CALLER_LEFT
+        leg = self.call.leg
+        if leg is not None and (self.phase is not Phase.MERGED or caller_gone):
+            self.line.clean_up_later(self.line.hang_up(leg), "hang up the human's leg")
+        if self.consult is not None:
+            self.consult = None
             self.line.clean_up_later(
                 self.line.close_consult(self.consult_room), "close the consult room"
             )
-        if self._caller_gone:  # a leg moved in at the last moment must not ring on alone
+        if caller_gone:  # a leg moved in at the last moment must not ring on alone
             self.line.clean_up_later(
                 self.line.delete_room(self.line.caller_room), "delete the caller's room"
             )
@@ -2559,35 +2719,17 @@ class Handoff:
     async def _tell_human(self, text: str) -> None:
         """Speak to the human in the consult room, if they are still there."""
         human_there = self._human_left is not None and not self._human_left.done()
-        if text and human_there and self._consult_open and self.consult is not None:
+        if text and human_there and self.consult is not None:
             with contextlib.suppress(Exception):
                 speech = self.consult.session.say(text, allow_interruptions=False)
                 await asyncio.wait_for(speech.wait_for_playout(), 8)
 
-    # -- hold -----------------------------------------------------------------------------------
-
-    async def _announce_and_hold(self) -> None:
-        """ "Please hold", then hold audio, while the dial already rings."""
-        await say_fixed(
-            self.session,
-            PLEASE_HOLD.format(team=self.destination.said_as),
-            self.models.phrases,
-            allow_interruptions=False,
-        )
-        if self.phase == "announcing":  # a human may already be on the line (briefing)
-            self._enter("ringing")
-        self.timings["hold"] = time.monotonic()
-        self._hold = await self.line.start_hold()
-        self.session.on("user_state_changed", self._on_caller_state)
-        self.session.on("agent_state_changed", self._on_agent_state)
-        self._spawn(self._reassure())
-
-    def _enter(self, phase: str) -> None:
+    def _enter(self, phase: Phase) -> None:
         """Move to the next phase and show it on the agent's attributes, so a dashboard can
         say "ringing support"."""
         self.phase = phase
-        self.timings.setdefault(phase, time.monotonic())
-        self._publish({"handoff.state": phase})
+        self.timings.setdefault(phase.value, time.monotonic())
+        self._publish({"handoff.state": phase.value})
 
     def _publish(self, attributes: dict[str, str], room: str = "") -> None:
         """Queue an attribute update; updates are sent one after another, in order."""
@@ -2606,58 +2748,12 @@ class Handoff:
 
         self._attributes_sent = asyncio.ensure_future(send())
 
-    def _spawn(self, step: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(step)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _on_caller_state(self, ev: Any) -> None:
-        """Hold audio pauses while the caller talks, so it never masks them or reads as
-        speech; the agent's own words pause it too."""
-        if self._hold is not None and self.on_hold:
-            if ev.new_state == "speaking":
-                self._spawn(self._hold.pause())
-            elif self.session.agent_state != "speaking":
-                self._spawn(self._hold.resume())
-
-    def _on_agent_state(self, ev: Any) -> None:
-        if self._hold is not None and self.on_hold:
-            if ev.new_state == "speaking":
-                self._spawn(self._hold.pause())
-            elif self.session.user_state != "speaking":
-                self._spawn(self._hold.resume())
-
-    async def _reassure(self) -> None:
-        every = self.settings.hold_reassure_every
-        while True:
-            await asyncio.sleep(every)
-            if self.on_hold:
-                with contextlib.suppress(RuntimeError):  # the session is closing: nobody to tell
-                    say_fixed(
-                        self.session,
-                        HOLD_CHECK_IN.format(team=self.destination.said_as),
-                        self.models.phrases,
-                        allow_interruptions=True,
-                        add_to_chat_ctx=False,
-                    )
-
     # -- the two modes --------------------------------------------------------------------------
 
-    def _dial_now(self, room: str) -> asyncio.Future[Leg]:
-        """Start ringing the human. Whoever answers is kept as ``_leg`` the moment they do,
-        even if the flow is already stopping, so clean-up hangs them up."""
-        dial = asyncio.ensure_future(self._place_call(room))
-
-        def keep_leg(done: asyncio.Future[Leg]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                self._leg = done.result()
-
-        dial.add_done_callback(keep_leg)
-        return dial
-
     async def _ring(self, dial: asyncio.Future[Leg]) -> HandoffResult | None:
+        """Wait for an answer: None once someone answered, else the failed attempt's result."""
         try:
-            self._leg = await dial
+            await dial
         except DialFailed as e:
             logger.info(
                 "dial to %s (%s) in room %s: %s",
@@ -2672,29 +2768,60 @@ class Handoff:
 
     async def _conference(self) -> HandoffResult:
         """The seed's three-way call, made warm: hold while ringing, then an introduction."""
-        dial = self._dial_now(self.line.caller_room)
+        dial = self.call.start(self.line.caller_room)
         try:
-            await self._announce_and_hold()
+            await self.hold.announce_and_hold()
             if (failed := await self._ring(dial)) is not None:
                 return failed
         finally:
             dial.cancel()
-        self._enter("merged")
-        self._merged = True
-        self.timings["merged"] = time.monotonic()
-        await self._hold.stop()  # type: ignore[union-attr]
-        await self.session.say(
-            f"Hello, this is the {self.settings.business_name} assistant. I have a caller on "
-            f"the line about {self.reason}. You're now connected with "
-            f"{self.destination.said_as}. I'll leave you to it.",
-            allow_interruptions=False,
+        return await self._connected(
+            CONFERENCE_INTRODUCTION.format(
+                business=self.settings.business_name,
+                reason=self.reason,
+                team=self.destination.said_as,
+            )
         )
-        return self._result(HandoffOutcome.CONNECTED)
 
     async def _consult(self) -> HandoffResult:
         """Brief the human privately, then move them in: the caller never hears the brief and
         the human never picks up to silence. Neither the brief's model nor the consult agent
         sees a card number: the transcript they get is redacted."""
+        consult, consult_session, brief = self._open_consult_agent()
+        opening = asyncio.ensure_future(
+            self.line.open_consult(self.consult_room, self.identity, consult_session, consult)
+        )
+        dial = self.call.start(self.consult_room)
+        # "Please hold" goes on while the phone rings, and while the human is screened if they
+        # answer before it ends: the two sessions are apart, and screening must hear the leg
+        # from the moment it is active.
+        announce = self.tasks.create_task(self.hold.announce_and_hold())
+        try:
+            await opening
+            self.line.on_dtmf(self.consult_room, consult.on_digit)
+            brief.add_done_callback(self._show_brief)
+            if (failed := await self._ring(dial)) is not None:
+                await announce  # the caller hears "please hold" in full, then what happened
+                return failed
+        finally:
+            dial.cancel()
+            opening.cancel()
+            if not brief.done() and self.call.leg is None:
+                brief.cancel()
+        self._enter(Phase.BRIEFING)
+        self._human_left = self.tasks.create_task(
+            self.line.wait_for_hangup(self.consult_room, (self.identity,))
+        )
+        decision = await self._brief_the_human(consult, self._human_left)
+        await announce  # the caller is on hold before anything else is said to them
+        self.timings["accepted" if decision.accepted else "declined"] = time.monotonic()
+        if decision.accepted:
+            return await self._merge()
+        await self._tell_human(decision.farewell)
+        return self._result(decision.outcome, detail=decision.reason)
+
+    def _open_consult_agent(self) -> tuple[ConsultAgent, AgentSession, asyncio.Future[str]]:
+        """The consult room's agent and session; the brief is composed while the phone rings."""
         transcript = redact(conversation_transcript(self.session.history))
         brief = asyncio.ensure_future(
             compose_brief(
@@ -2707,62 +2834,30 @@ class Handoff:
             )
         )
         brief.add_done_callback(self._keep_brief)
-        self.consult = ConsultAgent(brief=brief, transcript=transcript, handoff=self)
+        consult = self.consult = self.consult_agent(brief, transcript)
         if self.models.tts is not None:
-            self._spawn(self.consult.prepare_voice(self.models.tts))
-        consult_session: AgentSession = AgentSession(**self.consult_options())
-        self._consult_open = True
-        opening = asyncio.ensure_future(
-            self.line.open_consult(self.consult_room, self.identity, consult_session, self.consult)
-        )
-        dial = self._dial_now(self.consult_room)
-        # "Please hold" goes on while the phone rings, and while the human is screened if they
-        # answer before it ends: the two sessions are apart, and screening must hear the leg
-        # from the moment it is active.
-        announce = asyncio.ensure_future(self._announce_and_hold())
-        self._background.add(announce)
-        try:
-            await opening
-            self.line.on_dtmf(self.consult_room, self.consult.on_digit)
-            brief.add_done_callback(self._show_brief)
-            if (failed := await self._ring(dial)) is not None:
-                await announce  # the caller hears "please hold" in full, then what happened
-                return failed
-        finally:
-            dial.cancel()
-            opening.cancel()
-            if not brief.done() and self._leg is None:
-                brief.cancel()
+            self.tasks.create_task(consult.prepare_voice(self.models.tts))
+        return consult, AgentSession(**self.consult_options()), brief
 
-        self._enter("briefing")
-        self._human_left = asyncio.ensure_future(
-            self.line.wait_for_hangup(self.consult_room, (self.identity,))
-        )
-        self._background.add(self._human_left)
-        decision = await self._brief_the_human()
-        await announce  # the caller is on hold before anything else is said to them
-        self.timings["accepted" if decision.accepted else "declined"] = time.monotonic()
-        if decision.accepted:
-            return await self._merge()
-        await self._tell_human(decision.farewell)
-        return self._result(decision.outcome, detail=decision.reason)
+    def consult_agent(self, brief: asyncio.Future[str], transcript: str) -> ConsultAgent:
+        """The agent that briefs the human (the benchmark's reference orderings override it)."""
+        return ConsultAgent(brief=brief, transcript=transcript, handoff=self)
 
-    async def _brief_the_human(self) -> Decision:
+    async def _brief_the_human(
+        self, consult: ConsultAgent, human_left: asyncio.Future[str]
+    ) -> Decision:
         """Nothing about the caller until a person is confirmed (``Screening``); then the
         brief, in full; then their decision."""
-        assert self.consult is not None and self._human_left is not None
         hears = self.models.stt is not None and self.models.vad is not None
         if self.destination.screening == "none" or not hears:
-            return await self.consult.brief_on_hello(self._human_left, self.settings.hello_grace)
+            return await consult.brief_on_hello(human_left, self.settings.hello_grace)
         screening = Screening(
-            self.consult, self, ring_deadline=self.timings["dial_start"] + self.ring_timeout
+            consult, self, ring_deadline=self.timings["dial_start"] + self.ring_timeout
         )
         gone = Decision(HandoffOutcome.DECLINED, "the human hung up during the briefing")
         try:
-            run = asyncio.ensure_future(screening.run(self.settings.hello_grace))
-            await _first(run, self._human_left)
-            if not run.done():
-                await utils.aio.cancel_and_wait(run)
+            run = await _finished_before(screening.run(self.settings.hello_grace), human_left)
+            if run is None:
                 return gone
             verdict = run.result()
             self.amd = verdict.amd
@@ -2770,12 +2865,10 @@ class Handoff:
                 return Decision(verdict.outcome, verdict.reason)
             if screening.opener is not None:
                 await screening.opener  # the details start when the opener has ended
-            details = asyncio.ensure_future(self.consult.speak_details(screening.human_stopped))
-            await _first(details, self._human_left)
-            if not details.done():
-                await utils.aio.cancel_and_wait(details)
+            details = consult.speak_details(screening.human_stopped)
+            if await _finished_before(details, human_left) is None:
                 return gone
-            return await self.consult.wait_for_decision(self._human_left)
+            return await consult.wait_for_decision(human_left)
         finally:
             screening.close()
 
@@ -2797,59 +2890,42 @@ class Handoff:
 
     def _show_brief(self, brief: asyncio.Future[str]) -> None:
         """The consult room's agent carries the brief, for the human's softphone or CRM."""
-        if self.brief and self._consult_open:
+        if self.brief and self.consult is not None:
             self._publish({"handoff.brief": redact(self.brief)}, room=self.consult_room)
 
     async def _merge(self) -> HandoffResult:
-        assert self._leg is not None
-        self._enter("merging")
+        assert self.call.leg is not None
+        self._enter(Phase.MERGING)
         try:
-            await self.line.move(self._leg, self.line.caller_room)
-            self._leg = replace(self._leg, room=self.line.caller_room)
+            await self.line.move(self.call.leg, self.line.caller_room)
+            self.call.leg = replace(self.call.leg, room=self.line.caller_room)
             # Only once the human is really in the caller's room is the call merged: the move
             # takes time, and watching for hang-ups before they arrive would read as one.
             if not await self.line.wait_for_arrival(
-                self.line.caller_room, self._leg.identity, MOVE_BOUND
+                self.line.caller_room, self.call.leg.identity, MOVE_BOUND
             ):
                 raise LegLost("the human did not arrive in the caller's room")
         except MoveRefused as e:
             logger.error("move refused in room %s: %s", self.line.caller_room, e)
-            await self._tell_human(
-                "I'm sorry, I can't put the call through from here. "
-                "I'll let the caller know. Goodbye."
-            )
+            await self._tell_human(HUMAN_MOVE_REFUSED)
             return self._result(HandoffOutcome.FAILED, detail=f"move refused ({e})")
         except LegLost as e:
             logger.warning("human lost during the move in room %s: %s", self.line.caller_room, e)
             return self._result(HandoffOutcome.FAILED, detail=str(e))
         if self._caller_left is not None and self._caller_left.done():
-            self._caller_gone = True  # they arrive to nobody: the caller's room is deleted
+            # they arrive to nobody: the caller's room is deleted (see _clean_up)
             return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
-        self._enter("merged")
-        self._merged = True
-        self.timings["merged"] = time.monotonic()
-        await self._hold.stop()  # type: ignore[union-attr]
-        await self.session.say(
-            f"You're now connected with {self.destination.said_as}.",
-            allow_interruptions=False,
+        return await self._connected(
+            NOW_CONNECTED.format(team=self.destination.said_as)
         )
+
+    async def _connected(self, words: str) -> HandoffResult:
+        """Both modes end here: merged, hold audio off, and the agent's last words."""
+        self._enter(Phase.MERGED)
+        self.timings["merged"] = time.monotonic()
+        await self.hold.end()
+        await self.session.say(words, allow_interruptions=False)
         return self._result(HandoffOutcome.CONNECTED)
-
-
-@dataclass(frozen=True)
-class Decision:
-    outcome: HandoffOutcome
-    reason: str = ""
-
-    @property
-    def accepted(self) -> bool:
-        return self.outcome is HandoffOutcome.CONNECTED
-
-    @property
-    def farewell(self) -> str:
-        if self.outcome is HandoffOutcome.DECLINED:
-            return "Understood, I'll let the caller know. Thank you, goodbye."
-        return ""  # a voicemail hears nothing about the caller
 
 
 @dataclass(frozen=True)
@@ -2891,7 +2967,7 @@ class Screening:
         self.session.off("user_state_changed", self._on_user_state)
         self.session.off("user_input_transcribed", self._on_transcript)
 
-    def _on_user_state(self, ev: Any) -> None:
+    def _on_user_state(self, ev: UserStateChangedEvent) -> None:
         if ev.new_state == "speaking":
             self.heard_speech = True
         if ev.new_state == "speaking" and self.opener is not None and not self.opener.done():
@@ -2900,7 +2976,7 @@ class Screening:
             self.speech_ended.set()
             self.handoff.timings.setdefault("hello_end", time.monotonic())
 
-    def _on_transcript(self, ev: Any) -> None:
+    def _on_transcript(self, ev: UserInputTranscribedEvent) -> None:
         if ev.is_final and YES.match(ev.transcript or "") and self.consult.asked:
             self.consult.person_confirmed.set()
 
@@ -3034,6 +3110,19 @@ async def _first(*waits: Awaitable[Any]) -> None:
         for task, wait in zip(tasks, waits, strict=True):
             if task is not wait:
                 task.cancel()
+
+
+
+async def _finished_before(
+    step: Awaitable[T], gone: asyncio.Future[Any]
+) -> asyncio.Future[T] | None:
+    """``step`` run to its end, unless ``gone`` comes first: then it is cancelled (None)."""
+    task = asyncio.ensure_future(step)
+    await _first(task, gone)
+    if not task.done():
+        await utils.aio.cancel_and_wait(task)
+        return None
+    return task
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -3656,7 +3745,7 @@ class WarmHandoffAgent(Agent):
                 f"The caller is now talking with {destination.said_as}.", reply_required=False
             )
         if result.outcome is HandoffOutcome.CALLER_LEFT:
-            if result.phase in ("ringing", "briefing"):
+            if result.phase in ON_HOLD:
                 self._record_abandoned(result)
             return ToolResult("The caller hung up during the transfer.", reply_required=False)
         if result.outcome is HandoffOutcome.CANCELLED_BY_CALLER:
@@ -3722,7 +3811,7 @@ class WarmHandoffAgent(Agent):
             timings={"decision": time.monotonic()},
             attempt=uuid.uuid4().hex[:8],
             reason=reason or "a request for a person",
-            phase="closed",
+            phase=Phase.CLOSED,
         )
         self.results.append(result)
         self.records.handoff(result)
@@ -3816,7 +3905,7 @@ class WarmHandoffAgent(Agent):
         """While the caller is on hold, their words are answered here, at once and without a
         model request: where things stand, or, for "never mind", the transfer stops."""
         handoff = self.handoff
-        if handoff is not None and handoff.phase in ("announcing", "ringing", "briefing"):
+        if handoff is not None and handoff.phase in (Phase.ANNOUNCING, *ON_HOLD):
             said = next(
                 (
                     m.text_content
