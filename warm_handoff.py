@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
@@ -58,9 +58,11 @@ from livekit.agents import (
     utils,
 )
 from livekit.agents.llm import ToolResult, function_tool
-from livekit.agents.types import NOT_GIVEN, NotGiven
+from livekit.agents.types import NOT_GIVEN, FlushSentinel, NotGiven
 from livekit.agents.utils.audio import audio_frames_from_file
+from livekit.agents.voice import SpeechHandle
 from livekit.agents.voice.amd import AMD, AMDCategory, AMDPredictionEvent
+from livekit.agents.voice.amd.detector import DetectionOptions
 from livekit.agents.voice.background_audio import (
     AudioConfig,
     BackgroundAudioPlayer,
@@ -1770,6 +1772,24 @@ CONFERENCE_INTRODUCTION = (
     "Hello, this is the {business} assistant. I have a caller on the line about {reason}. "
     "You're now connected with {team}. I'll leave you to it."
 )
+OFFER_ANOTHER_TEAM = (
+    "I can try {team} instead, or take your details so someone calls you back. "
+    "Which would you prefer?"
+)
+OFFER_CALLBACK = "I can take your details so someone calls you back. Would you like that?"
+CLOSED_OFFER_TEAM = (
+    "I can try {team}, who can take your call now, or take your details so someone calls you "
+    "back {when} Which would you prefer?"
+)
+CLOSED_OFFER_CALLBACK = (
+    "I can take your details so someone calls you back {when} Would you like that?"
+)
+TRANSFER_STOPPED = "No problem, I've stopped the transfer. What else can I do?"
+CALL_ENDING = "I'm sorry, I have to end this call now. Please call us back in a moment."
+CALLBACK_READ_BACK = "Let me read that back: {name}, on {number}, {best_time}. Is that right?"
+CALLBACK_CONFIRMED = "Thank you, {name}. Someone will call you back {when}"
+GOODBYE = "Thank you for calling {business}. Goodbye!"
+REJOINED = "It looks like we lost {team}. I can {offer}."
 HUMAN_DECLINED = "Understood, I'll let the caller know. Thank you, goodbye."
 HUMAN_CALLER_LEFT = (
     "I'm sorry, the caller has just hung up. I'll pass on a callback request with what they "
@@ -1780,6 +1800,47 @@ HUMAN_CALL_ENDS = "I'm sorry, this call has to end now. Goodbye."
 HUMAN_MAX_HOLD = "I'm sorry, I have to take the caller back now. Goodbye."
 HUMAN_MOVE_REFUSED = (
     "I'm sorry, I can't put the call through from here. I'll let the caller know. Goodbye."
+)
+# What the model is told: tool results and notes (the prompts are with the agents).
+DIRECT_DIAL_NOTE = ", or to a number the caller gives when the operator allows it"
+MODEL_TEAMS_NOW = (
+    "Right now these teams are open: {open}; closed: {closed}. Offer only open teams. If the "
+    "caller asks for a closed team, call transfer_call with it anyway: the caller is told when "
+    "it opens and offered an open team or a callback."
+)
+MODEL_TRY_NEXT = (
+    "If the caller agrees to try {name}, call transfer_call with destination {name}. "
+)
+MODEL_CALLBACK_STEPS = (
+    "If they want a callback, ask their name and the best time, then call request_callback."
+)
+MODEL_CLOSED_CALLBACK = (
+    "If they want a callback, ask their name, then call request_callback; leave best_time "
+    "empty for {when}, unless they ask for another time."
+)
+MODEL_NO_SUCH_TEAM = "There is no team called {name!r}. Offer only: {teams}."
+MODEL_NUMBER_NOT_ALLOWED = (
+    "That number is not one you are allowed to connect to. Tell the caller, and offer the "
+    "listed teams instead."
+)
+MODEL_ALREADY_TRIED = (
+    "{name} was already tried on this call and could not take it; do not try it again. "
+)
+MODEL_CANCELLED_ON_HOLD = (
+    "The caller cancelled the transfer while on hold. If they ask for {name} again, call "
+    "transfer_call again."
+)
+MODEL_ASK_NUMBER = "Ask for the number to call, with the area code."
+MODEL_ASK_BEST_TIME = "Ask the caller when is the best time to call them back."
+MODEL_HUNG_UP_DURING_READ_BACK = "The caller hung up during the read-back."
+MODEL_READ_BACK_DONE = (
+    "The details were read back. If the caller says yes, call request_callback again with "
+    "confirmed=true; otherwise correct the details."
+)
+MODEL_CALLBACK_RECORDED = "The callback request is recorded."
+MODEL_NO_CALLBACK_WITH_TRANSFER = (
+    "No callback was recorded: a transfer was asked for in the same turn. Offer a callback "
+    "only if the transfer does not happen."
 )
 CANCEL_WORDS = re.compile(  # a request to stop the transfer, not any use of "cancel" or "stop"
     r"""
@@ -2291,6 +2352,18 @@ def speakable_number(number: str) -> str:
     return ", ".join(" ".join(g) for g in groups)
 
 
+def last_said_by_user(chat_ctx: llm.ChatContext) -> str:
+    """The latest words the other side said (the caller, or the human in the consult room)."""
+    return next(
+        (
+            m.text_content
+            for m in reversed(chat_ctx.messages())
+            if m.role == "user" and m.text_content
+        ),
+        "",
+    )
+
+
 def conversation_transcript(chat_ctx: llm.ChatContext, limit: int = 30) -> str:
     """The caller's conversation as plain lines, for the brief and the consult agent."""
     lines = []
@@ -2614,8 +2687,9 @@ class Handoff:
             self.line.wait_for_hangup(self.line.caller_room, (self.line.caller_identity,))
         )
         try:
+            waits: set[asyncio.Future[Any]] = {flow, caller_left, self._stopped}
             done, _ = await asyncio.wait(
-                {flow, caller_left, self._stopped},
+                waits,
                 timeout=self.settings.max_hold,
                 return_when=asyncio.FIRST_COMPLETED,
             )
@@ -3033,7 +3107,7 @@ class Screening:
                 return Verdict(MACHINE_OUTCOMES[category], f"amd {category.value}", amd_seen)
             return await self._ask(amd_seen, f"amd uncertain ({result.reason})")
 
-    def _detection_options(self) -> dict[str, float]:
+    def _detection_options(self) -> DetectionOptions:
         if not self.extension:
             return {}
         left = max(1.0, self.ring_deadline - time.monotonic())
@@ -3452,9 +3526,8 @@ class ConsultAgent(Agent):
             await human_stopped()
 
     async def wait_for_decision(self, human_left: asyncio.Future[str]) -> Decision:
-        done, _ = await asyncio.wait(
-            {self._decision, human_left}, return_when=asyncio.FIRST_COMPLETED
-        )
+        waits: set[asyncio.Future[Any]] = {self._decision, human_left}
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if self._decision in done:
             return self._decision.result()
         return Decision(HandoffOutcome.DECLINED, "the human hung up during the briefing")
@@ -3481,14 +3554,7 @@ class ConsultAgent(Agent):
         # Unscreened: until the brief has actually been spoken, every reply is the brief (a
         # preemptive generation that the framework throws away must not lose it).
         self.brief_started.set()
-        heard = next(
-            (
-                m.text_content
-                for m in reversed(chat_ctx.messages())
-                if m.role == "user" and m.text_content
-            ),
-            "",
-        )
+        heard = last_said_by_user(chat_ctx)
         if heard and VOICEMAIL_HINTS.search(heard):
             self.decide(Decision(HandoffOutcome.VOICEMAIL, "a voicemail greeting answered"))
             return
@@ -3553,6 +3619,231 @@ class ModelReply:
 TEAMS_NOW_ID = "warm-handoff.teams-now"  # the system message saying which teams are open now
 
 
+class TeamChoice:
+    """Which team the caller may be offered: opening hours, the one rule for offering a team
+    again (``may_offer``), the operator's fallbacks, and the cap on dials per call."""
+
+    def __init__(self, settings: Settings, now: Callable[[], datetime]) -> None:
+        self.settings = settings
+        self.destinations = settings.destinations
+        self.now = now  # the clock opening hours are read with (aware datetimes)
+        self.tried: list[Destination] = []  # every dial on this call, in order, repeats too
+        self.ended: dict[Destination, HandoffOutcome] = {}  # how each one's last dial ended
+
+    def is_open(self, destination: Destination, now: datetime | None = None) -> bool:
+        """Whether ``destination`` takes calls now (one with no ``hours`` always does)."""
+        hours = destination.hours
+        return hours is None or hours.is_open(now or self.now())
+
+    def opens(self, destination: Destination, now: datetime) -> str:
+        """When a closed team opens next, as said ("" when it has no next opening)."""
+        opens = destination.hours.next_opening(now) if destination.hours else None
+        return when_it_opens(opens, now) if opens else ""
+
+    def teams_now(self) -> str:
+        """Which teams take calls right now, for the model; "" when no team has hours."""
+        if not any(d.hours for d in self.destinations):
+            return ""
+        now = self.now()
+        open_now = [d.name for d in self.destinations if self.is_open(d, now)]
+        closed = [
+            f"{d.name} (opens {self.opens(d, now) or 'at no set time'})"
+            for d in self.destinations
+            if not self.is_open(d, now)
+        ]
+        return MODEL_TEAMS_NOW.format(
+            open=", ".join(open_now) or "none", closed=", ".join(closed) or "none"
+        )
+
+    def may_offer(self, destination: Destination) -> bool:
+        """Never after it failed (busy, no answer, declined, voicemail, unreachable, or a
+        technical failure); yes if it was never dialled, if the caller cancelled its last
+        attempt (nothing was wrong with it), or if its human dropped right after the merge
+        (``rejoined``: a bad line, a wrong button). Every dial, repeats included, counts toward
+        ``HANDOFF_MAX_ATTEMPTS`` (``dials_left``)."""
+        if destination not in self.ended:
+            return True  # never dialled
+        return self.ended[destination] in (
+            HandoffOutcome.CANCELLED_BY_CALLER,
+            HandoffOutcome.REJOINED,
+        )
+
+    @property
+    def dials_left(self) -> bool:
+        return len(self.tried) < self.settings.max_attempts
+
+    def next_destination(self, after: Destination | None = None) -> Destination | None:
+        """Who to offer after a failed attempt (or instead of the closed ``after``): the last
+        destination's named fallback, else the first one ``may_offer`` allows in the
+        operator's order; only a team open now; nobody once ``HANDOFF_MAX_ATTEMPTS`` dials were
+        made."""
+        if not self.dials_left:
+            return None
+        now = self.now()
+        offerable = [
+            d
+            for d in self.destinations
+            if self.may_offer(d) and self.is_open(d, now) and d != after
+        ]
+        last = after or (self.tried[-1] if self.tried else None)
+        preferred = next((d for d in offerable if last and d.name == last.fallback), None)
+        return preferred or (offerable[0] if offerable else None)
+
+    def what_next_for_caller(self) -> str:
+        following = self.next_destination()
+        if following is not None:
+            return OFFER_ANOTHER_TEAM.format(team=following.said_as)
+        return OFFER_CALLBACK
+
+    def what_next_for_model(self) -> str:
+        following = self.next_destination()
+        offer = MODEL_TRY_NEXT.format(name=following.name) if following else ""
+        return offer + MODEL_CALLBACK_STEPS
+
+
+class CallbackDesk:
+    """Callback requests: read back before they are recorded, recorded anyway if the caller
+    hangs up during the read-back, and recorded for a caller who hung up on hold."""
+
+    def __init__(self, line: PhoneLine, records: CallRecords) -> None:
+        self.line = line
+        self.records = records
+        self.unconfirmed: CallbackRequest | None = None  # read back, not yet confirmed
+        self.best_time = ""  # when the closed team last asked for opens: a callback's time
+        self.last_brief = ""  # the best summary of the call for whoever calls back
+
+    def request(
+        self, name: str, best_time: str, number: str, reason: str, summary: str
+    ) -> CallbackRequest | ToolResult:
+        """The request, or what the model still has to ask for."""
+        name, best_time = capped(name, 60, sentence=False), capped(best_time, 80)
+        number = re.sub(r"[\s().-]", "", number) or self.line.caller_number
+        if not E164.fullmatch(number):
+            return ToolResult(MODEL_ASK_NUMBER)
+        best_time = best_time.strip() or self.best_time
+        if not best_time:
+            return ToolResult(MODEL_ASK_BEST_TIME)
+        return CallbackRequest(
+            room=self.line.caller_room,
+            caller_name=name,
+            number=number,
+            best_time=best_time,
+            reason=reason or "asked for a callback",
+            summary=self.last_brief or summary,
+            source="caller",
+        )
+
+    async def read_back(self, session: AgentSession, request: CallbackRequest) -> ToolResult:
+        # Kept until confirmed: a caller who hangs up now still gets their callback.
+        self.unconfirmed = replace(request, source="abandoned")
+        number = speakable_number(request.number)
+        said = CALLBACK_READ_BACK.format(
+            name=request.caller_name, number=number, best_time=request.best_time
+        )
+        if await self._caller_left_during(session.say(said)):
+            self.record_unconfirmed()
+            return ToolResult(MODEL_HUNG_UP_DURING_READ_BACK, reply_required=False)
+        return ToolResult(MODEL_READ_BACK_DONE, reply_required=False)
+
+    async def confirm(self, session: AgentSession, request: CallbackRequest) -> ToolResult:
+        self.unconfirmed = None
+        self.records.callback(request)
+        await session.say(
+            CALLBACK_CONFIRMED.format(name=request.caller_name, when=sentence(request.best_time))
+        )
+        return ToolResult(MODEL_CALLBACK_RECORDED, reply_required=False)
+
+    async def _caller_left_during(self, speech: SpeechHandle) -> bool:
+        """Wait for ``speech`` to be played; True if the caller hung up first."""
+
+        async def played() -> None:
+            await speech
+
+        playing = asyncio.ensure_future(played())
+        left = asyncio.ensure_future(
+            self.line.wait_for_hangup(self.line.caller_room, (self.line.caller_identity,))
+        )
+        try:
+            await asyncio.wait({playing, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            playing.cancel()
+            left.cancel()
+        return left.done() and not left.cancelled() and left.exception() is None
+
+    def record_unconfirmed(self) -> None:
+        """The caller left before confirming the read-back: record what they gave so far."""
+        request, self.unconfirmed = self.unconfirmed, None
+        if request is not None:
+            self.records.callback(request)
+
+    def record_abandoned(self, result: HandoffResult, summary: str) -> None:
+        """The caller hung up while being transferred: someone should call them back."""
+        number = self.line.caller_number
+        self.records.callback(
+            CallbackRequest(
+                room=self.line.caller_room,
+                caller_name="",
+                number=number if E164.fullmatch(number) else "",
+                best_time="as soon as possible",
+                reason=f"{result.reason} (hung up while being transferred to {result.destination})",
+                summary=result.brief or self.last_brief or summary,
+                source="abandoned",
+            )
+        )
+
+
+class SafetyNet:
+    """After the merge the agent steps out; the caller's room stays open for the two people and
+    is deleted as soon as either hangs up (or the job ends), so no leg lingers.
+
+    For ``HANDOFF_REJOIN_WINDOW`` seconds after the merge the agent first stays in the room,
+    parked (``park``): it hears and says nothing. If the human leaves in that window while the
+    caller is still there, the agent speaks again (``WarmHandoffAgent.rejoin``)."""
+
+    def __init__(self, agent: WarmHandoffAgent) -> None:
+        self.agent = agent
+        self.line = agent.line
+        self.job_ending = agent.job_ending
+
+    async def step_out(self, destination: Destination, result: HandoffResult) -> None:
+        session, room, leg = self.agent.session, self.line.caller_room, result.leg
+        if leg is None:
+            session.shutdown()
+            return
+        hangup = asyncio.ensure_future(
+            self.line.wait_for_hangup(room, (self.line.caller_identity, leg.identity))
+        )
+        ending = asyncio.ensure_future(self.job_ending.wait())
+        try:
+            window = self.agent.settings.rejoin_window
+            if window > 0 and not self.job_ending.is_set():
+                self.park(True)
+                await asyncio.wait(
+                    {hangup, ending}, timeout=window, return_when=asyncio.FIRST_COMPLETED
+                )
+                human_left = (
+                    hangup.done() and not hangup.exception() and hangup.result() == leg.identity
+                )
+                if human_left and not ending.done():
+                    if await self.line.wait_for_arrival(room, self.line.caller_identity, 0):
+                        await self.agent.rejoin(destination, result)
+                        return
+            session.shutdown()
+            await asyncio.wait({hangup, ending}, return_when=asyncio.FIRST_COMPLETED)
+            await self.line.delete_room(room)
+        finally:
+            hangup.cancel()
+            ending.cancel()
+
+    def park(self, parked: bool) -> None:
+        """Parked, the caller's session stays connected but hears and says nothing: its audio
+        input is detached (RoomIO drops the caller's frames, livekit-agents
+        ``voice/room_io/_input.py`` ``_forward_task``), so no speech-to-text runs, no turn
+        ends and no model is asked; its audio output is off. Unparked, both come back."""
+        self.agent.session.input.set_audio_enabled(not parked)
+        self.agent.session.output.set_audio_enabled(not parked)
+
+
 class WarmHandoffAgent(Agent):
     """The receptionist the caller talks to. Its one way to reach a person is ``transfer_call``,
     which takes a destination *name* from the operator's directory, never a number."""
@@ -3564,47 +3855,44 @@ class WarmHandoffAgent(Agent):
         models: Models,
         records: CallRecords | None = None,
         now: Callable[[], datetime] = utc_now,
+        handoff_factory: Callable[..., Handoff] | None = None,
     ) -> None:
         self.settings = settings
         self.line = line
         self.models = models
-        self.records = records or CallRecords(line.caller_room)
+        self.callbacks = CallbackDesk(line, records or CallRecords(line.caller_room))
         self.now = now  # the clock opening hours are read with (aware datetimes)
         self.destinations = settings.destinations
+        self.teams = TeamChoice(settings, lambda: self.now())
+        self.tried = self.teams.tried
         self.results: list[HandoffResult] = []
-        self.tried: list[Destination] = []  # every dial on this call, in order, repeats too
-        self.ended: dict[Destination, HandoffOutcome] = {}  # how each one's last dial ended
         self.handoff: Handoff | None = None  # the attempt in progress
+        # how an attempt is made: the benchmark's reference orderings plug in here
+        self.handoff_factory = handoff_factory or Handoff
         self._handoff_done = asyncio.Event()
-        self._last_brief = ""
-        self._shutting_down = False
-        self._leaving: asyncio.Future[None] | None = None
-        self._job_ending = asyncio.Event()  # shutdown_handoff: the agent stays for nothing more
+        self.job_ending = asyncio.Event()  # shutdown_handoff: the agent stays for nothing more
+        self.safety_net = SafetyNet(self)
+        self.leaving: asyncio.Future[None] | None = None  # stepping out, or hanging up
         self._reply = ModelReply()
         self._reply.complete.set()
-        self._unconfirmed: CallbackRequest | None = None  # read back, not yet confirmed
         self._ending = False  # end_call said goodbye: no transfer starts any more
-        self._callback_time = ""  # when the closed team last asked for opens: a callback's time
-        tools = [self._transfer_tool()] if self.destinations else []
+        tools: list[llm.Tool | llm.Toolset] = [self._transfer_tool()] if self.destinations else []
         if settings.allow_dial_pattern is not None:
             tools.append(self._direct_tool())
-        teams = "\n".join(f"- {d.name}: {d.description}" for d in self.destinations)
         super().__init__(
             instructions=CALLER_INSTRUCTIONS.format(
                 business=settings.business_name,
                 scope=settings.business_scope,
-                teams=teams,
-                direct=(
-                    ", or to a number the caller gives when the operator allows it"
-                    if settings.allow_dial_pattern
-                    else ""
-                ),
+                teams="\n".join(f"- {d.name}: {d.description}" for d in self.destinations),
+                direct=DIRECT_DIAL_NOTE if settings.allow_dial_pattern else "",
             ),
             tools=tools,
             **models.options(),
         )
 
-    def _transfer_tool(self) -> Any:
+    # -- the transfer tools -----------------------------------------------------------------------
+
+    def _transfer_tool(self) -> llm.RawFunctionTool:
         schema = {
             "name": "transfer_call",
             "description": "Connect the caller with a person from one of the listed teams, "
@@ -3629,7 +3917,7 @@ class WarmHandoffAgent(Agent):
             },
         }
 
-        async def transfer_call(raw_arguments: dict[str, Any], context: RunContext) -> Any:
+        async def transfer_call(raw_arguments: dict[str, object], context: RunContext) -> object:
             if (refused := self._refuse_transfer(context)) is not None:
                 return refused
             name = str(raw_arguments.get("destination", ""))
@@ -3638,20 +3926,17 @@ class WarmHandoffAgent(Agent):
                 logger.warning(
                     "transfer_call refused an unknown destination in room %s", self.line.caller_room
                 )
-                return ToolResult(
-                    f"There is no team called {name!r}. Offer only: "
-                    + ", ".join(d.name for d in self.destinations)
-                    + "."
-                )
+                teams = ", ".join(d.name for d in self.destinations)
+                return ToolResult(MODEL_NO_SUCH_TEAM.format(name=name, teams=teams))
             return await self._hand_off(destination, str(raw_arguments.get("reason", "")))
 
         return function_tool(transfer_call, raw_schema=schema)
 
-    def _direct_tool(self) -> Any:
+    def _direct_tool(self) -> llm.FunctionTool:
         pattern = self.settings.allow_dial_pattern
         assert pattern is not None
 
-        async def transfer_to_number(context: RunContext, number: str, reason: str) -> Any:
+        async def transfer_to_number(context: RunContext, number: str, reason: str) -> object:
             """Connect the caller with a phone number they gave, if company policy allows it.
 
             Args:
@@ -3667,10 +3952,7 @@ class WarmHandoffAgent(Agent):
                     mask_number(number),
                     self.line.caller_room,
                 )
-                return ToolResult(
-                    "That number is not one you are allowed to connect to. Tell "
-                    "the caller, and offer the listed teams instead."
-                )
+                return ToolResult(MODEL_NUMBER_NOT_ALLOWED)
             direct = Destination(
                 "direct", number, "a number the caller gave", spoken_name="that number"
             )
@@ -3679,9 +3961,22 @@ class WarmHandoffAgent(Agent):
         return function_tool(transfer_to_number)
 
     @property
+    def records(self) -> CallRecords:
+        """Where this call's records go (the callback desk writes to the same)."""
+        return self.callbacks.records
+
+    @records.setter
+    def records(self, records: CallRecords) -> None:
+        self.callbacks.records = records
+
+    @property
     def connected(self) -> bool:
         """The caller was handed to a person: the agent has nothing more to say."""
         return any(r.connected for r in self.results)
+
+    def may_offer(self, destination: Destination) -> bool:
+        """The one rule for offering a destination (again) on this call (``TeamChoice``)."""
+        return self.teams.may_offer(destination)
 
     def _refuse_transfer(self, context: RunContext) -> ToolResult | None:
         """Refuse, silently, a transfer once the caller is connected, or a second transfer
@@ -3698,23 +3993,23 @@ class WarmHandoffAgent(Agent):
             )
         return None
 
-    async def _hand_off(self, destination: Destination, reason: str) -> Any:
+    async def _hand_off(self, destination: Destination, reason: str) -> ToolResult:
         if self.handoff is not None:
             return ToolResult("A transfer is already in progress.", reply_required=False)
         if self._ending:
             return ToolResult("The call is ending.", reply_required=False)
-        if not self.is_open(destination):
+        if not self.teams.is_open(destination):
             return await self._closed(destination, reason)
-        if not self.may_offer(destination):
+        if not self.teams.may_offer(destination):
             return ToolResult(
-                f"{destination.name} was already tried on this call and could not take it; "
-                "do not try it again. " + self._what_next_for_model()
+                MODEL_ALREADY_TRIED.format(name=destination.name)
+                + self.teams.what_next_for_model()
             )
-        if len(self.tried) >= self.settings.max_attempts:
-            return ToolResult("No more transfers on this call. " + self._what_next_for_model())
+        if not self.teams.dials_left:
+            return ToolResult("No more transfers on this call. " + self.teams.what_next_for_model())
         self.tried.append(destination)
-        self.ended[destination] = HandoffOutcome.FAILED  # until the attempt says otherwise
-        self.handoff = Handoff(
+        self.teams.ended[destination] = HandoffOutcome.FAILED  # until the attempt says otherwise
+        self.handoff = self.handoff_factory(
             settings=self.settings,
             line=self.line,
             session=self.session,
@@ -3732,77 +4027,46 @@ class WarmHandoffAgent(Agent):
         finally:
             self._handoff_done.set()
 
-    async def _after_handoff(self, destination: Destination, result: HandoffResult) -> Any:
+    async def _after_handoff(self, destination: Destination, result: HandoffResult) -> ToolResult:
         """Record the attempt and tell the caller what happens next."""
-        self.ended[destination] = result.outcome
+        self.teams.ended[destination] = result.outcome
         self.results.append(result)
         self.records.handoff(result)
         if result.brief:
-            self._last_brief = result.brief
+            self.callbacks.last_brief = result.brief
         if result.connected:
-            self._leaving = asyncio.ensure_future(self._leave(destination, result))
+            self.leaving = asyncio.ensure_future(self.safety_net.step_out(destination, result))
             return ToolResult(
                 f"The caller is now talking with {destination.said_as}.", reply_required=False
             )
         if result.outcome is HandoffOutcome.CALLER_LEFT:
             if result.phase in ON_HOLD:
-                self._record_abandoned(result)
+                self.callbacks.record_abandoned(result, self._summary())
             return ToolResult("The caller hung up during the transfer.", reply_required=False)
         if result.outcome is HandoffOutcome.CANCELLED_BY_CALLER:
-            await self.session.say("No problem, I've stopped the transfer. What else can I do?")
+            await self.session.say(TRANSFER_STOPPED)
             return ToolResult(
-                f"The caller cancelled the transfer while on hold. If they ask for "
-                f"{destination.name} again, call transfer_call again.",
-                reply_required=False,
+                MODEL_CANCELLED_ON_HOLD.format(name=destination.name), reply_required=False
             )
-        if self._shutting_down:
-            await self.session.say(
-                "I'm sorry, I have to end this call now. Please call us back in a moment."
-            )
+        if self.job_ending.is_set():
+            await self.session.say(CALL_ENDING)
             return ToolResult("The call is ending.", reply_required=False)
         told = CALLER_HEARS[result.outcome].format(team=destination.said_as)
-        await self.session.say(f"{told} {self._what_next_for_caller()}")
+        await self.session.say(f"{told} {self.teams.what_next_for_caller()}")
         return ToolResult(
             f"The transfer to {destination.name} did not happen: {result.outcome.value}"
             + (f" ({result.detail})" if result.detail else "")
             + ". The caller has been told. "
-            + self._what_next_for_model(),
+            + self.teams.what_next_for_model(),
             reply_required=False,
         )
 
-    def is_open(self, destination: Destination, now: datetime | None = None) -> bool:
-        """Whether ``destination`` takes calls now (one with no ``hours`` always does)."""
-        hours = destination.hours
-        return hours is None or hours.is_open(now or self.now())
-
-    def _opens(self, destination: Destination, now: datetime) -> str:
-        opens = destination.hours.next_opening(now) if destination.hours else None
-        return when_it_opens(opens, now) if opens else ""
-
-    def teams_now(self) -> str:
-        """Which teams take calls right now, for the model; "" when no team has hours."""
-        if not any(d.hours for d in self.destinations):
-            return ""
-        now = self.now()
-        open_now = [d.name for d in self.destinations if self.is_open(d, now)]
-        closed = [
-            f"{d.name} (opens {self._opens(d, now) or 'at no set time'})"
-            for d in self.destinations
-            if not self.is_open(d, now)
-        ]
-        return (
-            f"Right now these teams are open: {', '.join(open_now) or 'none'}; closed: "
-            f"{', '.join(closed) or 'none'}. Offer only open teams. If the caller asks for a "
-            "closed team, call transfer_call with it anyway: the caller is told when it opens "
-            "and offered an open team or a callback."
-        )
-
-    async def _closed(self, destination: Destination, reason: str) -> Any:
+    async def _closed(self, destination: Destination, reason: str) -> ToolResult:
         """A closed team was asked for: never dialled. The caller hears when it opens next and
         is offered an open team or a callback, at that time unless they choose another."""
         now = self.now()
-        when = self._opens(destination, now)
-        self._callback_time = when
+        when = self.teams.opens(destination, now)
+        self.callbacks.best_time = when
         result = HandoffResult(
             HandoffOutcome.CLOSED,
             destination.name,
@@ -3818,103 +4082,34 @@ class WarmHandoffAgent(Agent):
         team = destination.said_as[0].upper() + destination.said_as[1:]
         told = sentence(f"{team} is closed right now" + (f" and opens {when}" if when else ""))
         callback_at = when or "as soon as they can"
-        following = self.next_destination(after=destination)
+        following = self.teams.next_destination(after=destination)
         if following is not None:
-            offer = (
-                f"I can try {following.said_as}, who can take your call now, or take your "
-                f"details so someone calls you back {sentence(callback_at)} "
-                "Which would you prefer?"
-            )
+            offer = CLOSED_OFFER_TEAM.format(team=following.said_as, when=sentence(callback_at))
         else:
-            offer = (
-                f"I can take your details so someone calls you back {sentence(callback_at)} "
-                "Would you like that?"
-            )
+            offer = CLOSED_OFFER_CALLBACK.format(when=sentence(callback_at))
         await self.session.say(f"{told} {offer}")
         return ToolResult(
             f"{destination.name} is closed now and was not dialled"
             + (f"; it opens {when}" if when else "")
             + ". The caller has been told. "
-            + (
-                f"If the caller agrees to try {following.name}, call transfer_call with "
-                f"destination {following.name}. "
-                if following
-                else ""
-            )
-            + "If they want a callback, ask their name, then call request_callback; leave "
-            f"best_time empty for {callback_at}, unless they ask for another time.",
+            + (MODEL_TRY_NEXT.format(name=following.name) if following else "")
+            + MODEL_CLOSED_CALLBACK.format(when=callback_at),
             reply_required=False,
         )
 
-    def may_offer(self, destination: Destination) -> bool:
-        """The one rule for offering a destination (again) on this call: never after it
-        failed (busy, no answer, declined, voicemail, unreachable, or a technical failure);
-        yes if it was never dialled, if the caller cancelled its last attempt (nothing was
-        wrong with it), or if its human dropped right after the merge (``rejoined``: a bad
-        line, a wrong button). Every dial, repeats included, counts toward
-        ``HANDOFF_MAX_ATTEMPTS`` (see ``_hand_off``)."""
-        if destination not in self.ended:
-            return True  # never dialled
-        return self.ended[destination] in (
-            HandoffOutcome.CANCELLED_BY_CALLER,
-            HandoffOutcome.REJOINED,
-        )
-
-    def next_destination(self, after: Destination | None = None) -> Destination | None:
-        """Who to offer after a failed attempt (or instead of the closed ``after``): the last
-        destination's named fallback, else the first one ``may_offer`` allows in the
-        operator's order; only a team open now; nobody once ``HANDOFF_MAX_ATTEMPTS`` dials were
-        made."""
-        if len(self.tried) >= self.settings.max_attempts:
-            return None
-        now = self.now()
-        offerable = [
-            d
-            for d in self.destinations
-            if self.may_offer(d) and self.is_open(d, now) and d != after
-        ]
-        last = after or (self.tried[-1] if self.tried else None)
-        preferred = next((d for d in offerable if last and d.name == last.fallback), None)
-        return preferred or (offerable[0] if offerable else None)
-
-    def _what_next_for_caller(self) -> str:
-        following = self.next_destination()
-        if following is not None:
-            return (
-                f"I can try {following.said_as} instead, or take your details so someone "
-                f"calls you back. Which would you prefer?"
-            )
-        return "I can take your details so someone calls you back. Would you like that?"
-
-    def _what_next_for_model(self) -> str:
-        following = self.next_destination()
-        offer = (
-            f"If the caller agrees to try {following.name}, call transfer_call with "
-            f"destination {following.name}. "
-            if following
-            else ""
-        )
-        return (
-            offer + "If they want a callback, ask their name and the best time, then call "
-            "request_callback."
-        )
+    # -- the model: answered on hold, told which teams are open --------------------------------
 
     async def llm_node(
-        self, chat_ctx: llm.ChatContext, tools: list[Any], model_settings: Any
-    ) -> Any:
+        self,
+        chat_ctx: llm.ChatContext,
+        tools: list[llm.Tool],
+        model_settings: ModelSettings,
+    ) -> AsyncIterable[llm.ChatChunk | str | FlushSentinel]:
         """While the caller is on hold, their words are answered here, at once and without a
         model request: where things stand, or, for "never mind", the transfer stops."""
         handoff = self.handoff
         if handoff is not None and handoff.phase in (Phase.ANNOUNCING, *ON_HOLD):
-            said = next(
-                (
-                    m.text_content
-                    for m in reversed(chat_ctx.messages())
-                    if m.role == "user" and m.text_content
-                ),
-                "",
-            )
-            answer = handoff.answer_on_hold(said)
+            answer = handoff.answer_on_hold(last_said_by_user(chat_ctx))
             if answer:
                 yield answer
             return
@@ -3934,7 +4129,7 @@ class WarmHandoffAgent(Agent):
         moment of each request, in a system message after its instructions. ``chat_ctx`` is
         this request's own copy (voice/agent_activity.py ``_pipeline_reply_task_impl``), so
         nothing stale stays in the history."""
-        teams_now = self.teams_now()
+        teams_now = self.teams.teams_now()
         if not teams_now:
             return
         with contextlib.suppress(ValueError):
@@ -3951,6 +4146,8 @@ class WarmHandoffAgent(Agent):
             at, llm.ChatMessage(id=TEAMS_NOW_ID, role="system", content=[teams_now])
         )
 
+    # -- callbacks and the end of the call --------------------------------------------------------
+
     @function_tool
     async def request_callback(
         self,
@@ -3959,7 +4156,7 @@ class WarmHandoffAgent(Agent):
         best_time: str = "",
         number: str = "",
         confirmed: bool = False,
-    ) -> Any:
+    ) -> ToolResult:
         """Record that a person should call the caller back. Call it first with the details,
         which are read back to the caller; then again with confirmed=true once they agree.
 
@@ -3973,45 +4170,13 @@ class WarmHandoffAgent(Agent):
         """
         if (refused := await self._refuse_callback()) is not None:
             return refused
-        name, best_time = capped(name, 60, sentence=False), capped(best_time, 80)
-        number = re.sub(r"[\s().-]", "", number) or self.line.caller_number
-        if not E164.fullmatch(number):
-            return ToolResult("Ask for the number to call, with the area code.")
-        best_time = best_time.strip() or self._callback_time
-        if not best_time:
-            return ToolResult("Ask the caller when is the best time to call them back.")
         reason = self.results[-1].reason if self.results else ""
-        request = CallbackRequest(
-            room=self.line.caller_room,
-            caller_name=name,
-            number=number,
-            best_time=best_time,
-            reason=reason or "asked for a callback",
-            summary=self._summary(),
-            source="caller",
-        )
+        request = self.callbacks.request(name, best_time, number, reason, self._summary())
+        if isinstance(request, ToolResult):
+            return request
         if not confirmed:
-            # Kept until confirmed: a caller who hangs up now still gets their callback.
-            self._unconfirmed = replace(request, source="abandoned")
-            if await self._caller_left_during(
-                self.session.say(
-                    f"Let me read that back: {name}, on {speakable_number(number)}, "
-                    f"{best_time}. Is that right?"
-                )
-            ):
-                self.record_unconfirmed_callback()
-                return ToolResult("The caller hung up during the read-back.", reply_required=False)
-            return ToolResult(
-                "The details were read back. If the caller says yes, call request_callback "
-                "again with confirmed=true; otherwise correct the details.",
-                reply_required=False,
-            )
-        self._unconfirmed = None
-        self.records.callback(request)
-        await self.session.say(
-            f"Thank you, {name}. Someone will call you back {sentence(best_time)}"
-        )
-        return ToolResult("The callback request is recorded.", reply_required=False)
+            return await self.callbacks.read_back(self.session, request)
+        return await self.callbacks.confirm(self.session, request)
 
     async def _refuse_callback(self) -> ToolResult | None:
         """A callback is not taken once the caller is connected, during a transfer, or in the
@@ -4020,43 +4185,23 @@ class WarmHandoffAgent(Agent):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(reply.complete.wait(), 5)  # every call of this reply known
         if self.connected or self.handoff is not None or reply.first_transfer() is not None:
-            return ToolResult(
-                "No callback was recorded: a transfer was asked for in the same turn. Offer "
-                "a callback only if the transfer does not happen.",
-                reply_required=False,
-            )
+            return ToolResult(MODEL_NO_CALLBACK_WITH_TRANSFER, reply_required=False)
         return None
 
-    async def _caller_left_during(self, speech: Any) -> bool:
-        """Wait for ``speech`` to be played; True if the caller hung up first."""
-
-        async def played() -> None:
-            await speech
-
-        playing = asyncio.ensure_future(played())
-        left = asyncio.ensure_future(
-            self.line.wait_for_hangup(self.line.caller_room, (self.line.caller_identity,))
-        )
-        try:
-            await asyncio.wait({playing, left}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            playing.cancel()
-            left.cancel()
-        return left.done() and not left.cancelled() and left.exception() is None
+    def _summary(self) -> str:
+        return conversation_transcript(self.session.history, limit=12)
 
     def record_unconfirmed_callback(self) -> None:
         """The caller left before confirming the read-back: record what they gave so far."""
-        request, self._unconfirmed = self._unconfirmed, None
-        if request is not None:
-            self.records.callback(request)
+        self.callbacks.record_unconfirmed()
 
     def call_ended(self) -> None:
         """The call is over (the session closed or the job shuts down): nothing left pending."""
-        self.record_unconfirmed_callback()
+        self.callbacks.record_unconfirmed()
         self.records.call_ended()
 
     @function_tool
-    async def end_call(self, context: RunContext) -> Any:
+    async def end_call(self, context: RunContext) -> ToolResult:
         """Say goodbye and hang up, when the caller is done: they said goodbye, or that they
         need nothing else. Not when they ask to hold or for a person, not while they are
         being transferred, and not when unsure."""
@@ -4071,12 +4216,11 @@ class WarmHandoffAgent(Agent):
             return ToolResult("The call is already ending.", reply_required=False)
         self._ending = True
         await self.session.say(
-            f"Thank you for calling {self.settings.business_name}. Goodbye!",
-            allow_interruptions=False,
+            GOODBYE.format(business=self.settings.business_name), allow_interruptions=False
         )
-        self.record_unconfirmed_callback()
+        self.callbacks.record_unconfirmed()
         self.records.call_ended(outcome="completed")
-        self._leaving = asyncio.ensure_future(self._hang_up())
+        self.leaving = asyncio.ensure_future(self._hang_up())
         return ToolResult("The call has ended.", reply_required=False)
 
     async def _hang_up(self) -> None:
@@ -4085,35 +4229,16 @@ class WarmHandoffAgent(Agent):
         self.session.shutdown()
         await self.line.delete_room(self.line.caller_room)
 
-    def _summary(self) -> str:
-        if self._last_brief:
-            return self._last_brief
-        return conversation_transcript(self.session.history, limit=12)
-
-    def _record_abandoned(self, result: HandoffResult) -> None:
-        self.records.callback(
-            CallbackRequest(
-                room=self.line.caller_room,
-                caller_name="",
-                number=self.line.caller_number if E164.fullmatch(self.line.caller_number) else "",
-                best_time="as soon as possible",
-                reason=f"{result.reason} (hung up while being transferred to {result.destination})",
-                summary=result.brief or self._summary(),
-                source="abandoned",
-            )
-        )
-
     async def shutdown_handoff(self, reason: str = "the worker is shutting down") -> None:
         """Called when the job is told to shut down: a transfer in progress ends cleanly (the
         human's phone stops ringing or they are told, rooms are deleted) before the process
         goes."""
-        self._shutting_down = True
-        self._job_ending.set()
-        if self._leaving is not None and not self._leaving.done():
+        self.job_ending.set()
+        if self.leaving is not None and not self.leaving.done():
             # parked after a merge (or waiting for a hang-up): the caller's room is deleted now,
             # while the server can still be reached, so no leg is left in it
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._leaving), SERVER_CALL_BOUND)
+                await asyncio.wait_for(asyncio.shield(self.leaving), SERVER_CALL_BOUND)
         if self.handoff is not None:
             self.handoff.stop(HandoffOutcome.FAILED, reason)
             # bounded: the whole job shutdown must end before the framework kills the process
@@ -4121,54 +4246,10 @@ class WarmHandoffAgent(Agent):
                 await asyncio.wait_for(self._handoff_done.wait(), JOB_SHUTDOWN_TIMEOUT / 2)
         await self.line.settle(timeout=JOB_SHUTDOWN_TIMEOUT / 4)
 
-    async def _leave(self, destination: Destination, result: HandoffResult) -> None:
-        """The agent steps out; the caller's room stays open for the two people and is deleted
-        as soon as either hangs up (or the job ends), so no leg lingers.
-
-        The safety net: for ``HANDOFF_REJOIN_WINDOW`` seconds after the merge the agent first
-        stays in the room, parked (``_park``): it hears and says nothing. If the human leaves
-        in that window while the caller is still there, it speaks again (``_rejoin``)."""
-        room, leg = self.line.caller_room, result.leg
-        if leg is None:
-            self.session.shutdown()
-            return
-        hangup = asyncio.ensure_future(
-            self.line.wait_for_hangup(room, (self.line.caller_identity, leg.identity))
-        )
-        ending = asyncio.ensure_future(self._job_ending.wait())
-        try:
-            window = self.settings.rejoin_window
-            if window > 0 and not self._shutting_down:
-                self._park(True)
-                await asyncio.wait(
-                    {hangup, ending}, timeout=window, return_when=asyncio.FIRST_COMPLETED
-                )
-                human_left = (
-                    hangup.done() and not hangup.exception() and hangup.result() == leg.identity
-                )
-                if human_left and not ending.done():
-                    if await self.line.wait_for_arrival(room, self.line.caller_identity, 0):
-                        await self._rejoin(destination, result)
-                        return
-            self.session.shutdown()
-            await asyncio.wait({hangup, ending}, return_when=asyncio.FIRST_COMPLETED)
-            await self.line.delete_room(room)
-        finally:
-            hangup.cancel()
-            ending.cancel()
-
-    def _park(self, parked: bool) -> None:
-        """Parked, the caller's session stays connected but hears and says nothing: its audio
-        input is detached (RoomIO drops the caller's frames, livekit-agents
-        ``voice/room_io/_input.py`` ``_forward_task``), so no speech-to-text runs, no turn
-        ends and no model is asked; its audio output is off. Unparked, both come back."""
-        self.session.input.set_audio_enabled(not parked)
-        self.session.output.set_audio_enabled(not parked)
-
-    async def _rejoin(self, destination: Destination, result: HandoffResult) -> None:
-        """The human dropped within the window, the caller is still there: the attempt is
-        recorded again as ``rejoined`` (same ``attempt`` id) and the agent, back on the line,
-        offers the same team again (``may_offer``), another, or a callback."""
+    async def rejoin(self, destination: Destination, result: HandoffResult) -> None:
+        """The human dropped within the safety net's window, the caller is still there: the
+        attempt is recorded again as ``rejoined`` (same ``attempt`` id) and the agent, back on
+        the line, offers the same team again (``may_offer``), another, or a callback."""
         merged = result.timings.get("merged", 0.0)
         rejoined = replace(
             result,
@@ -4177,25 +4258,37 @@ class WarmHandoffAgent(Agent):
             timings={**result.timings, "rejoined": time.monotonic()},
         )
         self.results[next(i for i, r in enumerate(self.results) if r is result)] = rejoined
-        self.ended[destination] = HandoffOutcome.REJOINED
+        self.teams.ended[destination] = HandoffOutcome.REJOINED
         self.records.handoff(rejoined)
         logger.info(
             "the human left right after the merge in room %s: the agent is back",
             self.line.caller_room,
         )
+        told, note = self._rejoin_words(destination)
+        chat_ctx = self.chat_ctx.copy()
+        chat_ctx.add_message(role="system", content=note)
+        await self.update_chat_ctx(chat_ctx)
+        self.safety_net.park(False)
+        try:
+            await self.session.say(told)
+        except RuntimeError as e:  # the caller hung up too, a moment after the human
+            logger.info("rejoin not spoken in room %s: %s", self.line.caller_room, e)
+
+    def _rejoin_words(self, destination: Destination) -> tuple[str, str]:
+        """What the caller hears when the agent is back, and the note that tells the model."""
         again = (
-            self.may_offer(destination)
-            and self.is_open(destination)
-            and len(self.tried) < self.settings.max_attempts
+            self.teams.may_offer(destination)
+            and self.teams.is_open(destination)
+            and self.teams.dials_left
         )
-        other = self.next_destination(after=destination)
+        other = self.teams.next_destination(after=destination)
         options = (["try them again"] if again else []) + (
             [f"try {other.said_as}"] if other else []
         )
         offer = ", ".join([*options, "or take your details for a callback"])
         if not options:
             offer = offer.removeprefix("or ")
-        told = f"It looks like we lost {destination.said_as}. I can {offer}."
+        told = REJOINED.format(team=destination.said_as, offer=offer)
         same = (
             f"transfer_call with destination {destination.name}"
             if destination in self.destinations
@@ -4211,17 +4304,9 @@ class WarmHandoffAgent(Agent):
                 if other
                 else ""
             )
-            + "If they want a callback, ask their name and the best time, then call "
-            "request_callback."
+            + MODEL_CALLBACK_STEPS
         )
-        chat_ctx = self.chat_ctx.copy()
-        chat_ctx.add_message(role="system", content=note)
-        await self.update_chat_ctx(chat_ctx)
-        self._park(False)
-        try:
-            await self.session.say(told)
-        except RuntimeError as e:  # the caller hung up too, a moment after the human
-            logger.info("rejoin not spoken in room %s: %s", self.line.caller_room, e)
+        return told, note
 
 
 class CallerSession(AgentSession):
