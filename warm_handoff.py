@@ -30,7 +30,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
@@ -38,6 +46,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import aiohttp
 import regex
 from dotenv import load_dotenv
 from livekit import api, rtc
@@ -46,6 +55,7 @@ from livekit.agents import (
     AgentServer,
     AgentSession,
     AgentStateChangedEvent,
+    ConversationItemAddedEvent,
     JobContext,
     JobProcess,
     ModelSettings,
@@ -57,9 +67,12 @@ from livekit.agents import (
     room_io,
     utils,
 )
-from livekit.agents.llm import ToolResult, function_tool
+from livekit.agents.llm import LLM, ToolResult, function_tool
+from livekit.agents.stt import STT
+from livekit.agents.tts import TTS
 from livekit.agents.types import NOT_GIVEN, FlushSentinel, NotGiven
 from livekit.agents.utils.audio import audio_frames_from_file
+from livekit.agents.vad import VAD
 from livekit.agents.voice import SpeechHandle
 from livekit.agents.voice.amd import AMD, AMDCategory, AMDPredictionEvent
 from livekit.agents.voice.amd.detector import DetectionOptions
@@ -1019,7 +1032,8 @@ class HoldMusic:
         self.path = path
         self.paused = False
         self._frames: list[rtc.AudioFrame] = []  # decoded so far, in order
-        self._decoding: Any = None  # the decoder while the file has not been read to its end
+        # the decoder while the file has not been read to its end
+        self._decoding: AsyncGenerator[rtc.AudioFrame, None] | None = None
         self._started = False
         self._position = 0  # the index of the next frame to play
         self._silence = rtc.AudioFrame.create(
@@ -1374,7 +1388,7 @@ class LiveKitPhoneLine(PhoneLine):
         # the player's mixer takes 48 kHz mono (voice/background_audio.py)
         resampler = rtc.AudioResampler(audio[0].sample_rate, 48000, num_channels=1)
 
-        async def frames() -> Any:
+        async def frames() -> AsyncIterator[rtc.AudioFrame]:
             for frame in audio:
                 for out in resampler.push(frame):
                     yield out
@@ -1875,10 +1889,10 @@ VOICEMAIL_HINTS = re.compile(
 class Models:
     """The models a session talks with; the consult session reuses the caller's."""
 
-    stt: Any = None
-    llm: Any = None
-    tts: Any = None
-    vad: Any = None
+    stt: STT | None = None
+    llm: LLM | None = None
+    tts: TTS | None = None
+    vad: VAD | None = None
     turn_handling: dict[str, Any] | None = None  # None: the framework's default turn detection
     phrases: PhraseCache | None = None  # fixed sentences played from disk (None: always live)
 
@@ -2164,7 +2178,11 @@ class RecordDelivery:
         return sent, failed
 
     async def _post(
-        self, http: Any, record: dict[str, Any], record_id: str, attempts: int | None = None
+        self,
+        http: aiohttp.ClientSession,
+        record: dict[str, Any],
+        record_id: str,
+        attempts: int | None = None,
     ) -> bool:
         body = json.dumps(record, separators=(",", ":")).encode()
         problem = ""
@@ -3267,14 +3285,16 @@ HOLD_CHECK_IN = "Thanks for holding. I'm still connecting you with {team}."
 # and the opener to the human (OPENER), and the question (ASK_PERSON)
 
 
-def say_fixed(session: AgentSession, text: str, phrases: PhraseCache | None, **options: Any) -> Any:
+def say_fixed(
+    session: AgentSession, text: str, phrases: PhraseCache | None, **options: Any
+) -> SpeechHandle:
     """``session.say`` for a fixed sentence: from the phrase cache when there is one."""
     if phrases is None:
         return session.say(text, **options)
     return phrases.say(session, text, **options)
 
 
-def tts_voice(tts: Any) -> dict[str, Any]:
+def tts_voice(tts: TTS) -> dict[str, Any]:
     """What makes a TTS sound as it does, for the phrase cache's key: its class, model, sample
     rate and channels (public properties), and every plain value of its options object. The
     LiveKit plugins keep voice, voice settings, encoding and language only there, in a private
@@ -3359,11 +3379,11 @@ class PhraseCache:
             return False
         return True
 
-    def path_for(self, text: str, tts: Any) -> Path:
+    def path_for(self, text: str, tts: TTS) -> Path:
         key = json.dumps({"format": 1, "text": text, "voice": tts_voice(tts)}, sort_keys=True)
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.pcm"
 
-    def say(self, session: AgentSession, text: str, **options: Any) -> Any:
+    def say(self, session: AgentSession, text: str, **options: Any) -> SpeechHandle:
         agent = session.current_agent
         tts = agent.tts if utils.is_given(agent.tts) else session.tts  # the one say() would use
         if not self.usable or tts is None:
@@ -3372,7 +3392,7 @@ class PhraseCache:
             text, audio=self._audio(agent, text, self.path_for(text, tts)), **options
         )
 
-    async def _audio(self, agent: Agent, text: str, path: Path) -> Any:
+    async def _audio(self, agent: Agent, text: str, path: Path) -> AsyncIterator[rtc.AudioFrame]:
         saved = self.load(path)
         if saved is not None:
             for frame in saved:
@@ -3468,7 +3488,7 @@ class ConsultAgent(Agent):
         self._decision: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self.brief_started = asyncio.Event()
 
-    async def prepare_voice(self, tts: Any) -> None:
+    async def prepare_voice(self, tts: TTS) -> None:
         """Synthesise what the human may hear while the phone rings (the neutral opener, the
         question, the brief), so none of it waits for speech synthesis once they answer."""
         phrases = self._handoff.models.phrases
@@ -3543,8 +3563,11 @@ class ConsultAgent(Agent):
         return await self.wait_for_decision(human_left)
 
     async def llm_node(
-        self, chat_ctx: llm.ChatContext, tools: list[Any], model_settings: Any
-    ) -> Any:
+        self,
+        chat_ctx: llm.ChatContext,
+        tools: list[llm.Tool],
+        model_settings: ModelSettings,
+    ) -> AsyncIterable[llm.ChatChunk | str | FlushSentinel]:
         if self.details_heard:
             async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
                 yield chunk
@@ -3563,7 +3586,7 @@ class ConsultAgent(Agent):
         self.session.on("conversation_item_added", self._brief_spoken)
         yield text
 
-    def _brief_spoken(self, ev: Any) -> None:
+    def _brief_spoken(self, ev: ConversationItemAddedEvent) -> None:
         if getattr(ev.item, "role", None) == "assistant" and not self.details_heard:
             self.details_heard = True
             self._handoff.timings.setdefault("brief_end", time.monotonic())
@@ -4339,7 +4362,7 @@ def prewarm(proc: JobProcess) -> None:
 server.setup_fnc = prewarm
 
 
-def build_models(settings: Settings, vad: Any) -> Models:
+def build_models(settings: Settings, vad: VAD) -> Models:
     tts_options: dict[str, Any] = {"model": settings.tts_model, "encoding": settings.tts_encoding}
     if settings.tts_voice_id:
         tts_options["voice_id"] = settings.tts_voice_id
