@@ -1537,6 +1537,11 @@ class SimulatedPhoneLine(PhoneLine):
             self._left_event(identity).set()
 
     @property
+    def consult(self) -> ConsultAgent | None:
+        """The agent in the consult room, while it is open."""
+        return self.room.agent
+
+    @property
     def on_hold(self) -> bool:
         return any(h.stopped_at is None for h in self.holds)
 
@@ -2605,6 +2610,113 @@ class CallerHold:
             await self.audio.stop()
 
 
+class ConsultRoom:
+    """The private room of a consult-mode attempt: its agent and session, the brief composed
+    while the phone rings, the human screened, briefed and asked there, and told if the attempt
+    ends without them. Neither the brief's model nor the consult agent sees a card number: the
+    transcript they get is redacted."""
+
+    def __init__(self, handoff: Handoff) -> None:
+        self.handoff = handoff
+        self.line = handoff.line
+        self.name = handoff.consult_room
+        self.agent: ConsultAgent | None = None  # while the room is open
+        self.brief = ""  # once composed
+        self.human_left: asyncio.Future[str] | None = None  # once the human answered
+
+    def open(self) -> tuple[asyncio.Future[None], asyncio.Future[str]]:
+        """Start the room's session and the brief's composition, at once."""
+        h = self.handoff
+        transcript = redact(conversation_transcript(h.session.history))
+        composing = asyncio.ensure_future(
+            compose_brief(
+                h.models.llm,
+                transcript,
+                h.reason,
+                h.settings,
+                h.destination,
+                timeout=h.ring_timeout,
+            )
+        )
+        composing.add_done_callback(self._keep_brief)
+        agent = self.agent = h.consult_agent(composing, transcript)
+        if h.models.tts is not None:
+            h.tasks.create_task(agent.prepare_voice(h.models.tts))
+        session: AgentSession = AgentSession(**self.session_options())
+        opening = asyncio.ensure_future(
+            self.line.open_consult(self.name, h.identity, session, agent)
+        )
+        return opening, composing
+
+    def ready(self, composing: asyncio.Future[str]) -> None:
+        """The room is open: keys reach the agent, and the brief shows on its attributes."""
+        assert self.agent is not None
+        self.line.on_dtmf(self.name, self.agent.on_digit)
+        composing.add_done_callback(self._show_brief)
+
+    def session_options(self) -> dict[str, Any]:
+        """The consult session's models. Its turns end on voice activity, not on the
+        end-of-turn model: that model scores a bare "Hello?" as unfinished and waits its
+        longest delay (about 2.5 s) before the human hears a word."""
+        models = self.handoff.models
+        options = models.options()
+        if models.vad is not None:
+            options["turn_handling"] = {**(models.turn_handling or {}), "turn_detection": "vad"}
+        return options
+
+    def _keep_brief(self, composing: asyncio.Future[str]) -> None:
+        if not composing.cancelled() and composing.exception() is None:
+            self.brief = composing.result()
+
+    def _show_brief(self, composing: asyncio.Future[str]) -> None:
+        """The consult room's agent carries the brief, for the human's softphone or CRM."""
+        if self.brief and self.agent is not None:
+            self.handoff.publish({"handoff.brief": redact(self.brief)}, room=self.name)
+
+    async def decision(self, tasks: utils.aio.TaskSet) -> Decision:
+        """Nothing about the caller until a person is confirmed (``Screening``); then the
+        brief, in full; then their decision."""
+        h, agent = self.handoff, self.agent
+        assert agent is not None
+        human_left = self.human_left = tasks.create_task(
+            self.line.wait_for_hangup(self.name, (h.identity,))
+        )
+        hears = h.models.stt is not None and h.models.vad is not None
+        if h.destination.screening == "none" or not hears:
+            return await agent.brief_on_hello(human_left, h.settings.hello_grace)
+        screening = Screening(agent, h, ring_deadline=h.timings["dial_start"] + h.ring_timeout)
+        gone = Decision(HandoffOutcome.DECLINED, "the human hung up during the briefing")
+        try:
+            run = await _finished_before(screening.run(h.settings.hello_grace), human_left)
+            if run is None:
+                return gone
+            verdict = run.result()
+            h.amd = verdict.amd
+            if verdict.outcome is not None:
+                return Decision(verdict.outcome, verdict.reason)
+            if screening.opener is not None:
+                await screening.opener  # the details start when the opener has ended
+            details = agent.speak_details(screening.human_stopped)
+            if await _finished_before(details, human_left) is None:
+                return gone
+            return await agent.wait_for_decision(human_left)
+        finally:
+            screening.close()
+
+    async def tell(self, text: str) -> None:
+        """Speak to the human in the room, if they are still there."""
+        human_there = self.human_left is not None and not self.human_left.done()
+        if text and human_there and self.agent is not None:
+            with contextlib.suppress(Exception):
+                speech = self.agent.session.say(text, allow_interruptions=False)
+                await asyncio.wait_for(speech.wait_for_playout(), 8)
+
+    def close(self) -> None:
+        if self.agent is not None:
+            self.agent = None
+            self.line.clean_up_later(self.line.close_consult(self.name), "close the consult room")
+
+
 class Handoff:
     """One attempt to hand the caller to one destination.
 
@@ -2652,11 +2764,9 @@ class Handoff:
         self.hold = CallerHold(self)
         self.tasks = utils.aio.TaskSet()
         self._attributes_sent: asyncio.Future[None] | None = None
-        self._publish({"handoff.state": Phase.ANNOUNCING.value, "handoff.outcome": ""})
-        self.consult: ConsultAgent | None = None  # while the consult room is open
-        self.brief = ""
+        self.publish({"handoff.state": Phase.ANNOUNCING.value, "handoff.outcome": ""})
+        self.room = ConsultRoom(self)  # consult mode: where the human is briefed
         self.amd: dict[str, Any] = {}  # the answering-machine detection's verdict
-        self._human_left: asyncio.Future[str] | None = None
         self._caller_left: asyncio.Future[str] | None = None
         self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
             asyncio.get_running_loop().create_future()
@@ -2737,14 +2847,14 @@ class Handoff:
         if self.phase is Phase.MERGED:  # only "You're now connected" was left to say
             return self._result(HandoffOutcome.CONNECTED)
         if caller_left_first:
-            await self._tell_human(HUMAN_CALLER_LEFT)
+            await self.room.tell(HUMAN_CALLER_LEFT)
             return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
         if self._stopped.done():
             outcome, detail = self._stopped.result()
             cancelled = outcome is HandoffOutcome.CANCELLED_BY_CALLER
-            await self._tell_human(HUMAN_CANCELLED if cancelled else HUMAN_CALL_ENDS)
+            await self.room.tell(HUMAN_CANCELLED if cancelled else HUMAN_CALL_ENDS)
             return self._result(outcome, detail=detail)
-        await self._tell_human(HUMAN_MAX_HOLD)
+        await self.room.tell(HUMAN_MAX_HOLD)
         return self._result(HandoffOutcome.NO_ANSWER, detail="maximum hold time reached")
 
     def _result(
@@ -2755,7 +2865,7 @@ class Handoff:
         connected = outcome is HandoffOutcome.CONNECTED
         if not connected:
             self.timings.setdefault("returned", self.timings["ended"])
-        self._publish(
+        self.publish(
             {
                 "handoff.state": "connected" if connected else "returned",
                 "handoff.outcome": outcome.value,
@@ -2775,7 +2885,7 @@ class Handoff:
             attempt=self.attempt,
             reason=self.reason,
             phase=self.phase,
-            brief=self.brief,
+            brief=self.room.brief,
             amd=self.amd,
         )
 
@@ -2790,11 +2900,7 @@ class Handoff:
         leg = self.call.leg
         if leg is not None and (self.phase is not Phase.MERGED or caller_gone):
             self.line.clean_up_later(self.line.hang_up(leg), "hang up the human's leg")
-        if self.consult is not None:
-            self.consult = None
-            self.line.clean_up_later(
-                self.line.close_consult(self.consult_room), "close the consult room"
-            )
+        self.room.close()
         if caller_gone:  # a leg moved in at the last moment must not ring on alone
             self.line.clean_up_later(
                 self.line.delete_room(self.line.caller_room), "delete the caller's room"
@@ -2808,22 +2914,14 @@ class Handoff:
         except Exception as e:
             logger.warning("handoff clean-up step failed in room %s: %r", self.line.caller_room, e)
 
-    async def _tell_human(self, text: str) -> None:
-        """Speak to the human in the consult room, if they are still there."""
-        human_there = self._human_left is not None and not self._human_left.done()
-        if text and human_there and self.consult is not None:
-            with contextlib.suppress(Exception):
-                speech = self.consult.session.say(text, allow_interruptions=False)
-                await asyncio.wait_for(speech.wait_for_playout(), 8)
-
     def _enter(self, phase: Phase) -> None:
         """Move to the next phase and show it on the agent's attributes, so a dashboard can
         say "ringing support"."""
         self.phase = phase
         self.timings.setdefault(phase.value, time.monotonic())
-        self._publish({"handoff.state": phase.value})
+        self.publish({"handoff.state": phase.value})
 
-    def _publish(self, attributes: dict[str, str], room: str = "") -> None:
+    def publish(self, attributes: dict[str, str], room: str = "") -> None:
         """Queue an attribute update; updates are sent one after another, in order."""
         update = {
             "handoff.attempt": self.attempt,
@@ -2877,113 +2975,37 @@ class Handoff:
 
     async def _consult(self) -> HandoffResult:
         """Brief the human privately, then move them in: the caller never hears the brief and
-        the human never picks up to silence. Neither the brief's model nor the consult agent
-        sees a card number: the transcript they get is redacted."""
-        consult, consult_session, brief = self._open_consult_agent()
-        opening = asyncio.ensure_future(
-            self.line.open_consult(self.consult_room, self.identity, consult_session, consult)
-        )
-        dial = self.call.start(self.consult_room)
+        the human never picks up to silence."""
+        room = self.room
+        opening, composing = room.open()
+        dial = self.call.start(room.name)
         # "Please hold" goes on while the phone rings, and while the human is screened if they
         # answer before it ends: the two sessions are apart, and screening must hear the leg
         # from the moment it is active.
         announce = self.tasks.create_task(self.hold.announce_and_hold())
         try:
             await opening
-            self.line.on_dtmf(self.consult_room, consult.on_digit)
-            brief.add_done_callback(self._show_brief)
+            room.ready(composing)
             if (failed := await self._ring(dial)) is not None:
                 await announce  # the caller hears "please hold" in full, then what happened
                 return failed
         finally:
             dial.cancel()
             opening.cancel()
-            if not brief.done() and self.call.leg is None:
-                brief.cancel()
+            if not composing.done() and self.call.leg is None:
+                composing.cancel()
         self._enter(Phase.BRIEFING)
-        self._human_left = self.tasks.create_task(
-            self.line.wait_for_hangup(self.consult_room, (self.identity,))
-        )
-        decision = await self._brief_the_human(consult, self._human_left)
+        decision = await room.decision(self.tasks)
         await announce  # the caller is on hold before anything else is said to them
         self.timings["accepted" if decision.accepted else "declined"] = time.monotonic()
         if decision.accepted:
             return await self._merge()
-        await self._tell_human(decision.farewell)
+        await room.tell(decision.farewell)
         return self._result(decision.outcome, detail=decision.reason)
-
-    def _open_consult_agent(self) -> tuple[ConsultAgent, AgentSession, asyncio.Future[str]]:
-        """The consult room's agent and session; the brief is composed while the phone rings."""
-        transcript = redact(conversation_transcript(self.session.history))
-        brief = asyncio.ensure_future(
-            compose_brief(
-                self.models.llm,
-                transcript,
-                self.reason,
-                self.settings,
-                self.destination,
-                timeout=self.ring_timeout,
-            )
-        )
-        brief.add_done_callback(self._keep_brief)
-        consult = self.consult = self.consult_agent(brief, transcript)
-        if self.models.tts is not None:
-            self.tasks.create_task(consult.prepare_voice(self.models.tts))
-        return consult, AgentSession(**self.consult_options()), brief
 
     def consult_agent(self, brief: asyncio.Future[str], transcript: str) -> ConsultAgent:
         """The agent that briefs the human (the benchmark's reference orderings override it)."""
         return ConsultAgent(brief=brief, transcript=transcript, handoff=self)
-
-    async def _brief_the_human(
-        self, consult: ConsultAgent, human_left: asyncio.Future[str]
-    ) -> Decision:
-        """Nothing about the caller until a person is confirmed (``Screening``); then the
-        brief, in full; then their decision."""
-        hears = self.models.stt is not None and self.models.vad is not None
-        if self.destination.screening == "none" or not hears:
-            return await consult.brief_on_hello(human_left, self.settings.hello_grace)
-        screening = Screening(
-            consult, self, ring_deadline=self.timings["dial_start"] + self.ring_timeout
-        )
-        gone = Decision(HandoffOutcome.DECLINED, "the human hung up during the briefing")
-        try:
-            run = await _finished_before(screening.run(self.settings.hello_grace), human_left)
-            if run is None:
-                return gone
-            verdict = run.result()
-            self.amd = verdict.amd
-            if verdict.outcome is not None:
-                return Decision(verdict.outcome, verdict.reason)
-            if screening.opener is not None:
-                await screening.opener  # the details start when the opener has ended
-            details = consult.speak_details(screening.human_stopped)
-            if await _finished_before(details, human_left) is None:
-                return gone
-            return await consult.wait_for_decision(human_left)
-        finally:
-            screening.close()
-
-    def consult_options(self) -> dict[str, Any]:
-        """The consult session's models. Its turns end on voice activity, not on the
-        end-of-turn model: that model scores a bare "Hello?" as unfinished and waits its
-        longest delay (about 2.5 s) before the human hears a word."""
-        options = self.models.options()
-        if self.models.vad is not None:
-            options["turn_handling"] = {
-                **(self.models.turn_handling or {}),
-                "turn_detection": "vad",
-            }
-        return options
-
-    def _keep_brief(self, brief: asyncio.Future[str]) -> None:
-        if not brief.cancelled() and brief.exception() is None:
-            self.brief = brief.result()
-
-    def _show_brief(self, brief: asyncio.Future[str]) -> None:
-        """The consult room's agent carries the brief, for the human's softphone or CRM."""
-        if self.brief and self.consult is not None:
-            self._publish({"handoff.brief": redact(self.brief)}, room=self.consult_room)
 
     async def _merge(self) -> HandoffResult:
         assert self.call.leg is not None
@@ -2999,7 +3021,7 @@ class Handoff:
                 raise LegLost("the human did not arrive in the caller's room")
         except MoveRefused as e:
             logger.error("move refused in room %s: %s", self.line.caller_room, e)
-            await self._tell_human(HUMAN_MOVE_REFUSED)
+            await self.room.tell(HUMAN_MOVE_REFUSED)
             return self._result(HandoffOutcome.FAILED, detail=f"move refused ({e})")
         except LegLost as e:
             logger.warning("human lost during the move in room %s: %s", self.line.caller_room, e)
