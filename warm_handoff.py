@@ -1537,11 +1537,6 @@ class SimulatedPhoneLine(PhoneLine):
             self._left_event(identity).set()
 
     @property
-    def consult(self) -> ConsultAgent | None:
-        """The agent in the consult room, while it is open."""
-        return self.room.agent
-
-    @property
     def on_hold(self) -> bool:
         return any(h.stopped_at is None for h in self.holds)
 
@@ -2777,6 +2772,11 @@ class Handoff:
         return self.call.ring_timeout
 
     @property
+    def consult(self) -> ConsultAgent | None:
+        """The agent in the consult room, while it is open."""
+        return self.room.agent
+
+    @property
     def on_hold(self) -> bool:
         return self.phase in ON_HOLD and not self._stopped.done()
 
@@ -3843,7 +3843,7 @@ class SafetyNet:
 
     For ``HANDOFF_REJOIN_WINDOW`` seconds after the merge the agent first stays in the room,
     parked (``park``): it hears and says nothing. If the human leaves in that window while the
-    caller is still there, the agent speaks again (``WarmHandoffAgent.rejoin``)."""
+    caller is still there, the agent speaks again (``rejoin``)."""
 
     def __init__(self, agent: WarmHandoffAgent) -> None:
         self.agent = agent
@@ -3871,7 +3871,7 @@ class SafetyNet:
                 )
                 if human_left and not ending.done():
                     if await self.line.wait_for_arrival(room, self.line.caller_identity, 0):
-                        await self.agent.rejoin(destination, result)
+                        await self.rejoin(destination, result)
                         return
             session.shutdown()
             await asyncio.wait({hangup, ending}, return_when=asyncio.FIRST_COMPLETED)
@@ -3887,6 +3887,70 @@ class SafetyNet:
         ends and no model is asked; its audio output is off. Unparked, both come back."""
         self.agent.session.input.set_audio_enabled(not parked)
         self.agent.session.output.set_audio_enabled(not parked)
+
+    async def rejoin(self, destination: Destination, result: HandoffResult) -> None:
+        """The human dropped within the window, the caller is still there: the attempt is
+        recorded again as ``rejoined`` (same ``attempt`` id) and the agent, back on the line,
+        offers the same team again (``may_offer``), another, or a callback."""
+        agent = self.agent
+        merged = result.timings.get("merged", 0.0)
+        rejoined = replace(
+            result,
+            outcome=HandoffOutcome.REJOINED,
+            detail=f"the human left {time.monotonic() - merged:.1f}s after the merge",
+            timings={**result.timings, "rejoined": time.monotonic()},
+        )
+        agent.results[next(i for i, r in enumerate(agent.results) if r is result)] = rejoined
+        agent.teams.ended[destination] = HandoffOutcome.REJOINED
+        agent.records.handoff(rejoined)
+        logger.info(
+            "the human left right after the merge in room %s: the agent is back",
+            self.line.caller_room,
+        )
+        told, note = self._rejoin_words(destination)
+        chat_ctx = agent.chat_ctx.copy()
+        chat_ctx.add_message(role="system", content=note)
+        await agent.update_chat_ctx(chat_ctx)
+        self.park(False)
+        try:
+            await agent.session.say(told)
+        except RuntimeError as e:  # the caller hung up too, a moment after the human
+            logger.info("rejoin not spoken in room %s: %s", self.line.caller_room, e)
+
+    def _rejoin_words(self, destination: Destination) -> tuple[str, str]:
+        """What the caller hears when the agent is back, and the note that tells the model."""
+        agent = self.agent
+        again = (
+            agent.teams.may_offer(destination)
+            and agent.teams.is_open(destination)
+            and agent.teams.dials_left
+        )
+        other = agent.teams.next_destination(after=destination)
+        options = (["try them again"] if again else []) + (
+            [f"try {other.said_as}"] if other else []
+        )
+        offer = ", ".join([*options, "or take your details for a callback"])
+        if not options:
+            offer = offer.removeprefix("or ")
+        told = REJOINED.format(team=destination.said_as, offer=offer)
+        same = (
+            f"transfer_call with destination {destination.name}"
+            if destination in agent.destinations
+            else "transfer_to_number with the same number"
+        )
+        note = (
+            f"The person from {destination.said_as} hung up right after the transfer; the "
+            f"caller is back with you and has just heard: {told!r} "
+            + (f"If they want them again, call {same}. " if again else "")
+            + (
+                f"If they agree to try {other.name}, call transfer_call with destination "
+                f"{other.name}. "
+                if other
+                else ""
+            )
+            + MODEL_CALLBACK_STEPS
+        )
+        return told, note
 
 
 class WarmHandoffAgent(Agent):
@@ -4290,68 +4354,6 @@ class WarmHandoffAgent(Agent):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._handoff_done.wait(), JOB_SHUTDOWN_TIMEOUT / 2)
         await self.line.settle(timeout=JOB_SHUTDOWN_TIMEOUT / 4)
-
-    async def rejoin(self, destination: Destination, result: HandoffResult) -> None:
-        """The human dropped within the safety net's window, the caller is still there: the
-        attempt is recorded again as ``rejoined`` (same ``attempt`` id) and the agent, back on
-        the line, offers the same team again (``may_offer``), another, or a callback."""
-        merged = result.timings.get("merged", 0.0)
-        rejoined = replace(
-            result,
-            outcome=HandoffOutcome.REJOINED,
-            detail=f"the human left {time.monotonic() - merged:.1f}s after the merge",
-            timings={**result.timings, "rejoined": time.monotonic()},
-        )
-        self.results[next(i for i, r in enumerate(self.results) if r is result)] = rejoined
-        self.teams.ended[destination] = HandoffOutcome.REJOINED
-        self.records.handoff(rejoined)
-        logger.info(
-            "the human left right after the merge in room %s: the agent is back",
-            self.line.caller_room,
-        )
-        told, note = self._rejoin_words(destination)
-        chat_ctx = self.chat_ctx.copy()
-        chat_ctx.add_message(role="system", content=note)
-        await self.update_chat_ctx(chat_ctx)
-        self.safety_net.park(False)
-        try:
-            await self.session.say(told)
-        except RuntimeError as e:  # the caller hung up too, a moment after the human
-            logger.info("rejoin not spoken in room %s: %s", self.line.caller_room, e)
-
-    def _rejoin_words(self, destination: Destination) -> tuple[str, str]:
-        """What the caller hears when the agent is back, and the note that tells the model."""
-        again = (
-            self.teams.may_offer(destination)
-            and self.teams.is_open(destination)
-            and self.teams.dials_left
-        )
-        other = self.teams.next_destination(after=destination)
-        options = (["try them again"] if again else []) + (
-            [f"try {other.said_as}"] if other else []
-        )
-        offer = ", ".join([*options, "or take your details for a callback"])
-        if not options:
-            offer = offer.removeprefix("or ")
-        told = REJOINED.format(team=destination.said_as, offer=offer)
-        same = (
-            f"transfer_call with destination {destination.name}"
-            if destination in self.destinations
-            else "transfer_to_number with the same number"
-        )
-        note = (
-            f"The person from {destination.said_as} hung up right after the transfer; the "
-            f"caller is back with you and has just heard: {told!r} "
-            + (f"If they want them again, call {same}. " if again else "")
-            + (
-                f"If they agree to try {other.name}, call transfer_call with destination "
-                f"{other.name}. "
-                if other
-                else ""
-            )
-            + MODEL_CALLBACK_STEPS
-        )
-        return told, note
 
 
 class CallerSession(AgentSession):
