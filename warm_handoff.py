@@ -2707,7 +2707,7 @@ class Handoff:
             )
         )
         brief.add_done_callback(self._keep_brief)
-        self.consult = ConsultAgent(brief=brief, transcript=transcript, handoff=self)
+        self.consult = self.consult_agent(brief, transcript)
         if self.models.tts is not None:
             self._spawn(self.consult.prepare_voice(self.models.tts))
         consult_session: AgentSession = AgentSession(**self.consult_options())
@@ -2778,6 +2778,11 @@ class Handoff:
             return await self.consult.wait_for_decision(self._human_left)
         finally:
             screening.close()
+
+    def consult_agent(self, brief: asyncio.Future[str], transcript: str) -> ConsultAgent:
+        """The agent that talks to the human (the benchmark's reference ordering brings its
+        own)."""
+        return ConsultAgent(brief=brief, transcript=transcript, handoff=self)
 
     def consult_options(self) -> dict[str, Any]:
         """The consult session's models. Its turns end on voice activity, not on the
@@ -3475,10 +3480,12 @@ class WarmHandoffAgent(Agent):
         models: Models,
         records: CallRecords | None = None,
         now: Callable[[], datetime] = utc_now,
+        handoff_factory: Callable[..., Handoff] = Handoff,
     ) -> None:
         self.settings = settings
         self.line = line
         self.models = models
+        self.handoff_factory = handoff_factory  # builds each attempt (the benchmark's orderings)
         self.records = records or CallRecords(line.caller_room)
         self.now = now  # the clock opening hours are read with (aware datetimes)
         self.destinations = settings.destinations
@@ -3625,7 +3632,7 @@ class WarmHandoffAgent(Agent):
             return ToolResult("No more transfers on this call. " + self._what_next_for_model())
         self.tried.append(destination)
         self.ended[destination] = HandoffOutcome.FAILED  # until the attempt says otherwise
-        self.handoff = Handoff(
+        self.handoff = self.handoff_factory(
             settings=self.settings,
             line=self.line,
             session=self.session,

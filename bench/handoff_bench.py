@@ -74,10 +74,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -108,7 +108,6 @@ from bench.calls import (  # noqa: E402
     run_call,
 )
 from bench.capacity import LoopLag, measure_capacity, percentile  # noqa: E402
-from bench.proposed import PROPOSED  # noqa: E402
 from bench.sim import Knobs, Trace  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -124,37 +123,51 @@ QUICK = Knobs(
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
 
-async def latency_phase(
-    knobs: Knobs,
+T = TypeVar("T")
+
+
+async def all_together(
+    kinds: tuple[str, ...],
     calls: int,
-    vad: Any,
     stagger: float,
-    orderings: tuple[str, ...] = ORDERINGS,
-    consult_vad: Any = None,
-    phrase_cache: str = "",
-) -> tuple[dict[str, list[Trace]], dict[str, float]]:
-    """``calls`` calls of each ordering, all live together, starting ``stagger`` s apart in a
-    shuffled order; returns the traces and the event loop's lag meanwhile. "warm handoff"
-    calls share the ``phrase_cache`` folder (none: "")."""
-    order = [o for o in orderings for _ in range(calls)]
-    random.Random(7).shuffle(order)
+    seed: int,
+    run: Callable[[str], Awaitable[T]],
+) -> tuple[list[T], dict[str, float]]:
+    """``calls`` calls of each kind, all live together, starting ``stagger`` s apart in a
+    shuffled order (``seed``); returns what each ``run`` returned and the event loop's lag
+    meanwhile (ms)."""
+    order = [kind for kind in kinds for _ in range(calls)]
+    random.Random(seed).shuffle(order)
     ticker = LoopLag()
     ticker.start()
 
-    async def one(i: int, ordering: str) -> Trace:
+    async def one(i: int, kind: str) -> T:
         await asyncio.sleep(i * stagger)
-        cache = phrase_cache if ordering == WARM else ""
-        return await run_call(ordering, knobs, vad, consult_vad=consult_vad, phrase_cache=cache)
+        return await run(kind)
 
     try:
-        traces = await asyncio.gather(*(one(i, o) for i, o in enumerate(order)))
+        done = await asyncio.gather(*(one(i, kind) for i, kind in enumerate(order)))
     finally:
         await ticker.stop()
-    by: dict[str, list[Trace]] = {o: [] for o in orderings}
+    lags = [late * 1000 for _, late in ticker.samples]
+    return list(done), {"p50": percentile(lags, 50), "p99": percentile(lags, 99), "max": max(lags)}
+
+
+async def latency_phase(
+    knobs: Knobs, calls: int, vad: Any, stagger: float, phrase_cache: str = ""
+) -> tuple[dict[str, list[Trace]], dict[str, float]]:
+    """``calls`` calls of each ordering, all live together; the traces by ordering and the
+    loop's lag. "warm handoff" calls share the ``phrase_cache`` folder (none: "")."""
+
+    def call(ordering: str) -> Awaitable[Trace]:
+        cache = phrase_cache if ordering == WARM else ""
+        return run_call(ordering, knobs, vad, phrase_cache=cache)
+
+    traces, lag = await all_together(ORDERINGS, calls, stagger, 7, call)
+    by: dict[str, list[Trace]] = {o: [] for o in ORDERINGS}
     for trace in traces:
         by[trace.ordering].append(trace)
-    lags = [late * 1000 for _, late in ticker.samples]
-    return by, {"p50": percentile(lags, 50), "p99": percentile(lags, 99), "max": max(lags)}
+    return by, lag
 
 
 async def answer_phase(
@@ -166,24 +179,14 @@ async def answer_phase(
     phrase_cache: str = "",
     ring: float | None = None,
 ) -> tuple[list[AnswerCall], dict[str, float]]:
-    """``calls`` "warm handoff" calls per answer scenario, all live together, ``stagger`` s
-    apart in a shuffled order (after the orderings' calls: the phrase cache has the opener).
-    ``ring``: each rings at most this long (None: as the scenario says)."""
-    order = [n for n in names for _ in range(calls)]
-    random.Random(11).shuffle(order)
-    ticker = LoopLag()
-    ticker.start()
+    """``calls`` "warm handoff" calls per answer scenario, all live together (after the
+    orderings' calls: the phrase cache has the opener). ``ring``: each rings at most this long
+    (None: as the scenario says)."""
 
-    async def one(i: int, name: str) -> AnswerCall:
-        await asyncio.sleep(i * stagger)
-        return await run_answer(name, knobs, vad, phrase_cache=phrase_cache, ring=ring)
+    def call(name: str) -> Awaitable[AnswerCall]:
+        return run_answer(name, knobs, vad, phrase_cache=phrase_cache, ring=ring)
 
-    try:
-        done = await asyncio.gather(*(one(i, n) for i, n in enumerate(order)))
-    finally:
-        await ticker.stop()
-    lags = [late * 1000 for _, late in ticker.samples]
-    return list(done), {"p50": percentile(lags, 50), "p99": percentile(lags, 99), "max": max(lags)}
+    return await all_together(names, calls, stagger, 11, call)
 
 
 def _probe(
@@ -649,12 +652,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"who answers the human's phone: all (default), none, or some of {','.join(ANSWERS)}",
     )
     p.add_argument(
-        "--proposed", action="store_true", help="also run the recommended changes (a what-if)"
-    )
-    p.add_argument(
-        "--proposed-silence", type=float, help="with --proposed: consult VAD min silence, s"
-    )
-    p.add_argument(
         "--no-phrase-cache", action="store_true", help="warm handoff: every sentence live"
     )
     p.add_argument("--out", type=Path, default=OUT, help="directory for results.json")
@@ -697,12 +694,6 @@ async def measure_all(args: argparse.Namespace, knobs: Knobs) -> dict[str, Any]:
     from livekit.plugins import silero
 
     vad = silero.VAD.load()  # what warm_handoff.prewarm does once per process
-    orderings, consult_vad = ORDERINGS, None
-    if args.proposed:
-        orderings += (PROPOSED,)
-        if args.proposed_silence is not None:
-            silence = args.proposed_silence
-            consult_vad = (silero.VAD.load(min_silence_duration=silence), silence)
     phases: dict[str, float] = {}
     mark = time.perf_counter()
     stagger = 0.0 if args.quick else args.stagger
@@ -711,9 +702,7 @@ async def measure_all(args: argparse.Namespace, knobs: Knobs) -> dict[str, Any]:
         first = None
         if phrase_cache:  # a new host's first call: nothing saved yet
             first = await run_call(WARM, knobs, vad, phrase_cache=phrase_cache)
-        by, lag = await latency_phase(
-            knobs, args.calls, vad, stagger, orderings, consult_vad, phrase_cache
-        )
+        by, lag = await latency_phase(knobs, args.calls, vad, stagger, phrase_cache)
         phases["calls"], mark = time.perf_counter() - mark, time.perf_counter()
         answered: list[AnswerCall] = []
         if args.scenarios:
