@@ -1,63 +1,14 @@
 """Handoff benchmark: how much silence a phone handoff costs the caller and the human.
 
-    python bench/handoff_bench.py            # about 2 min: table, bench/out/results.json, PNG
-    python bench/handoff_bench.py --quick    # about 20 s, tiny latencies: smoke test only
+    python bench/handoff_bench.py            # a few minutes: table, bench/out/results.json, PNG
+    python bench/handoff_bench.py --quick    # about 30 s, tiny latencies: smoke test only
 
-What is measured and how to read it: ``bench/README.md``.
-
-Simulated calls run end to end through the real ``AgentSession`` and the real handoff code
-(``warm_handoff.py``), on the simulated phone line, with scripted models whose latencies are
-fixed (``--llm-ttft``, ``--tts-ttfa``, ``--ring``, ``--hello``; see ``bench/sim.py``). Every
-timestamp is read from the audio frames the caller and the human receive: their earpieces play
-audio at real-time pace and recognise each sentence by the tag the fake TTS puts in its tone.
-
-Three orderings run side by side in the same harness, so the gains are ratios:
-
-- "warm handoff": the project (please-hold and dial at once, hold audio, the brief composed
-  while the phone rings and spoken after the human's hello, keypad 1 to accept, then merge);
-- "sequential": LiveKit's WarmTransferTask order (announce, then dial, then wait for the hello,
-  then ask the model for the brief, then speak) - ``bench/orderings.py``;
-- "seed": a first receptionist (the model greets, dials the human into the caller's room, no
-  hold audio, no brief) - ``bench/seed_agent.py``.
-
-Endpointing is the framework's default, honestly run: the human's hello is real recorded speech
-(``bench/audio/hello.wav``) sent into the consult session at real-time pace, heard by the real
-Silero VAD and the framework's default turn detector (in 1.8.9 the local ``turn-detector-v1-mini``
-model, as a self-hosted ``start`` worker runs it); a scripted STT returns its text 0.3 s after the
-speech ends (``--stt-final``). The caller's own turns are text: what is measured starts at the
-model's transfer decision.
-
-Figures, all from the frames heard (median and p90 over ``--calls`` calls per ordering):
-
-- greeting: caller present (the session is started) -> first frame of the greeting;
-- announce: the model emits transfer_call -> first frame the caller hears ("please hold");
-- longest silence: the longest stretch, from the decision until the caller hears the agent again
-  after the merge, with neither speech nor hold audio (nor, in the seed, the human's hello);
-- human wait: end of the human's hello -> first frame of the brief (the seed has no brief);
-- overhead: (merge - decision) - ring - brief duration - the human's own time (their hello, and
-  their keypress after the brief). Its parts are reported: the dial's delay, the endpointing of
-  the hello, the rest of the human wait, the merge.
-
-"warm handoff" plays its fixed sentences from a phrase cache folder on the worker host (instant
-words, ``warm_handoff.PhraseCache``), empty when the run starts: one "warm handoff" call runs
-alone first (the first call on a new host: greeting and announce synthesised live and saved);
-the figures above are the later calls, which find them saved. The first call's greeting and
-announce are reported on their own. ``--no-phrase-cache`` runs every sentence live.
-
-Who answers the human's phone (``bench/answers.py``, ``--scenarios``, default all): one
-"warm handoff" call per scenario and ``--calls``, after the orderings: a short hello (today's),
-a long greeting with a 0.4 s pause, a voicemail (22 s ring, 8 s greeting, the beep), a PBX
-auto-attendant then the person 6 s later (an extension), a silent person; through the real
-Silero VAD, a Deepgram-timed STT and the worker's own screening (``voice.amd.AMD``, with a
-scripted classifier: its accuracy is not measured). In ms from the end of the utterance that
-cues the opener: the VAD's end of speech, the opener's first frame heard, the verdict (and its
-reason), the confirmation, the details' first frame heard, and the frames about the caller sent
-before a person was confirmed (must be none).
-
-And, from fresh processes (``bench/worker_probe.py``): import + prewarm time and memory for
-``warm_handoff`` and for the seed-style module, what the framework's default turn detector adds,
-memory per active call; and, in this process, the capacity: simultaneous talking calls (real
-VAD on real speech) before the event loop's p99 lag reaches 20 ms (``bench/capacity.py``).
+Simulated calls run end to end through the real ``AgentSession`` and the real handoff code, with
+scripted models of fixed latency, and every time is read from the audio frames the caller and
+the human receive. The phases, in order: a new host's first call (empty phrase cache), the
+three orderings ("warm handoff", "sequential", "seed"), the answer scenarios (who picks up the
+human's phone), the capacity ramp, the worker's fresh processes. What each figure means and how
+to read it: ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -189,11 +140,8 @@ async def answer_phase(
     return await all_together(names, calls, stagger, 11, call)
 
 
-def _probe(
-    agent: str, calls: int = 0, *, nice: bool = False, quick: bool = False
-) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "bench.worker_probe", "--agent", agent]
-    command += ["--calls", str(calls)] + (["--nice"] if nice else [])
+def _probe(agent: str, calls: int = 0, *, quick: bool = False) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "bench.worker_probe", "--agent", agent, "--calls", str(calls)]
     command += ["--quick"] if quick else []
     return subprocess.Popen(
         command,

@@ -151,11 +151,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agent", choices=sorted(MODULES), required=True)
     parser.add_argument("--calls", type=int, default=0, help="concurrent calls for RSS per call")
-    parser.add_argument("--nice", action="store_true", help="lowest CPU priority (background)")
     parser.add_argument("--quick", action="store_true", help="tiny latencies, no warm-up round")
     args = parser.parse_args()
-    if args.nice:
-        os.nice(19)
     vad = ready(args.agent)
     if args.calls > 0:
         framework_preload()
