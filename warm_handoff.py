@@ -2615,7 +2615,8 @@ class ConsultRoom:
         self.handoff = handoff
         self.line = handoff.line
         self.name = handoff.consult_room
-        self.agent: ConsultAgent | None = None  # while the room is open
+        self.agent: ConsultAgent | None = None  # once the room is opened
+        self.is_open = False
         self.brief = ""  # once composed
         self.human_left: asyncio.Future[str] | None = None  # once the human answered
 
@@ -2635,6 +2636,7 @@ class ConsultRoom:
         )
         composing.add_done_callback(self._keep_brief)
         agent = self.agent = h.consult_agent(composing, transcript)
+        self.is_open = True
         if h.models.tts is not None:
             h.tasks.create_task(agent.prepare_voice(h.models.tts))
         session: AgentSession = AgentSession(**self.session_options())
@@ -2665,7 +2667,7 @@ class ConsultRoom:
 
     def _show_brief(self, composing: asyncio.Future[str]) -> None:
         """The consult room's agent carries the brief, for the human's softphone or CRM."""
-        if self.brief and self.agent is not None:
+        if self.brief and self.is_open:
             self.handoff.publish({"handoff.brief": redact(self.brief)}, room=self.name)
 
     async def decision(self, tasks: utils.aio.TaskSet) -> Decision:
@@ -2701,14 +2703,14 @@ class ConsultRoom:
     async def tell(self, text: str) -> None:
         """Speak to the human in the room, if they are still there."""
         human_there = self.human_left is not None and not self.human_left.done()
-        if text and human_there and self.agent is not None:
+        if text and human_there and self.is_open and self.agent is not None:
             with contextlib.suppress(Exception):
                 speech = self.agent.session.say(text, allow_interruptions=False)
                 await asyncio.wait_for(speech.wait_for_playout(), 8)
 
     def close(self) -> None:
-        if self.agent is not None:
-            self.agent = None
+        if self.is_open:
+            self.is_open = False
             self.line.clean_up_later(self.line.close_consult(self.name), "close the consult room")
 
 
@@ -2773,7 +2775,7 @@ class Handoff:
 
     @property
     def consult(self) -> ConsultAgent | None:
-        """The agent in the consult room, while it is open."""
+        """The agent in the consult room, once it was opened."""
         return self.room.agent
 
     @property

@@ -38,9 +38,10 @@ from livekit import rtc
 from livekit.agents import AgentSession
 
 import warm_handoff as wh
-from bench.calls import CALLER_SAYS, MAX_CALL, SETTINGS, WARM, hang_up, quiet, receptionist
-from bench.sim import UTTERANCES, BenchLine, Knobs, Mouth, ScriptedLLM, ToneTTS, Trace, wait_until
-from bench.voices import AnswerScenario, Ear, FarEnd, LineSTT, scenario
+from bench.calls import CALLER_SAYS, MAX_CALL, SETTINGS, WARM, hang_up, models_for, quiet
+from bench.models import UTTERANCES
+from bench.sim import BenchLine, Knobs, Mouth, Trace, wait_until
+from bench.voices import AnswerScenario, Ear, FarEnd, scenario
 
 ANSWERS = ("person", "long_greeting", "voicemail", "pbx", "silent")
 MACHINES = ("voicemail",)  # what never presses a key nor says yes
@@ -71,7 +72,7 @@ class AnswerLine(BenchLine):
     def __init__(
         self, trace: Trace, knobs: Knobs, answer: AnswerScenario, ring: float | None = None
     ) -> None:
-        super().__init__(trace, knobs, None)  # type: ignore[arg-type] # no Mouth: the far end
+        super().__init__(trace, knobs)  # its Mouth stays silent: the far end speaks
         self.ring_time = answer.ring if ring is None else min(answer.ring, ring)
         self.answer = answer
         self.far_end = FarEnd(answer)
@@ -175,14 +176,7 @@ async def run_answer(
     ear = Ear("caller")
     trace = Trace(WARM, ear)
     phrases = wh.PhraseCache(phrase_cache) if phrase_cache else None
-    model = ScriptedLLM(receptionist, ttft=knobs.llm_ttft)
-    models = wh.Models(
-        stt=LineSTT(final_delay=knobs.stt_final),  # the caller's turns are text: it hears nothing
-        llm=model,
-        tts=ToneTTS(ttfa=knobs.tts_ttfa, chars_per_second=knobs.chars_per_second),
-        vad=vad,
-        phrases=phrases,
-    )
+    models, _ = models_for(knobs, vad, phrases)  # the caller's turns are text
     line = AnswerLine(trace, knobs, answer, ring)
     agent = wh.WarmHandoffAgent(settings, line, models)
     line.agent = agent

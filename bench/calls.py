@@ -10,10 +10,9 @@ until the caller hears the first frame of "You're now connected" (or the handoff
 The orderings:
 
 - ``warm handoff``: ``warm_handoff.WarmHandoffAgent`` and ``Handoff`` exactly as shipped;
-- ``sequential``: ``bench.orderings.SequentialAgent`` (LiveKit WarmTransferTask's order);
-- ``seed``: ``bench.seed_agent.SeedAgent`` (model greeting, dial into the room, no hold, no brief);
-- ``proposed`` (only with ``--proposed``): "warm handoff" with the recommended changes applied
-  from outside (``bench/proposed.py``), to measure them before they are made.
+- ``sequential``: the same agent, whose handoffs are ``bench.orderings.SequentialHandoff``
+  (LiveKit WarmTransferTask's order), plugged in through ``handoff_factory``;
+- ``seed``: ``bench.seed_agent.SeedAgent`` (model greeting, dial into the room, no hold, no brief).
 
 Every session is built as ``run_call`` builds it in production: ``AgentSession()`` with the
 framework's defaults (so the default turn detector and endpointing), the models on the agent.
@@ -33,26 +32,11 @@ from typing import Any
 from livekit.agents import AgentSession
 
 import warm_handoff as wh
-from bench.orderings import SequentialAgent
-from bench.proposed import PROPOSED, ProposedAgent, proposed_models
+from bench.models import UTTERANCES, Call, LineSTT, Request, ScriptedLLM, ToneTTS
+from bench.orderings import SequentialHandoff
 from bench.seed_agent import SeedAgent
-from bench.sim import (
-    UTTERANCES,
-    BenchLine,
-    Ear,
-    Knobs,
-    Mouth,
-    Request,
-    ScriptedLLM,
-    ScriptedSTT,
-    Speech,
-    ToneTTS,
-    ToolCall,
-    Trace,
-    close_quietly,
-    hold_intervals,
-    wait_until,
-)
+from bench.sim import BenchLine, Knobs, Mouth, Trace, close_quietly, hold_intervals, wait_until
+from bench.voices import Ear, Speech
 
 WARM = "warm handoff"
 SEQUENTIAL = "sequential"
@@ -88,7 +72,7 @@ MAX_CALL = 120.0  # seconds: a call that takes longer is reported as failed
 MAILBOX = re.compile(r"reached|message|mailbox|voicemail|not available", re.I)
 
 
-def receptionist(req: Request) -> str | ToolCall | None:
+def receptionist(req: Request) -> str | Call | None:
     """The scripted model, for every ordering: transfers once the caller has asked for support
     (in any of their turns); writes the brief's summary; greets (the seed's greeting comes from
     the model)."""
@@ -98,44 +82,43 @@ def receptionist(req: Request) -> str | ToolCall | None:
         return amd_by_words(req)
     if req.purpose == "consult":
         return "I don't know more than that, sorry."
-    if req.after_tool():
+    if req.after_tool:
         return CONNECTED
     said = " ".join(req.user_texts()).lower()
     if "support" in said:
-        return ToolCall("transfer_call", {"destination": "support", "reason": "printer error E4"})
+        return Call("transfer_call", {"destination": "support", "reason": "printer error E4"})
     if not said:
         return SETTINGS.greeting
     return "I can help with that. What seems to be the problem?"
 
 
-def amd_by_words(req: Request) -> ToolCall:
+def amd_by_words(req: Request) -> Call:
     """The answering-machine classifier's model, scripted as in tests/test_screening.py: the
     transcript so far has words of a mailbox -> ``machine-vm``, anything else -> ``human``."""
     heard = (req.user_texts() or [""])[-1]
-    return ToolCall(
-        "save_prediction", {"label": "machine-vm" if MAILBOX.search(heard) else "human"}
-    )
+    return Call("save_prediction", {"label": "machine-vm" if MAILBOX.search(heard) else "human"})
 
 
 def models_for(
     knobs: Knobs, vad: Any, phrases: wh.PhraseCache | None = None
-) -> tuple[wh.Models, ScriptedLLM, ScriptedSTT]:
-    model = ScriptedLLM(receptionist, ttft=knobs.llm_ttft)
-    stt_model = ScriptedSTT(final_delay=knobs.stt_final)
-    tts_model = ToneTTS(ttfa=knobs.tts_ttfa, chars_per_second=knobs.chars_per_second)
-    models = wh.Models(stt=stt_model, llm=model, tts=tts_model, vad=vad, phrases=phrases)
-    return models, model, stt_model
+) -> tuple[wh.Models, ScriptedLLM]:
+    """The bench's scripted models with the knobs' latencies and the real VAD; and the LLM."""
+    model = ScriptedLLM(receptionist, delay=knobs.llm_ttft)
+    models = wh.Models(
+        stt=LineSTT(final_delay=knobs.stt_final),
+        llm=model,
+        tts=ToneTTS(ttfa=knobs.tts_ttfa, chars_per_second=knobs.chars_per_second),
+        vad=vad,
+        phrases=phrases,
+    )
+    return models, model
 
 
-def build_agent(ordering: str, line: BenchLine, models: wh.Models, consult_vad: Any = None) -> Any:
+def build_agent(ordering: str, line: BenchLine, models: wh.Models) -> Any:
     if ordering == WARM:
         return wh.WarmHandoffAgent(SETTINGS, line, models)
     if ordering == SEQUENTIAL:
-        return SequentialAgent(SETTINGS, line, models)
-    if ordering == PROPOSED:
-        agent = ProposedAgent(SETTINGS, line, models)
-        agent.consult_vad = consult_vad
-        return agent
+        return wh.WarmHandoffAgent(SETTINGS, line, models, handoff_factory=SequentialHandoff)
 
     async def transfer(team: str) -> None:
         destination = SETTINGS.destination(team) or SETTINGS.destinations[0]
@@ -171,7 +154,6 @@ async def run_call(
     *,
     caller_speech: Speech | None = None,
     on_phase: Phase | None = None,
-    consult_vad: Any = None,
     phrase_cache: str = "",
 ) -> Trace:
     """Run one call; returns its ``Trace`` (``outcome`` says how it ended).
@@ -185,14 +167,12 @@ async def run_call(
     ear = Ear("caller")
     trace = Trace(ordering, ear)
     phrases = wh.PhraseCache(phrase_cache) if phrase_cache else None
-    models, model, stt_model = models_for(knobs, vad, phrases)
-    if ordering == PROPOSED:
-        models = await proposed_models(models, SETTINGS)  # before the call, as prewarm would
-    line = BenchLine(trace, knobs, stt_model, conference=ordering == SEED, decides=on_phase is None)
-    agent = build_agent(ordering, line, models, consult_vad)
+    models, model = models_for(knobs, vad, phrases)
+    line = BenchLine(trace, knobs, conference=ordering == SEED, decides=on_phase is None)
+    agent = build_agent(ordering, line, models)
     session = AgentSession()  # as run_call builds it: the framework's defaults
     session.output.audio = ear
-    mouth = Mouth("caller", stt_model if caller_speech else None)
+    mouth = Mouth("caller")
     if caller_speech is not None:
         mouth.loop(caller_speech, pause=2.0)
     session.input.audio = mouth
@@ -229,8 +209,8 @@ async def run_call(
             trace.outcome = results[0].outcome.value
         else:
             trace.outcome = "connected" if heard_after_merge else "timed out"
-        trace.decision = next(
-            (t for t, _, reply in model.emitted if isinstance(reply, ToolCall)), None
+        trace.decision = min(
+            (r.answered_at for r in model.requests if isinstance(r.reply, Call)), default=None
         )
         trace.ended = time.monotonic()
         return trace

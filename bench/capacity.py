@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.calls import WARM, run_call
-from bench.sim import Knobs, Speech, caller_request
+from bench.sim import Knobs
+from bench.voices import Speech, caller_request
 
 TICK = 0.005
 

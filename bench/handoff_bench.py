@@ -1,63 +1,14 @@
 """Handoff benchmark: how much silence a phone handoff costs the caller and the human.
 
-    python bench/handoff_bench.py            # about 2 min: table, bench/out/results.json, PNG
-    python bench/handoff_bench.py --quick    # about 20 s, tiny latencies: smoke test only
+    python bench/handoff_bench.py            # a few minutes: table, bench/out/results.json, PNG
+    python bench/handoff_bench.py --quick    # about 30 s, tiny latencies: smoke test only
 
-What is measured and how to read it: ``bench/README.md``.
-
-Simulated calls run end to end through the real ``AgentSession`` and the real handoff code
-(``warm_handoff.py``), on the simulated phone line, with scripted models whose latencies are
-fixed (``--llm-ttft``, ``--tts-ttfa``, ``--ring``, ``--hello``; see ``bench/sim.py``). Every
-timestamp is read from the audio frames the caller and the human receive: their earpieces play
-audio at real-time pace and recognise each sentence by the tag the fake TTS puts in its tone.
-
-Three orderings run side by side in the same harness, so the gains are ratios:
-
-- "warm handoff": the project (please-hold and dial at once, hold audio, the brief composed
-  while the phone rings and spoken after the human's hello, keypad 1 to accept, then merge);
-- "sequential": LiveKit's WarmTransferTask order (announce, then dial, then wait for the hello,
-  then ask the model for the brief, then speak) - ``bench/orderings.py``;
-- "seed": a first receptionist (the model greets, dials the human into the caller's room, no
-  hold audio, no brief) - ``bench/seed_agent.py``.
-
-Endpointing is the framework's default, honestly run: the human's hello is real recorded speech
-(``bench/audio/hello.wav``) sent into the consult session at real-time pace, heard by the real
-Silero VAD and the framework's default turn detector (in 1.8.9 the local ``turn-detector-v1-mini``
-model, as a self-hosted ``start`` worker runs it); a scripted STT returns its text 0.3 s after the
-speech ends (``--stt-final``). The caller's own turns are text: what is measured starts at the
-model's transfer decision.
-
-Figures, all from the frames heard (median and p90 over ``--calls`` calls per ordering):
-
-- greeting: caller present (the session is started) -> first frame of the greeting;
-- announce: the model emits transfer_call -> first frame the caller hears ("please hold");
-- longest silence: the longest stretch, from the decision until the caller hears the agent again
-  after the merge, with neither speech nor hold audio (nor, in the seed, the human's hello);
-- human wait: end of the human's hello -> first frame of the brief (the seed has no brief);
-- overhead: (merge - decision) - ring - brief duration - the human's own time (their hello, and
-  their keypress after the brief). Its parts are reported: the dial's delay, the endpointing of
-  the hello, the rest of the human wait, the merge.
-
-"warm handoff" plays its fixed sentences from a phrase cache folder on the worker host (instant
-words, ``warm_handoff.PhraseCache``), empty when the run starts: one "warm handoff" call runs
-alone first (the first call on a new host: greeting and announce synthesised live and saved);
-the figures above are the later calls, which find them saved. The first call's greeting and
-announce are reported on their own. ``--no-phrase-cache`` runs every sentence live.
-
-Who answers the human's phone (``bench/answers.py``, ``--scenarios``, default all): one
-"warm handoff" call per scenario and ``--calls``, after the orderings: a short hello (today's),
-a long greeting with a 0.4 s pause, a voicemail (22 s ring, 8 s greeting, the beep), a PBX
-auto-attendant then the person 6 s later (an extension), a silent person; through the real
-Silero VAD, a Deepgram-timed STT and the worker's own screening (``voice.amd.AMD``, with a
-scripted classifier: its accuracy is not measured). In ms from the end of the utterance that
-cues the opener: the VAD's end of speech, the opener's first frame heard, the verdict (and its
-reason), the confirmation, the details' first frame heard, and the frames about the caller sent
-before a person was confirmed (must be none).
-
-And, from fresh processes (``bench/worker_probe.py``): import + prewarm time and memory for
-``warm_handoff`` and for the seed-style module, what the framework's default turn detector adds,
-memory per active call; and, in this process, the capacity: simultaneous talking calls (real
-VAD on real speech) before the event loop's p99 lag reaches 20 ms (``bench/capacity.py``).
+Simulated calls run end to end through the real ``AgentSession`` and the real handoff code, with
+scripted models of fixed latency, and every time is read from the audio frames the caller and
+the human receive. The phases, in order: a new host's first call (empty phrase cache), the
+three orderings ("warm handoff", "sequential", "seed"), the answer scenarios (who picks up the
+human's phone), the capacity ramp, the worker's fresh processes. What each figure means and how
+to read it: ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -74,10 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -108,7 +59,6 @@ from bench.calls import (  # noqa: E402
     run_call,
 )
 from bench.capacity import LoopLag, measure_capacity, percentile  # noqa: E402
-from bench.proposed import PROPOSED  # noqa: E402
 from bench.sim import Knobs, Trace  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -124,37 +74,51 @@ QUICK = Knobs(
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
 
-async def latency_phase(
-    knobs: Knobs,
+T = TypeVar("T")
+
+
+async def all_together(
+    kinds: tuple[str, ...],
     calls: int,
-    vad: Any,
     stagger: float,
-    orderings: tuple[str, ...] = ORDERINGS,
-    consult_vad: Any = None,
-    phrase_cache: str = "",
-) -> tuple[dict[str, list[Trace]], dict[str, float]]:
-    """``calls`` calls of each ordering, all live together, starting ``stagger`` s apart in a
-    shuffled order; returns the traces and the event loop's lag meanwhile. "warm handoff"
-    calls share the ``phrase_cache`` folder (none: "")."""
-    order = [o for o in orderings for _ in range(calls)]
-    random.Random(7).shuffle(order)
+    seed: int,
+    run: Callable[[str], Awaitable[T]],
+) -> tuple[list[T], dict[str, float]]:
+    """``calls`` calls of each kind, all live together, starting ``stagger`` s apart in a
+    shuffled order (``seed``); returns what each ``run`` returned and the event loop's lag
+    meanwhile (ms)."""
+    order = [kind for kind in kinds for _ in range(calls)]
+    random.Random(seed).shuffle(order)
     ticker = LoopLag()
     ticker.start()
 
-    async def one(i: int, ordering: str) -> Trace:
+    async def one(i: int, kind: str) -> T:
         await asyncio.sleep(i * stagger)
-        cache = phrase_cache if ordering == WARM else ""
-        return await run_call(ordering, knobs, vad, consult_vad=consult_vad, phrase_cache=cache)
+        return await run(kind)
 
     try:
-        traces = await asyncio.gather(*(one(i, o) for i, o in enumerate(order)))
+        done = await asyncio.gather(*(one(i, kind) for i, kind in enumerate(order)))
     finally:
         await ticker.stop()
-    by: dict[str, list[Trace]] = {o: [] for o in orderings}
+    lags = [late * 1000 for _, late in ticker.samples]
+    return list(done), {"p50": percentile(lags, 50), "p99": percentile(lags, 99), "max": max(lags)}
+
+
+async def latency_phase(
+    knobs: Knobs, calls: int, vad: Any, stagger: float, phrase_cache: str = ""
+) -> tuple[dict[str, list[Trace]], dict[str, float]]:
+    """``calls`` calls of each ordering, all live together; the traces by ordering and the
+    loop's lag. "warm handoff" calls share the ``phrase_cache`` folder (none: "")."""
+
+    def call(ordering: str) -> Awaitable[Trace]:
+        cache = phrase_cache if ordering == WARM else ""
+        return run_call(ordering, knobs, vad, phrase_cache=cache)
+
+    traces, lag = await all_together(ORDERINGS, calls, stagger, 7, call)
+    by: dict[str, list[Trace]] = {o: [] for o in ORDERINGS}
     for trace in traces:
         by[trace.ordering].append(trace)
-    lags = [late * 1000 for _, late in ticker.samples]
-    return by, {"p50": percentile(lags, 50), "p99": percentile(lags, 99), "max": max(lags)}
+    return by, lag
 
 
 async def answer_phase(
@@ -166,31 +130,18 @@ async def answer_phase(
     phrase_cache: str = "",
     ring: float | None = None,
 ) -> tuple[list[AnswerCall], dict[str, float]]:
-    """``calls`` "warm handoff" calls per answer scenario, all live together, ``stagger`` s
-    apart in a shuffled order (after the orderings' calls: the phrase cache has the opener).
-    ``ring``: each rings at most this long (None: as the scenario says)."""
-    order = [n for n in names for _ in range(calls)]
-    random.Random(11).shuffle(order)
-    ticker = LoopLag()
-    ticker.start()
+    """``calls`` "warm handoff" calls per answer scenario, all live together (after the
+    orderings' calls: the phrase cache has the opener). ``ring``: each rings at most this long
+    (None: as the scenario says)."""
 
-    async def one(i: int, name: str) -> AnswerCall:
-        await asyncio.sleep(i * stagger)
-        return await run_answer(name, knobs, vad, phrase_cache=phrase_cache, ring=ring)
+    def call(name: str) -> Awaitable[AnswerCall]:
+        return run_answer(name, knobs, vad, phrase_cache=phrase_cache, ring=ring)
 
-    try:
-        done = await asyncio.gather(*(one(i, n) for i, n in enumerate(order)))
-    finally:
-        await ticker.stop()
-    lags = [late * 1000 for _, late in ticker.samples]
-    return list(done), {"p50": percentile(lags, 50), "p99": percentile(lags, 99), "max": max(lags)}
+    return await all_together(names, calls, stagger, 11, call)
 
 
-def _probe(
-    agent: str, calls: int = 0, *, nice: bool = False, quick: bool = False
-) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "bench.worker_probe", "--agent", agent]
-    command += ["--calls", str(calls)] + (["--nice"] if nice else [])
+def _probe(agent: str, calls: int = 0, *, quick: bool = False) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "bench.worker_probe", "--agent", agent, "--calls", str(calls)]
     command += ["--quick"] if quick else []
     return subprocess.Popen(
         command,
@@ -649,12 +600,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"who answers the human's phone: all (default), none, or some of {','.join(ANSWERS)}",
     )
     p.add_argument(
-        "--proposed", action="store_true", help="also run the recommended changes (a what-if)"
-    )
-    p.add_argument(
-        "--proposed-silence", type=float, help="with --proposed: consult VAD min silence, s"
-    )
-    p.add_argument(
         "--no-phrase-cache", action="store_true", help="warm handoff: every sentence live"
     )
     p.add_argument("--out", type=Path, default=OUT, help="directory for results.json")
@@ -697,12 +642,6 @@ async def measure_all(args: argparse.Namespace, knobs: Knobs) -> dict[str, Any]:
     from livekit.plugins import silero
 
     vad = silero.VAD.load()  # what warm_handoff.prewarm does once per process
-    orderings, consult_vad = ORDERINGS, None
-    if args.proposed:
-        orderings += (PROPOSED,)
-        if args.proposed_silence is not None:
-            silence = args.proposed_silence
-            consult_vad = (silero.VAD.load(min_silence_duration=silence), silence)
     phases: dict[str, float] = {}
     mark = time.perf_counter()
     stagger = 0.0 if args.quick else args.stagger
@@ -711,9 +650,7 @@ async def measure_all(args: argparse.Namespace, knobs: Knobs) -> dict[str, Any]:
         first = None
         if phrase_cache:  # a new host's first call: nothing saved yet
             first = await run_call(WARM, knobs, vad, phrase_cache=phrase_cache)
-        by, lag = await latency_phase(
-            knobs, args.calls, vad, stagger, orderings, consult_vad, phrase_cache
-        )
+        by, lag = await latency_phase(knobs, args.calls, vad, stagger, phrase_cache)
         phases["calls"], mark = time.perf_counter() - mark, time.perf_counter()
         answered: list[AnswerCall] = []
         if args.scenarios:

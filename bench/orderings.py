@@ -4,8 +4,11 @@ Announce ("please hold"), then hold audio and the consult session, then dial; on
 has said hello, ask the model for the brief, then speak it.
 
 Only the order differs from "warm handoff": everything else (the consult session, hold, the
-keypad, the merge, the clean-up) is the project's own ``Handoff`` running unchanged. The order
-is imposed from outside, so this keeps working as ``warm_handoff.py`` evolves:
+keypad, the merge, the clean-up) is the project's own ``Handoff`` running unchanged. It plugs in
+through the module's two seams: the receptionist builds its attempts with
+``WarmHandoffAgent(..., handoff_factory=SequentialHandoff)``, and a handoff builds its consult
+agent with ``Handoff.consult_agent``. The order is imposed from outside, so this keeps working
+as ``warm_handoff.py`` evolves:
 
 - the phone line the handoff sees holds the consult room until the announcement has been
   spoken and hold audio started, and holds the dial until the consult session is up;
@@ -27,17 +30,17 @@ import warm_handoff as wh
 
 class SequentialConsultAgent(wh.ConsultAgent):
     """A ``ConsultAgent`` that composes the brief with the model only once the human has said
-    hello (set on an existing agent by ``_InOrder.open_consult``)."""
+    hello (``compose`` is set by ``_InOrder.open_consult``, once the caller has been told)."""
 
-    _compose: Any = None  # () -> Awaitable[str], set by _InOrder
+    compose: Any = None  # () -> Awaitable[str]
     _composing = False
 
     async def llm_node(
         self, chat_ctx: llm.ChatContext, tools: list[Any], model_settings: Any
     ) -> Any:
-        if not self.brief_started.is_set() and not self._composing and self._compose:
+        if not self.brief_started.is_set() and not self._composing and self.compose:
             self._composing = True
-            self._brief = asyncio.ensure_future(self._compose())
+            self._brief = asyncio.ensure_future(self.compose())
         async for chunk in super().llm_node(chat_ctx, tools, model_settings):
             yield chunk
 
@@ -57,11 +60,10 @@ class _InOrder:
     async def open_consult(self, room: str, human_identity: str, session: Any, agent: Any) -> None:
         await self.announced.wait()
         h = self._handoff
-        if isinstance(agent, wh.ConsultAgent):
+        if isinstance(agent, SequentialConsultAgent):
             agent._brief.cancel()  # composed while ringing: not in this ordering
-            agent.__class__ = SequentialConsultAgent
             transcript = wh.conversation_transcript(h.session.history)
-            agent._compose = lambda: wh.compose_brief(
+            agent.compose = lambda: wh.compose_brief(
                 h.models.llm, transcript, h.reason, h.settings, h.destination, h.ring_timeout
             )
         try:
@@ -75,34 +77,27 @@ class _InOrder:
         return await self._line.dial(dial)
 
 
-class SequentialHandoff(wh.Handoff):
-    """A ``Handoff`` (built by the project's own ``_hand_off``) run in the sequential order."""
+class _HoldThenDial(wh.CallerHold):
+    """The caller's hold, letting the consult room open and the dial go out once announced."""
 
-    def adopt(self) -> None:
-        self._in_order = _InOrder(self.line, self)
-        self.line = self._in_order  # type: ignore[assignment]
+    def __init__(self, handoff: SequentialHandoff) -> None:
+        super().__init__(handoff)
+        self._in_order = handoff.in_order
 
-    async def _announce_and_hold(self) -> None:
+    async def announce_and_hold(self) -> None:
         try:
-            await super()._announce_and_hold()
+            await super().announce_and_hold()
         finally:
             self._in_order.announced.set()
 
 
-class SequentialAgent(wh.WarmHandoffAgent):
-    """The project's receptionist, handing off in the sequential order.
+class SequentialHandoff(wh.Handoff):
+    """A ``Handoff`` run in the sequential order (``handoff_factory`` of the receptionist)."""
 
-    ``WarmHandoffAgent._hand_off`` builds a ``Handoff`` and stores it in ``self.handoff``
-    before running it; this agent turns that object into a ``SequentialHandoff`` (same state,
-    one overridden step) as it is stored."""
+    def __init__(self, *, line: wh.PhoneLine, **kwargs: Any) -> None:
+        self.in_order = _InOrder(line, self)
+        super().__init__(line=self.in_order, **kwargs)  # type: ignore[arg-type]
+        self.hold = _HoldThenDial(self)
 
-    @property  # type: ignore[override]
-    def handoff(self) -> wh.Handoff | None:
-        return self.__dict__.get("_bench_handoff")
-
-    @handoff.setter
-    def handoff(self, value: wh.Handoff | None) -> None:
-        if value is not None and type(value) is wh.Handoff:
-            value.__class__ = SequentialHandoff
-            value.adopt()  # type: ignore[attr-defined]
-        self.__dict__["_bench_handoff"] = value
+    def consult_agent(self, brief: asyncio.Future[str], transcript: str) -> wh.ConsultAgent:
+        return SequentialConsultAgent(brief=brief, transcript=transcript, handoff=self)

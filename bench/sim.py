@@ -1,24 +1,19 @@
-"""The simulated world a benchmarked call runs in: scripted models with fixed latencies, ears
-that play audio in real time and timestamp every frame, a microphone that speaks real recorded
-speech in real time, and a phone line that records when things happen.
+"""The simulated world a benchmarked call runs in: a microphone that speaks real recorded speech
+in real time, a phone line that plays the human and records when things happen, and the
+benchmark's fixed latencies (``Knobs``).
 
 Nothing here replaces the framework: the calls run through the real ``AgentSession`` (with the
 real Silero VAD and the framework's default turn detection) and the real handoff code. Only the
-three network models (STT, LLM, TTS) and the media server (``SimulatedPhoneLine``) are simulated.
-
-How audio is identified. The fake TTS renders each sentence as a quiet square wave whose
-amplitude is a tag unique to that sentence (``UTTERANCES``). An ear reads the tag back from
-every frame it plays, so "the first frame of the brief" is found in the audio the listener
-actually received, not in a log line.
+three network models (``bench/models.py``: STT, LLM, TTS, shared with the tests) and the media
+server (``SimulatedPhoneLine``) are simulated; recorded speech and the ears that timestamp every
+frame they play are ``bench/voices.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,61 +21,26 @@ from typing import Any
 
 import numpy as np
 from livekit import rtc
-from livekit.agents import APIConnectOptions, llm, stt, tts
-from livekit.agents.language import LanguageCode
-from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
-from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, NotGivenOr
 from livekit.agents.voice import io
 
 import warm_handoff as wh
-from bench.voices import (  # noqa: F401 - re-exported: the bench imports them from here
-    AUDIO_DIR,
-    MIC_FRAME,
-    MIC_RATE,
-    Ear,
-    Heard,
-    Speech,
-    caller_request,
-    human_hello,
-)
-
-TTS_RATE = 24_000
-
+from bench.voices import MIC_FRAME, MIC_RATE, SPOKEN_KEY, Ear, Speech, Spoken, human_hello
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
-# Tags and mouths (recorded speech and ears: bench/voices.py)
+# A phone's microphone
 # ──────────────────────────────────────────────────────────────────────────────────────────────
-
-
-class Utterances:
-    """Tags for the sentences the fake TTS renders; an ear reads them back from the audio."""
-
-    def __init__(self) -> None:
-        self._texts: dict[int, str] = {}
-        self._count = 0
-
-    def tag(self, text: str) -> int:
-        self._count += 1
-        tag = 1000 + self._count % 30_000
-        self._texts[tag] = text
-        return tag
-
-    def text(self, tag: int) -> str:
-        return self._texts.get(tag, "")
-
-
-UTTERANCES = Utterances()
 
 
 class Mouth(io.AudioInput):
     """A phone's microphone: 20 ms frames at 16 kHz, delivered in real time (each one when its
     20 ms have passed). It sends silence unless ``say`` queued a recording; ``loop`` makes it
-    repeat a recording with pauses (the capacity test's callers)."""
+    repeat a recording with pauses (the capacity test's callers). Each frame of a recording
+    carries its spoken part (``SPOKEN_KEY``), as the far end's do, so ``LineSTT`` hears what
+    was said."""
 
-    def __init__(self, label: str, stt: ScriptedSTT | None = None) -> None:
+    def __init__(self, label: str) -> None:
         super().__init__(label=label)
-        self._stt = stt
-        self._queue: deque[tuple[np.ndarray, asyncio.Future[float]]] = deque()
+        self._queue: deque[tuple[np.ndarray, Spoken | None, asyncio.Future[float]]] = deque()
         self._loop_with: tuple[Speech, float] | None = None
         self._deadline: float | None = None
         self._silence = np.zeros(MIC_FRAME, dtype=np.int16)
@@ -88,9 +48,7 @@ class Mouth(io.AudioInput):
     def say(self, speech: Speech) -> asyncio.Future[float]:
         """Speak ``speech``; the future resolves with the time its last frame was delivered."""
         done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        if self._stt is not None:
-            self._stt.expect(speech.text)
-        self._queue.append((speech.pcm, done))
+        self._queue.append((speech.pcm, Spoken(speech.text, 0, len(speech.pcm)), done))
         return done
 
     def loop(self, speech: Speech, pause: float) -> None:
@@ -100,7 +58,7 @@ class Mouth(io.AudioInput):
         """Stop talking at once (and stop looping)."""
         self._loop_with = None
         while self._queue:
-            _, done = self._queue.popleft()
+            _, _, done = self._queue.popleft()
             if not done.done():
                 done.set_result(time.monotonic())
 
@@ -113,234 +71,24 @@ class Mouth(io.AudioInput):
             speech, pause = self._loop_with
             self.say(speech)
             silence = np.zeros(int(pause * MIC_RATE), dtype=np.int16)
-            self._queue.append((silence, asyncio.get_running_loop().create_future()))
-        chunk = self._silence
+            self._queue.append((silence, None, asyncio.get_running_loop().create_future()))
+        chunk, spoken, last = self._silence, None, False
         if self._queue:
-            pcm, done = self._queue[0]
+            pcm, spoken, done = self._queue[0]
             chunk, rest = pcm[:MIC_FRAME], pcm[MIC_FRAME:]
             if len(rest):
-                self._queue[0] = (rest, done)
+                self._queue[0] = (rest, spoken, done)
             else:
+                last = True
                 self._queue.popleft()
                 if not done.done():
                     done.set_result(time.monotonic())
             if len(chunk) < MIC_FRAME:
                 chunk = np.concatenate([chunk, self._silence[: MIC_FRAME - len(chunk)]])
-        return rtc.AudioFrame(chunk.tobytes(), MIC_RATE, 1, MIC_FRAME)
-
-
-# ──────────────────────────────────────────────────────────────────────────────────────────────
-# Scripted models with fixed latencies
-# ──────────────────────────────────────────────────────────────────────────────────────────────
-
-
-class ToneTTS(tts.TTS):
-    """A non-streaming TTS (the framework splits text into sentences and synthesises each):
-    after ``ttfa`` seconds it returns the whole sentence as a tagged square wave lasting
-    ``len(text) / chars_per_second`` seconds."""
-
-    def __init__(self, *, ttfa: float, chars_per_second: float = 14.0) -> None:
-        super().__init__(
-            capabilities=tts.TTSCapabilities(streaming=False),
-            sample_rate=TTS_RATE,
-            num_channels=1,
-        )
-        self.ttfa = ttfa
-        self.chars_per_second = chars_per_second
-
-    def synthesize(
-        self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
-    ) -> tts.ChunkedStream:
-        return _ToneStream(tts=self, input_text=text, conn_options=conn_options)
-
-
-class _ToneStream(tts.ChunkedStream):
-    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
-        model: ToneTTS = self._tts  # type: ignore[assignment]
-        output_emitter.initialize(
-            request_id=uuid.uuid4().hex[:12],
-            sample_rate=TTS_RATE,
-            num_channels=1,
-            mime_type="audio/pcm",
-        )
-        await asyncio.sleep(model.ttfa)
-        text = self.input_text.strip()
-        if text:
-            tag = UTTERANCES.tag(text)
-            samples = max(MIC_FRAME, int(TTS_RATE * len(text) / model.chars_per_second))
-            wave_ = np.full(samples, tag, dtype=np.int16)
-            wave_[(np.arange(samples) // 12) % 2 == 1] *= -1  # a 1 kHz square wave
-            output_emitter.push(wave_.tobytes())
-        output_emitter.flush()
-
-
-class ScriptedSTT(stt.STT):
-    """A streaming STT that hears when someone speaks (energy in the frames it receives) and,
-    ``final_delay`` seconds after the speech ends, returns the text the speaker's script said."""
-
-    def __init__(self, *, final_delay: float) -> None:
-        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
-        self.final_delay = final_delay
-        self._texts: deque[str] = deque()
-
-    def expect(self, text: str) -> None:
-        self._texts.append(text)
-
-    def next_text(self) -> str:
-        return self._texts.popleft() if self._texts else ""
-
-    async def _recognize_impl(
-        self,
-        buffer: Any,
-        *,
-        language: NotGivenOr[str] = NOT_GIVEN,
-        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
-    ) -> stt.SpeechEvent:
-        return _final(self.next_text())
-
-    def stream(
-        self,
-        *,
-        language: NotGivenOr[str] = NOT_GIVEN,
-        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
-    ) -> stt.RecognizeStream:
-        return _STTStream(self, conn_options)
-
-
-def _final(text: str) -> stt.SpeechEvent:
-    return stt.SpeechEvent(
-        type=stt.SpeechEventType.FINAL_TRANSCRIPT,
-        alternatives=[stt.SpeechData(language=LanguageCode("en"), text=text, confidence=1.0)],
-    )
-
-
-class _STTStream(stt.RecognizeStream):
-    LOUD = 400  # int16 peak above which a frame counts as speech
-    HANGOVER = 0.06  # silence that ends an utterance, seconds
-    CLOSING_FRAME = 0.15  # microphones send 20 ms frames; a closing session sends 200 ms ones
-
-    def __init__(self, model: ScriptedSTT, conn_options: APIConnectOptions) -> None:
-        super().__init__(stt=model, conn_options=conn_options, sample_rate=MIC_RATE)
-        self._model = model
-        self._pending: set[asyncio.Task[None]] = set()
-
-    async def _run(self) -> None:
-        speaking, quiet = False, 0.0
-        try:
-            async for item in self._input_ch:
-                if isinstance(item, self._FlushSentinel):
-                    continue
-                if item.duration >= self.CLOSING_FRAME and not speaking:
-                    # the session is closing: it pushes a burst of long silent frames and waits
-                    # for a final transcript, as a real STT sends once it has heard silence
-                    self._event_ch.send_nowait(_final(""))
-                    continue
-                samples = np.frombuffer(item.data, dtype=np.int16)
-                loud = len(samples) > 0 and int(np.abs(samples).max()) > self.LOUD
-                if loud:
-                    if not speaking:
-                        self._event_ch.send_nowait(
-                            stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH)
-                        )
-                    speaking, quiet = True, 0.0
-                elif speaking:
-                    quiet += item.duration
-                    if quiet >= self.HANGOVER:
-                        speaking = False
-                        task = asyncio.create_task(self._finalise(self.HANGOVER))
-                        self._pending.add(task)
-                        task.add_done_callback(self._pending.discard)
-        finally:
-            for task in self._pending:
-                task.cancel()
-
-    async def _finalise(self, already: float) -> None:
-        await asyncio.sleep(max(0.0, self._model.final_delay - already))
-        text = self._model.next_text()
-        if text:
-            self._event_ch.send_nowait(_final(text))
-        self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH))
-
-
-@dataclass
-class ToolCall:
-    name: str
-    arguments: dict[str, Any]
-
-
-@dataclass
-class Request:
-    chat_ctx: llm.ChatContext
-    tools: list[str]
-    at: float
-
-    @property
-    def purpose(self) -> str:
-        if "save_prediction" in self.tools:  # answering-machine detection (voice/amd)
-            return "amd"
-        if "connect_to_caller" in self.tools:
-            return "consult"
-        if "transfer_call" in self.tools:
-            return "caller"
-        return "brief"
-
-    def user_texts(self) -> list[str]:
-        return [
-            m.text_content for m in self.chat_ctx.messages() if m.role == "user" and m.text_content
-        ]
-
-    def after_tool(self) -> bool:
-        items = [i for i in self.chat_ctx.items if i.type in ("message", "function_call_output")]
-        return bool(items) and items[-1].type == "function_call_output"
-
-
-class ScriptedLLM(llm.LLM):
-    """An ``llm.LLM`` whose answer is chosen by ``respond``; the answer (text or tool call) is
-    emitted whole ``ttft`` seconds after the request. ``emitted`` records (time, purpose,
-    answer) for every answer."""
-
-    def __init__(self, respond: Callable[[Request], str | ToolCall | None], *, ttft: float):
-        super().__init__()
-        self.respond = respond
-        self.ttft = ttft
-        self.emitted: list[tuple[float, str, str | ToolCall | None]] = []
-
-    def chat(  # type: ignore[override]
-        self, *, chat_ctx, tools=None, conn_options=DEFAULT_API_CONNECT_OPTIONS, **_: Any
-    ) -> llm.LLMStream:
-        names = [getattr(t, "id", "") or getattr(t, "name", "") for t in tools or []]
-        request = Request(chat_ctx.copy(), names, time.monotonic())
-        return _ScriptedStream(
-            self, request, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options
-        )
-
-
-class _ScriptedStream(llm.LLMStream):
-    def __init__(self, model: ScriptedLLM, request: Request, **kw: Any) -> None:
-        super().__init__(model, **kw)
-        self._model = model
-        self._request = request
-
-    async def _run(self) -> None:
-        await asyncio.sleep(self._model.ttft)
-        reply = self._model.respond(self._request)
-        self._model.emitted.append((time.monotonic(), self._request.purpose, reply))
-        if reply is None:
-            return
-        if isinstance(reply, str):
-            delta = ChoiceDelta(role="assistant", content=reply)
-        else:
-            delta = ChoiceDelta(
-                role="assistant",
-                tool_calls=[
-                    FunctionToolCall(
-                        name=reply.name,
-                        arguments=json.dumps(reply.arguments),
-                        call_id=f"call_{uuid.uuid4().hex[:8]}",
-                    )
-                ],
-            )
-        self._event_ch.send_nowait(ChatChunk(id=uuid.uuid4().hex[:8], delta=delta))
+        frame = rtc.AudioFrame(chunk.tobytes(), MIC_RATE, 1, MIC_FRAME)
+        if spoken is not None:
+            frame.userdata[SPOKEN_KEY] = (spoken, last)
+        return frame
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -403,7 +151,6 @@ class BenchLine(wh.SimulatedPhoneLine):
         self,
         trace: Trace,
         knobs: Knobs,
-        stt_model: ScriptedSTT,
         *,
         conference: bool = False,
         decides: bool = True,
@@ -414,7 +161,7 @@ class BenchLine(wh.SimulatedPhoneLine):
         self.conference = conference
         self.decides = decides
         self.hello = human_hello()
-        self.mouth = Mouth("human", stt_model)
+        self.mouth = Mouth("human")
         self.briefed = asyncio.Event()
 
     async def dial(self, dial: wh.Dial) -> wh.Leg:

@@ -8,9 +8,6 @@
   answers, the audio after the answer, and the text a speech-to-text hears in each spoken part.
 - The far end of the leg (``FarEnd``): plays a scenario into a consult ``AgentSession`` in real
   time from the moment the leg is ``active`` and hears what the session says.
-- A scripted streaming speech-to-text (``LineSTT``) timed like Deepgram's live API: each spoken
-  part's final transcript arrives ``final_delay`` (0.3 s) after the part ends, before the Silero
-  VAD's end of speech (0.55 s of silence by default).
 
 Plugging a scenario into a consult session (the phone-line fake does this)::
 
@@ -19,24 +16,24 @@ Plugging a scenario into a consult session (the phone-line fake does this)::
     ...                       # the fake server waits scenario.ring, then the leg answers
     far_end.active()          # at sip.callStatus == "active" (after the DTMF, if any)
 
-The session needs ``stt=LineSTT()`` and a real VAD (``silero.VAD.load()``).
+The session needs ``stt=LineSTT()`` (``bench/models.py``, the scripted models) and a real VAD
+(``silero.VAD.load()``).
 
 The words and the audio. Only two recordings exist (``hello.wav``: "Hello?", 0.45 s;
 ``caller.wav``: "My printer shows error E4. Can I talk to support?", 3.15 s), so longer speech
 is spliced from their parts: the VAD hears real speech with each scenario's lengths and pauses,
 and the words come from the script. Every frame the far end sends carries, in its
-``userdata``, the spoken part it belongs to; ``LineSTT`` reads that to know what was said and
-when each part ended, so tones and silence are never transcribed, and a frame the framework
-replaces by silence (speech discarded while the agent's speech is uninterruptible) is not heard.
+``userdata``, the spoken part it belongs to (``SPOKEN_KEY``); ``LineSTT`` reads that to know
+what was said and when each part ended, so tones and silence are never transcribed, and a frame
+the framework replaces by silence (speech discarded while the agent's speech is
+uninterruptible) is not heard.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
-import uuid
 import wave
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,9 +42,6 @@ from typing import Any
 
 import numpy as np
 from livekit import rtc
-from livekit.agents import APIConnectOptions, stt
-from livekit.agents.language import LanguageCode
-from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, NotGivenOr
 from livekit.agents.voice import io
 
 AUDIO_DIR = Path(__file__).resolve().parent / "audio"
@@ -546,104 +540,3 @@ class FarEnd:
 
     def hang_up(self) -> None:
         self.mouth.stop()
-
-
-# ──────────────────────────────────────────────────────────────────────────────────────────────
-# Speech-to-text, timed like Deepgram's
-# ──────────────────────────────────────────────────────────────────────────────────────────────
-
-FINAL_DELAY = 0.3  # a part's final transcript this long after its last sample
-
-
-class LineSTT(stt.STT):
-    """A streaming STT for the far end's speech, with the event order of the Deepgram plugin
-    (livekit/plugins/deepgram/stt.py ``_process_stream_event``, endpointing 25 ms, no interim
-    results): START_OF_SPEECH when a spoken part starts (its ``SpeechStarted``), then
-    ``final_delay`` after the part's last sample its FINAL_TRANSCRIPT and END_OF_SPEECH
-    (``speech_final``), each part on its own. So a final arrives before the VAD's end of speech
-    (Silero's default ``min_silence_duration`` is 0.55 s). Tones and silence send nothing, and
-    an STT that heard nothing sends no empty final (the Deepgram plugin drops empty results), so
-    a closing session waits its ``session_close_transcript_timeout`` as with Deepgram."""
-
-    def __init__(self, *, final_delay: float = FINAL_DELAY) -> None:
-        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
-        self.final_delay = final_delay
-
-    async def _recognize_impl(
-        self,
-        buffer: Any,
-        *,
-        language: NotGivenOr[str] = NOT_GIVEN,
-        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
-    ) -> stt.SpeechEvent:
-        frames = buffer if isinstance(buffer, list) else [buffer]
-        texts: list[str] = []
-        for frame in frames:
-            spoken, _ = frame.userdata.get(SPOKEN_KEY, (None, False))
-            if spoken is not None and spoken.text not in texts:
-                texts.append(spoken.text)
-        return _final(" ".join(texts))
-
-    def stream(
-        self,
-        *,
-        language: NotGivenOr[str] = NOT_GIVEN,
-        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
-    ) -> stt.RecognizeStream:
-        return _LineSTTStream(self, conn_options)
-
-
-def _final(text: str) -> stt.SpeechEvent:
-    return stt.SpeechEvent(
-        type=stt.SpeechEventType.FINAL_TRANSCRIPT,
-        request_id=uuid.uuid4().hex[:12],
-        alternatives=[stt.SpeechData(language=LanguageCode("en"), text=text, confidence=1.0)],
-    )
-
-
-class _LineSTTStream(stt.RecognizeStream):
-    def __init__(self, model: LineSTT, conn_options: APIConnectOptions) -> None:
-        super().__init__(stt=model, conn_options=conn_options, sample_rate=MIC_RATE)
-        self._model = model
-        self._speaking = False
-        self._pending: set[asyncio.Task[None]] = set()
-
-    async def _run(self) -> None:
-        hearing: Spoken | None = None
-        heard: set[Spoken] = set()
-        try:
-            async for item in self._input_ch:
-                if isinstance(item, self._FlushSentinel):
-                    continue
-                spoken, last = item.userdata.get(SPOKEN_KEY, (None, False))
-                if hearing is not None and spoken is not hearing:
-                    self._endpoint(hearing)  # cut off (e.g. replaced by silence): what was heard
-                    hearing = None
-                if spoken is not None and hearing is None and spoken not in heard:
-                    heard.add(spoken)
-                    hearing = spoken
-                    self._start_of_speech()
-                if last and spoken is hearing and hearing is not None:
-                    self._endpoint(hearing)
-                    hearing = None
-        finally:
-            for task in self._pending:
-                task.cancel()
-
-    def _start_of_speech(self) -> None:
-        if not self._speaking:
-            self._speaking = True
-            self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH))
-
-    def _endpoint(self, spoken: Spoken) -> None:
-        task = asyncio.create_task(self._speech_final(spoken.text))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _speech_final(self, text: str) -> None:
-        await asyncio.sleep(self._model.final_delay)
-        with contextlib.suppress(Exception):  # the stream closed meanwhile
-            self._start_of_speech()  # a transcript without SpeechStarted starts speech
-            self._event_ch.send_nowait(_final(text))
-            self._speaking = False
-            self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.END_OF_SPEECH))

@@ -123,7 +123,8 @@ async def per_call(agent: str, vad: Any, calls: int, quick: bool) -> None:
     process keeps the memory it frees and reuses it, so a difference between two rounds in one
     process says little, and the first calls' one-time costs cancel out in the slope."""
     from bench.calls import SEED, WARM, run_call
-    from bench.sim import Knobs, Speech, caller_request
+    from bench.sim import Knobs
+    from bench.voices import Speech, caller_request
 
     ordering = WARM if agent == "warm" else SEED
     knobs = Knobs(llm_ttft=0.05, tts_ttfa=0.05, ring=0.3, hello=0.5, chars_per_second=200)
@@ -150,11 +151,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agent", choices=sorted(MODULES), required=True)
     parser.add_argument("--calls", type=int, default=0, help="concurrent calls for RSS per call")
-    parser.add_argument("--nice", action="store_true", help="lowest CPU priority (background)")
     parser.add_argument("--quick", action="store_true", help="tiny latencies, no warm-up round")
     args = parser.parse_args()
-    if args.nice:
-        os.nice(19)
     vad = ready(args.agent)
     if args.calls > 0:
         framework_preload()

@@ -1,115 +1,23 @@
-"""Scripted models and call fixtures: the real AgentSession, driven offline."""
+"""Call fixtures: the real AgentSession, driven offline by the scripted models
+(``bench/models.py``, shared with the benchmark)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from fake_livekit import API_KEY, API_SECRET, FakeLiveKitServer, RoomEvent
-from livekit.agents import AgentSession, llm, utils
-from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
+from livekit.agents import AgentSession, utils
 from livekit.agents.testing import fake_job_context
-from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from livekit.agents.voice.io import TextOutput
 from livekit.plugins import silero
 
 import warm_handoff as wh
-
-
-@dataclass
-class Call:
-    """A tool call the scripted model emits."""
-
-    name: str
-    arguments: dict[str, Any]
-
-
-Reply = str | Call | list[Call]
-
-
-@dataclass
-class Request:
-    chat_ctx: llm.ChatContext
-    tools: list[str]
-    at: float
-
-    @property
-    def purpose(self) -> str:
-        if "save_prediction" in self.tools:  # answering-machine detection (voice/amd)
-            return "amd"
-        if "connect_to_caller" in self.tools:
-            return "consult"
-        if "transfer_call" in self.tools:
-            return "caller"
-        return "brief"
-
-    @property
-    def after_tool(self) -> bool:
-        """This request follows a tool's output, not something the caller said."""
-        items = self.chat_ctx.items
-        return bool(items) and items[-1].type == "function_call_output"
-
-    def last_user_text(self) -> str:
-        msgs = [m for m in self.chat_ctx.messages() if m.role == "user" and m.text_content]
-        return msgs[-1].text_content if msgs else ""
-
-
-class ScriptedLLM(llm.LLM):
-    """An ``llm.LLM`` whose answers are decided by the test. ``respond(request)`` returns text,
-    a tool call, or None for an empty answer; ``delay`` is the time to first token."""
-
-    def __init__(self, respond: Callable[[Request], Reply | None], *, delay: float = 0.0):
-        super().__init__()
-        self.respond = respond
-        self.delay = delay
-        self.requests: list[Request] = []
-
-    def chat(self, *, chat_ctx, tools=None, conn_options=DEFAULT_API_CONNECT_OPTIONS, **_):
-        names = [getattr(t, "id", "") or getattr(t, "name", "") for t in tools or []]
-        request = Request(chat_ctx.copy(), names, time.monotonic())
-        self.requests.append(request)
-        return _ScriptedStream(
-            self, request, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options
-        )
-
-    def of(self, purpose: str) -> list[Request]:
-        return [r for r in self.requests if r.purpose == purpose]
-
-
-class _ScriptedStream(llm.LLMStream):
-    def __init__(self, model: ScriptedLLM, request: Request, **kw: Any) -> None:
-        super().__init__(model, **kw)
-        self._model = model
-        self._request = request
-
-    async def _run(self) -> None:
-        if self._model.delay:
-            await asyncio.sleep(self._model.delay)
-        reply = self._model.respond(self._request)
-        if reply is None:
-            return
-        if isinstance(reply, str):
-            delta = ChoiceDelta(role="assistant", content=reply)
-        else:
-            calls = reply if isinstance(reply, list) else [reply]
-            delta = ChoiceDelta(
-                role="assistant",
-                tool_calls=[
-                    FunctionToolCall(
-                        name=c.name,
-                        arguments=json.dumps(c.arguments),
-                        call_id=f"call_{i}_{len(self._model.requests)}",
-                    )
-                    for i, c in enumerate(calls)
-                ],
-            )
-        self._event_ch.send_nowait(ChatChunk(id="scripted", delta=delta))
+from bench.models import Call, Reply, Request, ScriptedLLM  # shared with the benchmark
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> None:

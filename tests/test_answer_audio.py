@@ -22,8 +22,8 @@ from livekit.agents import Agent, AgentSession, StopResponse, stt
 from livekit.agents import vad as agents_vad
 from livekit.plugins import silero
 
+from bench.models import FINAL_DELAY, LineSTT
 from bench.voices import (
-    FINAL_DELAY,
     LONG_GREETING_PAUSE,
     MIC_FRAME,
     MIC_RATE,
@@ -32,7 +32,6 @@ from bench.voices import (
     SCENARIOS,
     VOICEMAIL_GREETING,
     FarEnd,
-    LineSTT,
     human_hello,
     scenario,
 )

@@ -51,6 +51,9 @@ def test_bench_measures_every_figure_for_every_ordering(tmp_path):
     assert first["greeting"] is not None and first["announce"] is not None
     assert set(report["targets"]) >= {"greeting_later_call", "announce_later_call"}
     assert set(report["ratios"]) == {"sequential", "seed"}
+    sequential = report["orderings"]["sequential"]  # its own order, not the project's:
+    dialled = sequential["detail"]["dial_delay"]["median"]  # it dials once it has announced
+    assert dialled > sequential["metrics"]["announce"]["median"]
     assert set(report["ratios"]["sequential"]) == METRICS
     assert set(report["targets"]) >= METRICS | {"worker_ready", "rss_per_call_handoff"}
     for agent in ("warm handoff", "seed"):

@@ -1,6 +1,6 @@
 """Instant words: the fixed sentences play from a cache folder on the worker host.
 
-Every call here is a real ``AgentSession`` whose TTS is ``ToneTTS`` (bench/sim.py: a tone tagged
+Every call here is a real ``AgentSession`` whose TTS is ``ToneTTS`` (bench/models.py: a tone tagged
 per sentence after a fixed time to first audio), counting what it is asked to synthesise, and
 whose caller hears through ``Ear`` (bench/voices.py: real-time playback, each frame
 timestamped). A call is one job process: it gets its own ``PhraseCache`` object and its own
@@ -23,7 +23,7 @@ from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from livekit.plugins import elevenlabs
 
 import warm_handoff as wh
-from bench.sim import TTS_RATE, UTTERANCES, ToneTTS
+from bench.models import TTS_RATE, UTTERANCES, ToneTTS
 from bench.voices import Ear
 
 TTFA = 0.15  # the fake TTS's time to first audio
@@ -290,7 +290,7 @@ async def test_please_hold_and_the_check_in_play_from_the_cache_on_a_later_call(
 async def test_the_opener_to_the_human_plays_from_the_cache_where_the_tts_is_the_sessions(
     tmp_path,
 ):
-    """The consult session carries the TTS itself (``Handoff.consult_options``), not its agent:
+    """The consult session carries the TTS itself (``ConsultRoom.session_options``), not its agent:
     the cache keys and synthesises with the TTS that ``say`` would use."""
     opener = wh.OPENER.format(business="Acme")
     heard: list[list] = []

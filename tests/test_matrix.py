@@ -22,7 +22,7 @@ from conftest import (
 from fake_livekit import API_KEY, API_SECRET, DialScript, MethodFault
 
 import warm_handoff as wh
-from bench.sim import ToneTTS
+from bench.models import ToneTTS
 from bench.voices import Ear
 
 Out = wh.HandoffOutcome

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import Call, receptionist, settings_for, wait_for
+from conftest import Call, ScriptedLLM, receptionist, settings_for, wait_for
 from livekit.agents.worker import ServerOptions
 from test_operate import SECRET, dead_url
 
@@ -309,61 +309,16 @@ async def test_a_transfer_stays_connected_when_the_caller_hangs_up_as_it_connect
 # ── parallel tool calls ─────────────────────────────────────────────────────────────────────
 
 
-class StreamedCalls(wh.llm.LLM):
-    """Tool calls streamed one at a time, ``gap`` seconds apart, as the OpenAI plugin emits
-    each tool call once its arguments are complete (livekit-plugins-openai llm.py)."""
-
-    def __init__(self, turns, gap: float = 0.3) -> None:
-        super().__init__()
-        self.turns = turns
-        self.gap = gap
-        self.requests = 0
-
-    def chat(self, *, chat_ctx, tools=None, conn_options=None, **_):
-        from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
-
-        self.requests += 1
-        return _Streamed(
-            self,
-            chat_ctx=chat_ctx,
-            tools=tools or [],
-            conn_options=conn_options or DEFAULT_API_CONNECT_OPTIONS,
-        )
-
-
-class _Streamed(wh.llm.LLMStream):
-    async def _run(self) -> None:
-        from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
-
-        model = self._llm
-        last = self._chat_ctx.items[-1] if self._chat_ctx.items else None
-        if last is not None and last.type == "function_call_output":
-            return  # nothing more to say after the tools
-        calls = model.turns.pop(0) if model.turns else []
-        for i, call in enumerate(calls):
-            if i:
-                await asyncio.sleep(model.gap)
-            self._event_ch.send_nowait(
-                ChatChunk(
-                    id="streamed",
-                    delta=ChoiceDelta(
-                        role="assistant",
-                        tool_calls=[
-                            FunctionToolCall(
-                                name=call.name,
-                                arguments=json.dumps(call.arguments),
-                                call_id=f"call_{model.requests}_{i}",
-                            )
-                        ],
-                    ),
-                )
-            )
-
-
 async def start_streamed(turns, line, settings=None, gap=0.3):
+    """A call whose model answers each turn with its tool calls streamed one at a time, ``gap``
+    seconds apart (``ScriptedLLM``'s ``gap``: as the OpenAI plugin emits them), and nothing
+    after the tools."""
     from livekit.agents import AgentSession
 
-    model = StreamedCalls(turns, gap)
+    def respond(req):
+        return None if req.after_tool or not turns else (turns.pop(0) or None)
+
+    model = ScriptedLLM(respond, gap=gap)
     agent = wh.WarmHandoffAgent(
         settings or settings_for(),
         line,

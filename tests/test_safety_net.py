@@ -27,7 +27,8 @@ from fake_livekit import API_KEY, API_SECRET
 from livekit.agents.testing import fake_job_context
 
 import warm_handoff as wh
-from bench.voices import LineAudio, LineSTT, Sound, human_hello
+from bench.models import LineSTT
+from bench.voices import LineAudio, Sound, human_hello
 
 Out = wh.HandoffOutcome
 WINDOW = 1.0  # HANDOFF_REJOIN_WINDOW, scaled down

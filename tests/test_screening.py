@@ -18,11 +18,10 @@ from conftest import Call, LiveKitBackedLine, ScriptedLLM, receptionist, setting
 from fake_livekit import API_KEY, API_SECRET, DialScript
 
 import warm_handoff as wh
-from bench.sim import ToneTTS
+from bench.models import LineSTT, ToneTTS
 from bench.voices import (
     AnswerScenario,
     FarEnd,
-    LineSTT,
     Sound,
     human_hello,
     scenario,
