@@ -305,7 +305,6 @@ class Variable(Generic[Value]):
     name: str
     setting: str  # the Settings field
     read: Callable[[Variable[Value], str, list[str]], Value]
-    meaning: str
     bounds: tuple[float, float] | None = None  # a number's lowest and highest allowed value
     required: bool = False  # start, dev and connect refuse to run without it; console does not
     secret: bool = False
@@ -342,8 +341,6 @@ class Variable(Generic[Value]):
 # -- readers: a variable's text to its value, each problem named ---------------------------------
 
 OFF = ("off", "0", "false", "no")  # turns HANDOFF_SIP_HEADERS or HANDOFF_PHRASE_CACHE off
-LIVEKIT_URL_RULE = re.compile(r"(wss?|https?)://")
-WEBHOOK_URL_RULE = re.compile(r"https?://[^\s/]+")
 RING_SECONDS = (5.0, 120.0)  # HANDOFF_RING_TIMEOUT and a destination's own ring_timeout
 
 
@@ -360,6 +357,14 @@ def _must_match(rule: re.Pattern[str], says: str) -> Callable[[Variable[str], st
         return text
 
     return read
+
+
+_livekit_url = _must_match(
+    re.compile(r"(wss?|https?)://"), "must start with wss://, ws://, https:// or http://"
+)
+_webhook_url = _must_match(re.compile(r"https?://[^\s/]+"), "must be an http:// or https:// URL")
+_e164_number = _must_match(E164, "must be an E.164 number like +15105550100")
+_agent_name = _must_match(AGENT_NAME_RULE, "may hold only letters, digits, '-' and '_'")
 
 
 def _seconds(row: Variable[float], text: str, problems: list[str]) -> float:
@@ -429,12 +434,6 @@ def _dial_pattern(
         return None
 
 
-def _destinations(
-    row: Variable[tuple[Destination, ...]], text: str, problems: list[str]
-) -> tuple[Destination, ...]:
-    return _parse_destinations(text, problems)
-
-
 def _json_depth(raw: str) -> int:
     """How deeply ``raw`` nests arrays and objects, counted without parsing it (the parser
     itself would recurse, and fail with a traceback, on a deep enough input)."""
@@ -461,7 +460,9 @@ def _json_depth(raw: str) -> int:
 JSONValue: TypeAlias = "None | bool | int | float | str | list[JSONValue] | dict[str, JSONValue]"
 
 
-def _parse_destinations(raw: str, problems: list[str]) -> tuple[Destination, ...]:
+def _parse_destinations(
+    row: Variable[tuple[Destination, ...]], raw: str, problems: list[str]
+) -> tuple[Destination, ...]:
     """HANDOFF_DESTINATIONS is a JSON object: {"support": {"number": "+1...", "description":
     "...", "extension": "1234", "ring_timeout": 20, "spoken_name": "our support team"}}."""
     entries = _destinations_object(raw, problems)
@@ -603,8 +604,7 @@ def _parse_hours(raw: JSONValue, where: str, problems: list[str]) -> OpeningHour
     tz = _time_zone(raw.get("tz"))
     if tz is None:
         problems.append(
-            f"{where}.tz must be an IANA time zone like America/Los_Angeles "
-            f"(got {raw.get('tz')!r})"
+            f"{where}.tz must be an IANA time zone like America/Los_Angeles (got {raw.get('tz')!r})"
         )
     weekly: list[list[tuple[int, int]]] = [[] for _ in WEEKDAYS]
     given: dict[int, str] = {}  # weekday -> the key that gave its times
@@ -698,8 +698,8 @@ def _opening_times(value: JSONValue) -> list[tuple[int, int]]:
 # -- how ``check`` shows a value ------------------------------------------------------------------
 
 
-def _as_is(value: str, settings: Settings) -> str:
-    return value
+def _as_text(value: object, settings: Settings) -> str:
+    return str(value)
 
 
 def _or_not_set(value: str, settings: Settings) -> str:
@@ -716,86 +716,98 @@ def _caller_id_shown(value: str, settings: Settings) -> str:
     return _number_shown(value, settings)
 
 
+def _mode_shown(mode: HandoffMode, settings: Settings) -> str:
+    return f"{mode.value} (in force: {settings.mode.value})"
+
+
 def _in_seconds(value: float, settings: Settings) -> str:
     return f"{value:g}s"
 
 
-# -- the table: one row per variable, in the README's order ---------------------------------------
+def _in_seconds_or_off(value: float, settings: Settings) -> str:
+    return f"{value:g}s" if value else "off"
+
+
+def _url_origin_shown(url: str, settings: Settings) -> str:
+    return url_origin(url) or "(not set)"
+
+
+def _folder_shown(folder: str, settings: Settings) -> str:
+    return folder or "off"
+
+
+# -- the table: one row per variable, in the README's order, each under its meaning ---------------
 
 # fmt: off
 VARIABLES: tuple[Variable[Any], ...] = (
-    # LiveKit and SIP: start, dev and connect need them; console does not
-    Variable("LIVEKIT_URL", "livekit_url", _must_match(
-        LIVEKIT_URL_RULE, "must start with wss://, ws://, https:// or http://"), required=True,
-        show=_or_not_set, meaning="the LiveKit server; *.livekit.cloud makes auto mode consult"),
-    Variable("LIVEKIT_API_KEY", "livekit_api_key", _text, required=True, show=_or_not_set,
-             meaning="LiveKit API key"),
-    Variable("LIVEKIT_API_SECRET", "livekit_api_secret", _text, required=True, secret=True,
-             meaning="LiveKit API secret"),
-    Variable("SIP_TRUNK_ID", "sip_trunk_id", _text, aliases=("LIVEKIT_SIP_OUTBOUND_TRUNK",),
-             required=True, show=_or_not_set,
-             meaning="the outbound SIP trunk that dials the humans (ST_...)"),
-    Variable("HANDOFF_CALLER_ID", "caller_id", _caller_id, show=_caller_id_shown,
-             meaning="what the human's phone shows: one of the trunk's numbers, or caller"),
-    Variable("HANDOFF_TRUNK_NUMBER", "trunk_number", _must_match(
-        E164, "must be an E.164 number like +15105550100"), show=_number_shown,
-        meaning="with HANDOFF_CALLER_ID=caller: shown when the caller's number is not"),
-    # the handoff
-    Variable("HANDOFF_DESTINATIONS", "destinations", _destinations,
-             meaning="the humans the agent may hand calls to, a JSON object"),
-    Variable("HANDOFF_ALLOW_DIAL_PATTERN", "allow_dial_pattern", _dial_pattern,
-             meaning="opt-in: a regular expression for numbers a caller may ask for"),
-    Variable("HANDOFF_MODE", "handoff_mode", _one_of,
-             show=lambda mode, s: f"{mode.value} (in force: {s.mode.value})",
-             meaning="consult, conference, or auto: consult on LiveKit Cloud, else conference"),
-    Variable("HANDOFF_RING_TIMEOUT", "ring_timeout", _seconds, bounds=RING_SECONDS,
-             show=_in_seconds, meaning="how long a destination rings (its ring_timeout wins)"),
-    Variable("HANDOFF_MAX_HOLD", "max_hold", _seconds, bounds=(30, 1800), show=_in_seconds,
-             meaning="the longest a whole handoff may keep the caller on hold"),
-    Variable("HANDOFF_HELLO_GRACE", "hello_grace", _seconds, bounds=(0, 10),
-             meaning="how long the human may stay silent before the brief starts anyway"),
-    Variable("HANDOFF_HOLD_REASSURE", "hold_reassure_every", _seconds, bounds=(5, 300),
-             meaning="how often the agent checks in with a caller on hold"),
-    Variable("HANDOFF_MAX_ATTEMPTS", "max_attempts", _whole_number, bounds=(1, 5),
-             show=lambda count, s: str(count),
-             meaning="handoff attempts per call, each to a different destination"),
-    Variable("HANDOFF_REJOIN_WINDOW", "rejoin_window", _seconds, bounds=(0, 120),
-             show=lambda window, s: f"{window:g}s" if window else "off",
-             meaning="how long the agent stays, silent, after the merge; 0: off"),
-    Variable("HANDOFF_HOLD_AUDIO_FILE", "hold_audio_file", _existing_file,
-             meaning="hold music (unset: LiveKit's built-in hold music)"),
-    # the agent
-    Variable("AGENT_NAME", "agent_name", _must_match(
-        AGENT_NAME_RULE, "may hold only letters, digits, '-' and '_'"), show=_as_is,
-        meaning="the dispatch name: agentName in the SIP dispatch rule"),
-    Variable("GREETING", "greeting", _text, meaning="the first sentence the caller hears"),
-    Variable("BUSINESS_NAME", "business_name", _text,
-             meaning="how the agent names the business"),
-    Variable("BUSINESS_SCOPE", "business_scope", _text,
-             meaning="what the agent helps with itself, before offering a person"),
-    Variable("STT_MODEL", "stt_model", _text, meaning="Deepgram speech-to-text model"),
-    Variable("LLM_MODEL", "llm_model", _text, meaning="OpenAI model; it writes the brief too"),
-    Variable("TTS_MODEL", "tts_model", _text, meaning="ElevenLabs text-to-speech model"),
-    Variable("TTS_ENCODING", "tts_encoding", _text, meaning="ElevenLabs output encoding"),
-    Variable("TTS_VOICE_ID", "tts_voice_id", _text,
-             meaning="ElevenLabs voice (unset: the plugin's default voice)"),
-    # records, headers and the phrase cache
-    Variable("HANDOFF_WEBHOOK_URL", "webhook_url", _must_match(
-        WEBHOOK_URL_RULE, "must be an http:// or https:// URL"),
-        show=lambda url, s: url_origin(url) or "(not set)",
-        meaning="where outcome records and callback requests are POSTed"),
-    Variable("HANDOFF_WEBHOOK_SECRET", "webhook_secret", _text, secret=True,
-             meaning="the key that signs each POST (HMAC-SHA256), 16 characters or more"),
-    Variable("HANDOFF_CALLBACK_FILE", "callback_file", _text, show=_as_is,
-             meaning="callback requests are appended here first; the outbox sits beside it"),
-    Variable("HANDOFF_SIP_HEADERS", "sip_headers", _on_unless_off,
-             meaning="X-Handoff-* headers on the human's INVITE; off for trunks refusing them"),
-    Variable("HANDOFF_PHRASE_CACHE", "phrase_cache", _folder_or_off,
-             show=lambda folder, s: folder or "off",
-             meaning="a folder for the fixed sentences once synthesised; off: always live"),
-    # console only
-    Variable("SIMULATED_HUMAN", "simulated_human", _one_of,
-             meaning="what the human does on the simulated line"),
+    # LiveKit and SIP: start, dev and connect need them; console does not.
+    # The LiveKit server; a *.livekit.cloud URL makes HANDOFF_MODE=auto consult.
+    Variable("LIVEKIT_URL", "livekit_url", _livekit_url, required=True, show=_or_not_set),
+    # LiveKit API key.
+    Variable("LIVEKIT_API_KEY", "livekit_api_key", _text, required=True, show=_or_not_set),
+    # LiveKit API secret.
+    Variable("LIVEKIT_API_SECRET", "livekit_api_secret", _text, required=True, secret=True),
+    # The outbound SIP trunk that dials the humans (ST_...).
+    Variable("SIP_TRUNK_ID", "sip_trunk_id", _text, required=True, show=_or_not_set,
+             aliases=("LIVEKIT_SIP_OUTBOUND_TRUNK",)),
+    # What the human's phone shows: one of the trunk's numbers, or caller.
+    Variable("HANDOFF_CALLER_ID", "caller_id", _caller_id, show=_caller_id_shown),
+    # With HANDOFF_CALLER_ID=caller: shown when the caller's own number can't be.
+    Variable("HANDOFF_TRUNK_NUMBER", "trunk_number", _e164_number, show=_number_shown),
+    #
+    # The handoff. The humans the agent may hand calls to: a JSON object.
+    Variable("HANDOFF_DESTINATIONS", "destinations", _parse_destinations),
+    # Opt-in: a regular expression for numbers a caller may ask to be put through to.
+    Variable("HANDOFF_ALLOW_DIAL_PATTERN", "allow_dial_pattern", _dial_pattern),
+    # consult, conference, or auto: consult on LiveKit Cloud, conference elsewhere.
+    Variable("HANDOFF_MODE", "handoff_mode", _one_of, show=_mode_shown),
+    # How long a destination rings (a destination's own ring_timeout wins).
+    Variable("HANDOFF_RING_TIMEOUT", "ring_timeout", _seconds, RING_SECONDS, show=_in_seconds),
+    # The longest a whole handoff may keep the caller on hold.
+    Variable("HANDOFF_MAX_HOLD", "max_hold", _seconds, (30, 1800), show=_in_seconds),
+    # How long the human may stay silent after answering before the brief starts anyway.
+    Variable("HANDOFF_HELLO_GRACE", "hello_grace", _seconds, (0, 10)),
+    # How often the agent checks in with a caller on hold.
+    Variable("HANDOFF_HOLD_REASSURE", "hold_reassure_every", _seconds, (5, 300)),
+    # Handoff attempts per call, each to a different destination.
+    Variable("HANDOFF_MAX_ATTEMPTS", "max_attempts", _whole_number, (1, 5), show=_as_text),
+    # How long the agent stays, silent, after the merge, to offer a retry if the human drops.
+    Variable("HANDOFF_REJOIN_WINDOW", "rejoin_window", _seconds, (0, 120), show=_in_seconds_or_off),
+    # Hold music (unset: LiveKit's built-in hold music).
+    Variable("HANDOFF_HOLD_AUDIO_FILE", "hold_audio_file", _existing_file),
+    #
+    # The agent. Its dispatch name: agentName in the SIP dispatch rule.
+    Variable("AGENT_NAME", "agent_name", _agent_name, show=_as_text),
+    # The first sentence the caller hears.
+    Variable("GREETING", "greeting", _text),
+    # How the agent names the business.
+    Variable("BUSINESS_NAME", "business_name", _text),
+    # What the agent helps with itself, before offering a person.
+    Variable("BUSINESS_SCOPE", "business_scope", _text),
+    # Deepgram speech-to-text model.
+    Variable("STT_MODEL", "stt_model", _text),
+    # OpenAI model; it writes the brief too.
+    Variable("LLM_MODEL", "llm_model", _text),
+    # ElevenLabs text-to-speech model.
+    Variable("TTS_MODEL", "tts_model", _text),
+    # ElevenLabs output encoding.
+    Variable("TTS_ENCODING", "tts_encoding", _text),
+    # ElevenLabs voice (unset: the plugin's default voice).
+    Variable("TTS_VOICE_ID", "tts_voice_id", _text),
+    #
+    # Records. Where outcome records and callback requests are POSTed.
+    Variable("HANDOFF_WEBHOOK_URL", "webhook_url", _webhook_url, show=_url_origin_shown),
+    # The key that signs each POST (HMAC-SHA256), 16 characters or more.
+    Variable("HANDOFF_WEBHOOK_SECRET", "webhook_secret", _text, secret=True),
+    # Callback requests are appended here first; with a webhook, the outbox sits beside it.
+    Variable("HANDOFF_CALLBACK_FILE", "callback_file", _text, show=_as_text),
+    # X-Handoff-* headers on the human's INVITE; off for trunks that reject them.
+    Variable("HANDOFF_SIP_HEADERS", "sip_headers", _on_unless_off),
+    # A folder for the fixed sentences once synthesised; off: every sentence live.
+    Variable("HANDOFF_PHRASE_CACHE", "phrase_cache", _folder_or_off, show=_folder_shown),
+    #
+    # Console only: what the human does on the simulated line.
+    Variable("SIMULATED_HUMAN", "simulated_human", _one_of),
 )
 # fmt: on
 VARIABLE = {v.name: v for v in VARIABLES}
