@@ -300,7 +300,8 @@ class Variable(Generic[Value]):
     """One row of the configuration table: an environment variable and the ``Settings`` field
     it fills. ``read`` turns its text (stripped, never empty) into the value and names each
     problem it finds; ``show`` is how ``check`` prints the value (None: not printed; a secret
-    is printed only as set or not). The default is the field's default on ``Settings``."""
+    is printed only as set or not). The default is the field's default on ``Settings``; the
+    meaning is the comment above the row."""
 
     name: str
     setting: str  # the Settings field
