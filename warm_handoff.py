@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
@@ -118,10 +119,11 @@ DEFAULT_GREETING = "Thanks for calling. This is the virtual assistant. How can I
 DEFAULT_PHRASE_CACHE = os.path.join(
     tempfile.gettempdir(), f"warm-handoff-phrases-{os.getuid() if hasattr(os, 'getuid') else 0}"
 )
+# Read by the model plugins themselves, not by Settings: provider -> its key, then an alias.
 PROVIDER_KEYS = {
-    "deepgram": "DEEPGRAM_API_KEY",
-    "openai": "OPENAI_API_KEY",
-    "elevenlabs": "ELEVEN_API_KEY",
+    "deepgram": ("DEEPGRAM_API_KEY",),
+    "openai": ("OPENAI_API_KEY",),
+    "elevenlabs": ("ELEVEN_API_KEY", "ELEVENLABS_API_KEY"),
 }
 
 
@@ -155,7 +157,7 @@ class OpeningHours:
     closed: frozenset[date] = frozenset()
     spec: str = field(default="", compare=False)  # as configured, for ``check``
 
-    def _openings(self, now: datetime, days: int) -> Any:
+    def _openings(self, now: datetime, days: int) -> Iterator[tuple[datetime, datetime]]:
         """Each opening (start, end) in UTC, from the day before ``now``'s local date on."""
         zone = ZoneInfo(self.tz)
         first = now.astimezone(zone).date() - timedelta(days=1)
@@ -164,11 +166,13 @@ class OpeningHours:
             if day in self.closed:
                 continue
             midnight = datetime(day.year, day.month, day.day)
+
+            def utc(minutes: int, midnight: datetime = midnight) -> datetime:
+                local = (midnight + timedelta(minutes=minutes)).replace(tzinfo=zone)
+                return local.astimezone(timezone.utc)
+
             for start, end in self.weekly[day.weekday()]:
-                yield tuple(
-                    (midnight + timedelta(minutes=m)).replace(tzinfo=zone).astimezone(timezone.utc)
-                    for m in (start, end)
-                )
+                yield utc(start), utc(end)
 
     def is_open(self, now: datetime) -> bool:
         return any(start <= now < end for start, end in self._openings(now, 1))
@@ -230,21 +234,25 @@ class Destination:
 
 @dataclass(frozen=True)
 class Settings:
+    """The worker's configuration, typed. Each field is filled from one environment variable:
+    ``VARIABLES`` says which, how its text is read, and what it means. The defaults written
+    here are the only ones, for ``load_settings`` and for a ``Settings`` built in code alike."""
+
     livekit_url: str = ""
     livekit_api_key: str = ""
     livekit_api_secret: str = field(default="", repr=False)
     sip_trunk_id: str = ""
-    caller_id: str = ""  # the number the human's phone shows (the trunk's), or "caller"
-    trunk_number: str = ""  # with "caller": shown when the caller's number is unknown or refused
+    caller_id: str = ""  # an E.164 number, CALLER_ID_FROM_CALLER, or "": the trunk's own
+    trunk_number: str = ""
     destinations: tuple[Destination, ...] = ()
     allow_dial_pattern: re.Pattern[str] | regex.Pattern[str] | None = None
     handoff_mode: HandoffMode = HandoffMode.AUTO
     ring_timeout: float = 25.0
     max_hold: float = 180.0
-    hello_grace: float = 2.0  # how long the human may stay silent before the brief starts
-    hold_reassure_every: float = 25.0  # the agent checks in with a caller on hold this often
-    max_attempts: int = 3  # handoff attempts per call, each to a different destination
-    rejoin_window: float = 20.0  # seconds the agent stays, silent, after the merge; 0: off
+    hello_grace: float = 2.0
+    hold_reassure_every: float = 25.0
+    max_attempts: int = 3
+    rejoin_window: float = 20.0  # 0: off
     hold_audio_file: str = ""
     agent_name: str = DEFAULT_AGENT_NAME
     greeting: str = DEFAULT_GREETING
@@ -256,43 +264,20 @@ class Settings:
     tts_encoding: str = "pcm_44100"
     tts_voice_id: str = ""
     simulated_human: SimulatedHuman = SimulatedHuman.ANSWER
-    webhook_url: str = ""  # outcome records and callback requests are POSTed here
+    webhook_url: str = ""
     webhook_secret: str = field(default="", repr=False)
-    callback_file: str = "callback_requests.jsonl"  # callback requests with no webhook to take them
-    sip_headers: bool = True  # X-Handoff-* headers on the human's INVITE
-    phrase_cache: str = DEFAULT_PHRASE_CACHE  # folder of synthesised fixed sentences; "": off
+    callback_file: str = "callback_requests.jsonl"
+    sip_headers: bool = True
+    phrase_cache: str = DEFAULT_PHRASE_CACHE  # "": off
 
     def destination(self, name: str) -> Destination | None:
         return next((d for d in self.destinations if d.name == name), None)
 
     def masked(self) -> list[tuple[str, str]]:
-        """The configuration as ``check`` prints it: secrets hidden, numbers masked."""
-
-        def secret(value: str) -> str:
-            return "(set)" if value else "(not set)"
-
-        rows = [
-            ("LIVEKIT_URL", self.livekit_url or "(not set)"),
-            ("LIVEKIT_API_KEY", self.livekit_api_key or "(not set)"),
-            ("LIVEKIT_API_SECRET", secret(self.livekit_api_secret)),
-            ("SIP_TRUNK_ID", self.sip_trunk_id or "(not set)"),
-            ("HANDOFF_CALLER_ID", self._caller_id_shown()),
-            (
-                "HANDOFF_TRUNK_NUMBER",
-                mask_number(self.trunk_number) if self.trunk_number else "(not set)",
-            ),
-            ("HANDOFF_MODE", f"{self.handoff_mode.value} (in force: {self.mode.value})"),
-            ("HANDOFF_RING_TIMEOUT", f"{self.ring_timeout:g}s"),
-            ("HANDOFF_MAX_HOLD", f"{self.max_hold:g}s"),
-            ("HANDOFF_MAX_ATTEMPTS", str(self.max_attempts)),
-            ("HANDOFF_REJOIN_WINDOW", f"{self.rejoin_window:g}s" if self.rejoin_window else "off"),
-            ("AGENT_NAME", self.agent_name),
-            ("HANDOFF_WEBHOOK_URL", url_origin(self.webhook_url) or "(not set)"),
-            ("HANDOFF_WEBHOOK_SECRET", secret(self.webhook_secret)),
-            ("HANDOFF_CALLBACK_FILE", self.callback_file),
-            ("HANDOFF_PHRASE_CACHE", self.phrase_cache or "off"),
-            ("models", f"{self.stt_model} / {self.llm_model} / {self.tts_model}"),
-        ]
+        """The configuration as ``check`` prints it: each variable the table shows (a secret
+        only as set or not), the models, then each destination with its number masked."""
+        rows = [(v.name, shown) for v in VARIABLES if (shown := v.shown(self)) is not None]
+        rows.append(("models", f"{self.stt_model} / {self.llm_model} / {self.tts_model}"))
         for d in self.destinations:
             rows.append(
                 (
@@ -304,11 +289,6 @@ class Settings:
             )
         return rows
 
-    def _caller_id_shown(self) -> str:
-        if self.caller_id == CALLER_ID_FROM_CALLER:
-            return "caller (the caller's own number; else HANDOFF_TRUNK_NUMBER)"
-        return mask_number(self.caller_id) if self.caller_id else "(not set)"
-
     @property
     def mode(self) -> HandoffMode:
         """The mode in force: ``auto`` resolves by where LiveKit runs (MoveParticipant is
@@ -319,12 +299,159 @@ class Settings:
         return HandoffMode.CONSULT if on_cloud else HandoffMode.CONFERENCE
 
 
+DEFAULT_SETTINGS = Settings()  # every variable's default, read by its row in VARIABLES
+
+
 class ConfigError(Exception):
     """Every problem found in the configuration, reported together."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+Value = TypeVar("Value")
+Choice = TypeVar("Choice", bound=Enum)
+
+
+@dataclass(frozen=True)
+class Variable(Generic[Value]):
+    """One row of the configuration table: an environment variable and the ``Settings`` field
+    it fills. ``read`` turns its text (stripped, never empty) into the value and names each
+    problem it finds; ``show`` is how ``check`` prints the value (None: not printed; a secret
+    is printed only as set or not). The default is the field's default on ``Settings``; the
+    meaning is the comment above the row."""
+
+    name: str
+    setting: str  # the Settings field
+    read: Callable[[Variable[Value], str, list[str]], Value]
+    bounds: tuple[float, float] | None = None  # a number's lowest and highest allowed value
+    required: bool = False  # start, dev and connect refuse to run without it; console does not
+    secret: bool = False
+    aliases: tuple[str, ...] = ()  # other names, read when this one is unset
+    show: Callable[[Value, Settings], str] | None = None
+
+    @property
+    def default(self) -> Value:
+        value: Value = getattr(DEFAULT_SETTINGS, self.setting)
+        return value
+
+    @property
+    def called(self) -> str:
+        """Its name with its aliases: "SIP_TRUNK_ID (or LIVEKIT_SIP_OUTBOUND_TRUNK)"."""
+        return f"{self.name} (or {' or '.join(self.aliases)})" if self.aliases else self.name
+
+    def text_in(self, env: Mapping[str, str]) -> str:
+        """Its text in ``env``, stripped; an alias is read when the name gives none."""
+        texts = (env.get(name, "").strip() for name in (self.name, *self.aliases))
+        return next((text for text in texts if text), "")
+
+    def read_from(self, env: Mapping[str, str], problems: list[str]) -> Value:
+        """Its value in ``env``, or the default when unset or blank; each problem named."""
+        text = self.text_in(env)
+        return self.read(self, text, problems) if text else self.default
+
+    def shown(self, settings: Settings) -> str | None:
+        value = getattr(settings, self.setting)
+        if self.secret:
+            return "(set)" if value else "(not set)"
+        return None if self.show is None else self.show(value, settings)
+
+
+# -- readers: a variable's text to its value, each problem named ---------------------------------
+
+OFF = ("off", "0", "false", "no")  # turns HANDOFF_SIP_HEADERS or HANDOFF_PHRASE_CACHE off
+RING_SECONDS = (5.0, 120.0)  # HANDOFF_RING_TIMEOUT and a destination's own ring_timeout
+
+
+def _text(row: Variable[str], text: str, problems: list[str]) -> str:
+    return text
+
+
+def _must_match(rule: re.Pattern[str], says: str) -> Callable[[Variable[str], str, list[str]], str]:
+    """A text that must match ``rule`` from its start; ``says`` what it must be."""
+
+    def read(row: Variable[str], text: str, problems: list[str]) -> str:
+        if not rule.match(text):
+            problems.append(f"{row.name} {says}")
+        return text
+
+    return read
+
+
+_livekit_url = _must_match(
+    re.compile(r"(wss?|https?)://"), "must start with wss://, ws://, https:// or http://"
+)
+_webhook_url = _must_match(re.compile(r"https?://[^\s/]+"), "must be an http:// or https:// URL")
+_e164_number = _must_match(E164, "must be an E.164 number like +15105550100")
+_agent_name = _must_match(AGENT_NAME_RULE, "may hold only letters, digits, '-' and '_'")
+
+
+def _seconds(row: Variable[float], text: str, problems: list[str]) -> float:
+    low, high = row.bounds or (0.0, math.inf)
+    try:
+        value = float(text)
+    except ValueError:
+        problems.append(f"{row.name} must be a number of seconds (got {text!r})")
+        return row.default
+    if not low <= value <= high:
+        problems.append(f"{row.name} must be between {low:g} and {high:g} seconds")
+    return value
+
+
+def _whole_number(row: Variable[int], text: str, problems: list[str]) -> int:
+    low, high = row.bounds or (0.0, math.inf)
+    if not re.fullmatch(r"[0-9]+", text) or not low <= int(text) <= high:
+        problems.append(
+            f"{row.name} must be a whole number from {low:g} to {high:g} (got {text!r})"
+        )
+        return row.default
+    return int(text)
+
+
+def _one_of(row: Variable[Choice], text: str, problems: list[str]) -> Choice:
+    """One of the values of the default's enum, in any case, spaces read as "_"."""
+    choices = type(row.default)
+    raw = text.lower().replace(" ", "_")
+    try:
+        return choices(raw)
+    except ValueError:
+        allowed = ", ".join(choice.value for choice in choices)
+        problems.append(f"{row.name} must be one of {allowed} (got {raw!r})")
+        return row.default
+
+
+def _on_unless_off(row: Variable[bool], text: str, problems: list[str]) -> bool:
+    return text.lower() not in OFF
+
+
+def _folder_or_off(row: Variable[str], text: str, problems: list[str]) -> str:
+    return "" if text.lower() in OFF else text
+
+
+def _existing_file(row: Variable[str], text: str, problems: list[str]) -> str:
+    if not os.path.isfile(text):
+        problems.append(f"{row.name} does not name a readable file")
+    return text
+
+
+def _caller_id(row: Variable[str], text: str, problems: list[str]) -> str:
+    """An E.164 number, or "caller" in any case: the human's phone shows the caller's."""
+    if text.lower() == CALLER_ID_FROM_CALLER:
+        return CALLER_ID_FROM_CALLER
+    if not E164.fullmatch(text):
+        problems.append(f"{row.name} must be an E.164 number like +15105550100, or caller")
+    return text
+
+
+def _dial_pattern(
+    row: Variable[regex.Pattern[str] | None], text: str, problems: list[str]
+) -> regex.Pattern[str] | None:
+    try:  # the regex package: its matches take a timeout (see dial_allowed)
+        return regex.compile(text)
+    except regex.error as e:
+        problems.append(f"{row.name} is not a valid regular expression ({e})")
+        return None
 
 
 def _json_depth(raw: str) -> int:
@@ -350,7 +477,139 @@ def _json_depth(raw: str) -> int:
     return deepest
 
 
-def _parse_hours(raw: Any, where: str, problems: list[str]) -> OpeningHours | None:
+JSONValue: TypeAlias = "None | bool | int | float | str | list[JSONValue] | dict[str, JSONValue]"
+
+
+def _parse_destinations(
+    row: Variable[tuple[Destination, ...]], raw: str, problems: list[str]
+) -> tuple[Destination, ...]:
+    """HANDOFF_DESTINATIONS is a JSON object: {"support": {"number": "+1...", "description":
+    "...", "extension": "1234", "ring_timeout": 20, "spoken_name": "our support team"}}."""
+    entries = _destinations_object(raw, problems)
+    found = [
+        destination
+        for name, entry in entries.items()
+        if (destination := _parse_destination(name, entry, problems)) is not None
+    ]
+    names = {d.name for d in found}
+    for d in found:
+        if d.fallback and (d.fallback not in names or d.fallback == d.name):
+            problems.append(
+                f"HANDOFF_DESTINATIONS[{d.name!r}].fallback must name another destination"
+            )
+    return tuple(found)
+
+
+def _destinations_object(raw: str, problems: list[str]) -> dict[str, JSONValue]:
+    """HANDOFF_DESTINATIONS parsed: its JSON object, or {} with the problem named. Size and
+    depth are bounded before parsing; a key given twice is named, not silently dropped."""
+    if len(raw) > MAX_DESTINATIONS_CHARS:
+        problems.append(
+            f"HANDOFF_DESTINATIONS is too long ({len(raw)} characters, at most "
+            f"{MAX_DESTINATIONS_CHARS})"
+        )
+        return {}
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        problems.append(f"HANDOFF_DESTINATIONS nests deeper than {MAX_JSON_DEPTH} levels")
+        return {}
+    repeated: list[str] = []
+
+    def unique_keys(pairs: list[tuple[str, JSONValue]]) -> dict[str, JSONValue]:
+        seen: dict[str, JSONValue] = {}
+        for key, value in pairs:
+            if key in seen:
+                repeated.append(key)
+            seen[key] = value
+        return seen
+
+    try:
+        entries = json.loads(raw, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as e:
+        problems.append(f"HANDOFF_DESTINATIONS is not valid JSON ({e.msg} at {e.pos})")
+        return {}
+    except RecursionError:  # _json_depth bounds this; kept so no input can show a traceback
+        problems.append("HANDOFF_DESTINATIONS nests too deeply")
+        return {}
+    for key in dict.fromkeys(repeated):
+        problems.append(f"HANDOFF_DESTINATIONS has the key {key!r} more than once")
+    if not isinstance(entries, dict):
+        problems.append("HANDOFF_DESTINATIONS must be a JSON object of name -> destination")
+        return {}
+    return entries
+
+
+DESTINATION_KEYS = frozenset(
+    {"number", "description", "extension", "ring_timeout", "spoken_name", "fallback", "screening",
+     "hours"}
+)  # fmt: skip
+
+
+def _parse_destination(name: str, entry: JSONValue, problems: list[str]) -> Destination | None:
+    """One destination; each problem named with where it is: HANDOFF_DESTINATIONS['support']."""
+    where = f"HANDOFF_DESTINATIONS[{name!r}]"
+    if not isinstance(entry, dict):
+        problems.append(f"{where} must be an object")
+        return None
+    if unknown := set(entry) - DESTINATION_KEYS:
+        problems.append(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+
+    def text(key: str) -> str | None:
+        return _destination_text(entry, key, where, problems)
+
+    target = text("number")
+    if not DESTINATION_NAME.match(name):
+        problems.append(f"{where}: name must be lower-case letters, digits, '-' or '_'")
+    if target is not None and not (E164.match(target) or SIP_URI.match(target)):
+        problems.append(f"{where}.number must be E.164 (+15105550100) or a sip: URI")
+    extension = text("extension") or ""
+    if extension and not DTMF.match(extension):
+        problems.append(f"{where}.extension may hold only 0-9 * # w")
+    ring_timeout = _destination_ring_timeout(entry.get("ring_timeout"), where, problems)
+    screening = (text("screening") or "amd").lower()
+    if screening not in ("amd", "none"):
+        problems.append(f"{where}.screening must be amd (the default) or none")
+    description = text("description")
+    if description == "":
+        problems.append(f"{where}.description is required (the model reads it)")
+    return Destination(
+        name=name,
+        target=target or "",
+        description=description or "",
+        extension=extension,
+        ring_timeout=ring_timeout,
+        spoken_name=text("spoken_name") or "",
+        fallback=text("fallback") or "",
+        screening=screening,
+        hours=_parse_hours(entry["hours"], where, problems) if "hours" in entry else None,
+    )
+
+
+def _destination_ring_timeout(value: JSONValue, where: str, problems: list[str]) -> float | None:
+    """A destination's own ring_timeout: seconds within HANDOFF_RING_TIMEOUT's bounds."""
+    low, high = RING_SECONDS
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+        return float(value)
+    problems.append(f"{where}.ring_timeout must be a number of seconds, {low:g} to {high:g}")
+    return None
+
+
+def _destination_text(
+    entry: dict[str, JSONValue], key: str, where: str, problems: list[str]
+) -> str | None:
+    """A destination's text value, stripped; None (and a problem named) when it is null or not
+    text. "extension": 1234 reads as the digits."""
+    value = entry.get(key, "")
+    if key == "extension" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        problems.append(f"{where}.{key} must be text (got {json.dumps(value)[:20]})")
+        return None
+    return value.strip()
+
+
+def _parse_hours(raw: JSONValue, where: str, problems: list[str]) -> OpeningHours | None:
     """A destination's ``hours``: {"tz": "America/Los_Angeles", "mon-fri": "09:00-17:30",
     "sat": "10:00-14:00", "closed": ["2025-12-25"]}. Days are mon..sun, a span of them
     ("mon-fri", "fri-mon") or several joined by commas ("sat,sun"); times are HH:MM-HH:MM,
@@ -362,66 +621,39 @@ def _parse_hours(raw: Any, where: str, problems: list[str]) -> OpeningHours | No
         )
         return None
     found = len(problems)
-    tz = raw.get("tz")
-    try:
-        ZoneInfo(tz)  # type: ignore[arg-type]
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
+    tz = _time_zone(raw.get("tz"))
+    if tz is None:
         problems.append(
-            f"{where}.tz must be an IANA time zone like America/Los_Angeles (got {tz!r})"
+            f"{where}.tz must be an IANA time zone like America/Los_Angeles (got {raw.get('tz')!r})"
         )
     weekly: list[list[tuple[int, int]]] = [[] for _ in WEEKDAYS]
-    given: dict[int, str] = {}
+    given: dict[int, str] = {}  # weekday -> the key that gave its times
     closed: set[date] = set()
     for key, value in raw.items():
-        if key == "tz":
-            continue
         if key == "closed":
-            dates = value if isinstance(value, list) else [value]
-            for day in dates:
-                try:
-                    closed.add(date.fromisoformat(day))
-                except (TypeError, ValueError):
-                    problems.append(f"{where}.closed must list dates like 2025-12-25 (got {day!r})")
-            continue
-        days: list[int] = []
-        for span in str(key).replace(" ", "").lower().split(","):
-            if not (m := DAY_SPAN.match(span)):
-                days = []
-                break
-            first = WEEKDAYS.index(m[1])
-            last = WEEKDAYS.index(m[2] or m[1])
-            days += [(first + i) % 7 for i in range((last - first) % 7 + 1)]
-        if not days:
-            problems.append(
-                f"{where} has an unknown key {key!r}: use tz, closed, or days "
-                "like mon, mon-fri or sat,sun"
-            )
-            continue
-        ranges = []
-        for span in str(value).replace(" ", "").split(",") if isinstance(value, str) else [""]:
-            if not (m := TIME_SPAN.match(span)):
-                ranges = []
-                break
-            start = int(m[1]) * 60 + int(m[2])
-            end = int(m[3] or m[5]) * 60 + int(m[4] or m[6])
-            if end == start:
-                ranges = []
-                break
-            ranges.append((start, end if end > start else end + 24 * 60))  # past midnight
-        if not ranges:
-            problems.append(
-                f'{where}[{key!r}] must be opening times like "09:00-17:30", '
-                f"several joined by commas (got {value!r})"
-            )
-            continue
-        for day in days:
-            if day in given:
-                problems.append(f"{where}: {WEEKDAYS[day]} is in both {given[day]!r} and {key!r}")
-            given[day] = key
-            weekly[day] += ranges
+            closed |= _closed_dates(value, where, problems)
+        elif key != "tz":
+            days, ranges = _weekdays(key), _opening_times(value)
+            if not days:
+                problems.append(
+                    f"{where} has an unknown key {key!r}: use tz, closed, or days "
+                    "like mon, mon-fri or sat,sun"
+                )
+            elif not ranges:
+                problems.append(
+                    f'{where}[{key!r}] must be opening times like "09:00-17:30", '
+                    f"several joined by commas (got {value!r})"
+                )
+            for day in days if ranges else []:
+                if day in given:
+                    problems.append(
+                        f"{where}: {WEEKDAYS[day]} is in both {given[day]!r} and {key!r}"
+                    )
+                given[day] = key
+                weekly[day] += ranges
     if not given and len(problems) == found:
         problems.append(f'{where} has no opening times: add days like "mon-fri": "09:00-17:00"')
-    if len(problems) > found:
+    if tz is None or len(problems) > found:
         return None
     spec = f"{tz}: " + ", ".join(f"{k} {v}" for k, v in raw.items() if k not in ("tz", "closed"))
     if closed:
@@ -431,272 +663,240 @@ def _parse_hours(raw: Any, where: str, problems: list[str]) -> OpeningHours | No
     )
 
 
-def _parse_destinations(raw: str, problems: list[str]) -> list[Destination]:
-    """HANDOFF_DESTINATIONS is a JSON object: {"support": {"number": "+1...", "description":
-    "...", "extension": "1234", "ring_timeout": 20, "spoken_name": "our support team"}}."""
-    if not raw.strip():
-        return []
-    if len(raw) > MAX_DESTINATIONS_CHARS:
-        problems.append(
-            f"HANDOFF_DESTINATIONS is too long ({len(raw)} characters, at most "
-            f"{MAX_DESTINATIONS_CHARS})"
-        )
-        return []
-    if _json_depth(raw) > MAX_JSON_DEPTH:
-        problems.append(f"HANDOFF_DESTINATIONS nests deeper than {MAX_JSON_DEPTH} levels")
-        return []
-    repeated: list[str] = []
-
-    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in seen:
-                repeated.append(key)
-            seen[key] = value
-        return seen
-
+def _time_zone(name: JSONValue) -> str | None:
+    """``name`` if it is an IANA time zone this host knows, else None."""
+    if not isinstance(name, str):
+        return None
     try:
-        entries = json.loads(raw, object_pairs_hook=unique_keys)
-    except json.JSONDecodeError as e:
-        problems.append(f"HANDOFF_DESTINATIONS is not valid JSON ({e.msg} at {e.pos})")
-        return []
-    except RecursionError:  # _json_depth bounds this; kept so no input can show a traceback
-        problems.append("HANDOFF_DESTINATIONS nests too deeply")
-        return []
-    for key in dict.fromkeys(repeated):
-        problems.append(f"HANDOFF_DESTINATIONS has the key {key!r} more than once")
-    if not isinstance(entries, dict):
-        problems.append("HANDOFF_DESTINATIONS must be a JSON object of name -> destination")
-        return []
-    found: list[Destination] = []
-    for name, entry in entries.items():
-        where = f"HANDOFF_DESTINATIONS[{name!r}]"
-        if not isinstance(entry, dict):
-            problems.append(f"{where} must be an object")
-            continue
-        unknown = set(entry) - {
-            "number",
-            "description",
-            "extension",
-            "ring_timeout",
-            "spoken_name",
-            "fallback",
-            "screening",
-            "hours",
-        }
-        if unknown:
-            problems.append(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
-
-        def text(key: str, entry: dict[str, Any] = entry, where: str = where) -> str | None:
-            """A text value; None (and a problem named) when it is null or not text."""
-            value = entry.get(key, "")
-            if key == "extension" and isinstance(value, int) and not isinstance(value, bool):
-                value = str(value)  # "extension": 1234 reads as the digits
-            if not isinstance(value, str):
-                problems.append(f"{where}.{key} must be text (got {json.dumps(value)[:20]})")
-                return None
-            return value.strip()
-
-        target = text("number")
-        if not DESTINATION_NAME.match(name):
-            problems.append(f"{where}: name must be lower-case letters, digits, '-' or '_'")
-        if target is not None and not (E164.match(target) or SIP_URI.match(target)):
-            problems.append(f"{where}.number must be E.164 (+15105550100) or a sip: URI")
-        extension = text("extension") or ""
-        if extension and not DTMF.match(extension):
-            problems.append(f"{where}.extension may hold only 0-9 * # w")
-        timeout = entry.get("ring_timeout")
-        if timeout is not None and not (
-            isinstance(timeout, (int, float))
-            and not isinstance(timeout, bool)
-            and 5 <= timeout <= 120
-        ):
-            problems.append(f"{where}.ring_timeout must be a number of seconds, 5 to 120")
-            timeout = None
-        screening = (text("screening") or "amd").lower()
-        if screening not in ("amd", "none"):
-            problems.append(f"{where}.screening must be amd (the default) or none")
-        description = text("description")
-        if description == "":
-            problems.append(f"{where}.description is required (the model reads it)")
-        found.append(
-            Destination(
-                name=name,
-                target=target or "",
-                description=description or "",
-                extension=extension,
-                ring_timeout=float(timeout) if timeout is not None else None,
-                spoken_name=text("spoken_name") or "",
-                fallback=text("fallback") or "",
-                screening=screening,
-                hours=_parse_hours(entry["hours"], where, problems) if "hours" in entry else None,
-            )
-        )
-    names = {d.name for d in found}
-    for d in found:
-        if d.fallback and (d.fallback not in names or d.fallback == d.name):
-            problems.append(
-                f"HANDOFF_DESTINATIONS[{d.name!r}].fallback must name another destination"
-            )
-    return found
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+    return name
 
 
-def _env_text(env: Mapping[str, str], name: str, default: str = "") -> str:
-    return env.get(name, default).strip()
+def _closed_dates(value: JSONValue, where: str, problems: list[str]) -> set[date]:
+    """``closed``: a date like 2025-12-25, or a list of them."""
+    closed: set[date] = set()
+    for day in value if isinstance(value, list) else [value]:
+        try:
+            if not isinstance(day, str):
+                raise ValueError(day)
+            closed.add(date.fromisoformat(day))
+        except ValueError:
+            problems.append(f"{where}.closed must list dates like 2025-12-25 (got {day!r})")
+    return closed
 
 
-def registered_agent_name(env: Mapping[str, str] | None = None) -> str:
-    """The name the server registers: AGENT_NAME exactly as ``load_settings`` reads it."""
-    env = os.environ if env is None else env
-    return _env_text(env, "AGENT_NAME") or DEFAULT_AGENT_NAME
+def _weekdays(key: str) -> list[int]:
+    """The weekdays (Monday 0) a key names: "mon", "mon-fri", "fri-mon", "sat,sun"; [] when it
+    is not a day, a span of days, or several joined by commas."""
+    days: list[int] = []
+    for span in key.replace(" ", "").lower().split(","):
+        if not (m := DAY_SPAN.match(span)):
+            return []
+        first = WEEKDAYS.index(m[1])
+        last = WEEKDAYS.index(m[2] or m[1])
+        days += [(first + i) % 7 for i in range((last - first) % 7 + 1)]
+    return days
+
+
+def _opening_times(value: JSONValue) -> list[tuple[int, int]]:
+    """Times like "09:00-12:00,13:00-17:00" as (start, end) minutes from midnight, an end at or
+    before its start running past midnight; [] when any is not HH:MM-HH:MM or is empty."""
+    ranges: list[tuple[int, int]] = []
+    for span in value.replace(" ", "").split(",") if isinstance(value, str) else [""]:
+        if not (m := TIME_SPAN.match(span)):
+            return []
+        start = int(m[1]) * 60 + int(m[2])
+        end = int(m[3] or m[5]) * 60 + int(m[4] or m[6])
+        if end == start:
+            return []
+        ranges.append((start, end if end > start else end + 24 * 60))  # past midnight
+    return ranges
+
+
+# -- how ``check`` shows a value ------------------------------------------------------------------
+
+
+def _as_text(value: object, settings: Settings) -> str:
+    return str(value)
+
+
+def _or_not_set(value: str, settings: Settings) -> str:
+    return value or "(not set)"
+
+
+def _number_shown(value: str, settings: Settings) -> str:
+    return mask_number(value) if value else "(not set)"
+
+
+def _caller_id_shown(value: str, settings: Settings) -> str:
+    if value == CALLER_ID_FROM_CALLER:
+        return "caller (the caller's own number; else HANDOFF_TRUNK_NUMBER)"
+    return _number_shown(value, settings)
+
+
+def _mode_shown(mode: HandoffMode, settings: Settings) -> str:
+    return f"{mode.value} (in force: {settings.mode.value})"
+
+
+def _in_seconds(value: float, settings: Settings) -> str:
+    return f"{value:g}s"
+
+
+def _in_seconds_or_off(value: float, settings: Settings) -> str:
+    return f"{value:g}s" if value else "off"
+
+
+def _url_origin_shown(url: str, settings: Settings) -> str:
+    return url_origin(url) or "(not set)"
+
+
+def _folder_shown(folder: str, settings: Settings) -> str:
+    return folder or "off"
+
+
+# -- the table: one row per variable, in the README's order, each under its meaning ---------------
+
+# fmt: off
+VARIABLES: tuple[Variable[Any], ...] = (
+    # LiveKit and SIP: start, dev and connect need them; console does not.
+    # The LiveKit server; a *.livekit.cloud URL makes HANDOFF_MODE=auto consult.
+    Variable("LIVEKIT_URL", "livekit_url", _livekit_url, required=True, show=_or_not_set),
+    # LiveKit API key.
+    Variable("LIVEKIT_API_KEY", "livekit_api_key", _text, required=True, show=_or_not_set),
+    # LiveKit API secret.
+    Variable("LIVEKIT_API_SECRET", "livekit_api_secret", _text, required=True, secret=True),
+    # The outbound SIP trunk that dials the humans (ST_...).
+    Variable("SIP_TRUNK_ID", "sip_trunk_id", _text, required=True, show=_or_not_set,
+             aliases=("LIVEKIT_SIP_OUTBOUND_TRUNK",)),
+    # What the human's phone shows: one of the trunk's numbers, or caller.
+    Variable("HANDOFF_CALLER_ID", "caller_id", _caller_id, show=_caller_id_shown),
+    # With HANDOFF_CALLER_ID=caller: shown when the caller's own number can't be.
+    Variable("HANDOFF_TRUNK_NUMBER", "trunk_number", _e164_number, show=_number_shown),
+    #
+    # The handoff. The humans the agent may hand calls to: a JSON object.
+    Variable("HANDOFF_DESTINATIONS", "destinations", _parse_destinations),
+    # Opt-in: a regular expression for numbers a caller may ask to be put through to.
+    Variable("HANDOFF_ALLOW_DIAL_PATTERN", "allow_dial_pattern", _dial_pattern),
+    # consult, conference, or auto: consult on LiveKit Cloud, conference elsewhere.
+    Variable("HANDOFF_MODE", "handoff_mode", _one_of, show=_mode_shown),
+    # How long a destination rings (a destination's own ring_timeout wins).
+    Variable("HANDOFF_RING_TIMEOUT", "ring_timeout", _seconds, RING_SECONDS, show=_in_seconds),
+    # The longest a whole handoff may keep the caller on hold.
+    Variable("HANDOFF_MAX_HOLD", "max_hold", _seconds, (30, 1800), show=_in_seconds),
+    # How long the human may stay silent after answering before the brief starts anyway.
+    Variable("HANDOFF_HELLO_GRACE", "hello_grace", _seconds, (0, 10)),
+    # How often the agent checks in with a caller on hold.
+    Variable("HANDOFF_HOLD_REASSURE", "hold_reassure_every", _seconds, (5, 300)),
+    # Handoff attempts per call, each to a different destination.
+    Variable("HANDOFF_MAX_ATTEMPTS", "max_attempts", _whole_number, (1, 5), show=_as_text),
+    # How long the agent stays, silent, after the merge, to offer a retry if the human drops.
+    Variable("HANDOFF_REJOIN_WINDOW", "rejoin_window", _seconds, (0, 120), show=_in_seconds_or_off),
+    # Hold music (unset: LiveKit's built-in hold music).
+    Variable("HANDOFF_HOLD_AUDIO_FILE", "hold_audio_file", _existing_file),
+    #
+    # The agent. Its dispatch name: agentName in the SIP dispatch rule.
+    Variable("AGENT_NAME", "agent_name", _agent_name, show=_as_text),
+    # The first sentence the caller hears.
+    Variable("GREETING", "greeting", _text),
+    # How the agent names the business.
+    Variable("BUSINESS_NAME", "business_name", _text),
+    # What the agent helps with itself, before offering a person.
+    Variable("BUSINESS_SCOPE", "business_scope", _text),
+    # Deepgram speech-to-text model.
+    Variable("STT_MODEL", "stt_model", _text),
+    # OpenAI model; it writes the brief too.
+    Variable("LLM_MODEL", "llm_model", _text),
+    # ElevenLabs text-to-speech model.
+    Variable("TTS_MODEL", "tts_model", _text),
+    # ElevenLabs output encoding.
+    Variable("TTS_ENCODING", "tts_encoding", _text),
+    # ElevenLabs voice (unset: the plugin's default voice).
+    Variable("TTS_VOICE_ID", "tts_voice_id", _text),
+    #
+    # Records. Where outcome records and callback requests are POSTed.
+    Variable("HANDOFF_WEBHOOK_URL", "webhook_url", _webhook_url, show=_url_origin_shown),
+    # The key that signs each POST (HMAC-SHA256), 16 characters or more.
+    Variable("HANDOFF_WEBHOOK_SECRET", "webhook_secret", _text, secret=True),
+    # Callback requests are appended here first; with a webhook, the outbox sits beside it.
+    Variable("HANDOFF_CALLBACK_FILE", "callback_file", _text, show=_as_text),
+    # X-Handoff-* headers on the human's INVITE; off for trunks that reject them.
+    Variable("HANDOFF_SIP_HEADERS", "sip_headers", _on_unless_off),
+    # A folder for the fixed sentences once synthesised; off: every sentence live.
+    Variable("HANDOFF_PHRASE_CACHE", "phrase_cache", _folder_or_off, show=_folder_shown),
+    #
+    # Console only: what the human does on the simulated line.
+    Variable("SIMULATED_HUMAN", "simulated_human", _one_of),
+)
+# fmt: on
+VARIABLE = {v.name: v for v in VARIABLES}
 
 
 def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = True) -> Settings:
-    """Read and validate the configuration. ``telephony=False`` (console) does not require
-    LiveKit credentials or a trunk. Raises ``ConfigError`` naming every bad value; secret
-    values never appear in it."""
+    """Read and validate the configuration, each variable by its row in ``VARIABLES``.
+    ``telephony=False`` (console) does not require LiveKit credentials or a trunk. Raises
+    ``ConfigError`` naming every bad value; secret values never appear in it."""
     env = os.environ if env is None else env
     problems: list[str] = []
-
-    def get(name: str, default: str = "") -> str:
-        return _env_text(env, name, default)
-
-    def number(name: str, default: float, low: float, high: float) -> float:
-        raw = get(name)
-        if not raw:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            problems.append(f"{name} must be a number of seconds (got {raw!r})")
-            return default
-        if not low <= value <= high:
-            problems.append(f"{name} must be between {low:g} and {high:g} seconds")
-        return value
-
-    def count(name: str, default: int, low: int, high: int) -> int:
-        raw = get(name)
-        if not raw:
-            return default
-        if not re.fullmatch(r"[0-9]+", raw) or not low <= int(raw) <= high:
-            problems.append(f"{name} must be a whole number from {low} to {high} (got {raw!r})")
-            return default
-        return int(raw)
-
-    def choice(name: str, enum: type[Enum], default: Enum) -> Any:
-        raw = get(name).lower().replace(" ", "_")
-        if not raw:
-            return default
-        try:
-            return enum(raw)
-        except ValueError:
-            allowed = ", ".join(e.value for e in enum)
-            problems.append(f"{name} must be one of {allowed} (got {raw!r})")
-            return default
-
-    ring_timeout = number("HANDOFF_RING_TIMEOUT", 25.0, 5, 120)
-    trunk = get("SIP_TRUNK_ID") or get("LIVEKIT_SIP_OUTBOUND_TRUNK")
-    caller_id = get("HANDOFF_CALLER_ID")
-    if caller_id.lower() == CALLER_ID_FROM_CALLER:
-        caller_id = CALLER_ID_FROM_CALLER
-    trunk_number = get("HANDOFF_TRUNK_NUMBER")
-    pattern_raw = get("HANDOFF_ALLOW_DIAL_PATTERN")
-    pattern = None
-    if pattern_raw:
-        try:  # the regex package: its matches take a timeout (see dial_allowed)
-            pattern = regex.compile(pattern_raw)
-        except regex.error as e:
-            problems.append(f"HANDOFF_ALLOW_DIAL_PATTERN is not a valid regular expression ({e})")
-
-    destinations_raw = get("HANDOFF_DESTINATIONS")
-    settings = Settings(
-        livekit_url=get("LIVEKIT_URL"),
-        livekit_api_key=get("LIVEKIT_API_KEY"),
-        livekit_api_secret=get("LIVEKIT_API_SECRET"),
-        sip_trunk_id=trunk,
-        caller_id=caller_id,
-        trunk_number=trunk_number,
-        destinations=tuple(_parse_destinations(destinations_raw, problems)),
-        allow_dial_pattern=pattern,
-        handoff_mode=choice("HANDOFF_MODE", HandoffMode, HandoffMode.AUTO),
-        ring_timeout=ring_timeout,
-        max_hold=number("HANDOFF_MAX_HOLD", 180.0, 30, 1800),
-        hello_grace=number("HANDOFF_HELLO_GRACE", 2.0, 0, 10),
-        hold_reassure_every=number("HANDOFF_HOLD_REASSURE", 25.0, 5, 300),
-        max_attempts=count("HANDOFF_MAX_ATTEMPTS", 3, 1, 5),
-        rejoin_window=number("HANDOFF_REJOIN_WINDOW", 20.0, 0, 120),
-        hold_audio_file=get("HANDOFF_HOLD_AUDIO_FILE"),
-        agent_name=get("AGENT_NAME") or DEFAULT_AGENT_NAME,  # = registered_agent_name()
-        greeting=get("GREETING") or DEFAULT_GREETING,
-        business_name=get("BUSINESS_NAME") or "our company",
-        business_scope=get("BUSINESS_SCOPE") or Settings.business_scope,
-        stt_model=get("STT_MODEL") or "nova-3",
-        llm_model=get("LLM_MODEL") or "gpt-4o",
-        tts_model=get("TTS_MODEL") or "eleven_multilingual_v2",
-        tts_encoding=get("TTS_ENCODING") or "pcm_44100",
-        tts_voice_id=get("TTS_VOICE_ID"),
-        simulated_human=choice("SIMULATED_HUMAN", SimulatedHuman, SimulatedHuman.ANSWER),
-        webhook_url=get("HANDOFF_WEBHOOK_URL"),
-        webhook_secret=get("HANDOFF_WEBHOOK_SECRET"),
-        callback_file=get("HANDOFF_CALLBACK_FILE") or "callback_requests.jsonl",
-        sip_headers=get("HANDOFF_SIP_HEADERS", "on").lower() not in ("off", "0", "false", "no"),
-        phrase_cache=_phrase_cache_folder(get("HANDOFF_PHRASE_CACHE")),
-    )
-
-    if settings.webhook_url and not re.match(r"^https?://[^\s/]+", settings.webhook_url):
-        problems.append("HANDOFF_WEBHOOK_URL must be an http:// or https:// URL")
-    if settings.webhook_url and len(settings.webhook_secret) < 16:
-        problems.append(
-            "HANDOFF_WEBHOOK_SECRET must be set, at least 16 characters, with a webhook"
-        )
-    if caller_id and caller_id != CALLER_ID_FROM_CALLER and not E164.fullmatch(caller_id):
-        problems.append("HANDOFF_CALLER_ID must be an E.164 number like +15105550100, or caller")
-    if trunk_number and not E164.fullmatch(trunk_number):
-        problems.append("HANDOFF_TRUNK_NUMBER must be an E.164 number like +15105550100")
-    elif trunk_number and caller_id != CALLER_ID_FROM_CALLER:
-        problems.append(
-            "HANDOFF_TRUNK_NUMBER is used only with HANDOFF_CALLER_ID=caller "
-            "(otherwise put the trunk's number in HANDOFF_CALLER_ID)"
-        )
-    if os.path.exists(settings.phrase_cache) and not os.path.isdir(settings.phrase_cache):
-        problems.append("HANDOFF_PHRASE_CACHE must name a folder, or be off")
-    if settings.hold_audio_file and not os.path.isfile(settings.hold_audio_file):
-        problems.append("HANDOFF_HOLD_AUDIO_FILE does not name a readable file")
-    if not AGENT_NAME_RULE.match(settings.agent_name):
-        problems.append("AGENT_NAME may hold only letters, digits, '-' and '_'")
-    if settings.livekit_url and not re.match(r"^(wss?|https?)://", settings.livekit_url):
-        problems.append("LIVEKIT_URL must start with wss://, ws://, https:// or http://")
+    values: dict[str, Any] = {v.setting: v.read_from(env, problems) for v in VARIABLES}
+    settings = Settings(**values)
+    problems += _problems_between_values(settings)
     if telephony:
-        for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
-            if not get(name):
-                problems.append(f"{name} is not set")
-        if not destinations_raw and not pattern:
-            problems.append("HANDOFF_DESTINATIONS is empty: configure at least one destination")
-        if not trunk:
-            problems.append("SIP_TRUNK_ID (or LIVEKIT_SIP_OUTBOUND_TRUNK) is not set")
-        elif not trunk.startswith("ST_"):
-            problems.append("SIP_TRUNK_ID must be an outbound trunk id (ST_...)")
+        problems += _telephony_problems(settings, env)
     if problems:
         raise ConfigError(problems)
     return settings
 
 
-def _phrase_cache_folder(raw: str) -> str:
-    """HANDOFF_PHRASE_CACHE: a folder (default ``DEFAULT_PHRASE_CACHE``), or off ("")."""
-    if raw.lower() in ("off", "0", "false", "no"):
-        return ""
-    return raw or DEFAULT_PHRASE_CACHE
+def _problems_between_values(settings: Settings) -> list[str]:
+    """What no variable's text shows alone: values that need each other, and what is on this
+    host where the phrase cache goes (its default included)."""
+    problems = []
+    if settings.webhook_url and len(settings.webhook_secret) < 16:
+        problems.append(
+            "HANDOFF_WEBHOOK_SECRET must be set, at least 16 characters, with a webhook"
+        )
+    if E164.fullmatch(settings.trunk_number) and settings.caller_id != CALLER_ID_FROM_CALLER:
+        problems.append(
+            "HANDOFF_TRUNK_NUMBER is used only with HANDOFF_CALLER_ID=caller "
+            "(otherwise put the trunk's number in HANDOFF_CALLER_ID)"
+        )
+    folder = settings.phrase_cache
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        problems.append("HANDOFF_PHRASE_CACHE must name a folder, or be off")
+    return problems
+
+
+def _telephony_problems(settings: Settings, env: Mapping[str, str]) -> list[str]:
+    """What start, dev and connect need and console does not: the required variables, someone
+    to hand calls to, and an outbound trunk."""
+    problems = [f"{v.called} is not set" for v in VARIABLES if v.required and not v.text_in(env)]
+    if not VARIABLE["HANDOFF_DESTINATIONS"].text_in(env) and settings.allow_dial_pattern is None:
+        problems.append("HANDOFF_DESTINATIONS is empty: configure at least one destination")
+    if settings.sip_trunk_id and not settings.sip_trunk_id.startswith("ST_"):
+        problems.append("SIP_TRUNK_ID must be an outbound trunk id (ST_...)")
+    return problems
+
+
+def registered_agent_name(env: Mapping[str, str] | None = None) -> str:
+    """The name the server registers: AGENT_NAME read by its row, as ``load_settings`` reads
+    it. A bad name registers the default; ``load_settings`` names the problem, so start, dev,
+    connect and check refuse to run with it."""
+    row = VARIABLE["AGENT_NAME"]
+    problems: list[str] = []
+    name: str = row.read_from(os.environ if env is None else env, problems)
+    return row.default if problems else name
 
 
 def missing_provider_keys(env: Mapping[str, str] | None = None) -> list[str]:
     """The model providers' keys that are not set (the plugins would fail on the first turn)."""
     env = os.environ if env is None else env
-    missing = []
-    for provider, key in PROVIDER_KEYS.items():
-        aliases = [key, "ELEVENLABS_API_KEY"] if provider == "elevenlabs" else [key]
-        if not any(env.get(k, "").strip() for k in aliases):
-            missing.append(" or ".join(aliases))
-    return missing
+    return [
+        " or ".join(names)
+        for names in PROVIDER_KEYS.values()
+        if not any(env.get(name, "").strip() for name in names)
+    ]
 
 
 def mask_number(target: str) -> str:

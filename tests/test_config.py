@@ -1,7 +1,10 @@
 """Configuration: one typed object, every problem named at once, no secret printed."""
 
+import dataclasses
+import enum
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +172,69 @@ def test_console_without_provider_keys_fails_fast():
     assert done.returncode == 1
     assert "OPENAI_API_KEY is not set" in done.stderr
     assert "LIVEKIT_URL" not in done.stderr  # console needs no LiveKit settings
+
+
+# -- the configuration table drives loading, check and the README --------------------------------
+
+
+def test_each_settings_field_is_read_from_one_variable():
+    fields = [v.setting for v in wh.VARIABLES]
+    assert sorted(fields) == sorted(f.name for f in dataclasses.fields(wh.Settings))
+    assert len({v.name for v in wh.VARIABLES}) == len(wh.VARIABLES)
+
+
+@pytest.mark.parametrize("variable", [v for v in wh.VARIABLES if v.secret], ids=lambda v: v.name)
+def test_a_secret_is_shown_only_as_set(variable):
+    settings = wh.load_settings({variable.name: "s3cr3t-value-never-printed"}, telephony=False)
+    assert getattr(settings, variable.setting) == "s3cr3t-value-never-printed"
+    assert "s3cr3t" not in repr(settings) + repr(settings.masked())
+    assert dict(settings.masked())[variable.name] == "(set)"
+
+
+@pytest.mark.parametrize("raw", ["front desk", "a" * 65, "agent/1"])
+def test_a_bad_agent_name_registers_the_default_and_stops_the_worker(raw):
+    """The server registers the name the table's AGENT_NAME row validated, never a raw one."""
+    assert wh.registered_agent_name({"AGENT_NAME": raw}) == wh.DEFAULT_AGENT_NAME
+    with pytest.raises(wh.ConfigError, match="AGENT_NAME may hold only letters"):
+        wh.load_settings({"AGENT_NAME": raw}, telephony=False)
+
+
+def readme_configuration_table() -> dict[str, tuple[str, str, str]]:
+    """The README's configuration table: variable -> (required for start?, default, meaning)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if m := re.fullmatch(r"\| `([A-Z][A-Z0-9_]+)` \| (.*) \| (.*) \| (.*) \|", line):
+            rows[m[1]] = (m[2], m[3], m[4])
+    return rows
+
+
+def as_documented(default: object) -> str:
+    """A default as the README writes it; "" for none (the README says in words what happens)
+    and for the phrase cache's folder (it depends on the host)."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, enum.Enum):
+        return default.value
+    if isinstance(default, (int, float)):
+        return f"{default:g}"
+    if isinstance(default, str) and default != wh.DEFAULT_PHRASE_CACHE:
+        return default
+    return ""
+
+
+def test_readme_configuration_table_has_a_row_per_variable_in_the_tables_order():
+    provider_keys = [names[0] for names in wh.PROVIDER_KEYS.values()]
+    assert list(readme_configuration_table()) == [v.name for v in wh.VARIABLES] + provider_keys
+
+
+@pytest.mark.parametrize("variable", wh.VARIABLES, ids=lambda v: v.name)
+def test_readme_configuration_row_agrees_with_the_table(variable):
+    required, default, meaning = readme_configuration_table()[variable.name]
+    assert (required == "yes") is variable.required
+    if documented := as_documented(variable.default):
+        assert default.strip('`"') == documented
+    if variable.bounds:
+        low, high = variable.bounds
+        assert f"{low:g} to {high:g}" in meaning

@@ -4,7 +4,6 @@ README's wiring recipe, the Dockerfile and .dockerignore. Offline; no Docker or 
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import json
 import os
 import re
@@ -168,10 +167,9 @@ def test_readme_scaling_covers_the_dispatcher():
 
 
 def variables_the_worker_reads() -> set[str]:
-    source = inspect.getsource(wh.load_settings)
-    names = set(re.findall(r"\"([A-Z][A-Z0-9_]{2,})\"", source))
-    names |= set(wh.PROVIDER_KEYS.values()) | {"ELEVENLABS_API_KEY"}
-    return names
+    """Each variable of the configuration table, its aliases, and the providers' keys."""
+    names = {name for v in wh.VARIABLES for name in (v.name, *v.aliases)}
+    return names | {name for names in wh.PROVIDER_KEYS.values() for name in names}
 
 
 def test_env_example_lists_every_variable_the_worker_reads():
