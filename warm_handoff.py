@@ -1968,13 +1968,13 @@ class SimulatedPhoneLine(PhoneLine):
 # 3. The handoff
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
-CALLER_HEARS = {
-    HandoffOutcome.BUSY: "I'm sorry, {team} is on another call right now.",
-    HandoffOutcome.NO_ANSWER: "I'm sorry, nobody from {team} picked up.",
-    HandoffOutcome.DECLINED: "I'm sorry, {team} can't take your call right now.",
-    HandoffOutcome.VOICEMAIL: "I'm sorry, I reached {team}'s voicemail rather than a person.",
-    HandoffOutcome.UNREACHABLE: "I'm sorry, I couldn't get through to {team}.",
-    HandoffOutcome.FAILED: "I'm sorry, something went wrong while I was connecting you.",
+CALLER_HEARS = {  # why an attempt failed, by outcome
+    "busy": "I'm sorry, {team} is on another call right now.",
+    "no_answer": "I'm sorry, nobody from {team} picked up.",
+    "declined": "I'm sorry, {team} can't take your call right now.",
+    "voicemail": "I'm sorry, I reached {team}'s voicemail rather than a person.",
+    "unreachable": "I'm sorry, I couldn't get through to {team}.",
+    "failed": "I'm sorry, something went wrong while I was connecting you.",
 }
 STILL_TRYING = (
     "I'm still trying {team}; it's been about {waited} seconds. Please stay on the line, or "
@@ -2022,9 +2022,7 @@ MODEL_TEAMS_NOW = (
     "caller asks for a closed team, call transfer_call with it anyway: the caller is told when "
     "it opens and offered an open team or a callback."
 )
-MODEL_TRY_NEXT = (
-    "If the caller agrees to try {name}, call transfer_call with destination {name}. "
-)
+MODEL_TRY_NEXT = "If the caller agrees to try {name}, call transfer_call with destination {name}. "
 MODEL_CALLBACK_STEPS = (
     "If they want a callback, ask their name and the best time, then call request_callback."
 )
@@ -3231,9 +3229,7 @@ class Handoff:
         if self._caller_left is not None and self._caller_left.done():
             # they arrive to nobody: the caller's room is deleted (see _clean_up)
             return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
-        return await self._connected(
-            NOW_CONNECTED.format(team=self.destination.said_as)
-        )
+        return await self._connected(NOW_CONNECTED.format(team=self.destination.said_as))
 
     async def _connected(self, words: str) -> HandoffResult:
         """Both modes end here: merged, hold audio off, and the agent's last words."""
@@ -3426,7 +3422,6 @@ async def _first(*waits: Awaitable[Any]) -> None:
         for task, wait in zip(tasks, waits, strict=True):
             if task is not wait:
                 task.cancel()
-
 
 
 async def _finished_before(
@@ -4313,8 +4308,7 @@ class WarmHandoffAgent(Agent):
             return await self._closed(destination, reason)
         if not self.teams.may_offer(destination):
             return ToolResult(
-                MODEL_ALREADY_TRIED.format(name=destination.name)
-                + self.teams.what_next_for_model()
+                MODEL_ALREADY_TRIED.format(name=destination.name) + self.teams.what_next_for_model()
             )
         if not self.teams.dials_left:
             return ToolResult("No more transfers on this call. " + self.teams.what_next_for_model())
@@ -4362,7 +4356,7 @@ class WarmHandoffAgent(Agent):
         if self.job_ending.is_set():
             await self.session.say(CALL_ENDING)
             return ToolResult("The call is ending.", reply_required=False)
-        told = CALLER_HEARS[result.outcome].format(team=destination.said_as)
+        told = CALLER_HEARS[result.outcome.value].format(team=destination.said_as)
         await self.session.say(f"{told} {self.teams.what_next_for_caller()}")
         return ToolResult(
             f"The transfer to {destination.name} did not happen: {result.outcome.value}"
