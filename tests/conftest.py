@@ -454,7 +454,8 @@ async def livekit_call(livekit):
     """Start a caller's session on the LiveKit-backed line, through the fake server; every call
     started is closed when the test ends. ``caller_room``: a room of its own (other calls share
     the server); ``models``: instead of the scripted ``respond``; ``caller_audio``: where the
-    caller's audio goes (set before the session starts)."""
+    caller's audio goes (set before the session starts); ``line_type``: a ``LiveKitBackedLine``
+    that does more."""
     server, ctx = livekit
     opened: list[LiveKitCall] = []
 
@@ -465,6 +466,9 @@ async def livekit_call(livekit):
         caller_room: str | None = None,
         models: wh.Models | None = None,
         caller_audio: AudioOutput | None = None,
+        line_type: Callable[[wh.LiveKitPhoneLine, FakeLiveKitServer], LiveKitBackedLine] = (
+            LiveKitBackedLine
+        ),
         **settings: Any,
     ) -> LiveKitCall:
         config = livekit_settings(server, **settings)
@@ -472,7 +476,7 @@ async def livekit_call(livekit):
         if caller_room is not None:
             server.add_participant(caller_room, "caller")
             lk.caller_room = caller_room
-        line = LiveKitBackedLine(lk, server)
+        line = line_type(lk, server)
         if caller_number is not None:
             line.caller_number = caller_number
         model = ScriptedLLM(respond or receptionist())
@@ -503,6 +507,16 @@ async def agree_to_transfer(
 def assistant_said(session: AgentSession) -> list[str]:
     """What the caller's session said, in order (what the caller heard)."""
     return [m.text_content for m in session.history.messages() if m.role == "assistant"]
+
+
+def tasks_still_running(*prefixes: str) -> list[asyncio.Task[Any]]:
+    """This loop's tasks not yet done whose coroutine's qualified name starts with one of
+    ``prefixes`` (``"Handoff."``: a method of ``Handoff``)."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and t.get_coro().__qualname__.startswith(prefixes)
+    ]
 
 
 async def shut_down_like_the_framework(session: AgentSession, line: wh.PhoneLine, callbacks=()):
