@@ -532,11 +532,33 @@ async def shut_down_like_the_framework(session: AgentSession, line: wh.PhoneLine
         await callback("shutdown")
 
 
+def run_worker(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python warm_handoff.py <command>`` with only ``env`` configured."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LIVEKIT", "HANDOFF", "SIP_", "DEEPGRAM", "OPENAI", "ELEVEN"))
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / "warm_handoff.py"), command],
+        env={**clean, "DOTENV_FILE": os.devnull, **env},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 # The worker started in a clean process without registering, asked over HTTP what it reports:
 # livekit-agents' worker serves ``GET /worker`` with the agent name it registers (worker.py).
 _REPORTED_NAME = """
-import asyncio, json, urllib.request
+import asyncio, json, socket, urllib.request
 import warm_handoff
+
+# an IPv4-only host: the worker's HTTP server (all interfaces, port 0) reports the port of
+# its first socket, which on a dual-stack host may be the IPv6 one
+_getaddrinfo = socket.getaddrinfo
+socket.getaddrinfo = lambda *a, **k: [r for r in _getaddrinfo(*a, **k) if r[0] == socket.AF_INET]
 
 async def main():
     server = warm_handoff.server

@@ -6,6 +6,7 @@ import asyncio
 import pytest
 from conftest import (
     Call,
+    RecordingLine,
     receptionist,
     start_livekit_call,
     wait_for,
@@ -65,7 +66,7 @@ async def test_a_callback_asks_for_the_number_when_the_trunk_gave_none(start_cal
             return Call("request_callback", {"name": "Dana", "best_time": "tomorrow"})
         return "Okay."
 
-    line = wh.SimulatedPhoneLine(None, caller_number=wh.sip_caller_number(attributes))
+    line = RecordingLine(None, caller_number=wh.sip_caller_number(attributes))
     call = await start_call(respond, line=line)
     await call.session.run(user_input="yes, call me back: Dana, tomorrow")
     outputs = [i.output for i in call.session.history.items if i.type == "function_call_output"]
@@ -78,7 +79,7 @@ async def test_a_callback_asks_for_the_number_when_the_trunk_gave_none(start_cal
 async def test_a_caller_who_hangs_up_on_hold_leaves_a_callback_without_a_bad_number(
     start_call, number
 ):
-    line = wh.SimulatedPhoneLine(None, ring_time=10, caller_number=number)
+    line = RecordingLine(None, ring_time=10, caller_number=number)
     call = await start_call(receptionist(), line=line)
     await call.session.run(user_input="a person please")
     turn = asyncio.ensure_future(call.session.run(user_input="yes please"))

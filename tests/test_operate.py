@@ -15,6 +15,7 @@ from aiohttp import web
 from conftest import (
     CALLER_ROOM,
     Call,
+    RecordingLine,
     receptionist,
     start_livekit_call,
     wait_for,
@@ -100,9 +101,7 @@ async def busy_then_callback(start_call, delivery, tmp_path):
             return next(steps)
         return receptionist()(req)
 
-    line = wh.SimulatedPhoneLine(
-        wh.SimulatedHuman.BUSY, ring_time=0.02, caller_number="+15105550199"
-    )
+    line = RecordingLine(wh.SimulatedHuman.BUSY, ring_time=0.02, caller_number="+15105550199")
     call = await start_call(respond, line=line)
     call.agent.records = wh.CallRecords(line.caller_room, "job-1", delivery)
     await asyncio.wait_for(call.session.run(user_input="yes, support please"), 5)
@@ -194,7 +193,7 @@ async def test_a_full_queue_never_blocks_and_still_keeps_callbacks(tmp_path, cap
 
 
 async def test_attributes_show_the_handoff_live_and_the_brief_in_the_consult_room(start_call):
-    line = wh.SimulatedPhoneLine(None, ring_time=0.3)
+    line = RecordingLine(None, ring_time=0.3)
     call = await start_call(receptionist(), line=line)
     await call.session.run(user_input="My order QX-4471 arrived broken")
     turn = asyncio.ensure_future(call.session.run(user_input="yes please"))
@@ -206,9 +205,7 @@ async def test_attributes_show_the_handoff_live_and_the_brief_in_the_consult_roo
     consult = line.dials[0].room
     await wait_for(lambda: "handoff.brief" in line.attributes.get(consult, {}))
     assert "QX-4471" in line.attributes[consult]["handoff.brief"]
-    line.human_says("Hello?")
-    await wait_for(line.human_heard_anything)
-    line.human_presses("1")
+    await line.human_accepts()
     await asyncio.wait_for(turn, 5)
     await wait_for(lambda: line.attributes["console-room"]["handoff.state"] == "connected")
     assert line.attributes["console-room"]["handoff.outcome"] == "connected"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import Call, receptionist, settings_for, wait_for
+from conftest import Call, RecordingLine, receptionist, settings_for, wait_for
 from livekit.agents.worker import ServerOptions
 from test_operate import SECRET, dead_url
 
@@ -134,9 +134,7 @@ async def abandoned_during_read_back(start_call, records):
             Call("request_callback", {"name": "Dana", "best_time": "after 5pm"}),
         ]
     )
-    line = wh.SimulatedPhoneLine(
-        wh.SimulatedHuman.BUSY, ring_time=0.02, caller_number="+15105550199"
-    )
+    line = RecordingLine(wh.SimulatedHuman.BUSY, ring_time=0.02, caller_number="+15105550199")
 
     def respond(req):
         if req.purpose == "caller" and req.last_user_text().startswith("yes"):
@@ -155,9 +153,10 @@ async def abandoned_during_read_back(start_call, records):
 
 
 def test_the_shutdown_bound_is_the_frameworks():
-    assert wh.JOB_SHUTDOWN_TIMEOUT == ServerOptions.__dataclass_fields__[
-        "shutdown_process_timeout"
-    ].default
+    assert (
+        wh.JOB_SHUTDOWN_TIMEOUT
+        == ServerOptions.__dataclass_fields__["shutdown_process_timeout"].default
+    )
 
 
 @pytest.mark.parametrize("webhook", ["refuses connections", "answers after 30 s"])
@@ -213,9 +212,7 @@ async def test_a_record_being_sent_is_not_sent_twice(receiver, tmp_path):
     assert r.posts == 1 and list(r.received) == ["rec-1"]
 
 
-async def test_the_worker_resends_the_outbox_from_its_main_process(
-    receiver, tmp_path, monkeypatch
-):
+async def test_the_worker_resends_the_outbox_from_its_main_process(receiver, tmp_path, monkeypatch):
     """``python warm_handoff.py start`` runs ``AgentServer.run`` in the main process; its
     ``worker_started`` event starts the resender there."""
     r, url = await receiver()
@@ -270,7 +267,7 @@ async def test_a_read_back_never_confirmed_is_recorded_when_the_call_ends(start_
             return Call("request_callback", {"name": "Dana", "best_time": "after 5pm"})
         return None
 
-    line = wh.SimulatedPhoneLine(None, caller_number="+15105550199")
+    line = RecordingLine(None, caller_number="+15105550199")
     call = await start_call(respond, line=line)
     await asyncio.wait_for(call.session.run(user_input="please call me back"), 5)
     assert call.agent.records.callbacks == []  # read back, not confirmed yet
@@ -281,24 +278,20 @@ async def test_a_read_back_never_confirmed_is_recorded_when_the_call_ends(start_
 
 
 @pytest.mark.parametrize("mode", [wh.HandoffMode.CONSULT, wh.HandoffMode.CONFERENCE])
-async def test_a_transfer_stays_connected_when_the_caller_hangs_up_as_it_connects(
-    start_call, mode
-):
-    line: wh.SimulatedPhoneLine
+async def test_a_transfer_stays_connected_when_the_caller_hangs_up_as_it_connects(start_call, mode):
+    line: RecordingLine
 
     def on_step(text: str) -> None:
         if text == "hold music off" and line.legs():  # "You're now connected" is next
             line.hang_up_caller()
 
-    line = wh.SimulatedPhoneLine(None, ring_time=0.05, announce=on_step)
+    line = RecordingLine(None, ring_time=0.05, announce=on_step)
     call = await start_call(receptionist(), line=line, settings=settings_for(handoff_mode=mode))
     await call.session.run(user_input="a person please")
     turn = asyncio.ensure_future(call.session.run(user_input="yes please"))
     await wait_for(line.answered.is_set)
     if mode is wh.HandoffMode.CONSULT:
-        line.human_says("Hello?")
-        await wait_for(line.human_heard_anything)
-        line.human_presses("1")
+        await line.human_accepts()
     await asyncio.wait_for(turn, 5)
     [result] = call.agent.results
     assert result.outcome is wh.HandoffOutcome.CONNECTED
@@ -382,7 +375,7 @@ CALLBACK = Call("request_callback", {"name": "Dana", "best_time": "after 5pm", "
     "turn", [[TRANSFER, CALLBACK], [CALLBACK, TRANSFER]], ids=["transfer first", "callback first"]
 )
 async def test_a_callback_in_the_same_turn_as_a_transfer_is_refused_and_never_speaks(turn):
-    line = wh.SimulatedPhoneLine(wh.SimulatedHuman.ANSWER, ring_time=0.05)
+    line = RecordingLine(wh.SimulatedHuman.ANSWER, ring_time=0.05)
     conference = settings_for(handoff_mode=wh.HandoffMode.CONFERENCE)
     session, agent, model = await start_streamed([turn], line, conference)
     try:
@@ -400,13 +393,13 @@ async def test_a_callback_in_the_same_turn_as_a_transfer_is_refused_and_never_sp
 
 
 async def test_a_second_transfer_in_the_same_turn_never_dials():
-    line: wh.SimulatedPhoneLine
+    line: RecordingLine
 
     def on_step(text: str) -> None:
         if text.startswith("dialling support"):
             line.hang_up_caller()  # the first transfer ends at once: the caller left
 
-    line = wh.SimulatedPhoneLine(None, ring_time=5, announce=on_step)
+    line = RecordingLine(None, ring_time=5, announce=on_step)
     second = Call("transfer_call", {"destination": "billing", "reason": "printer"})
     # the second call streams in after the first transfer has ended
     session, agent, _ = await start_streamed([[TRANSFER, second]], line, gap=1.5)
