@@ -1,38 +1,58 @@
-"""Nothing lost: callback requests are durable before anything else, the webhook is fed
-at-least-once from an outbox that the worker's main process resends, the job's shutdown is
-bounded, and a caller who leaves mid-read-back or mid-"You're now connected" is recorded right."""
+"""Operating it: outcome records (log, attributes, signed webhook, callback file), context for
+the human (SIP X-headers, the brief on the consult agent) and the ``check`` command; and "What
+is guaranteed", nothing lost: callback requests are durable before anything else, the webhook
+is fed at-least-once from an outbox that the worker's main process resends, the job's shutdown
+is bounded, and a caller who leaves mid-read-back or mid-"You're now connected" is recorded
+right."""
 
 import asyncio
 import hashlib
 import hmac
 import json
 import logging
+import os
+import socket
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import Call, RecordingLine, receptionist, settings_for, wait_for
+from conftest import (
+    CALLER_ROOM,
+    Call,
+    RecordingLine,
+    agree_to_transfer,
+    receptionist,
+    run_worker,
+    settings_for,
+    wait_for,
+)
+from fake_livekit import API_SECRET
 from livekit.agents.worker import ServerOptions
-from test_operate import SECRET, dead_url
 
 import warm_handoff as wh
 
-CARD = "4111 1111 1111 1111"  # a Luhn-valid test card number
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-webhook-secret-0123456789"
 
 
 class Receiver:
     """A webhook receiver that checks signatures and freshness as the README's verifier does,
-    de-duplicates by X-Handoff-Record-Id, and can be slow."""
+    de-duplicates by X-Handoff-Record-Id, can be slow, and answers with the scripted
+    statuses (then 200)."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, statuses=(), delay: float = 0.0) -> None:
+        self.statuses = list(statuses)
         self.delay = delay
-        self.received: dict[str, dict] = {}  # by record id
-        self.posts = 0
+        self.received: list[dict] = []  # every record taken, in order
+        self.by_id: dict[str, dict] = {}  # de-duplicated by record id
+        self.attempts = 0
+        self.bad_signatures = 0
         self.record_ids_match = True
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.posts += 1
+        self.attempts += 1
         if self.delay:
             await asyncio.sleep(self.delay)
         body = await request.read()
@@ -43,12 +63,16 @@ class Receiver:
         )
         fresh = abs(time.time() - int(timestamp)) <= 300
         if not (fresh and hmac.compare_digest(expected, request.headers["X-Handoff-Signature"])):
+            self.bad_signatures += 1
             return web.Response(status=401)
-        record = json.loads(body)
-        record_id = request.headers["X-Handoff-Record-Id"]
-        self.record_ids_match &= record.get("id") == record_id
-        self.received.setdefault(record_id, record)
-        return web.Response(status=200)
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status == 200:
+            record = json.loads(body)
+            record_id = request.headers.get("X-Handoff-Record-Id", "")
+            self.record_ids_match &= record.get("id") == record_id
+            self.received.append(record)
+            self.by_id.setdefault(record_id, record)
+        return web.Response(status=status)
 
 
 @pytest.fixture
@@ -61,14 +85,295 @@ async def receiver():
         app.router.add_post("/hook", r.handle)
         runner = web.AppRunner(app, shutdown_timeout=0.2)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
         made.append(runner)
-        return r, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"
+        return r, f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
 
     yield start
     for runner in made:
         await runner.cleanup()
+
+
+def dead_url() -> str:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+
+
+async def busy_then_callback(start_call, delivery, tmp_path):
+    steps = iter(
+        [
+            Call("transfer_call", {"destination": "support", "reason": "router keeps rebooting"}),
+            Call("request_callback", {"name": "Dana", "best_time": "after 5pm", "confirmed": True}),
+        ]
+    )
+
+    def respond(req):
+        if (
+            req.purpose == "caller"
+            and req.last_user_text().startswith("yes")
+            and not req.after_tool
+        ):
+            return next(steps)
+        return receptionist()(req)
+
+    line = RecordingLine(wh.SimulatedHuman.BUSY, ring_time=0.02, caller_number="+15105550199")
+    call = await start_call(respond, line=line)
+    call.agent.records = wh.CallRecords(line.caller_room, "job-1", delivery)
+    await asyncio.wait_for(call.session.run(user_input="yes, support please"), 5)
+    await asyncio.wait_for(call.session.run(user_input="yes, call me back"), 5)
+    call.agent.records.call_ended()
+    return call
+
+
+async def test_records_reach_the_webhook_signed_and_match_the_call(start_call, receiver, tmp_path):
+    r, url = await receiver()
+    delivery = wh.RecordDelivery(url, SECRET, str(tmp_path / "callbacks.jsonl"), backoff=0.01)
+    call = await busy_then_callback(start_call, delivery, tmp_path)
+    await delivery.drain()
+    assert r.bad_signatures == 0
+    handoff, callback, ended = r.received
+    assert (
+        handoff["type"],
+        handoff["destination"],
+        handoff["outcome"],
+        handoff["sip_status"],
+        handoff["mode"],
+        handoff["room"],
+        handoff["job_id"],
+    ) == ("handoff", "support", "busy", 486, "consult", "console-room", "job-1")
+    assert handoff["attempt"] == call.agent.results[0].attempt
+    timings = handoff["timings"]
+    assert timings["decision"] == 0 and timings["dial_start"] >= 0
+    assert timings["dial_start"] <= timings["ringing"] <= timings["returned"]
+    assert handoff["caller_hold_seconds"] >= 0
+    assert (callback["type"], callback["caller_name"], callback["number"], callback["source"]) == (
+        "callback_request",
+        "Dana",
+        "+15105550199",
+        "caller",
+    )  # the full number, not masked
+    assert callback["reason"] == "router keeps rebooting" and callback["summary"]
+    assert (ended["type"], ended["outcome"], ended["callback_requests"]) == ("call", "busy", 1)
+    # The webhook took every record: nothing waits in the outbox. The callback file is the
+    # source of truth (issue 11), so it keeps the request the webhook also took.
+    assert list((tmp_path / "outbox").glob("*.json")) == []
+    [saved] = [json.loads(x) for x in (tmp_path / "callbacks.jsonl").read_text().splitlines()]
+    assert saved["id"] == callback["id"]
+
+
+async def test_webhook_is_retried_after_5xx(start_call, receiver, tmp_path):
+    r, url = await receiver(statuses=[503, 500])
+    delivery = wh.RecordDelivery(url, SECRET, str(tmp_path / "cb.jsonl"), backoff=0.01)
+    delivery.submit({"type": "call", "room": "r1"})
+    await delivery.drain()
+    assert r.attempts == 3 and r.received == [{"type": "call", "room": "r1"}]
+
+
+async def test_a_dead_webhook_neither_slows_nor_fails_the_call_and_keeps_callbacks(
+    start_call, tmp_path, caplog
+):
+    path = tmp_path / "callbacks.jsonl"
+    delivery = wh.RecordDelivery(dead_url(), SECRET, str(path), attempts=3, backoff=0.2)
+    call = await busy_then_callback(start_call, delivery, tmp_path)  # 5 s bound inside
+    assert call.agent.results[0].outcome is wh.HandoffOutcome.BUSY
+    assert call.caller_heard()[-1].startswith("Thank you, Dana")
+    await delivery.drain()
+    [saved] = [json.loads(line) for line in path.read_text().splitlines()]
+    assert (saved["caller_name"], saved["number"]) == ("Dana", "+15105550199")
+    failures = [r for r in caplog.records if "webhook did not take" in r.getMessage()]
+    assert len(failures) == 3  # handoff, callback and call records: each logged once
+
+
+async def test_without_a_webhook_callbacks_go_to_the_file(start_call, tmp_path):
+    path = tmp_path / "callbacks.jsonl"
+    delivery = wh.RecordDelivery("", "", str(path))
+    await busy_then_callback(start_call, delivery, tmp_path)
+    await delivery.drain()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["type"] for line in lines] == ["callback_request"]
+
+
+async def test_a_full_queue_never_blocks_and_still_keeps_callbacks(tmp_path, caplog):
+    path = tmp_path / "callbacks.jsonl"
+    delivery = wh.RecordDelivery(dead_url(), SECRET, str(path), queue_size=1, attempts=1)
+    for i in range(3):
+        delivery.submit({"type": "callback_request", "room": f"r{i}"})
+    await delivery.drain()
+    assert sorted(json.loads(x)["room"] for x in path.read_text().splitlines()) == [
+        "r0",
+        "r1",
+        "r2",
+    ]
+    assert sum("record queue full" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_attributes_show_the_handoff_live_and_the_brief_in_the_consult_room(start_call):
+    line = RecordingLine(None, ring_time=0.3)
+    call = await start_call(receptionist(), line=line)
+    await call.session.run(user_input="My order QX-4471 arrived broken")
+    turn = asyncio.ensure_future(call.session.run(user_input="yes please"))
+    await wait_for(
+        lambda: line.attributes.get("console-room", {}).get("handoff.state") == "ringing"
+    )
+    assert line.attributes["console-room"]["handoff.destination"] == "support"
+    await wait_for(line.answered.is_set)
+    consult = line.dials[0].room
+    await wait_for(lambda: "handoff.brief" in line.attributes.get(consult, {}))
+    assert "QX-4471" in line.attributes[consult]["handoff.brief"]
+    await line.human_accepts()
+    await asyncio.wait_for(turn, 5)
+    await wait_for(lambda: line.attributes["console-room"]["handoff.state"] == "connected")
+    assert line.attributes["console-room"]["handoff.outcome"] == "connected"
+    shown = json.dumps(line.attributes)
+    assert "+1510" not in shown and "secret" not in shown.lower()  # no numbers, no secrets
+
+
+@pytest.mark.parametrize("headers_on", [True, False])
+async def test_the_invite_carries_short_x_headers(livekit, livekit_call, headers_on):
+    server, _ = livekit
+    session, agent, _ = await livekit_call(
+        caller_number="+15105550199", sip_headers=headers_on, handoff_mode=wh.HandoffMode.CONFERENCE
+    )
+    await asyncio.wait_for(await agree_to_transfer(session), 5)
+    headers = dict(server.calls_to("CreateSIPParticipant")[0].request.headers)
+    if headers_on:
+        assert headers == {
+            "X-Handoff-Id": agent.results[0].attempt,
+            "X-Handoff-Destination": "support",
+            "X-Handoff-Reason": "printer is broken",
+            "X-Caller-Number": "+15105550199",
+        }
+    else:
+        assert headers == {}
+    assert CALLER_ROOM in server.rooms
+
+
+async def run_check(env: dict[str, str]) -> tuple[int, str, str]:
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("LIVEKIT", "HANDOFF", "SIP_"))
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "warm_handoff.py"),
+        "check",
+        env={**clean, "DOTENV_FILE": os.devnull, **env},
+        cwd="/",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode(), err.decode()
+
+
+CHECK_ENV = {
+    "SIP_TRUNK_ID": "ST_abc",
+    "HANDOFF_CALLER_ID": "+15105550999",
+    "HANDOFF_DESTINATIONS": json.dumps(
+        {"support": {"number": "+15105550100", "description": "Support"}}
+    ),
+    "HANDOFF_WEBHOOK_URL": "https://crm.example.com/hook",
+    "HANDOFF_WEBHOOK_SECRET": SECRET,
+}
+
+
+async def test_check_prints_the_configuration_masked_and_proves_the_credentials(livekit):
+    server, _ = livekit
+    server.add_participant("call-1", "caller")
+    code, out, err = await run_check({**CHECK_ENV, **server.env(local=True)})
+    assert code == 0, err
+    assert "LiveKit API: OK" in out and "(2 rooms open)" in out
+    assert "destination support" in out and "+1510•••00" in out
+    for secret in (API_SECRET, SECRET, "+15105550100", "+15105550999"):
+        assert secret not in out + err
+    assert [c.method for c in server.calls] == ["ListRooms"]  # a harmless read, nothing else
+
+
+async def test_check_fails_clearly_on_bad_credentials(livekit):
+    server, _ = livekit
+    env = {
+        **CHECK_ENV,
+        **server.env(local=True),
+        "LIVEKIT_API_SECRET": "wrong-secret-wrong-secret-wrong!",
+    }
+    code, out, err = await run_check(env)
+    assert code == 1
+    assert "LiveKit API: FAILED (unauthenticated" in err
+    assert "wrong-secret" not in out + err
+
+
+async def test_check_fails_clearly_on_bad_configuration():
+    code, _, err = await run_check({"HANDOFF_MODE": "sideways"})
+    assert code == 1 and "Invalid configuration" in err and "HANDOFF_MODE" in err
+
+
+# ── check and the CLI ───────────────────────────────────────────────────────────────────────
+
+
+async def test_check_never_prints_a_webhook_path_or_query_and_names_missing_keys(livekit):
+    server, _ = livekit
+    url = "https://crm.example.com/hooks/t0k3n-in-path?key=s3cret-query"
+    code, out, err = await run_check(
+        {**CHECK_ENV, **server.env(local=True), "HANDOFF_WEBHOOK_URL": url, "DEEPGRAM_API_KEY": ""}
+    )
+    assert "t0k3n" not in out + err and "s3cret" not in out + err
+    assert "https://crm.example.com" in out
+    assert "DEEPGRAM_API_KEY" in err
+
+
+async def test_check_names_the_cause_of_a_network_failure(monkeypatch, capsys):
+    def no_dns(*args, **kwargs):  # the resolver fails: the machine has no DNS
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    settings = wh.load_settings(
+        {
+            **CHECK_ENV,
+            "LIVEKIT_URL": "https://lk.example.com",
+            "LIVEKIT_API_KEY": "k",
+            "LIVEKIT_API_SECRET": "s" * 32,
+        }
+    )
+    assert await wh.check(settings) is False
+    err = capsys.readouterr().err
+    assert "cannot connect to host lk.example.com:443: name resolution" in err
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.undo()
+    refused = wh.Settings(**{**settings.__dict__, "livekit_url": f"http://127.0.0.1:{port}"})
+    assert await wh.check(refused) is False
+    assert f"cannot connect to host 127.0.0.1:{port}: " in capsys.readouterr().err
+
+
+async def test_check_reports_a_callback_folder_that_does_not_exist_and_the_outbox(
+    livekit, tmp_path
+):
+    server, _ = livekit
+    missing = str(tmp_path / "gone" / "callbacks.jsonl")
+    code, _, err = await run_check(
+        {**CHECK_ENV, **server.env(local=True), "HANDOFF_CALLBACK_FILE": missing}
+    )
+    assert code == 1 and "HANDOFF_CALLBACK_FILE: the folder" in err
+
+    here = str(tmp_path / "callbacks.jsonl")
+    wh.Outbox(wh.outbox_folder(here)).put("r1", {"type": "call"})
+    env = {**CHECK_ENV, **server.env(local=True), "HANDOFF_CALLBACK_FILE": here}
+    code, out, err = await run_check(env)
+    assert code == 0, err
+    assert "Outbox: 1 record(s) waiting" in out
+
+
+def test_help_lists_check():
+    done = run_worker("--help", {})
+    assert done.returncode == 0, done.stderr
+    assert "check" in done.stdout and "resend-outbox" in done.stdout
+
+
+# ── nothing lost ──────────────────────────────────────────────────────────────────────────────
+
+CARD = "4111 1111 1111 1111"  # a Luhn-valid test card number
 
 
 def request(**kw) -> wh.CallbackRequest:
@@ -192,8 +497,8 @@ async def test_records_survive_a_job_shutdown_and_the_worker_resends_them(
     worker = wh.RecordDelivery(url, SECRET, str(path))
     assert await worker.resend(min_age=30) == (0, 0)  # too young: still the job's to send
     assert await worker.resend(min_age=0) == (3, 0)
-    assert sorted(r.received) == waiting and r.record_ids_match
-    assert [rec["type"] for rec in sorted(r.received.values(), key=lambda x: x["type"])] == [
+    assert sorted(r.by_id) == waiting and r.record_ids_match
+    assert [rec["type"] for rec in sorted(r.by_id.values(), key=lambda x: x["type"])] == [
         "call",
         "callback_request",
         "handoff",
@@ -205,11 +510,11 @@ async def test_a_record_being_sent_is_not_sent_twice(receiver, tmp_path):
     r, url = await receiver(delay=0.5)
     delivery = wh.RecordDelivery(url, SECRET, str(tmp_path / "cb.jsonl"))
     delivery.submit({"type": "call", "id": "rec-1", "room": "r1"})
-    await wait_for(lambda: r.posts == 1)
+    await wait_for(lambda: r.attempts == 1)
     worker = wh.RecordDelivery(url, SECRET, str(tmp_path / "cb.jsonl"))
     assert await worker.resend(min_age=0) == (0, 0)  # the job holds it: skipped
     await delivery.drain()
-    assert r.posts == 1 and list(r.received) == ["rec-1"]
+    assert r.attempts == 1 and list(r.by_id) == ["rec-1"]
 
 
 async def test_the_worker_resends_the_outbox_from_its_main_process(receiver, tmp_path, monkeypatch):
@@ -220,8 +525,6 @@ async def test_the_worker_resends_the_outbox_from_its_main_process(receiver, tmp
     outbox = wh.Outbox(wh.outbox_folder(str(path)))
     outbox.put("left-by-a-job", {"type": "call", "id": "left-by-a-job", "room": "r9"})
     old = time.time() - 120
-    import os
-
     os.utime(outbox.folder / "left-by-a-job.json", (old, old))
     for key, value in {
         "HANDOFF_WEBHOOK_URL": url,
@@ -229,15 +532,16 @@ async def test_the_worker_resends_the_outbox_from_its_main_process(receiver, tmp
         "HANDOFF_CALLBACK_FILE": str(path),
     }.items():
         monkeypatch.setenv(key, value)
+    before = asyncio.all_tasks()
     run = asyncio.ensure_future(wh.server.run(devmode=True, unregistered=True))
     try:
-        await wait_for(lambda: "left-by-a-job" in r.received, 10)
+        await wait_for(lambda: "left-by-a-job" in r.by_id, 10)
         await wait_for(lambda: not list(outbox.folder.glob("*.json")))
     finally:
         await wh.server.aclose()
         await asyncio.wait_for(run, 10)
-        if wh._resender is not None:
-            wh._resender.cancel()
+        for task in asyncio.all_tasks() - before - {asyncio.current_task()}:
+            task.cancel()  # the resender runs for the worker's life: this test's worker is over
 
 
 # ── the caller leaves at the wrong moment ───────────────────────────────────────────────────
