@@ -188,6 +188,32 @@ def receptionist(
     return respond
 
 
+def brief_model_down(req: Request) -> Reply | None:
+    """The receptionist, with the model that writes the brief failing."""
+    if req.purpose == "brief":
+        raise RuntimeError("model down")
+    return receptionist()(req)
+
+
+def callback_request(
+    reason: str = "router keeps rebooting", summary: str = "Dana's router reboots."
+) -> wh.CallbackRequest:
+    """Dana's callback request (room, name, number, best time, reason, summary, source)."""
+    return wh.CallbackRequest(
+        "room-1", "Dana", "+15105550199", "after 5pm", reason, summary, "caller"
+    )
+
+
+def records_kept_in(path: Path) -> wh.CallRecords:
+    """Room-1's records, with no webhook: callback requests go to the file at ``path``."""
+    return wh.CallRecords("room-1", "job-1", wh.RecordDelivery("", "", str(path)))
+
+
+def saved(path: Path) -> list[dict[str, Any]]:
+    """The records in a JSON-lines file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @pytest.fixture
 def text_models():
     def make(

@@ -3,7 +3,15 @@
 import asyncio
 
 import pytest
-from conftest import Call, RecordingLine, agree_to_transfer, receptionist, settings_for, wait_for
+from conftest import (
+    Call,
+    RecordingLine,
+    agree_to_transfer,
+    brief_model_down,
+    receptionist,
+    settings_for,
+    wait_for,
+)
 
 import warm_handoff as wh
 
@@ -94,12 +102,7 @@ async def test_brief_carries_what_only_the_caller_said_and_needs_no_model_after_
 
 
 async def test_brief_falls_back_to_the_callers_words_when_the_model_fails(start_call):
-    def respond(req):
-        if req.purpose == "brief":
-            raise RuntimeError("model down")
-        return receptionist()(req)
-
-    call = await start_call(respond)
+    call = await start_call(brief_model_down)
     await call.session.run(user_input="My name is Dana Whitfield")
     turn = await ask_for_transfer(call)
     await call.line.human_answers()

@@ -23,8 +23,11 @@ from conftest import (
     Call,
     RecordingLine,
     agree_to_transfer,
+    callback_request,
     receptionist,
+    records_kept_in,
     run_worker,
+    saved,
     settings_for,
     wait_for,
 )
@@ -158,8 +161,8 @@ async def test_records_reach_the_webhook_signed_and_match_the_call(start_call, r
     # The webhook took every record: nothing waits in the outbox. The callback file is the
     # source of truth (issue 11), so it keeps the request the webhook also took.
     assert list((tmp_path / "outbox").glob("*.json")) == []
-    [saved] = [json.loads(x) for x in (tmp_path / "callbacks.jsonl").read_text().splitlines()]
-    assert saved["id"] == callback["id"]
+    [kept] = saved(tmp_path / "callbacks.jsonl")
+    assert kept["id"] == callback["id"]
 
 
 async def test_webhook_is_retried_after_5xx(start_call, receiver, tmp_path):
@@ -179,8 +182,8 @@ async def test_a_dead_webhook_neither_slows_nor_fails_the_call_and_keeps_callbac
     assert call.agent.results[0].outcome is wh.HandoffOutcome.BUSY
     assert call.caller_heard()[-1].startswith("Thank you, Dana")
     await delivery.drain()
-    [saved] = [json.loads(line) for line in path.read_text().splitlines()]
-    assert (saved["caller_name"], saved["number"]) == ("Dana", "+15105550199")
+    [kept] = saved(path)
+    assert (kept["caller_name"], kept["number"]) == ("Dana", "+15105550199")
     failures = [r for r in caplog.records if "webhook did not take" in r.getMessage()]
     assert len(failures) == 3  # handoff, callback and call records: each logged once
 
@@ -376,21 +379,8 @@ def test_help_lists_check():
 CARD = "4111 1111 1111 1111"  # a Luhn-valid test card number
 
 
-def request(**kw) -> wh.CallbackRequest:
-    base = dict(
-        room="room-1",
-        caller_name="Dana",
-        number="+15105550199",
-        best_time="after 5pm",
-        reason="router keeps rebooting",
-        summary=f"Dana's router reboots; she read out her card {CARD}.",
-        source="caller",
-    )
-    return wh.CallbackRequest(**{**base, **kw})
-
-
-def saved(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def request() -> wh.CallbackRequest:
+    return callback_request(summary=f"Dana's router reboots; she read out her card {CARD}.")
 
 
 # ── the callback file ───────────────────────────────────────────────────────────────────────
@@ -405,8 +395,7 @@ async def test_a_callback_file_that_cannot_be_written_logs_the_number_in_full(
         "a directory": tmp_path,
         "/dev/full": Path("/dev/full"),
     }[where]
-    records = wh.CallRecords("room-1", "job-1", wh.RecordDelivery("", "", str(path)))
-    records.callback(request())
+    records_kept_in(path).callback(request())
     [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     message = error.getMessage()
     assert "+15105550199" in message  # the one unmasked number a log may hold
@@ -640,21 +629,10 @@ class _Streamed(wh.llm.LLMStream):
         for i, call in enumerate(calls):
             if i:
                 await asyncio.sleep(model.gap)
-            self._event_ch.send_nowait(
-                ChatChunk(
-                    id="streamed",
-                    delta=ChoiceDelta(
-                        role="assistant",
-                        tool_calls=[
-                            FunctionToolCall(
-                                name=call.name,
-                                arguments=json.dumps(call.arguments),
-                                call_id=f"call_{model.requests}_{i}",
-                            )
-                        ],
-                    ),
-                )
-            )
+            arguments, call_id = json.dumps(call.arguments), f"call_{model.requests}_{i}"
+            tool = FunctionToolCall(name=call.name, arguments=arguments, call_id=call_id)
+            delta = ChoiceDelta(role="assistant", tool_calls=[tool])
+            self._event_ch.send_nowait(ChatChunk(id="streamed", delta=delta))
 
 
 async def start_streamed(turns, line, settings=None, gap=0.3):

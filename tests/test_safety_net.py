@@ -65,6 +65,15 @@ async def connect(session, line, mode: str, asked: str = "a person please") -> N
     await asyncio.wait_for(turn, 8)
 
 
+async def connected_then_gone(start, who: str, **settings):
+    """A consult call connected; EARLY after the merge ``who`` ("human", "caller") hangs up."""
+    session, agent, line, model = await start(**settings)
+    await connect(session, line, "consult")
+    await asyncio.sleep(EARLY)
+    (line.hang_up_human if who == "human" else line.hang_up_caller)()
+    return session, agent, line, model
+
+
 caller_heard = assistant_said
 
 
@@ -117,10 +126,7 @@ async def test_a_human_who_drops_in_the_window_brings_the_agent_back(livekit, st
 
 async def test_the_same_team_can_be_dialled_again_and_counts_as_an_attempt(livekit, start):
     server, _ = livekit
-    session, agent, line, model = await start()
-    await connect(session, line, "consult")
-    await asyncio.sleep(EARLY)
-    line.hang_up_human()
+    session, agent, line, model = await connected_then_gone(start, "human")
     await wait_for(lambda: caller_heard(session)[-1] == LOST)
 
     await connect(session, line, "consult", asked="please try them again")
@@ -144,10 +150,7 @@ async def test_the_same_team_can_be_dialled_again_and_counts_as_an_attempt(livek
 
 async def test_no_attempt_left_offers_only_a_callback(livekit, start):
     server, _ = livekit
-    session, agent, line, _ = await start(max_attempts=1)
-    await connect(session, line, "consult")
-    await asyncio.sleep(EARLY)
-    line.hang_up_human()
+    session, agent, line, _ = await connected_then_gone(start, "human", max_attempts=1)
     lost = "It looks like we lost our billing team. I can take your details for a callback."
     await wait_for(lambda: caller_heard(session)[-1] == lost)
     await session.run(user_input="yes try them again")
@@ -174,10 +177,7 @@ async def test_a_human_who_drops_after_the_window_ends_the_call(livekit, start, 
 
 async def test_a_caller_who_hangs_up_first_ends_the_call(livekit, start):
     server, _ = livekit
-    session, agent, line, _ = await start()
-    await connect(session, line, "consult")
-    await asyncio.sleep(EARLY)
-    line.hang_up_caller()
+    session, agent, line, _ = await connected_then_gone(start, "caller")
     await server.wait_for(lambda: CALLER_ROOM in server.deleted_rooms, 5)
     assert humans(server) == []
     assert caller_heard(session)[-1] == CONNECTED["consult"]  # nobody to speak to

@@ -9,7 +9,16 @@ import re
 import time
 
 import pytest
-from conftest import RecordingLine, receptionist, settings_for, wait_for
+from conftest import (
+    RecordingLine,
+    brief_model_down,
+    callback_request,
+    receptionist,
+    records_kept_in,
+    saved,
+    settings_for,
+    wait_for,
+)
 
 import warm_handoff as wh
 
@@ -147,12 +156,7 @@ async def test_the_brief_model_is_told_never_to_repeat_a_card_number(start_call)
 
 
 async def test_the_callers_own_words_carry_no_card_when_the_brief_model_fails(start_call):
-    def respond(req):
-        if req.purpose == "brief":
-            raise RuntimeError("model down")
-        return receptionist()(req)
-
-    call = await start_call(respond)
+    call = await start_call(brief_model_down)
     turn = await hand_over(call, f"My card {SPOKEN} was charged twice")
 
     brief = call.human_heard()[0]
@@ -186,22 +190,14 @@ async def test_a_spoken_card_in_the_reason_never_reaches_a_header_attribute_or_l
 async def test_records_and_their_log_lines_carry_no_spoken_card(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     path = tmp_path / "callbacks.jsonl"
-    records = wh.CallRecords("room-1", "job-1", wh.RecordDelivery("", "", str(path)))
-    records.callback(
-        wh.CallbackRequest(
-            room="room-1",
-            caller_name="Dana",
-            number="+15105550199",
-            best_time="after 5pm",
-            reason=f"refund to {SPOKEN}",
-            summary="Caller: my card is 4 2 four 2 4242 four two 4 2 four two four 2\n"
-            "Caller: and my account is nine eight seven, six five four, three two one",
-            source="caller",
-        )
+    summary = (
+        "Caller: my card is 4 2 four 2 4242 four two 4 2 four two four 2\n"
+        "Caller: and my account is nine eight seven, six five four, three two one"
     )
-    [saved] = [json.loads(x) for x in path.read_text().splitlines()]
-    assert saved["reason"] == f"refund to {ENDING}"
-    assert saved["summary"] == (
+    records_kept_in(path).callback(callback_request(reason=f"refund to {SPOKEN}", summary=summary))
+    [record] = saved(path)
+    assert record["reason"] == f"refund to {ENDING}"
+    assert record["summary"] == (
         f"Caller: my card is {ENDING}\nCaller: and my account is 98765•••21"
     )
     assert no_card_in(caplog.text) and "four" not in caplog.text
@@ -262,21 +258,15 @@ async def test_the_brief_on_the_consult_agent_is_redacted(start_call):
 
 async def test_records_and_their_log_lines_are_redacted(start_call, tmp_path, caplog):
     path = tmp_path / "callbacks.jsonl"
-    records = wh.CallRecords("room-1", "job-1", wh.RecordDelivery("", "", str(path)))
-    records.callback(
-        wh.CallbackRequest(
-            room="room-1",
-            caller_name="Dana",
-            number="+15105550199",
-            best_time="after 5pm",
+    records_kept_in(path).callback(
+        callback_request(
             reason="refund to 4111 1111 1111 1111",
             summary="Caller: my other number is 510 555 0142",
-            source="caller",
         )
     )
-    [saved] = [json.loads(x) for x in path.read_text().splitlines()]
-    assert saved["reason"] == "refund to a card ending 1111"
-    assert saved["summary"] == "Caller: my other number is 51055•••42"
-    assert saved["number"] == "+15105550199"  # the callback number itself, in full
+    [record] = saved(path)
+    assert record["reason"] == "refund to a card ending 1111"
+    assert record["summary"] == "Caller: my other number is 51055•••42"
+    assert record["number"] == "+15105550199"  # the callback number itself, in full
     assert "4111" not in caplog.text and "5550142" not in caplog.text
     assert "+15105550199" not in caplog.text  # masked in the log line
