@@ -1709,19 +1709,13 @@ class SimulatedPhoneLine(PhoneLine):
         self.caller_number = caller_number
         self.move_supported = move_supported
         self.rooms: dict[str, set[str]] = {caller_room: {caller_identity}}
-        self.deleted_rooms: list[str] = []
-        self.dials: list[Dial] = []
-        self.cancelled_dials: list[str] = []
-        self.holds: list[Hold] = []
         self.events: list[LineEvent] = []
         self.consults: dict[str, AgentSession] = {}
-        self.attributes: dict[str, dict[str, str]] = {}  # room -> the agent's attributes there
         self._announce = announce
         self._dtmf: dict[str, list[Callable[[str], None]]] = {}
         self._left: dict[str, asyncio.Event] = {}
         self._dropped: dict[str, asyncio.Event] = {}  # room -> our connection to it dropped
         self._scripts: set[asyncio.Task[None]] = set()
-        self.answered = asyncio.Event()
 
     def _log(self, text: str) -> None:
         self.events.append(LineEvent(time.monotonic(), text))
@@ -1731,36 +1725,20 @@ class SimulatedPhoneLine(PhoneLine):
     def _left_event(self, identity: str) -> asyncio.Event:
         return self._left.setdefault(identity, asyncio.Event())
 
-    def _remove(self, room: str, identity: str) -> None:
+    def participant_joined(self, room: str, identity: str) -> None:
+        """``identity`` is in ``room`` now, as a server's participant-joined event says."""
+        self.rooms.setdefault(room, set()).add(identity)
+        self._left.pop(identity, None)
+
+    def participant_left(self, room: str, identity: str) -> None:
+        """``identity`` has left ``room``: whoever waits for their hang-up is told."""
         if identity in self.rooms.get(room, set()):
             self.rooms[room].discard(identity)
             self._left_event(identity).set()
 
-    @property
-    def on_hold(self) -> bool:
-        return any(h.stopped_at is None for h in self.holds)
-
-    def human_heard(self) -> list[str]:
-        """Everything said to the human so far, in order."""
-        return [
-            e.text.removeprefix("human hears: ")
-            for e in self.events
-            if e.text.startswith("human hears: ")
-        ]
-
-    def human_heard_anything(self) -> bool:
-        return bool(self.human_heard())
-
-    def legs(self) -> list[str]:
-        """Every human leg still connected anywhere."""
-        return sorted(
-            i for members in self.rooms.values() for i in members if i != self.caller_identity
-        )
-
     # -- the seam -------------------------------------------------------------------------------
 
     async def dial(self, dial: Dial) -> Leg:
-        self.dials.append(dial)
         target = dial.destination
         self._log(
             f"dialling {target.name} ({mask_number(target.target)}), "
@@ -1774,7 +1752,6 @@ class SimulatedPhoneLine(PhoneLine):
                 ring = dial.ring_timeout
             await asyncio.sleep(ring)
         except asyncio.CancelledError:
-            self.cancelled_dials.append(dial.identity)
             self._log(f"dial to {target.name} cancelled: the phone stops ringing")
             raise
         failures = {
@@ -1786,10 +1763,8 @@ class SimulatedPhoneLine(PhoneLine):
             result, status, reason = failures[outcome]
             self._log(f"{target.name}: SIP {status} {reason}")
             raise DialFailed(result, status, f"{status}: {reason}")
-        self.rooms.setdefault(dial.room, set()).add(dial.identity)
-        self._left.pop(dial.identity, None)
+        self.participant_joined(dial.room, dial.identity)
         self._log(f"{target.name} answered")
-        self.answered.set()
         if outcome is not None:
             self._start_script(dial.room, outcome)
         return Leg(identity=dial.identity, room=dial.room, destination=target)
@@ -1798,28 +1773,25 @@ class SimulatedPhoneLine(PhoneLine):
         for room, members in self.rooms.items():
             if leg.identity in members:
                 self._log(f"hanging up {leg.destination.name}'s leg")
-                self._remove(room, leg.identity)
+                self.participant_left(room, leg.identity)
 
     async def move(self, leg: Leg, room: str) -> None:
         if not self.move_supported:
             self._log("move refused by the server")
             raise MoveRefused("unimplemented: MoveParticipant is not available")
-        self._remove(leg.room, leg.identity)
-        self.rooms.setdefault(room, set()).add(leg.identity)
-        self._left.pop(leg.identity, None)
+        self.participant_left(leg.room, leg.identity)
+        self.participant_joined(room, leg.identity)
         self._log(f"{leg.destination.name} moved into {room}")
 
     async def delete_room(self, room: str) -> None:
         if room in self.rooms:
             for identity in list(self.rooms[room]):
-                self._remove(room, identity)
+                self.participant_left(room, identity)
             del self.rooms[room]
-            self.deleted_rooms.append(room)
             self._log(f"room {room} deleted")
 
     async def start_hold(self) -> Hold:
         hold = Hold(self._hold_stopped, self._hold_paused)
-        self.holds.append(hold)
         self._log("hold music on")
         return hold
 
@@ -1882,7 +1854,7 @@ class SimulatedPhoneLine(PhoneLine):
         self._dtmf.setdefault(room, []).append(callback)
 
     async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
-        self.attributes.setdefault(room, {}).update(attributes)
+        """No dashboard or softphone watches a simulated room: nothing to show them to."""
 
     # -- the people on the line -----------------------------------------------------------------
 
@@ -1913,7 +1885,7 @@ class SimulatedPhoneLine(PhoneLine):
         for room, members in self.rooms.items():
             for identity in [i for i in members if i.startswith("transfer_")]:
                 self._log("the human hangs up")
-                self._remove(room, identity)
+                self.participant_left(room, identity)
 
     def drop_connection(self, room: str) -> None:
         """Our connection to ``room`` drops: no participant-left event, nobody reachable."""
@@ -1922,7 +1894,7 @@ class SimulatedPhoneLine(PhoneLine):
 
     def hang_up_caller(self) -> None:
         self._log("the caller hangs up")
-        self._remove(self.caller_room, self.caller_identity)
+        self.participant_left(self.caller_room, self.caller_identity)
         for members in self.rooms.values():
             if self.caller_identity in members:
                 members.discard(self.caller_identity)

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 from fake_livekit import API_KEY, API_SECRET, FakeLiveKitServer, RoomEvent
 from livekit.agents import AgentSession, utils
 from livekit.agents.testing import fake_job_context
-from livekit.agents.voice.io import TextOutput
+from livekit.agents.voice.io import AudioOutput, TextOutput
 from livekit.plugins import silero
 
 import warm_handoff as wh
@@ -92,6 +97,32 @@ def receptionist(
     return respond
 
 
+def brief_model_down(req: Request) -> Reply | None:
+    """The receptionist, with the model that writes the brief failing."""
+    if req.purpose == "brief":
+        raise RuntimeError("model down")
+    return receptionist()(req)
+
+
+def callback_request(
+    reason: str = "router keeps rebooting", summary: str = "Dana's router reboots."
+) -> wh.CallbackRequest:
+    """Dana's callback request (room, name, number, best time, reason, summary, source)."""
+    return wh.CallbackRequest(
+        "room-1", "Dana", "+15105550199", "after 5pm", reason, summary, "caller"
+    )
+
+
+def records_kept_in(path: Path) -> wh.CallRecords:
+    """Room-1's records, with no webhook: callback requests go to the file at ``path``."""
+    return wh.CallRecords("room-1", "job-1", wh.RecordDelivery("", "", str(path)))
+
+
+def saved(path: Path) -> list[dict[str, Any]]:
+    """The records in a JSON-lines file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @pytest.fixture
 def text_models():
     def make(
@@ -120,11 +151,80 @@ class CallerTranscript(TextOutput):
         self._current = ""
 
 
+class RecordingLine(wh.SimulatedPhoneLine):
+    """The simulated line, keeping what tests read and the console does not need: every dial
+    (and which were cancelled while ringing), deleted room, hold and attribute set, and when
+    the human's phone is answered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dials: list[wh.Dial] = []
+        self.cancelled_dials: list[str] = []  # identities whose phone stopped ringing
+        self.deleted_rooms: list[str] = []
+        self.holds: list[wh.Hold] = []
+        self.attributes: dict[str, dict[str, str]] = {}  # room -> the agent's attributes there
+        self.answered = asyncio.Event()
+
+    async def dial(self, dial: wh.Dial) -> wh.Leg:
+        self.dials.append(dial)
+        try:
+            leg = await super().dial(dial)
+        except asyncio.CancelledError:
+            self.cancelled_dials.append(dial.identity)
+            raise
+        self.answered.set()
+        return leg
+
+    async def delete_room(self, room: str) -> None:
+        existed = room in self.rooms
+        await super().delete_room(room)
+        if existed:
+            self.deleted_rooms.append(room)
+
+    async def start_hold(self) -> wh.Hold:
+        self.holds.append(await super().start_hold())
+        return self.holds[-1]
+
+    async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
+        self.attributes.setdefault(room, {}).update(attributes)
+
+    @property
+    def on_hold(self) -> bool:
+        return any(h.stopped_at is None for h in self.holds)
+
+    def human_heard(self) -> list[str]:
+        """Everything said to the human so far, in order."""
+        said = [e.text for e in self.events]
+        return [t.removeprefix("human hears: ") for t in said if t.startswith("human hears: ")]
+
+    def human_heard_anything(self) -> bool:
+        return bool(self.human_heard())
+
+    def legs(self) -> list[str]:
+        """Every human leg still connected anywhere."""
+        return sorted(
+            i for members in self.rooms.values() for i in members if i != self.caller_identity
+        )
+
+    async def human_answers(self, hello: str = "Hello?") -> None:
+        """The human's phone is answered and they say ``hello``; returns once they are told
+        something new (the brief)."""
+        await wait_for(self.answered.is_set)
+        heard = len(self.human_heard())
+        self.human_says(hello)
+        await wait_for(lambda: len(self.human_heard()) > heard)
+
+    async def human_accepts(self, hello: str = "Hello?") -> None:
+        """The human answers, hears the brief and presses 1."""
+        await self.human_answers(hello)
+        self.human_presses("1")
+
+
 @dataclass
 class CallUnderTest:
     session: AgentSession
     agent: wh.WarmHandoffAgent
-    line: wh.SimulatedPhoneLine
+    line: RecordingLine
     model: ScriptedLLM
     transcript: CallerTranscript = field(default_factory=CallerTranscript)
 
@@ -133,11 +233,7 @@ class CallUnderTest:
         return self.transcript.lines
 
     def caller_heard(self) -> list[str]:
-        return [
-            m.text_content
-            for m in self.session.history.messages()
-            if m.role == "assistant" and m.text_content
-        ]
+        return [text for text in assistant_said(self.session) if text]
 
     def human_heard(self) -> list[str]:
         return self.line.human_heard()
@@ -151,13 +247,13 @@ async def start_call():
     async def start(
         respond,
         *,
-        line: wh.SimulatedPhoneLine | None = None,
+        line: RecordingLine | None = None,
         settings: wh.Settings | None = None,
         delay: float = 0.0,
     ) -> CallUnderTest:
         model = ScriptedLLM(respond, delay=delay)
         models = wh.Models(llm=model, turn_handling={"turn_detection": "manual"})
-        line = line or wh.SimulatedPhoneLine(None, ring_time=0.05)
+        line = line or RecordingLine(None, ring_time=0.05)
         agent = wh.WarmHandoffAgent(settings or settings_for(), line, models)
         session = AgentSession()
         call = CallUnderTest(session, agent, line, model)
@@ -173,10 +269,11 @@ async def start_call():
         await call.session.aclose()
 
 
+ROOT = Path(__file__).resolve().parent.parent
 CALLER_ROOM = "fake-room"  # the fake job's room
 
 
-class LiveKitBackedLine(wh.SimulatedPhoneLine):
+class LiveKitBackedLine(RecordingLine):
     """The simulated line on the fake LiveKit server: every server call (dial, hang up, move,
     delete room) goes through ``LiveKitPhoneLine`` and the real client to the fake, and who is
     in which room is what the server's participant events say, as the agent's room connections
@@ -202,13 +299,12 @@ class LiveKitBackedLine(wh.SimulatedPhoneLine):
         if not self._ours(ev.room):
             return
         if ev.kind == "participant_connected":
-            self.rooms.setdefault(ev.room, set()).add(ev.identity)
-            self._left.pop(ev.identity, None)
+            self.participant_joined(ev.room, ev.identity)
         elif ev.kind == "participant_disconnected":
-            self._remove(ev.room, ev.identity)
+            self.participant_left(ev.room, ev.identity)
         elif ev.kind == "room_deleted":
             for identity in list(self.rooms.get(ev.room, ())):
-                self._remove(ev.room, identity)
+                self.participant_left(ev.room, identity)
             self.rooms.pop(ev.room, None)
             self.deleted_rooms.append(ev.room)
         elif ev.changed.get("sip.callStatus") == "active":
@@ -275,28 +371,87 @@ async def livekit(monkeypatch):
                 yield server, ctx
 
 
-async def start_livekit_call(
-    livekit, respond=None, *, caller_number: str | None = None, **settings
-):
-    """A caller's session on the LiveKit-backed line, through the fake server (the ``livekit``
-    fixture): returns (session, agent, line); the test closes the session."""
+class LiveKitCall(NamedTuple):
+    session: wh.CallerSession
+    agent: wh.WarmHandoffAgent
+    line: LiveKitBackedLine
+
+
+def livekit_settings(server: FakeLiveKitServer, **overrides: Any) -> wh.Settings:
+    """The test settings, pointed at the fake LiveKit server."""
+    return settings_for(
+        livekit_url=server.url, livekit_api_key=API_KEY, livekit_api_secret=API_SECRET, **overrides
+    )
+
+
+@pytest.fixture
+async def livekit_call(livekit):
+    """Start a caller's session on the LiveKit-backed line, through the fake server; every call
+    started is closed when the test ends. ``caller_room``: a room of its own (other calls share
+    the server); ``models``: instead of the scripted ``respond``; ``caller_audio``: where the
+    caller's audio goes (set before the session starts); ``line_type``: a ``LiveKitBackedLine``
+    that does more."""
     server, ctx = livekit
-    config = settings_for(
-        livekit_url=server.url, livekit_api_key=API_KEY, livekit_api_secret=API_SECRET, **settings
-    )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, config), server)
-    if caller_number is not None:
-        line.caller_number = caller_number
-    agent = wh.WarmHandoffAgent(
-        config,
-        line,
-        wh.Models(
-            llm=ScriptedLLM(respond or receptionist()), turn_handling={"turn_detection": "manual"}
+    opened: list[LiveKitCall] = []
+
+    async def start(
+        respond: Callable[[Request], Reply | None] | None = None,
+        *,
+        caller_number: str | None = None,
+        caller_room: str | None = None,
+        models: wh.Models | None = None,
+        caller_audio: AudioOutput | None = None,
+        line_type: Callable[[wh.LiveKitPhoneLine, FakeLiveKitServer], LiveKitBackedLine] = (
+            LiveKitBackedLine
         ),
-    )
-    session = wh.CallerSession()
-    await session.start(agent=agent)
-    return session, agent, line
+        **settings: Any,
+    ) -> LiveKitCall:
+        config = livekit_settings(server, **settings)
+        lk = wh.LiveKitPhoneLine(ctx, config)
+        if caller_room is not None:
+            server.add_participant(caller_room, "caller")
+            lk.caller_room = caller_room
+        line = line_type(lk, server)
+        if caller_number is not None:
+            line.caller_number = caller_number
+        model = ScriptedLLM(respond or receptionist())
+        models = models or wh.Models(llm=model, turn_handling={"turn_detection": "manual"})
+        agent = wh.WarmHandoffAgent(config, line, models)
+        session = wh.CallerSession()
+        if caller_audio is not None:
+            session.output.audio = caller_audio
+        await session.start(agent=agent)
+        opened.append(LiveKitCall(session, agent, line))
+        return opened[-1]
+
+    yield start
+    for call in opened:
+        await call.line.aclose()
+        await call.session.aclose()
+
+
+async def agree_to_transfer(
+    session: AgentSession, asked: str = "a person please", yes: str = "yes"
+) -> asyncio.Future[Any]:
+    """The caller asks for a person, then agrees; returns the running turn (the transfer tool
+    runs inside it)."""
+    await session.run(user_input=asked)
+    return asyncio.ensure_future(session.run(user_input=yes))
+
+
+def assistant_said(session: AgentSession) -> list[str]:
+    """What the caller's session said, in order (what the caller heard)."""
+    return [m.text_content for m in session.history.messages() if m.role == "assistant"]
+
+
+def tasks_still_running(*prefixes: str) -> list[asyncio.Task[Any]]:
+    """This loop's tasks not yet done whose coroutine's qualified name starts with one of
+    ``prefixes`` (``"Handoff."``: a method of ``Handoff``)."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and t.get_coro().__qualname__.startswith(prefixes)
+    ]
 
 
 async def shut_down_like_the_framework(session: AgentSession, line: wh.PhoneLine, callbacks=()):
@@ -310,6 +465,69 @@ async def shut_down_like_the_framework(session: AgentSession, line: wh.PhoneLine
         line.drop_connection(line.caller_room)
     for callback in callbacks:
         await callback("shutdown")
+
+
+def run_worker(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python warm_handoff.py <command>`` with only ``env`` configured."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LIVEKIT", "HANDOFF", "SIP_", "DEEPGRAM", "OPENAI", "ELEVEN"))
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / "warm_handoff.py"), command],
+        env={**clean, "DOTENV_FILE": os.devnull, **env},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+# The worker started in a clean process without registering, asked over HTTP what it reports:
+# livekit-agents' worker serves ``GET /worker`` with the agent name it registers (worker.py).
+_REPORTED_NAME = """
+import asyncio, json, socket, urllib.request
+import warm_handoff
+
+# an IPv4-only host: the worker's HTTP server (all interfaces, port 0) reports the port of
+# its first socket, which on a dual-stack host may be the IPv6 one
+_getaddrinfo = socket.getaddrinfo
+socket.getaddrinfo = lambda *a, **k: [r for r in _getaddrinfo(*a, **k) if r[0] == socket.AF_INET]
+
+async def main():
+    server = warm_handoff.server
+    run = asyncio.ensure_future(server.run(devmode=True, unregistered=True))
+    while not server.worker_info.http_port:
+        if run.done():
+            run.result()
+        await asyncio.sleep(0.02)
+    url = f"http://127.0.0.1:{server.worker_info.http_port}/worker"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+    print(json.dumps(json.loads(body).get("agent_name", "")))
+    await server.aclose()
+    await run
+
+asyncio.run(main())
+"""
+
+
+def name_the_worker_registers(env: Mapping[str, str]) -> str:
+    """The agent name the worker registers with LiveKit's dispatcher, read from its HTTP
+    endpoint in a clean process (the name is read at import) with ``env`` on top of this
+    process's environment, less the framework's own name variables."""
+    ours = ("AGENT_NAME", "LIVEKIT_AGENT_NAME", "LIVEKIT_AGENT_NAME_OVERRIDE", "DOTENV_FILE")
+    clean = {k: v for k, v in os.environ.items() if k not in ours}
+    out = subprocess.run(
+        [sys.executable, "-c", _REPORTED_NAME],
+        env={"DOTENV_FILE": os.devnull, **clean, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

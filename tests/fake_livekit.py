@@ -85,6 +85,7 @@ import asyncio
 import contextlib
 import itertools
 import math
+import re
 import socket
 import time
 from collections import deque
@@ -440,7 +441,6 @@ class _CloudDNS:
 
 
 Check = Callable[[Claims, Any], None]
-Handler = Callable[[Any, RecordedCall], Awaitable[Message]]
 
 
 def _denied(what: str) -> TwirpError:
@@ -471,6 +471,24 @@ def _need_room_create(claims: Claims, req: Any) -> None:
 def _need_room_list(claims: Claims, req: Any) -> None:
     if not (claims.video and (claims.video.room_list or claims.video.room_admin)):
         raise _denied("video.roomList")
+
+
+# The Twirp methods the fake serves: the request message and the permission LiveKit checks
+# (livekit/livekit pkg/service/roomservice.go, sipservice.go); the handler is ``_<snake_case>``.
+ROUTES: dict[str, tuple[str, type[Message], Check]] = {
+    "CreateSIPParticipant": ("SIP", sip_pb.CreateSIPParticipantRequest, _need_sip_call),
+    "ListRooms": ("RoomService", room_pb.ListRoomsRequest, _need_room_list),
+    "DeleteRoom": ("RoomService", room_pb.DeleteRoomRequest, _need_room_create),
+    "ListParticipants": ("RoomService", room_pb.ListParticipantsRequest, _need_room_admin),
+    "GetParticipant": ("RoomService", room_pb.RoomParticipantIdentity, _need_room_admin),
+    "RemoveParticipant": ("RoomService", room_pb.RoomParticipantIdentity, _need_room_admin),
+    "MoveParticipant": ("RoomService", room_pb.MoveParticipantRequest, _need_room_admin),
+    "UpdateParticipant": ("RoomService", room_pb.UpdateParticipantRequest, _need_room_admin),
+}
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name.replace("SIP", "Sip")).lower()
 
 
 class _ResponseLost(Exception):
@@ -524,26 +542,10 @@ class FakeLiveKitServer:
         self._stopping = False
         self._left: dict[str, asyncio.Event] = {}  # participant sid -> left the room
         self._dns: contextlib.ExitStack | None = None
-        sip, rm = sip_pb, room_pb
-        # fmt: off
-        self._routes: dict[tuple[str, str], tuple[type[Message], Check, Handler]] = {
-            ("SIP", "CreateSIPParticipant"):
-                (sip.CreateSIPParticipantRequest, _need_sip_call, self._create_sip_participant),
-            ("RoomService", "ListRooms"): (rm.ListRoomsRequest, _need_room_list, self._list_rooms),
-            ("RoomService", "DeleteRoom"):
-                (rm.DeleteRoomRequest, _need_room_create, self._delete_room),
-            ("RoomService", "ListParticipants"):
-                (rm.ListParticipantsRequest, _need_room_admin, self._list_participants),
-            ("RoomService", "GetParticipant"):
-                (rm.RoomParticipantIdentity, _need_room_admin, self._get_participant),
-            ("RoomService", "RemoveParticipant"):
-                (rm.RoomParticipantIdentity, _need_room_admin, self._remove_participant),
-            ("RoomService", "MoveParticipant"):
-                (rm.MoveParticipantRequest, _need_room_admin, self._move_participant),
-            ("RoomService", "UpdateParticipant"):
-                (rm.UpdateParticipantRequest, _need_room_admin, self._update_participant),
+        self._routes = {
+            (service, method): (request, check, getattr(self, "_" + _snake_case(method)))
+            for method, (service, request, check) in ROUTES.items()
         }
-        # fmt: on
 
     # --- lifecycle ---------------------------------------------------------------------------
 

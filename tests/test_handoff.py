@@ -3,7 +3,15 @@
 import asyncio
 
 import pytest
-from conftest import Call, receptionist, settings_for, wait_for
+from conftest import (
+    Call,
+    RecordingLine,
+    agree_to_transfer,
+    brief_model_down,
+    receptionist,
+    settings_for,
+    wait_for,
+)
 
 import warm_handoff as wh
 
@@ -12,9 +20,7 @@ Out = wh.HandoffOutcome
 
 
 async def ask_for_transfer(call):
-    """The caller agrees; returns the running turn (the transfer tool runs inside it)."""
-    await call.session.run(user_input="I want to talk to a person")
-    return asyncio.ensure_future(call.session.run(user_input="yes please"))
+    return await agree_to_transfer(call.session, "I want to talk to a person", "yes please")
 
 
 def function_outputs(call):
@@ -49,9 +55,7 @@ async def test_accept_moves_the_human_in_and_the_agent_leaves(start_call, how):
     closed = asyncio.Event()
     call.session.on("close", lambda _: closed.set())
     turn = await ask_for_transfer(call)
-    await wait_for(call.line.answered.is_set)
-    call.line.human_says("Hello, support, Sam speaking.")
-    await wait_for(lambda: call.human_heard())
+    await call.line.human_answers("Hello, support, Sam speaking.")
     if how == "keypad":
         call.line.human_presses("1")
     else:
@@ -73,15 +77,11 @@ async def test_accept_moves_the_human_in_and_the_agent_leaves(start_call, how):
 async def test_caller_room_is_deleted_when_either_hangs_up_after_merge(start_call, who):
     call = await start_call(receptionist())
     turn = await ask_for_transfer(call)
-    await wait_for(call.line.answered.is_set)
-    call.line.human_says("Hello?")
-    await wait_for(lambda: call.human_heard())
-    call.line.human_presses("1")
+    await call.line.human_accepts()
     await asyncio.wait_for(turn, 5)
     (call.line.hang_up_caller if who == "caller" else call.line.hang_up_human)()
-    await asyncio.wait_for(call.agent._leaving, 2)
+    await wait_for(lambda: "console-room" in call.line.deleted_rooms, 2)
     await call.line.settle()
-    assert "console-room" in call.line.deleted_rooms
     assert call.line.legs() == []
 
 
@@ -92,8 +92,7 @@ async def test_brief_carries_what_only_the_caller_said_and_needs_no_model_after_
     await wait_for(call.line.answered.is_set)
     brief_requests = len(call.model.of("brief"))
     assert brief_requests == 1  # composed while the phone rang
-    call.line.human_says("Hello?")
-    await wait_for(lambda: call.human_heard())
+    await call.line.human_answers()
     brief = call.human_heard()[0]
     assert "QX-4471" in brief and "crushed" in brief
     assert call.model.of("consult") == []  # spoken without a model request after the hello
@@ -103,17 +102,10 @@ async def test_brief_carries_what_only_the_caller_said_and_needs_no_model_after_
 
 
 async def test_brief_falls_back_to_the_callers_words_when_the_model_fails(start_call):
-    def respond(req):
-        if req.purpose == "brief":
-            raise RuntimeError("model down")
-        return receptionist()(req)
-
-    call = await start_call(respond)
+    call = await start_call(brief_model_down)
     await call.session.run(user_input="My name is Dana Whitfield")
     turn = await ask_for_transfer(call)
-    await wait_for(call.line.answered.is_set)
-    call.line.human_says("Hello?")
-    await wait_for(lambda: call.human_heard())
+    await call.line.human_answers()
     assert "Dana Whitfield" in call.human_heard()[0]
     call.line.human_presses("2")
     await asyncio.wait_for(turn, 5)
@@ -135,9 +127,7 @@ async def test_decline_brings_the_caller_back_with_the_reason(start_call, how):
     consult = voice_consult({"can't": Call("decline_transfer", {"reason": "in a meeting until 3"})})
     call = await start_call(receptionist(consult=consult))
     turn = await ask_for_transfer(call)
-    await wait_for(call.line.answered.is_set)
-    call.line.human_says("Hello?")
-    await wait_for(lambda: call.human_heard())
+    await call.line.human_answers()
     if how == "keypad":
         call.line.human_presses("2")
     else:
@@ -178,7 +168,7 @@ async def test_voicemail_is_not_briefed(start_call):
 )
 @pytest.mark.parametrize("mode", [wh.HandoffMode.CONSULT, wh.HandoffMode.CONFERENCE])
 async def test_dial_failures_reach_the_caller(start_call, human, outcome, heard, mode):
-    line = wh.SimulatedPhoneLine(human, ring_time=0.05)
+    line = RecordingLine(human, ring_time=0.05)
     settings = settings_for(handoff_mode=mode, ring_timeout=0.2)  # no answer rings it out
     call = await start_call(receptionist(), line=line, settings=settings)
     turn = await ask_for_transfer(call)
@@ -190,13 +180,10 @@ async def test_dial_failures_reach_the_caller(start_call, human, outcome, heard,
 
 
 async def test_move_refused_ends_the_humans_leg_and_returns_the_caller(start_call):
-    line = wh.SimulatedPhoneLine(None, ring_time=0.05, move_supported=False)
+    line = RecordingLine(None, ring_time=0.05, move_supported=False)
     call = await start_call(receptionist(), line=line)
     turn = await ask_for_transfer(call)
-    await wait_for(line.answered.is_set)
-    line.human_says("Hello?")
-    await wait_for(lambda: call.human_heard())
-    line.human_presses("1")
+    await line.human_accepts()
     await asyncio.wait_for(turn, 5)
     result = call.agent.results[0]
     assert result.outcome is Out.FAILED and "move refused" in result.detail
@@ -208,9 +195,7 @@ async def test_move_refused_ends_the_humans_leg_and_returns_the_caller(start_cal
 async def test_human_hanging_up_during_the_brief_returns_the_caller(start_call):
     call = await start_call(receptionist())
     turn = await ask_for_transfer(call)
-    await wait_for(call.line.answered.is_set)
-    call.line.human_says("Hello?")
-    await wait_for(lambda: call.human_heard())
+    await call.line.human_answers()
     call.line.hang_up_human()
     await asyncio.wait_for(turn, 5)
     assert call.agent.results[0].outcome is Out.DECLINED
@@ -219,7 +204,7 @@ async def test_human_hanging_up_during_the_brief_returns_the_caller(start_call):
 
 
 async def test_caller_hanging_up_while_it_rings_cancels_the_dial(start_call):
-    line = wh.SimulatedPhoneLine(None, ring_time=10)
+    line = RecordingLine(None, ring_time=10)
     call = await start_call(receptionist(), line=line)
     turn = await ask_for_transfer(call)
     await wait_for(lambda: line.on_hold)
@@ -268,3 +253,22 @@ async def test_conference_introduces_the_caller_to_both_and_leaves(start_call):
     assert call.line.holds and not call.line.on_hold  # held while ringing, then released
     assert call.agent.results[0].outcome is Out.CONNECTED
     await asyncio.wait_for(closed.wait(), 2)  # the agent has left
+
+
+async def test_brief_survives_a_discarded_first_reply(start_call):
+    """A reply the framework throws away (the human talks over a preemptive generation) must
+    not take the brief with it: until the brief has been spoken, every reply to the human is
+    the brief."""
+    call = await start_call(receptionist(), delay=0.3)  # the brief is still being written
+    turn = await agree_to_transfer(call.session, "My parcel QX-4471 never arrived", "yes please")
+    await wait_for(call.line.answered.is_set)
+    consult = next(iter(call.line.consults.values()))
+    call.line.human_says("Hello?")
+    await asyncio.sleep(0.05)
+    consult.interrupt(force=True)  # the first reply, still waiting for the brief, is dropped
+    call.line.human_says("Hello, anyone there?")
+    await wait_for(call.line.human_heard_anything, 5)
+    assert "QX-4471" in call.human_heard()[0]
+    assert call.model.of("consult") == []  # the human's words went to no model
+    call.line.human_presses("1")
+    await asyncio.wait_for(turn, 5)

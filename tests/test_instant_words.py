@@ -16,7 +16,14 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from conftest import CallerTranscript, ScriptedLLM, receptionist, settings_for, wait_for
+from conftest import (
+    CallerTranscript,
+    RecordingLine,
+    ScriptedLLM,
+    receptionist,
+    settings_for,
+    wait_for,
+)
 from livekit.agents import Agent, AgentSession, APIConnectOptions, APIStatusError, tts
 from livekit.agents.testing import fake_job_context
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
@@ -237,7 +244,7 @@ async def hold_then_hang_up(folder, tts_model: CountingTTS) -> list[str]:
     """A transfer to support that rings long enough for one check-in; the caller then hangs
     up. Returns what the caller was told, as text."""
     settings = settings_for(hold_reassure_every=0.3, phrase_cache=str(folder))
-    line = wh.SimulatedPhoneLine(None, ring_time=3)
+    line = RecordingLine(None, ring_time=3)
     models = wh.Models(
         llm=ScriptedLLM(receptionist()),
         tts=tts_model,

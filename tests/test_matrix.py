@@ -6,20 +6,22 @@ every server API call (dial, remove, move, delete room) goes through ``livekit-a
 fake Twirp server."""
 
 import asyncio
+import itertools
+import re
 import time
 from dataclasses import dataclass
 
 import pytest
 from conftest import (
     CALLER_ROOM,
-    LiveKitBackedLine,
+    ROOT,
     ScriptedLLM,
+    assistant_said,
     receptionist,
-    settings_for,
     shut_down_like_the_framework,
     wait_for,
 )
-from fake_livekit import API_KEY, API_SECRET, DialScript, MethodFault
+from fake_livekit import DialScript, MethodFault
 
 import warm_handoff as wh
 from bench.models import ToneTTS
@@ -45,144 +47,55 @@ class Cell:
     callback: bool = False  # a callback request was recorded
 
 
+BUSY = "I'm sorry, our support team is on another call"
+CANT = "I'm sorry, our support team can't take"
+NOT_THROUGH = "I'm sorry, I couldn't get through"
+MAILBOX = "I'm sorry, I reached our support team's voicem"
+CONNECTED = "You're now connected with our support team."
+BRIEF = "Hi, this is the Acme assistant"
+CALLER_GONE = "I'm sorry, the caller has just hung up."
+TAKEN_BACK = "I'm sorry, I have to take the caller back now."
+HANG = DialScript.hang  # rings until the dial is cancelled or times out
+
+
+def sip(status: int) -> DialScript:
+    return DialScript.sip_error(status, delay=0.05)
+
+
 RINGING_FAILURES = [
-    Cell(
-        "ringing",
-        "busy",
-        Out.BUSY,
-        "I'm sorry, our support team is on another call",
-        None,
-        DialScript.sip_error(486, delay=0.05),
-    ),
-    Cell(
-        "ringing", "no_answer", Out.NO_ANSWER, NOBODY, None, DialScript.sip_error(480, delay=0.05)
-    ),
+    Cell("ringing", "busy", Out.BUSY, BUSY, None, sip(486)),
+    Cell("ringing", "no_answer", Out.NO_ANSWER, NOBODY, None, sip(480)),
     Cell(
         "ringing", "no_answer_cancel", Out.NO_ANSWER, NOBODY, None, DialScript.canceled(delay=0.05)
     ),
-    Cell(
-        "ringing",
-        "declined",
-        Out.DECLINED,
-        "I'm sorry, our support team can't take",
-        None,
-        DialScript.sip_error(603, delay=0.05),
-    ),
-    Cell(
-        "ringing",
-        "unreachable",
-        Out.UNREACHABLE,
-        "I'm sorry, I couldn't get through",
-        None,
-        DialScript.sip_error(404, delay=0.05),
-    ),
+    Cell("ringing", "declined", Out.DECLINED, CANT, None, sip(603)),
+    Cell("ringing", "unreachable", Out.UNREACHABLE, NOT_THROUGH, None, sip(404)),
     Cell("ringing", "api_5xx", Out.FAILED, WRONG, None, DialScript.server_error(delay=0.05)),
     Cell("ringing", "api_auth", Out.FAILED, WRONG, None),
-    Cell(
-        "ringing",
-        "api_timeout",
-        Out.NO_ANSWER,
-        NOBODY,
-        None,
-        DialScript.hang(),
-        dial_cancelled=True,
-    ),
+    Cell("ringing", "api_timeout", Out.NO_ANSWER, NOBODY, None, HANG(), dial_cancelled=True),
 ]
+ABANDONED = dict(dial_cancelled=True, callback=True)  # the caller left while it rang
 COMMON = [
-    Cell(
-        "announcing",
-        "caller_hangs_up",
-        Out.CALLER_LEFT,
-        HOLD,
-        None,
-        DialScript.hang(),
-        dial_cancelled=True,
-    ),
-    Cell(
-        "announcing",
-        SHUTDOWN,
-        Out.FAILED,
-        ENDING,
-        None,
-        DialScript.hang(),
-        dial_cancelled=True,
-    ),
-    Cell(
-        "ringing",
-        "caller_hangs_up",
-        Out.CALLER_LEFT,
-        HOLD,
-        None,
-        DialScript.hang(),
-        dial_cancelled=True,
-        callback=True,
-    ),
-    Cell("ringing", SHUTDOWN, Out.FAILED, ENDING, None, DialScript.hang(), dial_cancelled=True),
+    Cell("announcing", "caller_hangs_up", Out.CALLER_LEFT, HOLD, None, HANG(), dial_cancelled=True),
+    Cell("announcing", SHUTDOWN, Out.FAILED, ENDING, None, HANG(), dial_cancelled=True),
+    Cell("ringing", "caller_hangs_up", Out.CALLER_LEFT, HOLD, None, HANG(), **ABANDONED),
+    Cell("ringing", SHUTDOWN, Out.FAILED, ENDING, None, HANG(), dial_cancelled=True),
     *RINGING_FAILURES,
 ]
 CONSULT = [
-    Cell(
-        "briefing",
-        "caller_hangs_up",
-        Out.CALLER_LEFT,
-        HOLD,
-        "I'm sorry, the caller has just hung up.",
-        callback=True,
-    ),
-    Cell(
-        "briefing",
-        "human_hangs_up",
-        Out.DECLINED,
-        "I'm sorry, our support team can't take",
-        "Hi, this is the Acme assistant",
-    ),
-    Cell(
-        "briefing",
-        "declined",
-        Out.DECLINED,
-        "I'm sorry, our support team can't take",
-        "Understood, I'll let the caller know.",
-    ),
-    Cell(
-        "briefing",
-        "voicemail",
-        Out.VOICEMAIL,
-        "I'm sorry, I reached our support team's voicem",
-        None,
-    ),
+    Cell("briefing", "caller_hangs_up", Out.CALLER_LEFT, HOLD, CALLER_GONE, callback=True),
+    Cell("briefing", "human_hangs_up", Out.DECLINED, CANT, BRIEF),
+    Cell("briefing", "declined", Out.DECLINED, CANT, "Understood, I'll let the caller know."),
+    Cell("briefing", "voicemail", Out.VOICEMAIL, MAILBOX, None),
     Cell("briefing", SHUTDOWN, Out.FAILED, ENDING, "I'm sorry, this call has to end now."),
-    Cell(
-        "briefing",
-        "max_hold",
-        Out.NO_ANSWER,
-        NOBODY,
-        "I'm sorry, I have to take the caller back now.",
-    ),
+    Cell("briefing", "max_hold", Out.NO_ANSWER, NOBODY, TAKEN_BACK),
     Cell("merging", "move_refused", Out.FAILED, WRONG, "I'm sorry, I can't put the call through"),
     # the move is never abandoned half way: it completes, the human arrives to nobody and the
     # caller's room is deleted (their leg ends); the last words they heard were the brief
-    Cell(
-        "merging",
-        "caller_hangs_up",
-        Out.CALLER_LEFT,
-        HOLD,
-        "Hi, this is the Acme assistant",
-    ),
-    Cell("merging", "human_hangs_up", Out.FAILED, WRONG, "Hi, this is the Acme assistant"),
-    Cell(
-        "merged",
-        "caller_hangs_up",
-        Out.CONNECTED,
-        "You're now connected with our support team.",
-        "Hi, this is the Acme assistant",
-    ),
-    Cell(
-        "merged",
-        "human_hangs_up",
-        Out.CONNECTED,
-        "You're now connected with our support team.",
-        "Hi, this is the Acme assistant",
-    ),
+    Cell("merging", "caller_hangs_up", Out.CALLER_LEFT, HOLD, BRIEF),
+    Cell("merging", "human_hangs_up", Out.FAILED, WRONG, BRIEF),
+    Cell("merged", "caller_hangs_up", Out.CONNECTED, CONNECTED, BRIEF),
+    Cell("merged", "human_hangs_up", Out.CONNECTED, CONNECTED, BRIEF),
 ]
 INTRO = "Hello, this is the Acme assistant. I have a caller on the line"
 CONFERENCE = [
@@ -195,102 +108,127 @@ MATRIX = [("consult", c) for c in COMMON + CONSULT] + [
 
 
 @pytest.mark.parametrize("mode,cell", MATRIX, ids=[f"{m}-{c.phase}-{c.fault}" for m, c in MATRIX])
-async def test_cell(livekit, monkeypatch, mode, cell):
-    server, ctx = livekit
+async def test_cell(livekit, livekit_call, monkeypatch, mode, cell):
+    server, _ = livekit
     if cell.script is not None:
         server.script_dial(cell.script)
-    settings = settings_for(
-        livekit_url=server.url,
-        livekit_api_key=API_KEY,
-        livekit_api_secret=API_SECRET,
+    session, agent, line = await livekit_call(
         handoff_mode=wh.HandoffMode(mode),
         # the support line has an extension: 2 s of DTMF before the leg is active
         max_hold={"api_timeout": 2.0, "max_hold": 4.0}.get(cell.fault, 20.0),
     )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, settings), server)
-    agent = wh.WarmHandoffAgent(
-        settings,
-        line,
-        wh.Models(llm=ScriptedLLM(receptionist()), turn_handling={"turn_detection": "manual"}),
+    await session.run(user_input="a person please")
+    if cell.fault == "api_auth":
+        monkeypatch.setenv("LIVEKIT_API_SECRET", "not-the-secret-not-the-secret-xx")
+    if cell.phase == "announcing":
+        line.hooks["dial"] = lambda: inject(cell.fault, line, agent, server)
+    if cell.phase == "merging":
+        line.hooks["move"] = lambda: inject(cell.fault, line, agent, server)
+    if cell.fault == "move_refused":
+        server.move_supported = False
+    turn = asyncio.ensure_future(session.run(user_input="yes"))
+
+    if cell.phase == "ringing" and cell.fault in ("caller_hangs_up", SHUTDOWN):
+        await wait_for(lambda: line.on_hold and server.calls_to("CreateSIPParticipant"))
+        await inject(cell.fault, line, agent, server)
+    if cell.phase in ("briefing", "merging", "merged"):
+        await wait_for(line.answered.is_set)
+        if mode == "consult":
+            if cell.fault == "voicemail":
+                line.human_says("Hi, you've reached Sam. Please leave a message.")
+            else:
+                await line.human_answers()
+                if cell.phase == "briefing" and cell.fault != "max_hold":
+                    await inject(cell.fault, line, agent, server)
+                elif cell.phase in ("merging", "merged"):
+                    line.human_presses("1")
+    await asyncio.wait_for(turn, 8)
+    if cell.phase == "merged":
+        await inject(cell.fault, line, agent, server)
+        await server.wait_for(lambda: CALLER_ROOM in server.deleted_rooms, 2)
+
+    [result] = agent.results
+    assert result.outcome is cell.outcome, result
+    caller_heard = assistant_said(session)
+    assert caller_heard[-1].startswith(cell.caller_hears), caller_heard
+    human_heard = (
+        line.human_heard()
+        if mode == "consult"
+        else caller_heard[caller_heard.index(HOLD) + 1 :]
+        if result.connected
+        else []
     )
-    session = wh.CallerSession()
-    await session.start(agent=agent)
-    try:
-        await session.run(user_input="a person please")
-        if cell.fault == "api_auth":
-            monkeypatch.setenv("LIVEKIT_API_SECRET", "not-the-secret-not-the-secret-xx")
-        if cell.phase == "announcing":
-            line.hooks["dial"] = lambda: inject(cell.fault, line, agent, server)
-        if cell.phase == "merging":
-            line.hooks["move"] = lambda: inject(cell.fault, line, agent, server)
-        if cell.fault == "move_refused":
-            server.move_supported = False
-        turn = asyncio.ensure_future(session.run(user_input="yes"))
+    if cell.human_hears is None:
+        assert human_heard == []
+    else:
+        assert human_heard and human_heard[-1].startswith(cell.human_hears), human_heard
 
-        if cell.phase == "ringing" and cell.fault in ("caller_hangs_up", SHUTDOWN):
-            await wait_for(lambda: line.on_hold and server.calls_to("CreateSIPParticipant"))
-            await inject(cell.fault, line, agent, server)
-        if cell.phase in ("briefing", "merging", "merged"):
-            await wait_for(line.answered.is_set)
-            if mode == "consult":
-                if cell.fault == "voicemail":
-                    line.human_says("Hi, you've reached Sam. Please leave a message.")
-                else:
-                    line.human_says("Hello?")
-                    await wait_for(line.human_heard_anything)
-                    if cell.phase == "briefing" and cell.fault != "max_hold":
-                        await inject(cell.fault, line, agent, server)
-                    elif cell.phase in ("merging", "merged"):
-                        line.human_presses("1")
-        await asyncio.wait_for(turn, 8)
-        if cell.phase == "merged":
-            await inject(cell.fault, line, agent, server)
-            await asyncio.wait_for(agent._leaving, 2)
+    # teardown: hold off, no consult room, no human leg left anywhere on the server
+    await line.settle()
+    assert not line.on_hold
+    # no consult room with anyone in it (a join that lands after the caller left
+    # re-creates the deleted room, emptied when the leg is removed; LiveKit closes an empty
+    # room itself after its departure timeout)
+    assert not any("-consult-" in name and len(room) for name, room in server.rooms.items())
+    humans = [i for members in server.rooms.values() for i in members if i != "caller"]
+    assert humans == []
+    if cell.dial_cancelled:
+        assert line.cancelled_dials == [line.dials[0].identity]
+        if server.calls_to("CreateSIPParticipant"):  # the request reached the server
+            await wait_for(lambda: line.dials[0].identity in server.cancelled_dials)
+    if cell.outcome in (Out.CALLER_LEFT, Out.CONNECTED):
+        assert CALLER_ROOM in server.deleted_rooms  # nothing waits for someone gone
+    else:
+        assert CALLER_ROOM in server.rooms  # the caller is still on the line
+    assert [c.source for c in agent.records.callbacks] == (["abandoned"] if cell.callback else [])
+    if cell.callback:
+        [request] = agent.records.callbacks
+        assert "printer is broken" in request.reason and request.number == "+15550100999"
+        if cell.phase == "briefing":
+            assert request.summary == result.brief != ""  # the brief travels with it
 
-        [result] = agent.results
-        assert result.outcome is cell.outcome, result
-        caller_heard = [m.text_content for m in session.history.messages() if m.role == "assistant"]
-        assert caller_heard[-1].startswith(cell.caller_hears), caller_heard
-        human_heard = (
-            line.human_heard()
-            if mode == "consult"
-            else caller_heard[caller_heard.index(HOLD) + 1 :]
-            if result.connected
-            else []
-        )
-        if cell.human_hears is None:
-            assert human_heard == []
-        else:
-            assert human_heard and human_heard[-1].startswith(cell.human_hears), human_heard
 
-        # teardown: hold off, no consult room, no human leg left anywhere on the server
-        await line.settle()
-        assert not line.on_hold
-        # no consult room with anyone in it (a join that lands after the caller left
-        # re-creates the deleted room, emptied when the leg is removed; LiveKit closes an empty
-        # room itself after its departure timeout)
-        assert not any("-consult-" in name and len(room) for name, room in server.rooms.items())
-        humans = [i for members in server.rooms.values() for i in members if i != "caller"]
-        assert humans == []
-        if cell.dial_cancelled:
-            assert line.cancelled_dials == [line.dials[0].identity]
-            if server.calls_to("CreateSIPParticipant"):  # the request reached the server
-                await wait_for(lambda: line.dials[0].identity in server.cancelled_dials)
-        if cell.outcome in (Out.CALLER_LEFT, Out.CONNECTED):
-            assert CALLER_ROOM in server.deleted_rooms  # nothing waits for someone gone
-        else:
-            assert CALLER_ROOM in server.rooms  # the caller is still on the line
-        assert [c.source for c in agent.records.callbacks] == (
-            ["abandoned"] if cell.callback else []
-        )
-        if cell.callback:
-            [request] = agent.records.callbacks
-            assert "printer is broken" in request.reason and request.number == "+15550100999"
-            if cell.phase == "briefing":
-                assert request.summary == result.brief != ""  # the brief travels with it
-    finally:
-        await line.aclose()
-        await session.aclose()
+# ── the README's outcome table and the matrix: one to one ───────────────────────────────────
+
+# Outcomes the matrix has no cell for, and where they are tested instead.
+ELSEWHERE = {
+    Out.REJOINED: "tests/test_safety_net.py",
+    Out.CLOSED: "tests/test_business_hours.py",
+    Out.CANCELLED_BY_CALLER: "test_real_line_cell[conference-announcing-fast_answer_never_mind]",
+}
+
+
+def outcome_table() -> list[tuple[wh.HandoffOutcome, str]]:
+    """The README's outcome table: (outcome, what the caller hears) a row, ``the same`` spelt
+    out, the destination and the business as ``…``."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Outcome | When |"))
+    rows: list[tuple[wh.HandoffOutcome, str]] = []
+    for line in itertools.takewhile(lambda x: x.startswith("|"), lines[start + 2 :]):
+        outcome, _, hears, *_ = (c.strip() for c in line.strip("|").split("|"))
+        outcome = Out(outcome.split(" (")[0].replace(" ", "_"))
+        quoted = re.match(r'"(.*?)"', hears)
+        hears = rows[-1][1] if hears == "the same" else quoted[1] if quoted else hears
+        rows.append((outcome, hears))
+    return rows
+
+
+def as_in_the_table(said: str) -> str:
+    return said.replace("our support team", "…").replace("Acme", "…").rstrip(".")
+
+
+def test_every_cell_is_a_row_of_the_readme_outcome_table_and_every_row_a_cell():
+    rows = outcome_table()
+    assert {outcome for outcome, _ in rows} == set(Out)  # every outcome has its row
+    cells = {(c.outcome, as_in_the_table(c.caller_hears)) for _, c in MATRIX}
+    for outcome, said in cells:  # the caller hears what the table says (or has left)
+        heard = [h for o, h in rows if o is outcome]
+        gone = outcome is Out.CALLER_LEFT and "(gone)" in heard
+        assert gone or any(h.startswith(said) for h in heard), (outcome, said, heard)
+    for outcome, hears in rows:  # and each row is a cell, or tested where ELSEWHERE says
+        covered = any(o is outcome and hears.startswith(said) for o, said in cells)
+        gone = hears == "(gone)" and (outcome, as_in_the_table(HOLD)) in cells
+        assert covered or gone or outcome in ELSEWHERE, (outcome, hears)
 
 
 SHUTDOWNS: list[asyncio.Future[None]] = []  # what the job's shutdown callback would run
@@ -317,7 +255,6 @@ async def inject(fault, line, agent, server) -> None:
 # Each cell runs on the faithful model of LiveKit (tests/fake_livekit.py); each fails on the code
 # that trusted a kinder fake.
 
-CONNECTED = "You're now connected with our support team."
 REAL_LINE = [
     "consult-merging-move_slow",
     "consult-merging-move_response_lost",
@@ -329,35 +266,22 @@ REAL_LINE = [
 ]
 
 
-async def start_real_line_call(livekit, mode, *, tts=False, **overrides):
-    server, ctx = livekit
-    settings = settings_for(
-        livekit_url=server.url,
-        livekit_api_key=API_KEY,
-        livekit_api_secret=API_SECRET,
+async def start_real_line_call(livekit_call, mode, *, tts=False, **overrides):
+    models = None
+    if tts:  # "please hold" takes as long to say as on a phone
+        models = wh.Models(
+            llm=ScriptedLLM(receptionist()),
+            tts=ToneTTS(ttfa=0.05),
+            turn_handling={"turn_detection": "manual"},
+        )
+    session, agent, line = await livekit_call(
+        models=models,
+        caller_audio=Ear("caller") if tts else None,
         handoff_mode=wh.HandoffMode(mode),
         **{"max_hold": 20.0, **overrides},
     )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, settings), server)
-    models = wh.Models(llm=ScriptedLLM(receptionist()), turn_handling={"turn_detection": "manual"})
-    if tts:  # "please hold" takes as long to say as on a phone
-        models = wh.Models(
-            llm=models.llm, tts=ToneTTS(ttfa=0.05), turn_handling=models.turn_handling
-        )
-    agent = wh.WarmHandoffAgent(settings, line, models)
-    session = wh.CallerSession()
-    if tts:
-        session.output.audio = Ear("caller")
-    await session.start(agent=agent)
     await session.run(user_input="a person please")
     return session, agent, line
-
-
-async def brief_and_accept(line):
-    await wait_for(line.answered.is_set)
-    line.human_says("Hello?")
-    await wait_for(line.human_heard_anything)
-    line.human_presses("1")
 
 
 def humans_on(server):
@@ -365,7 +289,7 @@ def humans_on(server):
 
 
 @pytest.mark.parametrize("cell", REAL_LINE)
-async def test_real_line_cell(livekit, cell):
+async def test_real_line_cell(livekit, livekit_call, cell):
     server, _ = livekit
     mode, phase, fault = cell.split("-")
     overrides = {}
@@ -384,66 +308,60 @@ async def test_real_line_cell(livekit, cell):
         server.join_delay = 0.5
         server.script_dial(DialScript.hang())
     session, agent, line = await start_real_line_call(
-        livekit, mode, tts=fault == "fast_answer_never_mind", **overrides
+        livekit_call, mode, tts=fault == "fast_answer_never_mind", **overrides
     )
-    try:
-        if fault == "fast_answer_never_mind":
-            phases = []
+    if fault == "fast_answer_never_mind":
+        phases = []
 
-            def never_mind():
-                phases.append(agent.handoff.phase)
-                assert agent.handoff.answer_on_hold("never mind, I'll call back") == ""
+        def never_mind():
+            phases.append(agent.handoff.phase)
+            assert agent.handoff.answer_on_hold("never mind, I'll call back") == ""
 
-            line.hooks["answered"] = never_mind
-        turn = asyncio.ensure_future(session.run(user_input="yes"))
-        if phase == "merging" or fault == "dial_timeout_retry":
-            await brief_and_accept(line)
-        elif fault == "late_cancel":
-            await wait_for(lambda: server.calls_to("CreateSIPParticipant"))
-            line.hang_up_caller()
-        elif fault == "consult_connection_drop":
-            await wait_for(line.answered.is_set)
-            line.human_says("Hello?")
-            await wait_for(line.human_heard_anything)
-            line.drop_connection(line.dials[0].room)
-        await asyncio.wait_for(turn, 15)
-        [result] = agent.results
-        said = [m.text_content for m in session.history.messages() if m.role == "assistant"]
-        identity = line.dials[0].identity
-        await line.settle()
+        line.hooks["answered"] = never_mind
+    turn = asyncio.ensure_future(session.run(user_input="yes"))
+    if phase == "merging" or fault == "dial_timeout_retry":
+        await line.human_accepts()
+    elif fault == "late_cancel":
+        await wait_for(lambda: server.calls_to("CreateSIPParticipant"))
+        line.hang_up_caller()
+    elif fault == "consult_connection_drop":
+        await line.human_answers()
+        line.drop_connection(line.dials[0].room)
+    await asyncio.wait_for(turn, 15)
+    [result] = agent.results
+    said = assistant_said(session)
+    identity = line.dials[0].identity
+    await line.settle()
 
-        if fault in ("move_slow", "move_response_lost", "dial_timeout_retry"):
-            # never abandoned half way: the human is with the caller, who is told so
-            assert result.outcome is Out.CONNECTED, result
-            assert said[-1] == CONNECTED
-            assert identity in server.rooms[CALLER_ROOM]
-            assert len(server.dials_to(identity)) == 1  # never dialled twice
-        if fault == "move_response_lost":
-            assert [c.response_lost for c in server.calls_to("MoveParticipant")][0]
-        if fault == "cleanup_hangs":
-            assert result.outcome is Out.FAILED and said[-1].startswith(WRONG)
-            told = next(m for m in session.history.messages() if m.text_content == said[-1])
-            await server.wait_for(lambda: any(e.kind == "room_deleted" for e in server.events))
-            deleted = next(e for e in server.events if e.kind == "room_deleted")  # monotonic
-            # the caller was spoken to before the slow clean-up finished
-            assert told.created_at - (time.time() - time.monotonic()) < deleted.at
-        if fault == "fast_answer_never_mind":
-            assert phases == ["announcing"]  # answered while "please hold" was being said
-            assert result.outcome is Out.CANCELLED_BY_CALLER
-            await server.wait_for(lambda: identity not in server.rooms.get(CALLER_ROOM, {}))
-        if fault == "late_cancel":
-            assert result.outcome is Out.CALLER_LEFT
-            # the first remove found nobody; retried until the participant existed
-            await server.wait_for(lambda: identity in server.cancelled_dials)
-            assert any(c.answer == "not_found" for c in server.calls_to("RemoveParticipant"))
-        if fault == "consult_connection_drop":
-            assert result.outcome is Out.DECLINED and "hung up" in result.detail
-            assert said[-1].startswith("I'm sorry, our support team can't take")
-        if not result.connected:  # nobody left ringing or waiting anywhere
-            await server.wait_for(lambda: humans_on(server) == [])
-        # no consult room with anyone in it (a late join re-creates a deleted room, empty once
-        # the leg is removed; LiveKit closes an empty room itself after its departure timeout)
-        assert not any("-consult-" in name and len(room) for name, room in server.rooms.items())
-    finally:
-        await line.aclose()
-        await session.aclose()
+    if fault in ("move_slow", "move_response_lost", "dial_timeout_retry"):
+        # never abandoned half way: the human is with the caller, who is told so
+        assert result.outcome is Out.CONNECTED, result
+        assert said[-1] == CONNECTED
+        assert identity in server.rooms[CALLER_ROOM]
+        assert len(server.dials_to(identity)) == 1  # never dialled twice
+    if fault == "move_response_lost":
+        assert [c.response_lost for c in server.calls_to("MoveParticipant")][0]
+    if fault == "cleanup_hangs":
+        assert result.outcome is Out.FAILED and said[-1].startswith(WRONG)
+        told = next(m for m in session.history.messages() if m.text_content == said[-1])
+        await server.wait_for(lambda: any(e.kind == "room_deleted" for e in server.events))
+        deleted = next(e for e in server.events if e.kind == "room_deleted")  # monotonic
+        # the caller was spoken to before the slow clean-up finished
+        assert told.created_at - (time.time() - time.monotonic()) < deleted.at
+    if fault == "fast_answer_never_mind":
+        assert phases == ["announcing"]  # answered while "please hold" was being said
+        assert result.outcome is Out.CANCELLED_BY_CALLER
+        await server.wait_for(lambda: identity not in server.rooms.get(CALLER_ROOM, {}))
+    if fault == "late_cancel":
+        assert result.outcome is Out.CALLER_LEFT
+        # the first remove found nobody; retried until the participant existed
+        await server.wait_for(lambda: identity in server.cancelled_dials)
+        assert any(c.answer == "not_found" for c in server.calls_to("RemoveParticipant"))
+    if fault == "consult_connection_drop":
+        assert result.outcome is Out.DECLINED and "hung up" in result.detail
+        assert said[-1].startswith("I'm sorry, our support team can't take")
+    if not result.connected:  # nobody left ringing or waiting anywhere
+        await server.wait_for(lambda: humans_on(server) == [])
+    # no consult room with anyone in it (a late join re-creates a deleted room, empty once
+    # the leg is removed; LiveKit closes an empty room itself after its departure timeout)
+    assert not any("-consult-" in name and len(room) for name, room in server.rooms.items())

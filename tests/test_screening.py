@@ -14,8 +14,16 @@ import dataclasses
 import re
 
 import pytest
-from conftest import Call, LiveKitBackedLine, ScriptedLLM, receptionist, settings_for, wait_for
-from fake_livekit import API_KEY, API_SECRET, DialScript
+from conftest import (
+    Call,
+    LiveKitBackedLine,
+    ScriptedLLM,
+    agree_to_transfer,
+    receptionist,
+    settings_for,
+    wait_for,
+)
+from fake_livekit import DialScript
 
 import warm_handoff as wh
 from bench.models import LineSTT, ToneTTS
@@ -59,9 +67,8 @@ class AudioLine(LiveKitBackedLine):
 
 
 @pytest.fixture
-async def screened_call(silero_vad, livekit):
-    server, ctx = livekit
-    opened = []
+def screened_call(silero_vad, livekit, livekit_call):
+    server, _ = livekit
 
     async def start(
         answer: AnswerScenario, *, stt_delay: float = 0.3, ring: float = 0.05, **settings
@@ -85,30 +92,19 @@ async def screened_call(silero_vad, livekit):
             tts=ToneTTS(ttfa=0.02, chars_per_second=40.0),
             turn_handling={"turn_detection": "manual"},
         )
-        settings.update(
-            livekit_url=server.url, livekit_api_key=API_KEY, livekit_api_secret=API_SECRET
+        session, agent, line = await livekit_call(
+            models=models, line_type=lambda lk, server: AudioLine(lk, server, answer), **settings
         )
-        config = settings_for(**settings)
-        line = AudioLine(wh.LiveKitPhoneLine(ctx, config), server, answer)
-        agent = wh.WarmHandoffAgent(config, line, models)
-        session = wh.CallerSession()
-        await session.start(agent=agent)
-        opened.append((session, line))
-        await session.run(user_input="a person please")
-        turn = asyncio.ensure_future(session.run(user_input="yes"))
-        return agent, line, turn, llm
+        return agent, line, await agree_to_transfer(session), llm
 
-    yield start
-    for session, line in opened:
-        await line.aclose()
-        await session.aclose()
+    return start
 
 
-def events(line: wh.SimulatedPhoneLine) -> list[str]:
+def events(line: LiveKitBackedLine) -> list[str]:
     return [e.text for e in line.events]
 
 
-def about_the_caller(line: wh.SimulatedPhoneLine) -> list[str]:
+def about_the_caller(line: LiveKitBackedLine) -> list[str]:
     """Everything the human's leg heard that says anything about the caller."""
     return [t for t in line.human_heard() if "Caller:" in t or "printer" in t]
 

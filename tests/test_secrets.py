@@ -9,7 +9,16 @@ import re
 import time
 
 import pytest
-from conftest import receptionist, settings_for, wait_for
+from conftest import (
+    RecordingLine,
+    brief_model_down,
+    callback_request,
+    receptionist,
+    records_kept_in,
+    saved,
+    settings_for,
+    wait_for,
+)
 
 import warm_handoff as wh
 
@@ -108,9 +117,7 @@ async def hand_over(call, said: str):
     await call.session.run(user_input=said)
     await call.session.run(user_input="I want to talk to a person")
     turn = asyncio.ensure_future(call.session.run(user_input="yes please"))
-    await wait_for(call.line.answered.is_set)
-    call.line.human_says("Hello?")
-    await wait_for(lambda: call.human_heard())
+    await call.line.human_answers()
     return turn
 
 
@@ -149,12 +156,7 @@ async def test_the_brief_model_is_told_never_to_repeat_a_card_number(start_call)
 
 
 async def test_the_callers_own_words_carry_no_card_when_the_brief_model_fails(start_call):
-    def respond(req):
-        if req.purpose == "brief":
-            raise RuntimeError("model down")
-        return receptionist()(req)
-
-    call = await start_call(respond)
+    call = await start_call(brief_model_down)
     turn = await hand_over(call, f"My card {SPOKEN} was charged twice")
 
     brief = call.human_heard()[0]
@@ -172,7 +174,7 @@ async def test_a_spoken_card_in_the_reason_never_reaches_a_header_attribute_or_l
 ):
     caplog.set_level(logging.INFO)
     reason = f"A refund of the double charge on the card the caller read out, {SPOKEN}. Urgent"
-    line = wh.SimulatedPhoneLine(wh.SimulatedHuman.ANSWER, ring_time=0.05)
+    line = RecordingLine(wh.SimulatedHuman.ANSWER, ring_time=0.05)
     settings = settings_for(handoff_mode=wh.HandoffMode.CONFERENCE)
     call = await start_call(receptionist(reason=reason), line=line, settings=settings)
     await call.session.run(user_input="a person please")
@@ -188,22 +190,14 @@ async def test_a_spoken_card_in_the_reason_never_reaches_a_header_attribute_or_l
 async def test_records_and_their_log_lines_carry_no_spoken_card(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     path = tmp_path / "callbacks.jsonl"
-    records = wh.CallRecords("room-1", "job-1", wh.RecordDelivery("", "", str(path)))
-    records.callback(
-        wh.CallbackRequest(
-            room="room-1",
-            caller_name="Dana",
-            number="+15105550199",
-            best_time="after 5pm",
-            reason=f"refund to {SPOKEN}",
-            summary="Caller: my card is 4 2 four 2 4242 four two 4 2 four two four 2\n"
-            "Caller: and my account is nine eight seven, six five four, three two one",
-            source="caller",
-        )
+    summary = (
+        "Caller: my card is 4 2 four 2 4242 four two 4 2 four two four 2\n"
+        "Caller: and my account is nine eight seven, six five four, three two one"
     )
-    [saved] = [json.loads(x) for x in path.read_text().splitlines()]
-    assert saved["reason"] == f"refund to {ENDING}"
-    assert saved["summary"] == (
+    records_kept_in(path).callback(callback_request(reason=f"refund to {SPOKEN}", summary=summary))
+    [record] = saved(path)
+    assert record["reason"] == f"refund to {ENDING}"
+    assert record["summary"] == (
         f"Caller: my card is {ENDING}\nCaller: and my account is 98765•••21"
     )
     assert no_card_in(caplog.text) and "four" not in caplog.text
@@ -220,3 +214,59 @@ def test_attempt_ids_that_look_like_numbers_are_not_redacted(caplog):
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("call record")]
     call = json.loads(line.removeprefix("call record "))
     assert call["attempts"] == ["4930309e"] and call["destinations"] == ["support"]
+
+
+# ── model-written text: capped; every text that leaves the call: redacted ───────────────────
+
+
+def test_redact_turns_cards_and_long_digit_runs_into_safe_text():
+    assert wh.redact(f"card {'4111 1111 1111 1111'} ok") == "card a card ending 1111 ok"
+    assert wh.redact("4111-1111-1111-1112") == "41111•••12"  # not Luhn-valid: masked
+    assert wh.redact("call +1 510 555 0123") == "call +1510•••23"
+    assert wh.redact("room 5550123 floor 3") == "room ••• floor 3"  # 7 digits
+    assert wh.redact("order 123456, 3 items") == "order 123456, 3 items"  # 6 digits stay
+
+
+async def test_reason_is_capped_and_redacted_wherever_it_leaves_the_call(start_call):
+    reason = "Printer jammed after paying with card 4111 1111 1111 1111. " + "Also " * 200 + "more."
+    line = RecordingLine(wh.SimulatedHuman.ANSWER, ring_time=0.05)
+    settings = settings_for(handoff_mode=wh.HandoffMode.CONFERENCE)
+    call = await start_call(receptionist(reason=reason), line=line, settings=settings)
+    await call.session.run(user_input="a person please")
+    await asyncio.wait_for(call.session.run(user_input="yes please"), 5)
+    intro = call.caller_heard()[-1]
+    assert "about Printer jammed after paying with card a card ending 1111. You're now" in intro
+    assert "Also" not in intro
+    assert line.dials[0].headers["X-Handoff-Reason"].endswith("a card ending 1111")
+    assert call.agent.results[0].reason.startswith("Printer jammed")
+    assert "4111" not in json.dumps(line.attributes)
+
+
+async def test_the_brief_on_the_consult_agent_is_redacted(start_call):
+    line = RecordingLine(None, ring_time=0.3)
+    call = await start_call(receptionist(), line=line)
+    await call.session.run(user_input="My card 4111 1111 1111 1111 was charged twice")
+    turn = asyncio.ensure_future(call.session.run(user_input="yes please"))
+    await wait_for(line.answered.is_set)
+    consult = line.dials[0].room
+    await wait_for(lambda: "handoff.brief" in line.attributes.get(consult, {}))
+    assert "a card ending 1111" in line.attributes[consult]["handoff.brief"]
+    assert "4111" not in json.dumps(line.attributes)
+    line.hang_up_human()
+    await asyncio.wait_for(turn, 5)
+
+
+async def test_records_and_their_log_lines_are_redacted(start_call, tmp_path, caplog):
+    path = tmp_path / "callbacks.jsonl"
+    records_kept_in(path).callback(
+        callback_request(
+            reason="refund to 4111 1111 1111 1111",
+            summary="Caller: my other number is 510 555 0142",
+        )
+    )
+    [record] = saved(path)
+    assert record["reason"] == "refund to a card ending 1111"
+    assert record["summary"] == "Caller: my other number is 51055•••42"
+    assert record["number"] == "+15105550199"  # the callback number itself, in full
+    assert "4111" not in caplog.text and "5550142" not in caplog.text
+    assert "+15105550199" not in caplog.text  # masked in the log line

@@ -1,40 +1,18 @@
-"""The caller's side: greeted once, offered only configured teams, never dials a spoken number."""
+"""Destinations: the model is offered only the configured teams and never dials a number the
+caller says; HANDOFF_ALLOW_DIAL_PATTERN opts in to direct numbers, and cannot hurt the worker."""
 
-import os
+import asyncio
 import re
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import Call, ScriptedLLM, settings_for, wait_for
-from livekit.agents.testing import fake_job_context
+from conftest import Call, RecordingLine, settings_for
+from test_configuration import GOOD
 
 import warm_handoff as wh
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def test_entrypoint_greets_once_before_any_model_request():
-    model = ScriptedLLM(lambda req: "Sure, how can I help?")
-    settings = settings_for(greeting="Thanks for calling Acme, how can I help?")
-    with fake_job_context() as ctx:
-        session = await wh.run_call(
-            ctx,
-            settings,
-            wh.Models(llm=model, turn_handling={"turn_detection": "manual"}),
-            wh.SimulatedPhoneLine(None),
-        )
-        try:
-            await wait_for(lambda: any(m.role == "assistant" for m in session.history.messages()))
-            assert model.requests == []  # the greeting needed no model round-trip
-            await session.run(user_input="Hi, my router is blinking red")
-            said = [m.text_content for m in session.history.messages() if m.role == "assistant"]
-            assert said == ["Thanks for calling Acme, how can I help?", "Sure, how can I help?"]
-            assert len(model.requests) == 1
-            assert model.requests[0].last_user_text() == "Hi, my router is blinking red"
-        finally:
-            await session.aclose()
 
 
 async def test_transfer_tool_offers_only_configured_destinations(start_call):
@@ -92,7 +70,7 @@ async def test_direct_numbers_only_with_the_operator_allowlist(start_call, numbe
             return "A caller."
         return "Okay."
 
-    line = wh.SimulatedPhoneLine(wh.SimulatedHuman.BUSY, ring_time=0.01)
+    line = RecordingLine(wh.SimulatedHuman.BUSY, ring_time=0.01)
     call = await start_call(respond, line=line, settings=allowlist_settings())
     await call.session.run(user_input="call my colleague please")
     assert [d.destination.target for d in line.dials] == (["+15105550142"] if dialled else [])
@@ -110,29 +88,50 @@ async def test_allowlist_only_offers_just_the_direct_tool(start_call):
     ]
 
 
-async def test_demo_destinations_exist_only_in_the_console():
-    model = ScriptedLLM(lambda req: "Hi")
-    settings = settings_for(destinations=())
-    with fake_job_context() as ctx:
-        session = await wh.run_call(ctx, settings, wh.Models(llm=model))
-        try:
-            assert [d.name for d in session.current_agent.destinations] == ["support", "billing"]
-        finally:
-            await session.aclose()
-    agent = wh.WarmHandoffAgent(settings, wh.SimulatedPhoneLine(None), wh.Models())
-    assert [t.id for t in agent.tools] == ["end_call", "request_callback"]  # nobody to transfer to
+# ── the dial pattern and the caller's number ────────────────────────────────────────────────
 
 
-def test_agent_name_from_the_dotenv_file_reaches_the_dispatcher(tmp_path):
-    env_file = tmp_path / "worker.env"
-    env_file.write_text("AGENT_NAME=acme-reception\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("AGENT_NAME", "LIVEKIT_AGENT_NAME")}
-    out = subprocess.run(
-        [sys.executable, "-c", "import warm_handoff; print(warm_handoff.server._agent_name)"],
-        env={**env, "DOTENV_FILE": str(env_file)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.stdout.strip() == "acme-reception", out.stderr
+async def direct_dial(start_call, settings, number):
+    def respond(req):
+        if req.purpose == "caller" and not req.after_tool:
+            return Call("transfer_to_number", {"number": number, "reason": "a friend"})
+        return "Sorry, I can't connect you to that number."
+
+    call = await start_call(respond, settings=settings)
+    stalls: list[float] = []
+
+    async def heartbeat() -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            stalls.append(time.monotonic() - before)
+
+    beat = asyncio.ensure_future(heartbeat())
+    try:
+        await asyncio.wait_for(call.session.run(user_input=f"please call {number}"), 30)
+    finally:
+        beat.cancel()
+    return call, max(stalls, default=0.0)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"\+(1?){9}(1?){9}(1?){9}[02-9]",  # backtracks catastrophically in Python's re
+        r"\+(?:(\d*)\1)*(?:(\d*)\2)*(?:(\d*)\3)*(?:(\d*)\4)*(?:(\d*)\5)*[02-9]",  # in regex
+    ],
+)
+async def test_a_catastrophic_dial_pattern_never_blocks_the_event_loop(start_call, pattern):
+    settings = wh.load_settings({**GOOD, "HANDOFF_ALLOW_DIAL_PATTERN": pattern}, telephony=False)
+    settings = settings_for(allow_dial_pattern=settings.allow_dial_pattern)
+    call, stalled = await direct_dial(start_call, settings, "+11111111111111")
+    assert stalled < 0.5, f"the event loop stalled for {stalled:.1f}s"
+    assert call.line.dials == []  # refused
+
+
+async def test_transfer_to_number_takes_only_ascii_digits(start_call):
+    import re
+
+    settings = settings_for(allow_dial_pattern=re.compile(r"\+1510555\d{4}"))
+    call, _ = await direct_dial(start_call, settings, "+1510555٠١٢٣")
+    assert call.line.dials == []

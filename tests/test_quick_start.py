@@ -1,11 +1,12 @@
-"""The console: no LiveKit, no trunk; a transfer runs against the simulated phone line and every
-step is shown."""
+"""Quick start: the console needs no LiveKit and no trunk; a transfer runs against the
+simulated phone line and every step is shown; the greeting needs no model request; the demo
+teams exist only in the console; without a terminal it says so."""
 
 import asyncio
 import logging
 
 import pytest
-from conftest import ScriptedLLM, receptionist, wait_for
+from conftest import ScriptedLLM, receptionist, run_worker, settings_for, wait_for
 from livekit.agents.testing import fake_job_context
 
 import warm_handoff as wh
@@ -56,7 +57,49 @@ async def test_console_transfer_for_every_outcome(caplog, human, outcome, step, 
             shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("📞")]
             assert "📞 dialling support (+1555•••00), ring timeout 0.3s" in shown
             assert any(line.startswith(f"📞 {step}") for line in shown), shown
-            assert not agent.line.on_hold
+            assert shown.count("📞 hold music on") == shown.count("📞 hold music off")  # off
         finally:
             await agent.line.aclose()
             await session.aclose()
+
+
+async def test_entrypoint_greets_once_before_any_model_request():
+    model = ScriptedLLM(lambda req: "Sure, how can I help?")
+    settings = settings_for(greeting="Thanks for calling Acme, how can I help?")
+    with fake_job_context() as ctx:
+        session = await wh.run_call(
+            ctx,
+            settings,
+            wh.Models(llm=model, turn_handling={"turn_detection": "manual"}),
+            wh.SimulatedPhoneLine(None),
+        )
+        try:
+            await wait_for(lambda: any(m.role == "assistant" for m in session.history.messages()))
+            assert model.requests == []  # the greeting needed no model round-trip
+            await session.run(user_input="Hi, my router is blinking red")
+            said = [m.text_content for m in session.history.messages() if m.role == "assistant"]
+            assert said == ["Thanks for calling Acme, how can I help?", "Sure, how can I help?"]
+            assert len(model.requests) == 1
+            assert model.requests[0].last_user_text() == "Hi, my router is blinking red"
+        finally:
+            await session.aclose()
+
+
+async def test_demo_destinations_exist_only_in_the_console():
+    model = ScriptedLLM(lambda req: "Hi")
+    settings = settings_for(destinations=())
+    with fake_job_context() as ctx:
+        session = await wh.run_call(ctx, settings, wh.Models(llm=model))
+        try:
+            assert [d.name for d in session.current_agent.destinations] == ["support", "billing"]
+        finally:
+            await session.aclose()
+    agent = wh.WarmHandoffAgent(settings, wh.SimulatedPhoneLine(None), wh.Models())
+    assert [t.id for t in agent.tools] == ["end_call", "request_callback"]  # nobody to transfer to
+
+
+def test_console_without_a_terminal_exits_non_zero_with_a_message():
+    keys = {"DEEPGRAM_API_KEY": "x", "OPENAI_API_KEY": "x", "ELEVEN_API_KEY": "x"}
+    done = run_worker("console", keys)  # stdin and stdout are not a terminal here
+    assert done.returncode != 0
+    assert "console needs a terminal" in done.stderr and "Traceback" not in done.stderr

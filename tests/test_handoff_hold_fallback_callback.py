@@ -4,7 +4,7 @@ import asyncio
 import logging
 
 import pytest
-from conftest import Call, receptionist, settings_for, wait_for
+from conftest import Call, RecordingLine, receptionist, settings_for, wait_for
 from livekit.agents import UserStateChangedEvent
 
 import warm_handoff as wh
@@ -21,23 +21,20 @@ async def on_hold(call):
 
 
 async def test_a_question_on_hold_is_answered_at_once_and_the_hold_goes_on(start_call):
-    call = await start_call(receptionist(), line=wh.SimulatedPhoneLine(None, ring_time=0.6))
+    call = await start_call(receptionist(), line=RecordingLine(None, ring_time=0.6))
     turn = await on_hold(call)
     asked = len(call.model.of("caller"))
     call.session.generate_reply(user_input="how long is this going to take?")  # on hold
     await wait_for(lambda: call.caller_heard()[-1].startswith("I'm still trying our support"))
     assert len(call.model.of("caller")) == asked  # answered without a model request
     assert call.line.on_hold and not turn.done()
-    await wait_for(call.line.answered.is_set)
-    call.line.human_says("Hello?")
-    await wait_for(call.line.human_heard_anything)
-    call.line.human_presses("1")
+    await call.line.human_accepts()
     await asyncio.wait_for(turn, 5)
     assert call.agent.results[0].outcome is Out.CONNECTED
 
 
 async def test_never_mind_while_ringing_stops_the_human_phone(start_call):
-    call = await start_call(receptionist(), line=wh.SimulatedPhoneLine(None, ring_time=10))
+    call = await start_call(receptionist(), line=RecordingLine(None, ring_time=10))
     turn = await on_hold(call)
     call.session.generate_reply(user_input="actually never mind")
     await asyncio.wait_for(turn, 5)
@@ -60,7 +57,7 @@ async def test_never_mind_while_ringing_stops_the_human_phone(start_call):
     ],
 )
 async def test_a_request_to_stop_the_transfer_cancels_it_on_hold(start_call, said):
-    call = await start_call(receptionist(), line=wh.SimulatedPhoneLine(None, ring_time=10))
+    call = await start_call(receptionist(), line=RecordingLine(None, ring_time=10))
     turn = await on_hold(call)
     call.session.generate_reply(user_input=said)
     await asyncio.wait_for(turn, 5)
@@ -79,7 +76,7 @@ async def test_a_request_to_stop_the_transfer_cancels_it_on_hold(start_call, sai
 async def test_other_words_on_hold_get_where_things_stand_and_the_transfer_goes_on(
     start_call, said
 ):
-    call = await start_call(receptionist(), line=wh.SimulatedPhoneLine(None, ring_time=10))
+    call = await start_call(receptionist(), line=RecordingLine(None, ring_time=10))
     turn = await on_hold(call)
     asked = len(call.model.of("caller"))
     call.session.generate_reply(user_input=said)
@@ -95,9 +92,7 @@ async def test_other_words_on_hold_get_where_things_stand_and_the_transfer_goes_
 async def test_never_mind_while_the_human_is_briefed_tells_the_human(start_call):
     call = await start_call(receptionist())
     turn = await on_hold(call)
-    await wait_for(call.line.answered.is_set)
-    call.line.human_says("Hello?")
-    await wait_for(call.line.human_heard_anything)
+    await call.line.human_answers()
     call.session.generate_reply(user_input="forget it, I'll sort it myself")
     await asyncio.wait_for(turn, 5)
     assert call.agent.results[0].outcome is Out.CANCELLED_BY_CALLER
@@ -109,7 +104,7 @@ async def test_never_mind_while_the_human_is_briefed_tells_the_human(start_call)
 async def test_the_agent_checks_in_and_hold_music_pauses_while_it_speaks(start_call):
     settings = settings_for(hold_reassure_every=0.15)
     call = await start_call(
-        receptionist(), line=wh.SimulatedPhoneLine(None, ring_time=0.5), settings=settings
+        receptionist(), line=RecordingLine(None, ring_time=0.5), settings=settings
     )
     turn = await on_hold(call)
     await wait_for(lambda: any(t.startswith("Thanks for holding") for t in _spoken(call)))
@@ -121,7 +116,7 @@ async def test_the_agent_checks_in_and_hold_music_pauses_while_it_speaks(start_c
 
 
 async def test_hold_music_pauses_while_the_caller_speaks(start_call):
-    call = await start_call(receptionist(), line=wh.SimulatedPhoneLine(None, ring_time=5))
+    call = await start_call(receptionist(), line=RecordingLine(None, ring_time=5))
     turn = await on_hold(call)
     hold = call.line.holds[0]
     call.session.emit(
@@ -162,9 +157,7 @@ async def test_fallback_chain_follows_the_operator_and_never_repeats_a_failed_te
             return Call("transfer_call", {"destination": next(wanted), "reason": "an upgrade"})
         return receptionist()(req)
 
-    line = wh.SimulatedPhoneLine(
-        None, ring_time=0.02, humans={"support": H.BUSY, "sales": H.NO_ANSWER}
-    )
+    line = RecordingLine(None, ring_time=0.02, humans={"support": H.BUSY, "sales": H.NO_ANSWER})
     call = await start_call(
         respond,
         line=line,
@@ -188,24 +181,21 @@ async def test_fallback_chain_follows_the_operator_and_never_repeats_a_failed_te
 
 
 async def test_a_team_the_caller_cancelled_is_dialled_again_when_they_ask_again(start_call):
-    line = wh.SimulatedPhoneLine(None, ring_time=10)
+    line = RecordingLine(None, ring_time=10)
     call = await start_call(receptionist(), line=line)
     turn = await on_hold(call)
     call.session.generate_reply(user_input="never mind")
     await asyncio.wait_for(turn, 5)
     line.ring_time = 0.05
     turn = asyncio.ensure_future(call.session.run(user_input="yes, support after all"))
-    await wait_for(line.answered.is_set)
-    line.human_says("Hello?")
-    await wait_for(line.human_heard_anything)
-    line.human_presses("1")
+    await line.human_accepts()
     await asyncio.wait_for(turn, 5)
     assert [d.destination.name for d in line.dials] == ["support", "support"]
     assert [r.outcome for r in call.agent.results] == [Out.CANCELLED_BY_CALLER, Out.CONNECTED]
 
 
 async def test_every_dial_counts_toward_the_attempts_even_a_cancelled_one(start_call):
-    line = wh.SimulatedPhoneLine(None, ring_time=10)
+    line = RecordingLine(None, ring_time=10)
     call = await start_call(receptionist(), line=line, settings=settings_for(max_attempts=2))
     for asked in ("yes please", "yes, support again", "yes, one more time"):
         turn = asyncio.ensure_future(call.session.run(user_input=asked))
@@ -237,7 +227,7 @@ async def test_callback_is_read_back_then_recorded_with_the_summary(start_call, 
         return receptionist()(req)
 
     caplog.set_level(logging.INFO, logger="warm-handoff")
-    line = wh.SimulatedPhoneLine(H.BUSY, ring_time=0.02, caller_number="+15105550199")
+    line = RecordingLine(H.BUSY, ring_time=0.02, caller_number="+15105550199")
     call = await start_call(respond, line=line)
     await call.session.run(user_input="My router keeps rebooting every hour")
     await call.session.run(user_input="yes, get me support")  # busy

@@ -5,8 +5,13 @@ import asyncio
 import json
 import logging
 
-from conftest import CALLER_ROOM, Call, LiveKitBackedLine, receptionist, settings_for, wait_for
-from fake_livekit import API_KEY, API_SECRET
+from conftest import (
+    CALLER_ROOM,
+    Call,
+    RecordingLine,
+    receptionist,
+    wait_for,
+)
 
 import warm_handoff as wh
 
@@ -51,13 +56,9 @@ async def test_goodbye_then_the_room_is_deleted_and_the_call_is_completed(start_
     ]
 
 
-async def test_the_caller_room_is_deleted_on_the_livekit_server(livekit, start_call):
-    server, ctx = livekit
-    settings = settings_for(
-        livekit_url=server.url, livekit_api_key=API_KEY, livekit_api_secret=API_SECRET
-    )
-    line = LiveKitBackedLine(wh.LiveKitPhoneLine(ctx, settings), server)
-    call = await start_call(done_caller, line=line, settings=settings)
+async def test_the_caller_room_is_deleted_on_the_livekit_server(livekit, livekit_call):
+    server, _ = livekit
+    call = await livekit_call(done_caller)
     await asyncio.wait_for(call.session.run(user_input="bye"), 5)
     await wait_for(lambda: server.deleted_rooms)
     assert server.deleted_rooms == [CALLER_ROOM] and CALLER_ROOM not in server.rooms
@@ -65,7 +66,7 @@ async def test_the_caller_room_is_deleted_on_the_livekit_server(livekit, start_c
 
 async def test_never_hangs_up_on_a_caller_on_hold(start_call, caplog):
     caplog.set_level(logging.INFO, logger="warm-handoff")
-    call = await start_call(done_caller, line=wh.SimulatedPhoneLine(None, ring_time=0.5))
+    call = await start_call(done_caller, line=RecordingLine(None, ring_time=0.5))
     await call.session.run(user_input="a person please")
     turn = asyncio.ensure_future(call.session.run(user_input="yes please"))
     await wait_for(lambda: call.line.on_hold)
@@ -73,17 +74,14 @@ async def test_never_hangs_up_on_a_caller_on_hold(start_call, caplog):
     call.session.generate_reply(user_input="ok, bye for now")  # on hold
     await wait_for(lambda: call.caller_heard()[-1].startswith("I'm still trying our support"))
     assert len(call.model.of("caller")) == asked  # the model is not even asked
-    await wait_for(call.line.answered.is_set)
-    call.line.human_says("Hello?")
-    await wait_for(call.line.human_heard_anything)
-    call.line.human_presses("1")
+    await call.line.human_accepts()
     await asyncio.wait_for(turn, 5)
     assert call.agent.results[0].outcome is wh.HandoffOutcome.CONNECTED
     assert call.line.caller_room not in call.line.deleted_rooms
     assert end_call_outputs(call) == [] and call_records(caplog) == []
 
 
-class SlowMove(wh.SimulatedPhoneLine):
+class SlowMove(RecordingLine):
     """The server takes its time moving the human into the caller's room."""
 
     def __init__(self) -> None:
@@ -103,10 +101,7 @@ async def test_never_hangs_up_mid_transfer(start_call, caplog):
     call = await start_call(done_caller, line=line)
     await call.session.run(user_input="a person please")
     turn = asyncio.ensure_future(call.session.run(user_input="yes please"))
-    await wait_for(line.answered.is_set)
-    line.human_says("Hello?")
-    await wait_for(line.human_heard_anything)
-    line.human_presses("1")
+    await line.human_accepts()
     await wait_for(line.moving.is_set)  # merging: the caller's words reach the model again
     try:
         call.session.generate_reply(user_input="bye")

@@ -1,15 +1,16 @@
-"""Configuration: one typed object, every problem named at once, no secret printed."""
+"""Configuration: one typed object, every problem named at once, no secret printed; nothing
+an operator writes (nested or huge JSON, a stray space, a non-ASCII digit) can hurt the worker;
+.env.example lists every variable."""
 
 import dataclasses
 import enum
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import name_the_worker_registers, run_worker
 
 import warm_handoff as wh
 
@@ -131,24 +132,8 @@ def test_phone_numbers_are_masked():
     assert wh.mask_number("sip:alice.smith@pbx.example.com").endswith("@pbx.example.com")
 
 
-def _run_worker(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LIVEKIT", "HANDOFF", "SIP_", "DEEPGRAM", "OPENAI", "ELEVEN"))
-    }
-    return subprocess.run(
-        [sys.executable, str(ROOT / "warm_handoff.py"), command],
-        env={**clean, "DOTENV_FILE": os.devnull, **env},
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_worker_stops_at_start_with_one_clear_message():
-    done = _run_worker(
+    done = run_worker(
         "start", {"LIVEKIT_API_SECRET": "s3cr3t-value-never-printed", "HANDOFF_MODE": "nope"}
     )
     assert done.returncode == 1
@@ -168,10 +153,128 @@ def test_worker_stops_at_start_with_one_clear_message():
 
 
 def test_console_without_provider_keys_fails_fast():
-    done = _run_worker("console", {})
+    done = run_worker("console", {})
     assert done.returncode == 1
     assert "OPENAI_API_KEY is not set" in done.stderr
     assert "LIVEKIT_URL" not in done.stderr  # console needs no LiveKit settings
+
+
+def test_start_refuses_a_callback_file_it_cannot_write(tmp_path):
+    env = {
+        "LIVEKIT_URL": "ws://127.0.0.1:9",
+        "LIVEKIT_API_KEY": "k",
+        "LIVEKIT_API_SECRET": "s" * 32,
+        "SIP_TRUNK_ID": "ST_abc",
+        "HANDOFF_DESTINATIONS": destinations(support=SUPPORT),
+        "HANDOFF_CALLBACK_FILE": str(tmp_path / "gone" / "callbacks.jsonl"),
+        "DEEPGRAM_API_KEY": "x",
+        "OPENAI_API_KEY": "x",
+        "ELEVEN_API_KEY": "x",
+    }
+    try:
+        done = run_worker("start", env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker started with a callback file it cannot write")
+    assert done.returncode == 1 and "HANDOFF_CALLBACK_FILE: the folder" in done.stderr
+
+
+def problems(**env: str) -> str:
+    with pytest.raises(wh.ConfigError) as err:
+        wh.load_settings({**GOOD, **env})
+    assert "Traceback" not in str(err.value)
+    return str(err.value)
+
+
+def destinations(**entries) -> str:
+    return json.dumps(entries)
+
+
+SUPPORT = {"number": "+15105550100", "description": "Support"}
+
+
+# ── configuration ───────────────────────────────────────────────────────────────────────────
+
+
+def test_deeply_nested_or_huge_destinations_give_a_message():
+    deep = '{"support": ' + "[" * 5_000 + "]" * 5_000 + "}"  # short, but too deep to parse
+    assert "HANDOFF_DESTINATIONS nests deeper than" in problems(HANDOFF_DESTINATIONS=deep)
+    huge = destinations(support={**SUPPORT, "description": "x" * 100_000})
+    assert "HANDOFF_DESTINATIONS is too long" in problems(HANDOFF_DESTINATIONS=huge)
+
+
+def test_the_nesting_opening_hours_will_need_is_allowed():
+    hours = {"weekly": {"mon": [{"open": "09:00", "close": "17:00"}]}, "closed": ["12-25"]}
+    message = problems(HANDOFF_DESTINATIONS=destinations(support={**SUPPORT, "hours": hours}))
+    assert "nests" not in message  # deep enough for hours; their own format is checked apart
+    assert "hours.closed must list dates" in message
+
+
+def test_duplicate_destination_keys_are_an_error():
+    first = json.dumps({"number": "+15105550100", "description": "A"})
+    raw = f'{{"support": {first}, "support": {first}}}'
+    assert "'support' more than once" in problems(HANDOFF_DESTINATIONS=raw)
+
+
+def test_destination_names_are_matched_whole():
+    message = problems(HANDOFF_DESTINATIONS=json.dumps({"support\n": SUPPORT}))
+    assert "HANDOFF_DESTINATIONS['support\\n']: name must be" in message
+
+
+@pytest.mark.parametrize("number", ["+1٥١٠5550100", "+1５１０5550100"])
+def test_only_ascii_digits_count_in_phone_numbers(number):
+    message = problems(
+        HANDOFF_DESTINATIONS=destinations(support={**SUPPORT, "number": number}),
+        HANDOFF_CALLER_ID=number,
+    )
+    assert "HANDOFF_DESTINATIONS['support'].number must be E.164" in message
+    assert "HANDOFF_CALLER_ID must be an E.164" in message
+
+
+@pytest.mark.parametrize("key", ["number", "description", "spoken_name", "fallback"])
+def test_null_where_text_is_expected_is_an_error(key):
+    message = problems(HANDOFF_DESTINATIONS=destinations(support={**SUPPORT, key: None}))
+    assert f"HANDOFF_DESTINATIONS['support'].{key} must be text" in message
+
+
+@pytest.mark.parametrize("raw", [" my-agent ", "my-agent\t", "   "])
+def test_agent_name_registers_exactly_the_value_that_was_validated(raw):
+    registered = name_the_worker_registers({"AGENT_NAME": raw})
+    assert registered == wh.load_settings({"AGENT_NAME": raw}, telephony=False).agent_name
+
+
+@pytest.mark.parametrize("raw", ["2.5", "three", "0", "6"])
+def test_max_attempts_is_a_whole_count(raw):
+    message = problems(HANDOFF_MAX_ATTEMPTS=raw)
+    assert "HANDOFF_MAX_ATTEMPTS must be a whole number from 1 to 5" in message
+    assert "seconds" not in message
+
+
+def test_bad_json_is_not_also_reported_as_empty():
+    message = problems(HANDOFF_DESTINATIONS="{not json")
+    assert "not valid JSON" in message and "is empty" not in message
+
+
+def test_agent_name_from_the_dotenv_file_reaches_the_dispatcher(tmp_path):
+    env_file = tmp_path / "worker.env"
+    env_file.write_text("AGENT_NAME=acme-reception\n")
+    assert name_the_worker_registers({"DOTENV_FILE": str(env_file)}) == "acme-reception"
+
+
+# ── .env.example lists every variable the worker reads ──────────────────────────────────────
+
+
+def variables_the_worker_reads() -> set[str]:
+    """Each variable of the configuration table, its aliases, and the providers' keys."""
+    names = {name for v in wh.VARIABLES for name in (v.name, *v.aliases)}
+    return names | {name for names in wh.PROVIDER_KEYS.values() for name in names}
+
+
+def test_env_example_lists_every_variable_the_worker_reads():
+    names = variables_the_worker_reads()
+    assert {"AGENT_NAME", "SIP_TRUNK_ID", "HANDOFF_CALLER_ID", "LIVEKIT_URL"} <= names
+    text = (ROOT / ".env.example").read_text()
+    missing = sorted(n for n in names if not re.search(rf"\b{n}\b", text))
+    assert not missing, f".env.example does not mention {missing}"
 
 
 # -- the configuration table drives loading, check and the README --------------------------------

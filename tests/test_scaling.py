@@ -9,14 +9,14 @@ import gc
 import random
 
 from conftest import (
-    LiveKitBackedLine,
     ScriptedLLM,
     receptionist,
     settings_for,
     shut_down_like_the_framework,
+    tasks_still_running,
     wait_for,
 )
-from fake_livekit import API_KEY, API_SECRET, DialScript, FakeLiveKitServer, MethodFault
+from fake_livekit import DialScript, FakeLiveKitServer, MethodFault
 
 import warm_handoff as wh
 
@@ -69,33 +69,19 @@ def script(server: FakeLiveKitServer, scenario: str, number: str, room: str, rng
     server.script_method("MoveParticipant", *move, room=room)
 
 
-async def one_call(server, ctx, i: int, scenario: str, mode: wh.HandoffMode, rng):
+async def one_call(start, server, i: int, scenario: str, mode: wh.HandoffMode, rng):
     room, number = f"call-{i}", f"+1510555{i:04d}"
     support, billing = settings_for().destinations
-    settings = settings_for(
-        livekit_url=server.url,
-        livekit_api_key=API_KEY,
-        livekit_api_secret=API_SECRET,
+    script(server, scenario, number, room, rng)
+    model = ScriptedLLM(receptionist(), delay=rng.uniform(0, 0.05))
+    session, agent, line = await start(
+        caller_room=room,
+        models=wh.Models(llm=model, turn_handling={"turn_detection": "manual"}),
         handoff_mode=mode,
         ring_timeout=2.0,
         hello_grace=0.1,
         destinations=(dataclasses.replace(support, target=number, extension=""), billing),
     )
-    server.add_participant(room, "caller")
-    script(server, scenario, number, room, rng)
-    lk = wh.LiveKitPhoneLine(ctx, settings)
-    lk.caller_room = room
-    line = LiveKitBackedLine(lk, server)
-    agent = wh.WarmHandoffAgent(
-        settings,
-        line,
-        wh.Models(
-            llm=ScriptedLLM(receptionist(), delay=rng.uniform(0, 0.05)),
-            turn_handling={"turn_detection": "manual"},
-        ),
-    )
-    session = wh.CallerSession()
-    await session.start(agent=agent)
     try:
         await session.run(user_input="a person please")
         turn = asyncio.ensure_future(session.run(user_input="yes please"))
@@ -130,7 +116,7 @@ async def one_call(server, ctx, i: int, scenario: str, mode: wh.HandoffMode, rng
         if agent.results and agent.results[0].connected:
             await asyncio.sleep(0.1)
             (line.hang_up_caller if rng.random() < 0.5 else line.hang_up_human)()
-            await asyncio.wait_for(agent._leaving, 5)
+            await server.wait_for(lambda: room in server.deleted_rooms, 5)
         return agent, line
     finally:
         await agent.shutdown_handoff("the test is over")
@@ -146,8 +132,10 @@ def expected(scenario: str, mode: wh.HandoffMode) -> wh.HandoffOutcome:
     return outcome
 
 
-async def test_fifty_concurrent_calls_each_end_with_one_outcome_and_nothing_left(livekit):
-    server, ctx = livekit
+async def test_fifty_concurrent_calls_each_end_with_one_outcome_and_nothing_left(
+    livekit, livekit_call
+):
+    server, _ = livekit
     rng = random.Random(SEED)
     modes = [wh.HandoffMode.CONSULT, wh.HandoffMode.CONFERENCE]
     plan = [(s, m) for s in sorted(SCENARIOS) for m in modes]  # every scenario in both modes
@@ -162,7 +150,7 @@ async def test_fifty_concurrent_calls_each_end_with_one_outcome_and_nothing_left
         done = await asyncio.wait_for(
             asyncio.gather(
                 *(
-                    one_call(server, ctx, i, scenario, mode, random.Random(SEED + i))
+                    one_call(livekit_call, server, i, scenario, mode, random.Random(SEED + i))
                     for i, (scenario, mode) in enumerate(plan)
                 ),
                 return_exceptions=True,
@@ -194,10 +182,5 @@ async def test_fifty_concurrent_calls_each_end_with_one_outcome_and_nothing_left
     assert not any("-consult-" in name and len(room) for name, room in server.rooms.items())
     assert len(plan) == CALLS
     await asyncio.gather(*(line.settle(30) for _, line in done))  # bounded clean-up has ended
-    leftovers = [
-        t
-        for t in asyncio.all_tasks()
-        if not t.done() and t.get_coro().__qualname__.startswith(OURS)
-    ]
-    assert leftovers == []
+    assert tasks_still_running(*OURS) == []
     assert unhandled == []

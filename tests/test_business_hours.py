@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import Call, settings_for
+from conftest import Call, RecordingLine, settings_for
 
 import warm_handoff as wh
 
@@ -285,7 +285,7 @@ async def test_a_closed_fallback_is_not_offered(start_call):
 async def test_an_open_team_is_dialled_as_before(start_call):
     call = await start_call(
         closed_team_caller(),
-        line=wh.SimulatedPhoneLine(wh.SimulatedHuman.BUSY, ring_time=0.02),
+        line=RecordingLine(wh.SimulatedHuman.BUSY, ring_time=0.02),
         settings=settings_for(destinations=destinations()),
     )
     call.agent.now = Clock(la(2025, 3, 4, 10, 0))
@@ -299,7 +299,7 @@ async def test_a_callback_for_a_closed_team_is_for_when_it_opens(start_call, cap
     callback = Call("request_callback", {"name": "Dana", "confirmed": True})
     call = await start_call(
         closed_team_caller(then=callback),
-        line=wh.SimulatedPhoneLine(None, caller_number="+15105550199"),
+        line=RecordingLine(None, caller_number="+15105550199"),
         settings=settings_for(destinations=destinations()),
     )
     call.agent.now = Clock(la(2025, 3, 4, 18, 0))

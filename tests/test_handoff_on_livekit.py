@@ -1,0 +1,168 @@
+"""The LiveKit implementation of the phone line, through the real livekit-api client and a local
+fake of the LiveKit server (Twirp over HTTP, JWT checked)."""
+
+import asyncio
+import re
+
+import pytest
+from conftest import CALLER_ROOM, agree_to_transfer, assistant_said, receptionist, wait_for
+from fake_livekit import DialScript
+
+import warm_handoff as wh
+
+Out = wh.HandoffOutcome
+
+
+def last_said(session):
+    return assistant_said(session)[-1]
+
+
+def humans(server):
+    return sorted(i for members in server.rooms.values() for i in members if i != "caller")
+
+
+@pytest.mark.parametrize(
+    "destination,call_to,timeout,dtmf",
+    [
+        ("support", "+15105550100", 20, "1234"),
+        ("billing", "sip:billing@pbx.example.com", 12, ""),
+    ],
+)
+async def test_the_exact_create_sip_participant_request(
+    livekit, livekit_call, destination, call_to, timeout, dtmf
+):
+    server, _ = livekit
+    session, agent, _ = await livekit_call(
+        receptionist(destination), handoff_mode=wh.HandoffMode.CONFERENCE
+    )
+    await asyncio.wait_for(await agree_to_transfer(session), 5)
+    [call] = server.calls_to("CreateSIPParticipant")
+    r = call.request
+    assert r.sip_trunk_id == "ST_trunk123"
+    assert r.sip_call_to == call_to
+    assert r.sip_number == "+15105550999"  # the caller ID the human's phone shows
+    assert r.room_name == CALLER_ROOM
+    assert re.fullmatch(r"transfer_[0-9a-f]{8}", r.participant_identity)
+    assert r.participant_name == "Human Agent"
+    assert r.krisp_enabled is True
+    assert r.dtmf == dtmf
+    assert r.wait_until_answered is True
+    assert r.ringing_timeout.ToSeconds() == timeout
+    assert call.grants.sip.call is True
+    assert agent.results[0].outcome is Out.CONNECTED
+    assert r.participant_identity in server.rooms[CALLER_ROOM]
+
+
+@pytest.mark.parametrize(
+    "script,outcome,heard",
+    [
+        (DialScript.sip_error(486), Out.BUSY, "is on another call right now"),
+        (DialScript.sip_error(600), Out.BUSY, "is on another call right now"),
+        (DialScript.sip_error(480), Out.NO_ANSWER, "nobody from our support team picked up"),
+        (DialScript.sip_error(408), Out.NO_ANSWER, "nobody from our support team picked up"),
+        (DialScript.sip_error(487), Out.NO_ANSWER, "nobody from our support team picked up"),
+        (DialScript.canceled(), Out.NO_ANSWER, "nobody from our support team picked up"),
+        (DialScript.sip_error(603), Out.DECLINED, "can't take your call right now"),
+        (DialScript.sip_error(404), Out.UNREACHABLE, "couldn't get through to our support team"),
+        (DialScript.sip_error(403), Out.UNREACHABLE, "couldn't get through to our support team"),
+        (DialScript.sip_error(503), Out.UNREACHABLE, "couldn't get through to our support team"),
+        # on *.livekit.cloud the client tries a 5xx three times before it gives up
+        (
+            (DialScript.server_error(),) * 3,
+            Out.FAILED,
+            "something went wrong while I was connecting you",
+        ),
+    ],
+    ids=[
+        "486",
+        "600",
+        "480",
+        "408",
+        "487",
+        "cancel-no-status",
+        "603",
+        "404",
+        "403-trunk",
+        "503",
+        "twirp-500",
+    ],
+)
+@pytest.mark.parametrize("mode", [wh.HandoffMode.CONSULT, wh.HandoffMode.CONFERENCE])
+async def test_each_sip_failure_reaches_the_caller_as_the_right_message(
+    livekit, livekit_call, script, outcome, heard, mode
+):
+    server, _ = livekit
+    server.script_dial(*(script if isinstance(script, tuple) else (script,)))
+    session, agent, line = await livekit_call(receptionist(), handoff_mode=mode)
+    await asyncio.wait_for(await agree_to_transfer(session), 5)
+    assert agent.results[0].outcome is outcome
+    said = last_said(session)
+    assert heard in said and "I can try our billing team instead" in said
+    await line.settle()
+    assert humans(server) == [] and not line.on_hold
+
+
+async def test_wrong_credentials_fail_the_dial_not_the_call(livekit, livekit_call, monkeypatch):
+    server, _ = livekit
+    session, agent, _ = await livekit_call(receptionist(), handoff_mode=wh.HandoffMode.CONFERENCE)
+    monkeypatch.setenv("LIVEKIT_API_SECRET", "not-the-secret-not-the-secret-xx")
+    await asyncio.wait_for(await agree_to_transfer(session), 5)
+    assert agent.results[0].outcome is Out.FAILED
+    assert ("CreateSIPParticipant", "unauthenticated") in server.rejected
+    assert "something went wrong" in last_said(session)
+
+
+@pytest.mark.parametrize("who", ["caller", "human"])
+async def test_consult_accept_moves_the_human_and_deletes_rooms(livekit, livekit_call, who):
+    server, _ = livekit
+    session, agent, line = await livekit_call(receptionist())
+    turn = await agree_to_transfer(session)
+    await line.human_accepts()
+    await asyncio.wait_for(turn, 5)
+    [dial] = server.calls_to("CreateSIPParticipant")
+    consult_room = dial.request.room_name
+    assert consult_room.startswith(f"{CALLER_ROOM}-consult-")
+    [move] = server.calls_to("MoveParticipant")
+    assert (move.request.room, move.request.identity, move.request.destination_room) == (
+        consult_room,
+        dial.request.participant_identity,
+        CALLER_ROOM,
+    )
+    assert set(server.rooms[CALLER_ROOM]) == {"caller", dial.request.participant_identity}
+    await line.settle()
+    assert consult_room in server.deleted_rooms or consult_room not in server.rooms
+    assert last_said(session) == "You're now connected with our support team."
+    # either side hanging up ends the call for both: the caller's room is deleted
+    (line.hang_up_caller if who == "caller" else line.hang_up_human)()
+    await server.wait_for(lambda: CALLER_ROOM in server.deleted_rooms, 2)
+    assert CALLER_ROOM not in server.rooms
+
+
+async def test_move_refused_removes_the_human_and_returns_the_caller(livekit, livekit_call):
+    server, _ = livekit
+    server.move_supported = False
+    session, agent, line = await livekit_call(receptionist())
+    turn = await agree_to_transfer(session)
+    await line.human_accepts()
+    await asyncio.wait_for(turn, 5)
+    assert agent.results[0].outcome is Out.FAILED
+    identity = server.calls_to("CreateSIPParticipant")[0].request.participant_identity
+    await line.settle()
+    assert [c.request.identity for c in server.calls_to("RemoveParticipant")] == [identity]
+    assert humans(server) == []
+    assert "something went wrong" in last_said(session)
+
+
+async def test_caller_hanging_up_while_ringing_aborts_the_dial(livekit, livekit_call):
+    server, _ = livekit
+    server.script_dial(DialScript.hang())
+    session, agent, line = await livekit_call(receptionist())
+    turn = await agree_to_transfer(session)
+    await wait_for(lambda: server.calls_to("CreateSIPParticipant") and line.on_hold)
+    line.hang_up_caller()
+    await asyncio.wait_for(turn, 5)
+    assert agent.results[0].outcome is Out.CALLER_LEFT
+    identity = server.calls_to("CreateSIPParticipant")[0].request.participant_identity
+    await wait_for(lambda: identity in server.cancelled_dials)  # the phone stops ringing
+    await line.settle()
+    assert humans(server) == []
