@@ -200,7 +200,7 @@ ELSEWHERE = {
 
 def outcome_table() -> list[tuple[wh.HandoffOutcome, str]]:
     """The README's outcome table: (outcome, what the caller hears) a row, ``the same`` spelt
-    out, the destination and the business as ``…``."""
+    out, the destination as ```<team>``` and the business as ```<business>```."""
     lines = (ROOT / "README.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| Outcome | When |"))
     rows: list[tuple[wh.HandoffOutcome, str]] = []
@@ -214,7 +214,7 @@ def outcome_table() -> list[tuple[wh.HandoffOutcome, str]]:
 
 
 def as_in_the_table(said: str) -> str:
-    return said.replace("our support team", "…").replace("Acme", "…").rstrip(".")
+    return said.replace("our support team", "`<team>`").replace("Acme", "`<business>`").rstrip(".")
 
 
 def test_every_cell_is_a_row_of_the_readme_outcome_table_and_every_row_a_cell():
