@@ -1,14 +1,40 @@
 """Warm Handoff Agent: a LiveKit Agents worker that answers phone calls and, when a person is
 needed, hands the caller to a human over SIP without dropping the caller or surprising the human.
 
-The module reads like a call, top to bottom:
+The call
+--------
+A caller dials in; LiveKit SIP gives them a room of their own and dispatches this worker
+(``entrypoint``, ``run_call``). The receptionist, ``WarmHandoffAgent``, greets them and helps.
+When they need a person and agree, the model calls ``transfer_call`` with a team's *name* (never
+a number), and one ``Handoff`` runs through its ``Phase``:
 
-1. configuration   - one typed, validated ``Settings`` object read from the environment;
-2. the phone line  - ``PhoneLine``, the one seam to everything that needs a media server, with
-                     ``LiveKitPhoneLine`` (real calls) and ``SimulatedPhoneLine`` (console, tests);
-3. the handoff     - ``Handoff``: hold, dial, brief the human, accept or decline, merge or return;
-4. the agents      - ``WarmHandoffAgent`` (the caller's), ``ConsultAgent`` (briefs the human);
-5. the server      - ``AgentServer`` with a prewarmed Silero VAD and the ``rtc_session`` entrypoint.
+    ANNOUNCING  the caller hears "please hold" while the human's phone already rings;
+    RINGING     the caller is on hold: music, a check-in now and then; "never mind" stops it;
+    BRIEFING    (consult) someone answered, in a private room: a person is confirmed
+                (answering-machine detection, a key, a yes), briefed, and asked;
+    MERGING     (consult) the human is moved into the caller's room;
+    MERGED      caller and human talk; the agent steps out, staying silent for a few seconds
+                in case the human's leg drops (``SafetyNet``).
+
+Each attempt ends in one ``HandoffOutcome``. Connected; or busy, no answer, declined, voicemail,
+unreachable or failed: the caller hears why and is offered another team or a callback; or
+cancelled by the caller; or caller left (a callback request is recorded); or closed (outside
+the team's hours, never dialled). Whatever the exit, no ringing phone, leg or room is left
+behind, and a record goes out (``CallRecords``).
+
+The sections, in the order a call meets them
+--------------------------------------------
+1. What is said     every sentence the caller, the human and the model hear;
+2. Configuration    one table of variables (``VARIABLES``), read and checked once at start;
+                    masking and redaction of what may leave the call;
+3. Records          outcomes, phases, and the records a call leaves (log, webhook, file);
+4. The phone line   ``PhoneLine``, the one seam to the media server: ``LiveKitPhoneLine`` for
+                    real calls, ``SimulatedPhoneLine`` for the console and the tests;
+5. The handoff      ``Handoff`` and its parts: ``HumanCall`` (the dial), ``CallerHold``,
+                    ``Screening`` (a person or a machine?), ``ConsultRoom`` (the brief);
+6. The agents       ``WarmHandoffAgent`` (the caller's) and ``ConsultAgent`` (the human's);
+7. The server       the ``AgentServer`` with a prewarmed Silero VAD, the ``rtc_session``
+                    entrypoint, and the ``check`` and ``resend-outbox`` commands.
 
 Run ``python warm_handoff.py console`` to talk to it locally, ``python warm_handoff.py start`` on a
 worker host.
@@ -89,8 +115,176 @@ logger = logging.getLogger("warm-handoff")
 T = TypeVar("T")
 load_dotenv(os.environ.get("DOTENV_FILE") or None)  # DOTENV_FILE=/dev/null ignores .env
 
+
 # ──────────────────────────────────────────────────────────────────────────────────────────────
-# 1. Configuration
+# 1. What is said: every sentence the caller, the human and the model hear, in one place
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+# -- to the caller ---------------------------------------------------------------------------------
+# The sentences whose words never depend on what was said (the greeting, PLEASE_HOLD,
+# HOLD_CHECK_IN, and to the human OPENER and ASK_PERSON) are synthesised live once per worker
+# host and played from disk after that (``PhraseCache``, "instant words").
+DEFAULT_GREETING = "Thanks for calling. This is the virtual assistant. How can I help you today?"
+PLEASE_HOLD = "Let me connect you with {team}. Please hold for a moment."
+HOLD_CHECK_IN = "Thanks for holding. I'm still connecting you with {team}."
+STILL_TRYING = (
+    "I'm still trying {team}; it's been about {waited} seconds. Please stay on the line, or "
+    "say never mind to stop."
+)
+BEING_BRIEFED = "Someone from {team} has picked up and I'm filling them in now. It won't be long."
+NOW_CONNECTED = "You're now connected with {team}."
+CALLER_HEARS = {  # why an attempt failed, by outcome
+    "busy": "I'm sorry, {team} is on another call right now.",
+    "no_answer": "I'm sorry, nobody from {team} picked up.",
+    "declined": "I'm sorry, {team} can't take your call right now.",
+    "voicemail": "I'm sorry, I reached {team}'s voicemail rather than a person.",
+    "unreachable": "I'm sorry, I couldn't get through to {team}.",
+    "failed": "I'm sorry, something went wrong while I was connecting you.",
+}
+OFFER_ANOTHER_TEAM = (
+    "I can try {team} instead, or take your details so someone calls you back. "
+    "Which would you prefer?"
+)
+OFFER_CALLBACK = "I can take your details so someone calls you back. Would you like that?"
+CLOSED_OFFER_TEAM = (
+    "I can try {team}, who can take your call now, or take your details so someone calls you "
+    "back {when} Which would you prefer?"
+)
+CLOSED_OFFER_CALLBACK = (
+    "I can take your details so someone calls you back {when} Would you like that?"
+)
+TRANSFER_STOPPED = "No problem, I've stopped the transfer. What else can I do?"
+CALL_ENDING = "I'm sorry, I have to end this call now. Please call us back in a moment."
+CALLBACK_READ_BACK = "Let me read that back: {name}, on {number}, {best_time}. Is that right?"
+CALLBACK_CONFIRMED = "Thank you, {name}. Someone will call you back {when}"
+GOODBYE = "Thank you for calling {business}. Goodbye!"
+REJOINED = "It looks like we lost {team}. I can {offer}."
+
+# -- to the human ----------------------------------------------------------------------------------
+# Before a person is confirmed only OPENER and ASK_PERSON: safe on any recording.
+OPENER = "Hi, this is the {business} assistant with a caller for you."
+ASK_PERSON = "Is this {team}? Press 1 or say yes to take a call."
+BRIEF_INTRO = "Hi, this is the {business} assistant with a caller for {team}. "  # unscreened
+BRIEF_ASK = "Say put them through, or press 1, to take the call; press 2 if you can't."
+CONFERENCE_INTRODUCTION = (
+    "Hello, this is the {business} assistant. I have a caller on the line about {reason}. "
+    "You're now connected with {team}. I'll leave you to it."
+)
+HUMAN_DECLINED = "Understood, I'll let the caller know. Thank you, goodbye."
+HUMAN_CALLER_LEFT = (
+    "I'm sorry, the caller has just hung up. I'll pass on a callback request with what they "
+    "needed. Goodbye."
+)
+HUMAN_CANCELLED = "Sorry to trouble you: the caller no longer needs the transfer. Goodbye."
+HUMAN_CALL_ENDS = "I'm sorry, this call has to end now. Goodbye."
+HUMAN_MAX_HOLD = "I'm sorry, I have to take the caller back now. Goodbye."
+HUMAN_MOVE_REFUSED = (
+    "I'm sorry, I can't put the call through from here. I'll let the caller know. Goodbye."
+)
+
+# -- to the model: its instructions, the brief's prompt, and the notes its tools return ------------
+CALLER_INSTRUCTIONS = """\
+You are the phone receptionist for {business}. You can help with {scope}.
+You are speaking on a phone call, so:
+- answer in one to three short sentences of plain spoken language;
+- no lists, markdown, emoji, symbols or URLs; say numbers the way a person would;
+- ask one question at a time.
+
+Offer to connect the caller with a person when they ask for one, when you cannot help with what
+they need, or when they sound upset or frustrated. Always tell the caller which team you will
+connect them to and get a clear yes before calling transfer_call. Pass a short reason that says
+what the caller needs.
+If nobody can take the call, offer a callback: ask the caller's name and the best time to
+call, then use request_callback (it reads the details back and records them).
+When the caller is done and says goodbye, call end_call: it says goodbye and hangs up.
+Never read out, invent or confirm internal phone numbers or extensions. If the caller asks you
+to call a phone number they give you, explain that you can only connect them to the teams
+listed in transfer_call{direct}.
+
+Teams you can connect the caller to:
+{teams}
+"""
+CONSULT_INSTRUCTIONS = """\
+You are the {business} assistant, on a private line with a member of staff from {team} who may
+take over a phone call. The caller cannot hear you. Speak in short, plain sentences.
+You have already told them who is calling and why. Answer their questions using only the
+conversation below; if the answer is not in it, say you don't know.
+When they agree to take the call, call connect_to_caller. If they say they can't or won't,
+call decline_transfer with their reason. If you hear a voicemail greeting or an automated menu,
+call voicemail_detected.
+
+Reason for the transfer: {reason}
+
+Conversation with the caller:
+{transcript}
+"""
+BRIEF_PROMPT = """\
+You brief a member of staff who is about to take over a phone call. From the conversation,
+write two or three short spoken sentences: who is calling (if they said), what they want, what
+was already tried, and why they need a person. Plain words only, no lists or symbols, no
+greeting. Never repeat a card, account or other long number, not even digit by digit: say
+"a card ending" and its last four digits, for example "a card ending 4242".
+"""
+DIRECT_DIAL_NOTE = ", or to a number the caller gives when the operator allows it"
+MODEL_TEAMS_NOW = (
+    "Right now these teams are open: {open}; closed: {closed}. Offer only open teams. If the "
+    "caller asks for a closed team, call transfer_call with it anyway: the caller is told when "
+    "it opens and offered an open team or a callback."
+)
+MODEL_TRY_NEXT = "If the caller agrees to try {name}, call transfer_call with destination {name}. "
+MODEL_CALLBACK_STEPS = (
+    "If they want a callback, ask their name and the best time, then call request_callback."
+)
+MODEL_CLOSED_CALLBACK = (
+    "If they want a callback, ask their name, then call request_callback; leave best_time "
+    "empty for {when}, unless they ask for another time."
+)
+MODEL_NO_SUCH_TEAM = "There is no team called {name!r}. Offer only: {teams}."
+MODEL_NUMBER_NOT_ALLOWED = (
+    "That number is not one you are allowed to connect to. Tell the caller, and offer the "
+    "listed teams instead."
+)
+MODEL_ALREADY_TRIED = (
+    "{name} was already tried on this call and could not take it; do not try it again. "
+)
+MODEL_CANCELLED_ON_HOLD = (
+    "The caller cancelled the transfer while on hold. If they ask for {name} again, call "
+    "transfer_call again."
+)
+MODEL_ASK_NUMBER = "Ask for the number to call, with the area code."
+MODEL_ASK_BEST_TIME = "Ask the caller when is the best time to call them back."
+MODEL_HUNG_UP_DURING_READ_BACK = "The caller hung up during the read-back."
+MODEL_READ_BACK_DONE = (
+    "The details were read back. If the caller says yes, call request_callback again with "
+    "confirmed=true; otherwise correct the details."
+)
+MODEL_CALLBACK_RECORDED = "The callback request is recorded."
+MODEL_NO_CALLBACK_WITH_TRANSFER = (
+    "No callback was recorded: a transfer was asked for in the same turn. Offer a callback "
+    "only if the transfer does not happen."
+)
+
+# -- what the agent listens for --------------------------------------------------------------------
+CANCEL_WORDS = re.compile(  # a request to stop the transfer, not any use of "cancel" or "stop"
+    r"""
+    \b(never\ ?mind | forget\ (about\ )?it(?!') | don'?t\ bother | i'?ll\ call\ back
+       | changed\ my\ mind | don'?t\ transfer)\b
+    | \b(cancel|stop|abort)\ (the\ |this\ |that\ )?(call\ )?transfer(ring)?\b
+    | \b(cancel|stop)\ (that|this)(\ please|\ now)?\s*([.,;!?]|$)
+    | ^\W*(cancel|stop)(\ please|\ now)?\W*$
+    """,
+    re.IGNORECASE | re.VERBOSE,
+)
+YES = re.compile(r"^\W*(yes|yeah|yep|yup|sure|speaking|go ahead|ok(ay)?|i'?m here)\b", re.I)
+VOICEMAIL_HINTS = re.compile(
+    r"leave (me |us )?a message|after the (tone|beep)|voice ?mail|not available to take|"
+    r"mailbox|press \d (for|to)",
+    re.IGNORECASE,
+)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# 2. Configuration: one table of variables, read and checked once at start
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
 # Whole-string patterns (\A...\Z: "$" would accept a trailing newline); phone numbers take
@@ -112,13 +306,13 @@ MONTH_NAMES = (
 )  # fmt: skip
 DAY_SPAN = re.compile(r"\A(mon|tue|wed|thu|fri|sat|sun)(?:-(mon|tue|wed|thu|fri|sat|sun))?\Z")
 TIME_SPAN = re.compile(r"\A([01]\d|2[0-3]):([0-5]\d)-(?:([01]\d|2[0-3]):([0-5]\d)|(24):(00))\Z")
-
 DEFAULT_AGENT_NAME = "warm-handoff-agent"
-DEFAULT_GREETING = "Thanks for calling. This is the virtual assistant. How can I help you today?"
+
 # a folder per user: another account on the host cannot plant sentences in it (see PhraseCache)
 DEFAULT_PHRASE_CACHE = os.path.join(
     tempfile.gettempdir(), f"warm-handoff-phrases-{os.getuid() if hasattr(os, 'getuid') else 0}"
 )
+
 # Read by the model plugins themselves, not by Settings: provider -> its key, then an alias.
 PROVIDER_KEYS = {
     "deepgram": ("DEEPGRAM_API_KEY",),
@@ -230,6 +424,19 @@ class Destination:
     @property
     def said_as(self) -> str:
         return self.spoken_name or f"the {self.name} team"
+
+
+DEMO_DESTINATIONS = (
+    Destination(
+        "support",
+        "+15550100100",
+        "Technical support for products and accounts",
+        spoken_name="our support team",
+    ),
+    Destination(
+        "billing", "+15550100200", "Invoices, payments and refunds", spoken_name="our billing team"
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -358,8 +565,7 @@ class Variable(Generic[Value]):
         return None if self.show is None else self.show(value, settings)
 
 
-# -- readers: a variable's text to its value, each problem named ---------------------------------
-
+# -- readers: a variable's text to its value, each problem named -----------------------------------
 OFF = ("off", "0", "false", "no")  # turns HANDOFF_SIP_HEADERS or HANDOFF_PHRASE_CACHE off
 RING_SECONDS = (5.0, 120.0)  # HANDOFF_RING_TIMEOUT and a destination's own ring_timeout
 
@@ -715,9 +921,7 @@ def _opening_times(value: JSONValue) -> list[tuple[int, int]]:
     return ranges
 
 
-# -- how ``check`` shows a value ------------------------------------------------------------------
-
-
+# -- how ``check`` shows a value -------------------------------------------------------------------
 def _as_text(value: object, settings: Settings) -> str:
     return str(value)
 
@@ -756,7 +960,7 @@ def _folder_shown(folder: str, settings: Settings) -> str:
     return folder or "off"
 
 
-# -- the table: one row per variable, in the README's order, each under its meaning ---------------
+# -- the table: one row per variable, in the README's order, each under its meaning ----------------
 
 # fmt: off
 VARIABLES: tuple[Variable[Any], ...] = (
@@ -829,6 +1033,7 @@ VARIABLES: tuple[Variable[Any], ...] = (
     # Console only: what the human does on the simulated line.
     Variable("SIMULATED_HUMAN", "simulated_human", _one_of),
 )
+
 # fmt: on
 VARIABLE = {v.name: v for v in VARIABLES}
 
@@ -899,6 +1104,9 @@ def missing_provider_keys(env: Mapping[str, str] | None = None) -> list[str]:
     ]
 
 
+# -- numbers and secrets: what may leave the call, masked or redacted ------------------------------
+
+
 def mask_number(target: str) -> str:
     """Phone numbers and SIP users never reach a log line in full: +15105550123 -> +1510•••23."""
     if target.startswith("sip"):
@@ -924,7 +1132,6 @@ NUMBER_RUN = re.compile(  # the lookahead first: a quick skip past letters that 
     rf"(?=[0-9+{_STARTS}])(?<![0-9])\+?{_DIGIT_TOKEN}(?:{_BETWEEN}{_DIGIT_TOKEN})*",
     re.IGNORECASE,
 )
-
 _DOUBLED = str.maketrans("0123456789", "0246813579")  # each digit doubled, its digits summed
 
 
@@ -945,9 +1152,9 @@ def _token_digits(token: str) -> str:
 
 
 CARD_LENGTHS = (16, 15, 19, 18, 17, 14, 13)  # the commonest first: "... 4242, 123" is a card
+
+
 # of 16 and its code, not one of 19
-
-
 def _card_spans(digits: list[str], cuts: set[int]) -> list[tuple[int, int]]:
     """The cards in a run of tokens: 13 to 19 digits that pass the Luhn check, leftmost first,
     each from cut to cut (``cuts``: token indexes a card may start or end at). A card never
@@ -1065,7 +1272,7 @@ def dial_allowed(pattern: re.Pattern[str] | regex.Pattern[str], number: str) -> 
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
-# 2. The phone line: the one seam to the media server
+# 3. Records: how each attempt and each call ended, delivered so that nothing is lost
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -1096,985 +1303,6 @@ class Phase(str, Enum):
 
 
 ON_HOLD = (Phase.RINGING, Phase.BRIEFING)
-
-
-@dataclass(frozen=True)
-class Dial:
-    """One outbound leg to a human."""
-
-    room: str
-    identity: str
-    destination: Destination
-    ring_timeout: float
-    caller_id: str = ""
-    name: str = "Human Agent"
-    headers: Mapping[str, str] = field(default_factory=dict)  # SIP X-headers on the INVITE
-
-
-@dataclass(frozen=True)
-class Leg:
-    """A human's answered phone leg, present in ``room`` as participant ``identity``."""
-
-    identity: str
-    room: str
-    destination: Destination
-
-
-class DialFailed(Exception):
-    def __init__(self, outcome: HandoffOutcome, sip_status: int | None, detail: str) -> None:
-        super().__init__(detail)
-        self.outcome = outcome
-        self.sip_status = sip_status
-        self.detail = detail
-
-
-class MoveRefused(Exception):
-    """The human is not in the caller's room after a move: the server refused it (self-hosted
-    LiveKit has no MoveParticipant) or it failed and they are still where they were."""
-
-
-class LegLost(Exception):
-    """The human's leg is gone: they hung up, or their connection dropped, mid-way."""
-
-
-# Every server call made while cleaning up is bounded: a hanging DeleteRoom or RemoveParticipant
-# must never keep a caller waiting in silence.
-SERVER_CALL_BOUND = 4.0
-# A move is bounded too; past this the worker finds out where the human actually is.
-MOVE_BOUND = 10.0
-# After a failed or cancelled dial the identity is removed, retrying this long while the server
-# answers not_found: livekit/sip joins the participant to the room just before the INVITE
-# (pkg/sip/outbound.go, newCall -> connectToRoom), so a remove sent earlier finds nobody and the
-# phone would still ring.
-REMOVE_RETRY_FOR = 4.0
-
-
-def dial_request_timeout(dial: Dial) -> float:
-    """How long the dial request may take. The client's default is the ring timeout + 2 s
-    (livekit-api ``_dial_timeout.py``), but with ``wait_until_answered`` the server answers only
-    after the extension's DTMF has been sent, 0.5 s a character (livekit/media-sdk ``dtmf.go``):
-    a request cut short there would fail a call a person had answered."""
-    return dial.ring_timeout + 0.5 * len(dial.destination.extension) + 5.0
-
-
-def classify_dial_error(error: Exception) -> DialFailed:
-    """Map what ``create_sip_participant`` raised to what the caller is told."""
-    if isinstance(error, DialFailed):
-        return error
-    status = getattr(error, "sip_status_code", None)
-    code = getattr(error, "code", "")
-    if status in (486, 600):
-        outcome = HandoffOutcome.BUSY
-    elif status in (408, 480, 487) or (
-        status is None and code in ("canceled", "deadline_exceeded")
-    ):
-        outcome = HandoffOutcome.NO_ANSWER
-    elif status in (603, 607):
-        outcome = HandoffOutcome.DECLINED
-    elif status is not None and (status in (403, 404, 410, 484, 485) or status >= 500):
-        outcome = HandoffOutcome.UNREACHABLE
-    elif isinstance(error, asyncio.TimeoutError):
-        outcome = HandoffOutcome.NO_ANSWER
-    else:
-        outcome = HandoffOutcome.FAILED
-    reason = getattr(error, "sip_status", None) or getattr(error, "message", "") or str(error)
-    return DialFailed(outcome, status, f"{status or code or type(error).__name__}: {reason}")
-
-
-class Hold:
-    """Hold audio playing to the caller. ``pause``/``resume`` let speech through; every
-    method is idempotent."""
-
-    def __init__(
-        self,
-        stop: Callable[[], Awaitable[None]] | None = None,
-        pause: Callable[[bool], Awaitable[None]] | None = None,
-    ) -> None:
-        self._stop = stop
-        self._pause = pause
-        self.started_at = time.monotonic()
-        self.stopped_at: float | None = None
-        self.paused = False
-
-    async def stop(self) -> None:
-        if self.stopped_at is None:
-            self.stopped_at = time.monotonic()
-            if self._stop is not None:
-                await self._stop()
-
-    async def pause(self) -> None:
-        await self._set_paused(True)
-
-    async def resume(self) -> None:
-        await self._set_paused(False)
-
-    async def _set_paused(self, paused: bool) -> None:
-        if self.stopped_at is None and self.paused != paused:
-            self.paused = paused
-            if self._pause is not None:
-                await self._pause(paused)
-
-
-class HoldMusic:
-    """Hold music that pauses and resumes where it left off, so the caller never hears the
-    same opening bars again after every check-in.
-
-    It is one endless stream of frames, played once with ``BackgroundAudioPlayer.play``:
-    ``play(file, loop=True)`` again would start the clip from the beginning. The file is
-    decoded once, with the framework's decoder, at the player's mixer format (48 kHz mono),
-    and replayed from memory when it ends. While paused it yields silence and keeps its place.
-    """
-
-    SAMPLE_RATE = 48000  # BackgroundAudioPlayer's mixer: rtc.AudioMixer(48000, 1, ...)
-    PAUSE_FRAME = 0.02  # seconds of silence per frame while paused
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.paused = False
-        self._frames: list[rtc.AudioFrame] = []  # decoded so far, in order
-        # the decoder while the file has not been read to its end
-        self._decoding: AsyncGenerator[rtc.AudioFrame, None] | None = None
-        self._started = False
-        self._position = 0  # the index of the next frame to play
-        self._silence = rtc.AudioFrame.create(
-            self.SAMPLE_RATE, 1, int(self.SAMPLE_RATE * self.PAUSE_FRAME)
-        )
-
-    def __aiter__(self) -> HoldMusic:
-        return self
-
-    async def __anext__(self) -> rtc.AudioFrame:
-        if self.paused:
-            return self._silence
-        if not self._started:
-            self._started = True
-            self._decoding = audio_frames_from_file(self.path, self.SAMPLE_RATE, 1)
-        if self._position == len(self._frames) and self._decoding is not None:
-            try:
-                self._frames.append(await self._decoding.__anext__())
-            except StopAsyncIteration:
-                self._decoding = None  # the whole file is in memory now
-        if self._position == len(self._frames):
-            if not self._frames:
-                raise StopAsyncIteration  # an empty file: nothing to play
-            self._position = 0  # the end of the clip: from the top
-        frame = self._frames[self._position]
-        self._position += 1
-        return frame
-
-    async def aclose(self) -> None:
-        """Stop the decoder if the file was not read to its end (call once nothing reads)."""
-        decoding, self._decoding = self._decoding, None
-        if decoding is not None:
-            with contextlib.suppress(RuntimeError):  # already closed by a cancelled read
-                await decoding.aclose()
-
-
-class PhoneLine(abc.ABC):
-    """Everything the handoff needs that only a media server can do. The handoff logic talks
-    to nothing else, so the same flow runs on LiveKit and on the simulated line."""
-
-    caller_room: str
-    caller_identity: str
-    caller_number: str = ""  # the caller's own number, when the SIP trunk tells us
-
-    def __init__(self) -> None:
-        self._clean_ups: set[asyncio.Task[None]] = set()
-
-    def clean_up_later(
-        self, step: Awaitable[Any], what: str, bound: float = SERVER_CALL_BOUND
-    ) -> None:
-        """Run a clean-up step in the background, bounded, so the caller is spoken to before
-        slow server calls finish. A failure is logged once."""
-
-        async def bounded() -> None:
-            try:
-                await asyncio.wait_for(step, bound)
-            except Exception as e:
-                logger.warning(
-                    "clean-up step '%s' failed in room %s: %r", what, self.caller_room, e
-                )
-
-        task = asyncio.get_running_loop().create_task(bounded())
-        self._clean_ups.add(task)
-        task.add_done_callback(self._clean_ups.discard)
-
-    async def settle(self, timeout: float = 2 * SERVER_CALL_BOUND) -> None:
-        """Wait for background clean-up (job shutdown, tests), including steps it starts."""
-        deadline = time.monotonic() + timeout
-        while self._clean_ups and (left := deadline - time.monotonic()) > 0:
-            await asyncio.wait(set(self._clean_ups), timeout=left)
-
-    @abc.abstractmethod
-    async def dial(self, dial: Dial) -> Leg:
-        """Ring the human until answered; raise ``DialFailed`` with the outcome otherwise.
-        Cancelling the awaiting task cancels the dial (the human's phone stops ringing)."""
-
-    @abc.abstractmethod
-    async def hang_up(self, leg: Leg) -> None:
-        """End the human's leg. Idempotent; never raises."""
-
-    @abc.abstractmethod
-    async def move(self, leg: Leg, room: str) -> None:
-        """Move the human's leg into ``room``; raise ``MoveRefused`` if the server won't."""
-
-    @abc.abstractmethod
-    async def delete_room(self, room: str) -> None:
-        """Delete a room, ending every leg in it. Idempotent; never raises."""
-
-    @abc.abstractmethod
-    async def start_hold(self) -> Hold:
-        """Start hold audio for the caller."""
-
-    @abc.abstractmethod
-    async def open_consult(
-        self, room: str, human_identity: str, session: AgentSession, agent: Agent
-    ) -> None:
-        """Start ``session`` in a private room where it will talk to ``human_identity``."""
-
-    @abc.abstractmethod
-    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
-        """Play pre-synthesised ``audio`` (saying ``text``) to the human in ``room``, outside
-        the consult session, and return when it has played."""
-
-    @abc.abstractmethod
-    async def close_consult(self, room: str) -> None:
-        """Stop the consult session and delete its room. Idempotent; never raises."""
-
-    @abc.abstractmethod
-    async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
-        """Return the identity of the first of ``identities`` to leave ``room``. If our own
-        connection to ``room`` drops, they are all gone for us: return the first."""
-
-    @abc.abstractmethod
-    async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
-        """Whether ``identity`` is (or arrives within ``timeout``) in ``room``."""
-
-    @abc.abstractmethod
-    def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
-        """Call ``callback(digit)`` for each keypad press in ``room``."""
-
-    @abc.abstractmethod
-    async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
-        """Set the agent participant's attributes in ``room`` (for dashboards and softphones).
-        Never raises: a dashboard must not break a call."""
-
-
-def job_server_url(ctx: JobContext, fallback: str) -> str:
-    """The LiveKit URL this job was assigned at, where the call's other rooms are joined too;
-    ``fallback`` (``LIVEKIT_URL``) when the job has none (console and test jobs).
-
-    livekit-agents 1.8.9 has no public accessor for it: it is only the private
-    ``JobContext._info.url``, set to ``job_assign.url or ws_url`` (worker.py), and the
-    framework's own warm transfer joins its consult room there (beta/workflows/
-    warm_transfer.py: ``job_ctx._info.url``). tests/test_consult_url.py fails if it goes."""
-    return getattr(getattr(ctx, "_info", None), "url", "") or fallback
-
-
-class LiveKitPhoneLine(PhoneLine):
-    """The phone line on a real LiveKit call, through the server API and the job's room."""
-
-    def __init__(self, ctx: JobContext, settings: Settings) -> None:
-        super().__init__()
-        self._ctx = ctx
-        self._settings = settings
-        self.caller_room = ctx.job.room.name
-        self.caller_identity = ""
-        self._rooms: dict[str, rtc.Room] = {self.caller_room: ctx.room}
-        self._consults: dict[str, AgentSession] = {}
-        self._players: dict[str, BackgroundAudioPlayer] = {}
-
-    def _sip_without_retries(self) -> SipService:
-        """CreateSIPParticipant with no hidden retry. On ``*.livekit.cloud`` the client retries
-        transport errors, timeouts and 5xx up to 3 times (livekit-api ``twirp_client.py``,
-        ``_failover.py``) and the server does not de-duplicate them: each retry is a new INVITE
-        under the same identity, which replaces (hangs up) a human who had already answered. A
-        lost answer is reconciled by looking the participant up instead (``dial``). Credentials
-        come from the environment, as for ``JobContext.api``."""
-        return api.LiveKitAPI(session=utils.http_context.http_session(), failover=False).sip
-
-    async def dial(self, dial: Dial) -> Leg:
-        request = api.CreateSIPParticipantRequest(
-            sip_trunk_id=self._settings.sip_trunk_id,
-            sip_call_to=dial.destination.target,
-            sip_number=dial.caller_id,
-            room_name=dial.room,
-            participant_identity=dial.identity,
-            participant_name=dial.name,
-            krisp_enabled=True,
-            dtmf=dial.destination.extension,
-            headers=dict(dial.headers),
-            wait_until_answered=True,
-            play_dialtone=False,
-        )
-        request.ringing_timeout.FromNanoseconds(int(dial.ring_timeout * 1e9))
-        leg = Leg(identity=dial.identity, room=dial.room, destination=dial.destination)
-        try:
-            await self._sip_without_retries().create_sip_participant(
-                request, timeout=dial_request_timeout(dial)
-            )
-        except asyncio.CancelledError:
-            # The caller no longer waits: make sure the human's phone stops ringing.
-            self._stop_ringing(dial)
-            raise
-        except Exception as e:
-            failed = classify_dial_error(e)
-            if failed.sip_status is None and getattr(e, "code", "") != "canceled":
-                # No final answer reached us (lost response, timeout, 5xx): the call may have
-                # been answered all the same. A SIP status or a ring timeout is final: the
-                # server has already ended the call (livekit/sip pkg/sip/outbound.go).
-                if await self._call_status(dial.room, dial.identity) == "active":
-                    logger.info("dial reported %s, but the call is up", failed.detail)
-                    return leg
-                self._stop_ringing(dial)
-            raise failed from e
-        return leg
-
-    def _stop_ringing(self, dial: Dial) -> None:
-        self.clean_up_later(
-            self._remove_until_gone(dial.room, dial.identity),
-            "stop ringing",
-            bound=REMOVE_RETRY_FOR + SERVER_CALL_BOUND,
-        )
-
-    async def _call_status(self, room: str, identity: str) -> str:
-        """The leg's ``sip.callStatus`` (dialing, ringing, automation, active), or ""."""
-        try:
-            info = await asyncio.wait_for(
-                self._ctx.api.room.get_participant(
-                    api.RoomParticipantIdentity(room=room, identity=identity)
-                ),
-                SERVER_CALL_BOUND,
-            )
-        except Exception:
-            return ""
-        return info.attributes.get("sip.callStatus", "")
-
-    async def _remove_until_gone(self, room: str, identity: str) -> None:
-        """Remove ``identity`` from ``room``; while the server says not_found, keep trying for
-        ``REMOVE_RETRY_FOR`` seconds, since the participant may not have joined yet."""
-        deadline = time.monotonic() + REMOVE_RETRY_FOR
-        while True:
-            try:
-                await asyncio.wait_for(
-                    self._ctx.api.room.remove_participant(
-                        api.RoomParticipantIdentity(room=room, identity=identity)
-                    ),
-                    SERVER_CALL_BOUND,
-                )
-                return
-            except Exception as e:
-                if time.monotonic() >= deadline:
-                    if getattr(e, "code", "") != "not_found":
-                        raise
-                    return
-            await asyncio.sleep(0.2)
-
-    async def hang_up(self, leg: Leg) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self._ctx.api.room.remove_participant(
-                    api.RoomParticipantIdentity(room=leg.room, identity=leg.identity)
-                ),
-                SERVER_CALL_BOUND,
-            )
-
-    async def move(self, leg: Leg, room: str) -> None:
-        """Move the human into ``room``, never leaving it half done: after an error, a timeout
-        or a lost response, find out where the human actually is. Returns once they are in
-        ``room``; raises ``MoveRefused`` if they are still where they were, ``LegLost`` if they
-        are nowhere (hung up)."""
-        request = api.MoveParticipantRequest(
-            room=leg.room, identity=leg.identity, destination_room=room
-        )
-        try:
-            await asyncio.wait_for(self._ctx.api.room.move_participant(request), MOVE_BOUND)
-            return
-        except api.ServerError as e:
-            if e.code == "unimplemented":  # self-hosted LiveKit: MoveParticipant is Cloud only
-                raise MoveRefused(f"{e.code}: {e.message}") from e
-            problem = f"{e.code}: {e.message}"
-        except asyncio.TimeoutError:
-            problem = f"no answer in {MOVE_BOUND:g}s"
-        except Exception as e:  # a lost response: the move may have happened all the same
-            problem = repr(e)
-        where = await self._locate(leg.identity, (room, leg.room))
-        if where == room:
-            logger.info("move reported %s, but the human is in room %s", problem, room)
-            return
-        if where == leg.room:
-            raise MoveRefused(problem)
-        raise LegLost(f"the human left during the move ({problem})")
-
-    async def _locate(self, identity: str, rooms: tuple[str, ...], within: float = 3.0) -> str:
-        """The room ``identity`` is in, or "". A moving participant leaves one room before
-        it joins the other, so look again for a moment before concluding they are gone."""
-        deadline = time.monotonic() + within
-        while True:
-            for room in rooms:
-                if await self._call_status(room, identity):
-                    return room
-            if time.monotonic() >= deadline:
-                return ""
-            await asyncio.sleep(0.2)
-
-    async def delete_room(self, room: str) -> None:
-        try:
-            await asyncio.wait_for(
-                self._ctx.api.room.delete_room(api.DeleteRoomRequest(room=room)), SERVER_CALL_BOUND
-            )
-        except Exception as e:  # already gone is fine; anything else is worth a line
-            if getattr(e, "code", "") != "not_found":
-                logger.warning("could not delete room %s: %r", room, e)
-
-    async def start_hold(self) -> Hold:
-        player = BackgroundAudioPlayer()
-        await player.start(room=self._ctx.room)
-        music = HoldMusic(self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC.path())
-        playing = player.play(AudioConfig(music, 0.7))  # once: pausing never restarts it
-
-        async def pause(paused: bool) -> None:
-            music.paused = paused  # heard within the player's buffer (~0.5 s)
-
-        async def stop() -> None:
-            playing.stop()
-            await player.aclose()
-            await music.aclose()
-
-        return Hold(stop, pause)
-
-    async def open_consult(
-        self, room: str, human_identity: str, session: AgentSession, agent: Agent
-    ) -> None:
-        consult_room = rtc.Room()
-        token = (
-            api.AccessToken(self._settings.livekit_api_key, self._settings.livekit_api_secret)
-            .with_identity(f"{self._ctx.local_participant_identity}-consult")
-            .with_kind("agent")
-            .with_grants(
-                api.VideoGrants(
-                    room_join=True,
-                    room=room,
-                    can_publish=True,
-                    can_subscribe=True,
-                    can_update_own_metadata=True,
-                )
-            )
-            .to_jwt()
-        )
-        await consult_room.connect(job_server_url(self._ctx, self._settings.livekit_url), token)
-        self._rooms[room] = consult_room
-        self._consults[room] = session
-        # The opener plays outside the session: answering-machine detection holds the
-        # session's own speech until its verdict (voice/amd/detector.py).
-        player = BackgroundAudioPlayer()
-        await player.start(room=consult_room)
-        self._players[room] = player
-        await session.start(
-            agent=agent,
-            room=consult_room,
-            room_options=room_io.RoomOptions(
-                participant_identity=human_identity,
-                participant_kinds=[rtc.ParticipantKind.PARTICIPANT_KIND_SIP],
-                close_on_disconnect=False,
-            ),
-            record=False,
-        )
-
-    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
-        player = self._players.get(room)
-        if player is None or not audio:
-            return
-        # the player's mixer takes 48 kHz mono (voice/background_audio.py)
-        resampler = rtc.AudioResampler(audio[0].sample_rate, 48000, num_channels=1)
-
-        async def frames() -> AsyncIterator[rtc.AudioFrame]:
-            for frame in audio:
-                for out in resampler.push(frame):
-                    yield out
-            for out in resampler.flush():
-                yield out
-
-        await player.play(frames()).wait_for_playout()
-
-    async def close_consult(self, room: str) -> None:
-        session = self._consults.pop(room, None)
-        if session is not None:
-            with contextlib.suppress(Exception):
-                await session.aclose()
-        player = self._players.pop(room, None)
-        if player is not None:
-            with contextlib.suppress(Exception):
-                await player.aclose()
-        consult_room = self._rooms.pop(room, None)
-        if consult_room is not None:
-            with contextlib.suppress(Exception):
-                await consult_room.disconnect()
-        await self.delete_room(room)
-
-    async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
-        lk_room = self._rooms[room]
-        gone = next((i for i in identities if i not in lk_room.remote_participants), None)
-        if gone is not None or not lk_room.isconnected():
-            return gone or identities[0]
-        left: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        def on_left(p: rtc.RemoteParticipant) -> None:
-            if p.identity in identities and not left.done():
-                left.set_result(p.identity)
-
-        def on_dropped(*_: Any) -> None:
-            # Our connection dropped: no participant-left event follows, and nobody in the
-            # room can be heard or spoken to any more (beta/workflows/warm_transfer.py
-            # watches the consult room's "disconnected" the same way).
-            if not left.done():
-                left.set_result(identities[0])
-
-        lk_room.on("participant_disconnected", on_left)
-        lk_room.on("disconnected", on_dropped)
-        try:
-            return await left
-        finally:
-            lk_room.off("participant_disconnected", on_left)
-            lk_room.off("disconnected", on_dropped)
-
-    async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
-        lk_room = self._rooms[room]
-        if identity in lk_room.remote_participants:
-            return True
-        arrived: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-        def on_joined(p: rtc.RemoteParticipant) -> None:
-            if p.identity == identity and not arrived.done():
-                arrived.set_result(True)
-
-        lk_room.on("participant_connected", on_joined)
-        try:
-            return await asyncio.wait_for(arrived, timeout)
-        except asyncio.TimeoutError:
-            return False
-        finally:
-            lk_room.off("participant_connected", on_joined)
-
-    def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
-        self._rooms[room].on("sip_dtmf_received", lambda ev: callback(ev.digit))
-
-    async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
-        lk_room = self._rooms.get(room)
-        if lk_room is None or not lk_room.isconnected():
-            return
-        try:
-            await lk_room.local_participant.set_attributes(dict(attributes))
-        except Exception as e:
-            logger.warning("could not set attributes in room %s: %r", room, e)
-
-
-@dataclass
-class LineEvent:
-    at: float
-    text: str
-
-
-class SimulatedPhoneLine(PhoneLine):
-    """A phone line with no media server: the console's and the tests' LiveKit.
-
-    Rooms are sets of identities; a human is scripted by ``SimulatedHuman`` (or driven step by
-    step with ``human_says``/``human_presses``/``hang_up_human``); every step is kept in
-    ``events`` and, in the console, printed as it happens."""
-
-    ring_time = 3.0  # how long the simulated phone rings before it is answered
-    hello_after = 0.8  # the scripted human's "Hello?" after picking up
-    decide_after = 1.0  # and their keypad answer after the brief
-    drop_after = 3.0  # SimulatedHuman.DROP_AFTER_MERGE: hangs up this long after the merge
-
-    def __init__(
-        self,
-        human: SimulatedHuman | None = SimulatedHuman.ANSWER,
-        *,
-        ring_time: float | None = None,
-        caller_room: str = "console-room",
-        caller_identity: str = "caller",
-        caller_number: str = "+15550100999",
-        move_supported: bool = True,
-        announce: Callable[[str], None] | None = None,
-        humans: Mapping[str, SimulatedHuman | None] | None = None,
-    ) -> None:
-        super().__init__()
-        self.human = human  # None: the test drives the human itself
-        self.humans = dict(humans or {})  # per destination name, overriding ``human``
-        if ring_time is not None:
-            self.ring_time = ring_time
-        self.caller_room = caller_room
-        self.caller_identity = caller_identity
-        self.caller_number = caller_number
-        self.move_supported = move_supported
-        self.rooms: dict[str, set[str]] = {caller_room: {caller_identity}}
-        self.events: list[LineEvent] = []
-        self.consults: dict[str, AgentSession] = {}
-        self._announce = announce
-        self._dtmf: dict[str, list[Callable[[str], None]]] = {}
-        self._left: dict[str, asyncio.Event] = {}
-        self._dropped: dict[str, asyncio.Event] = {}  # room -> our connection to it dropped
-        self._scripts: set[asyncio.Task[None]] = set()
-
-    def _log(self, text: str) -> None:
-        self.events.append(LineEvent(time.monotonic(), text))
-        if self._announce is not None:
-            self._announce(text)
-
-    def _left_event(self, identity: str) -> asyncio.Event:
-        return self._left.setdefault(identity, asyncio.Event())
-
-    def participant_joined(self, room: str, identity: str) -> None:
-        """``identity`` is in ``room`` now, as a server's participant-joined event says."""
-        self.rooms.setdefault(room, set()).add(identity)
-        self._left.pop(identity, None)
-
-    def participant_left(self, room: str, identity: str) -> None:
-        """``identity`` has left ``room``: whoever waits for their hang-up is told."""
-        if identity in self.rooms.get(room, set()):
-            self.rooms[room].discard(identity)
-            self._left_event(identity).set()
-
-    # -- the seam -------------------------------------------------------------------------------
-
-    async def dial(self, dial: Dial) -> Leg:
-        target = dial.destination
-        self._log(
-            f"dialling {target.name} ({mask_number(target.target)}), "
-            f"ring timeout {dial.ring_timeout:g}s"
-            + (f", showing {mask_number(dial.caller_id)}" if dial.caller_id else "")
-        )
-        try:
-            outcome = self.humans.get(target.name, self.human)
-            ring = min(self.ring_time, dial.ring_timeout)
-            if outcome is SimulatedHuman.NO_ANSWER:
-                ring = dial.ring_timeout
-            await asyncio.sleep(ring)
-        except asyncio.CancelledError:
-            self._log(f"dial to {target.name} cancelled: the phone stops ringing")
-            raise
-        failures = {
-            SimulatedHuman.BUSY: (HandoffOutcome.BUSY, 486, "Busy Here"),
-            SimulatedHuman.NO_ANSWER: (HandoffOutcome.NO_ANSWER, 480, "Temporarily Unavailable"),
-            SimulatedHuman.UNREACHABLE: (HandoffOutcome.UNREACHABLE, 404, "Not Found"),
-        }
-        if outcome in failures:
-            result, status, reason = failures[outcome]
-            self._log(f"{target.name}: SIP {status} {reason}")
-            raise DialFailed(result, status, f"{status}: {reason}")
-        self.participant_joined(dial.room, dial.identity)
-        self._log(f"{target.name} answered")
-        if outcome is not None:
-            self._start_script(dial.room, outcome)
-        return Leg(identity=dial.identity, room=dial.room, destination=target)
-
-    async def hang_up(self, leg: Leg) -> None:
-        for room, members in self.rooms.items():
-            if leg.identity in members:
-                self._log(f"hanging up {leg.destination.name}'s leg")
-                self.participant_left(room, leg.identity)
-
-    async def move(self, leg: Leg, room: str) -> None:
-        if not self.move_supported:
-            self._log("move refused by the server")
-            raise MoveRefused("unimplemented: MoveParticipant is not available")
-        self.participant_left(leg.room, leg.identity)
-        self.participant_joined(room, leg.identity)
-        self._log(f"{leg.destination.name} moved into {room}")
-
-    async def delete_room(self, room: str) -> None:
-        if room in self.rooms:
-            for identity in list(self.rooms[room]):
-                self.participant_left(room, identity)
-            del self.rooms[room]
-            self._log(f"room {room} deleted")
-
-    async def start_hold(self) -> Hold:
-        hold = Hold(self._hold_stopped, self._hold_paused)
-        self._log("hold music on")
-        return hold
-
-    async def _hold_stopped(self) -> None:
-        self._log("hold music off")
-
-    async def _hold_paused(self, paused: bool) -> None:
-        self._log("hold music paused" if paused else "hold music resumed")
-
-    async def open_consult(
-        self, room: str, human_identity: str, session: AgentSession, agent: Agent
-    ) -> None:
-        self.rooms.setdefault(room, set())
-        self.consults[room] = session
-
-        def heard(ev: Any) -> None:
-            if getattr(ev.item, "role", None) == "assistant" and ev.item.text_content:
-                self._log(f"human hears: {ev.item.text_content}")
-
-        session.on("conversation_item_added", heard)
-        await session.start(agent=agent)
-
-    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
-        self._log(f"human hears: {text}")
-        await asyncio.sleep(sum(frame.duration for frame in audio))
-        self._log("played to the human")
-
-    async def close_consult(self, room: str) -> None:
-        session = self.consults.pop(room, None)
-        if session is not None:
-            with contextlib.suppress(Exception):
-                await session.aclose()
-        await self.delete_room(room)
-
-    async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
-        for identity in identities:
-            if identity not in self.rooms.get(room, set()):
-                return identity
-        dropped = self._dropped.setdefault(room, asyncio.Event())
-        if dropped.is_set():
-            return identities[0]
-        waits = {asyncio.ensure_future(self._left_event(i).wait()): i for i in identities}
-        waits[asyncio.ensure_future(dropped.wait())] = identities[0]
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            return waits[next(iter(done))]
-        finally:
-            for w in waits:
-                w.cancel()
-
-    async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while identity not in self.rooms.get(room, set()):
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
-
-    def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
-        self._dtmf.setdefault(room, []).append(callback)
-
-    async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
-        """No dashboard or softphone watches a simulated room: nothing to show them to."""
-
-    # -- the people on the line -----------------------------------------------------------------
-
-    def _human_room(self) -> str | None:
-        return next(
-            (
-                r
-                for r, members in self.rooms.items()
-                if any(i.startswith("transfer_") for i in members)
-            ),
-            None,
-        )
-
-    def human_says(self, text: str) -> None:
-        """The human speaks in the consult room: the consult session hears it."""
-        room = self._human_room()
-        self._log(f"human says: {text}")
-        if room in self.consults:
-            self.consults[room].generate_reply(user_input=text)
-
-    def human_presses(self, digit: str) -> None:
-        room = self._human_room()
-        self._log(f"human presses {digit}")
-        for callback in self._dtmf.get(room or "", []):
-            callback(digit)
-
-    def hang_up_human(self) -> None:
-        for room, members in self.rooms.items():
-            for identity in [i for i in members if i.startswith("transfer_")]:
-                self._log("the human hangs up")
-                self.participant_left(room, identity)
-
-    def drop_connection(self, room: str) -> None:
-        """Our connection to ``room`` drops: no participant-left event, nobody reachable."""
-        self._log(f"connection to {room} dropped")
-        self._dropped.setdefault(room, asyncio.Event()).set()
-
-    def hang_up_caller(self) -> None:
-        self._log("the caller hangs up")
-        self.participant_left(self.caller_room, self.caller_identity)
-        for members in self.rooms.values():
-            if self.caller_identity in members:
-                members.discard(self.caller_identity)
-
-    def _start_script(self, room: str, outcome: SimulatedHuman) -> None:
-        task = asyncio.get_running_loop().create_task(self._human_script(room, outcome))
-        self._scripts.add(task)
-        task.add_done_callback(self._scripts.discard)
-
-    async def _human_script(self, room: str, outcome: SimulatedHuman) -> None:
-        """What the console's simulated human does once they pick up."""
-        await asyncio.sleep(self.hello_after)
-        if outcome is SimulatedHuman.VOICEMAIL:
-            self.human_says(
-                "Hi, you've reached the support line. Please leave a message after the tone."
-            )
-            return
-        self.human_says("Hello?")
-        session = self.consults.get(room)
-        if session is None:
-            return
-        # wait until the brief has been spoken (the consult agent's first words)
-        for _ in range(600):
-            if any(getattr(i, "role", None) == "assistant" for i in session.history.items):
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(self.decide_after)
-        takes_it = outcome in (SimulatedHuman.ANSWER, SimulatedHuman.DROP_AFTER_MERGE)
-        human = [i for i in self.rooms.get(room, set()) if i.startswith("transfer_")]
-        self.human_presses("1" if takes_it else "2")
-        if outcome is SimulatedHuman.DROP_AFTER_MERGE and human:
-            if await self.wait_for_arrival(self.caller_room, human[0], timeout=10):
-                await asyncio.sleep(self.drop_after)
-                self.hang_up_human()  # a bad line, a wrong button
-
-    async def aclose(self) -> None:
-        for task in list(self._scripts):
-            task.cancel()
-        await asyncio.gather(*self._scripts, return_exceptions=True)
-
-
-# ──────────────────────────────────────────────────────────────────────────────────────────────
-# 3. The handoff
-# ──────────────────────────────────────────────────────────────────────────────────────────────
-
-CALLER_HEARS = {  # why an attempt failed, by outcome
-    "busy": "I'm sorry, {team} is on another call right now.",
-    "no_answer": "I'm sorry, nobody from {team} picked up.",
-    "declined": "I'm sorry, {team} can't take your call right now.",
-    "voicemail": "I'm sorry, I reached {team}'s voicemail rather than a person.",
-    "unreachable": "I'm sorry, I couldn't get through to {team}.",
-    "failed": "I'm sorry, something went wrong while I was connecting you.",
-}
-STILL_TRYING = (
-    "I'm still trying {team}; it's been about {waited} seconds. Please stay on the line, or "
-    "say never mind to stop."
-)
-BEING_BRIEFED = "Someone from {team} has picked up and I'm filling them in now. It won't be long."
-NOW_CONNECTED = "You're now connected with {team}."
-CONFERENCE_INTRODUCTION = (
-    "Hello, this is the {business} assistant. I have a caller on the line about {reason}. "
-    "You're now connected with {team}. I'll leave you to it."
-)
-OFFER_ANOTHER_TEAM = (
-    "I can try {team} instead, or take your details so someone calls you back. "
-    "Which would you prefer?"
-)
-OFFER_CALLBACK = "I can take your details so someone calls you back. Would you like that?"
-CLOSED_OFFER_TEAM = (
-    "I can try {team}, who can take your call now, or take your details so someone calls you "
-    "back {when} Which would you prefer?"
-)
-CLOSED_OFFER_CALLBACK = (
-    "I can take your details so someone calls you back {when} Would you like that?"
-)
-TRANSFER_STOPPED = "No problem, I've stopped the transfer. What else can I do?"
-CALL_ENDING = "I'm sorry, I have to end this call now. Please call us back in a moment."
-CALLBACK_READ_BACK = "Let me read that back: {name}, on {number}, {best_time}. Is that right?"
-CALLBACK_CONFIRMED = "Thank you, {name}. Someone will call you back {when}"
-GOODBYE = "Thank you for calling {business}. Goodbye!"
-REJOINED = "It looks like we lost {team}. I can {offer}."
-HUMAN_DECLINED = "Understood, I'll let the caller know. Thank you, goodbye."
-HUMAN_CALLER_LEFT = (
-    "I'm sorry, the caller has just hung up. I'll pass on a callback request with what they "
-    "needed. Goodbye."
-)
-HUMAN_CANCELLED = "Sorry to trouble you: the caller no longer needs the transfer. Goodbye."
-HUMAN_CALL_ENDS = "I'm sorry, this call has to end now. Goodbye."
-HUMAN_MAX_HOLD = "I'm sorry, I have to take the caller back now. Goodbye."
-HUMAN_MOVE_REFUSED = (
-    "I'm sorry, I can't put the call through from here. I'll let the caller know. Goodbye."
-)
-# What the model is told: tool results and notes (the prompts are with the agents).
-DIRECT_DIAL_NOTE = ", or to a number the caller gives when the operator allows it"
-MODEL_TEAMS_NOW = (
-    "Right now these teams are open: {open}; closed: {closed}. Offer only open teams. If the "
-    "caller asks for a closed team, call transfer_call with it anyway: the caller is told when "
-    "it opens and offered an open team or a callback."
-)
-MODEL_TRY_NEXT = "If the caller agrees to try {name}, call transfer_call with destination {name}. "
-MODEL_CALLBACK_STEPS = (
-    "If they want a callback, ask their name and the best time, then call request_callback."
-)
-MODEL_CLOSED_CALLBACK = (
-    "If they want a callback, ask their name, then call request_callback; leave best_time "
-    "empty for {when}, unless they ask for another time."
-)
-MODEL_NO_SUCH_TEAM = "There is no team called {name!r}. Offer only: {teams}."
-MODEL_NUMBER_NOT_ALLOWED = (
-    "That number is not one you are allowed to connect to. Tell the caller, and offer the "
-    "listed teams instead."
-)
-MODEL_ALREADY_TRIED = (
-    "{name} was already tried on this call and could not take it; do not try it again. "
-)
-MODEL_CANCELLED_ON_HOLD = (
-    "The caller cancelled the transfer while on hold. If they ask for {name} again, call "
-    "transfer_call again."
-)
-MODEL_ASK_NUMBER = "Ask for the number to call, with the area code."
-MODEL_ASK_BEST_TIME = "Ask the caller when is the best time to call them back."
-MODEL_HUNG_UP_DURING_READ_BACK = "The caller hung up during the read-back."
-MODEL_READ_BACK_DONE = (
-    "The details were read back. If the caller says yes, call request_callback again with "
-    "confirmed=true; otherwise correct the details."
-)
-MODEL_CALLBACK_RECORDED = "The callback request is recorded."
-MODEL_NO_CALLBACK_WITH_TRANSFER = (
-    "No callback was recorded: a transfer was asked for in the same turn. Offer a callback "
-    "only if the transfer does not happen."
-)
-CANCEL_WORDS = re.compile(  # a request to stop the transfer, not any use of "cancel" or "stop"
-    r"""
-    \b(never\ ?mind | forget\ (about\ )?it(?!') | don'?t\ bother | i'?ll\ call\ back
-       | changed\ my\ mind | don'?t\ transfer)\b
-    | \b(cancel|stop|abort)\ (the\ |this\ |that\ )?(call\ )?transfer(ring)?\b
-    | \b(cancel|stop)\ (that|this)(\ please|\ now)?\s*([.,;!?]|$)
-    | ^\W*(cancel|stop)(\ please|\ now)?\W*$
-    """,
-    re.IGNORECASE | re.VERBOSE,
-)
-# What the human's leg hears before a person is confirmed: safe on any recording.
-OPENER = "Hi, this is the {business} assistant with a caller for you."
-BRIEF_ASK = "Say put them through, or press 1, to take the call; press 2 if you can't."
-BRIEF_INTRO = "Hi, this is the {business} assistant with a caller for {team}. "  # unscreened
-ASK_PERSON = "Is this {team}? Press 1 or say yes to take a call."
-YES = re.compile(r"^\W*(yes|yeah|yep|yup|sure|speaking|go ahead|ok(ay)?|i'?m here)\b", re.I)
-CONFIRM_WITHIN = 8.0  # seconds for a yes or a key press after the question
-MACHINE_OUTCOMES = {
-    AMDCategory.MACHINE_VM: HandoffOutcome.VOICEMAIL,
-    AMDCategory.MACHINE_UNAVAILABLE: HandoffOutcome.VOICEMAIL,
-    AMDCategory.MACHINE_IVR: HandoffOutcome.UNREACHABLE,
-}
-VOICEMAIL_HINTS = re.compile(
-    r"leave (me |us )?a message|after the (tone|beep)|voice ?mail|not available to take|"
-    r"mailbox|press \d (for|to)",
-    re.IGNORECASE,
-)
-
-
-@dataclass(frozen=True)
-class Models:
-    """The models a session talks with; the consult session reuses the caller's."""
-
-    stt: STT | None = None
-    llm: LLM | None = None
-    tts: TTS | None = None
-    vad: VAD | None = None
-    turn_handling: dict[str, Any] | None = None  # None: the framework's default turn detection
-    phrases: PhraseCache | None = None  # fixed sentences played from disk (None: always live)
-
-    def options(self) -> dict[str, Any]:
-        given = {
-            "stt": self.stt,
-            "llm": self.llm,
-            "tts": self.tts,
-            "vad": self.vad,
-            "turn_handling": self.turn_handling,
-        }
-        return {k: v for k, v in given.items() if v is not None}
 
 
 @dataclass
@@ -2530,6 +1758,1074 @@ class CallRecords:
         )
 
 
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# 4. The phone line: the one seam to everything that needs a media server
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Dial:
+    """One outbound leg to a human."""
+
+    room: str
+    identity: str
+    destination: Destination
+    ring_timeout: float
+    caller_id: str = ""
+    name: str = "Human Agent"
+    headers: Mapping[str, str] = field(default_factory=dict)  # SIP X-headers on the INVITE
+
+
+@dataclass(frozen=True)
+class Leg:
+    """A human's answered phone leg, present in ``room`` as participant ``identity``."""
+
+    identity: str
+    room: str
+    destination: Destination
+
+
+class DialFailed(Exception):
+    def __init__(self, outcome: HandoffOutcome, sip_status: int | None, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.sip_status = sip_status
+        self.detail = detail
+
+
+class MoveRefused(Exception):
+    """The human is not in the caller's room after a move: the server refused it (self-hosted
+    LiveKit has no MoveParticipant) or it failed and they are still where they were."""
+
+
+class LegLost(Exception):
+    """The human's leg is gone: they hung up, or their connection dropped, mid-way."""
+
+
+# Every server call made while cleaning up is bounded: a hanging DeleteRoom or RemoveParticipant
+# must never keep a caller waiting in silence.
+SERVER_CALL_BOUND = 4.0
+
+# A move is bounded too; past this the worker finds out where the human actually is.
+MOVE_BOUND = 10.0
+
+# After a failed or cancelled dial the identity is removed, retrying this long while the server
+# answers not_found: livekit/sip joins the participant to the room just before the INVITE
+# (pkg/sip/outbound.go, newCall -> connectToRoom), so a remove sent earlier finds nobody and the
+# phone would still ring.
+REMOVE_RETRY_FOR = 4.0
+
+
+def dial_request_timeout(dial: Dial) -> float:
+    """How long the dial request may take. The client's default is the ring timeout + 2 s
+    (livekit-api ``_dial_timeout.py``), but with ``wait_until_answered`` the server answers only
+    after the extension's DTMF has been sent, 0.5 s a character (livekit/media-sdk ``dtmf.go``):
+    a request cut short there would fail a call a person had answered."""
+    return dial.ring_timeout + 0.5 * len(dial.destination.extension) + 5.0
+
+
+def classify_dial_error(error: Exception) -> DialFailed:
+    """Map what ``create_sip_participant`` raised to what the caller is told."""
+    if isinstance(error, DialFailed):
+        return error
+    status = getattr(error, "sip_status_code", None)
+    code = getattr(error, "code", "")
+    if status in (486, 600):
+        outcome = HandoffOutcome.BUSY
+    elif status in (408, 480, 487) or (
+        status is None and code in ("canceled", "deadline_exceeded")
+    ):
+        outcome = HandoffOutcome.NO_ANSWER
+    elif status in (603, 607):
+        outcome = HandoffOutcome.DECLINED
+    elif status is not None and (status in (403, 404, 410, 484, 485) or status >= 500):
+        outcome = HandoffOutcome.UNREACHABLE
+    elif isinstance(error, asyncio.TimeoutError):
+        outcome = HandoffOutcome.NO_ANSWER
+    else:
+        outcome = HandoffOutcome.FAILED
+    reason = getattr(error, "sip_status", None) or getattr(error, "message", "") or str(error)
+    return DialFailed(outcome, status, f"{status or code or type(error).__name__}: {reason}")
+
+
+class Hold:
+    """Hold audio playing to the caller. ``pause``/``resume`` let speech through; every
+    method is idempotent."""
+
+    def __init__(
+        self,
+        stop: Callable[[], Awaitable[None]] | None = None,
+        pause: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
+        self._stop = stop
+        self._pause = pause
+        self.started_at = time.monotonic()
+        self.stopped_at: float | None = None
+        self.paused = False
+
+    async def stop(self) -> None:
+        if self.stopped_at is None:
+            self.stopped_at = time.monotonic()
+            if self._stop is not None:
+                await self._stop()
+
+    async def pause(self) -> None:
+        await self._set_paused(True)
+
+    async def resume(self) -> None:
+        await self._set_paused(False)
+
+    async def _set_paused(self, paused: bool) -> None:
+        if self.stopped_at is None and self.paused != paused:
+            self.paused = paused
+            if self._pause is not None:
+                await self._pause(paused)
+
+
+class HoldMusic:
+    """Hold music that pauses and resumes where it left off, so the caller never hears the
+    same opening bars again after every check-in.
+
+    It is one endless stream of frames, played once with ``BackgroundAudioPlayer.play``:
+    ``play(file, loop=True)`` again would start the clip from the beginning. The file is
+    decoded once, with the framework's decoder, at the player's mixer format (48 kHz mono),
+    and replayed from memory when it ends. While paused it yields silence and keeps its place.
+    """
+
+    SAMPLE_RATE = 48000  # BackgroundAudioPlayer's mixer: rtc.AudioMixer(48000, 1, ...)
+    PAUSE_FRAME = 0.02  # seconds of silence per frame while paused
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.paused = False
+        self._frames: list[rtc.AudioFrame] = []  # decoded so far, in order
+        # the decoder while the file has not been read to its end
+        self._decoding: AsyncGenerator[rtc.AudioFrame, None] | None = None
+        self._started = False
+        self._position = 0  # the index of the next frame to play
+        self._silence = rtc.AudioFrame.create(
+            self.SAMPLE_RATE, 1, int(self.SAMPLE_RATE * self.PAUSE_FRAME)
+        )
+
+    def __aiter__(self) -> HoldMusic:
+        return self
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        if self.paused:
+            return self._silence
+        if not self._started:
+            self._started = True
+            self._decoding = audio_frames_from_file(self.path, self.SAMPLE_RATE, 1)
+        if self._position == len(self._frames) and self._decoding is not None:
+            try:
+                self._frames.append(await self._decoding.__anext__())
+            except StopAsyncIteration:
+                self._decoding = None  # the whole file is in memory now
+        if self._position == len(self._frames):
+            if not self._frames:
+                raise StopAsyncIteration  # an empty file: nothing to play
+            self._position = 0  # the end of the clip: from the top
+        frame = self._frames[self._position]
+        self._position += 1
+        return frame
+
+    async def aclose(self) -> None:
+        """Stop the decoder if the file was not read to its end (call once nothing reads)."""
+        decoding, self._decoding = self._decoding, None
+        if decoding is not None:
+            with contextlib.suppress(RuntimeError):  # already closed by a cancelled read
+                await decoding.aclose()
+
+
+async def close_quietly(*closers: Callable[[], Awaitable[object]] | None) -> None:
+    """Call each of ``closers`` (None: nothing to close), whatever the others do: a consult room
+    on its way out must not keep its session or connection open because one step failed."""
+    for close in closers:
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+
+
+class PhoneLine(abc.ABC):
+    """Everything the handoff needs that only a media server can do. The handoff logic talks
+    to nothing else, so the same flow runs on LiveKit and on the simulated line."""
+
+    caller_room: str
+    caller_identity: str
+    caller_number: str = ""  # the caller's own number, when the SIP trunk tells us
+
+    def __init__(self) -> None:
+        self._clean_ups: set[asyncio.Task[None]] = set()
+
+    def clean_up_later(
+        self, step: Awaitable[Any], what: str, bound: float = SERVER_CALL_BOUND
+    ) -> None:
+        """Run a clean-up step in the background, bounded, so the caller is spoken to before
+        slow server calls finish. A failure is logged once."""
+
+        async def bounded() -> None:
+            try:
+                await asyncio.wait_for(step, bound)
+            except Exception as e:
+                logger.warning(
+                    "clean-up step '%s' failed in room %s: %r", what, self.caller_room, e
+                )
+
+        task = asyncio.get_running_loop().create_task(bounded())
+        self._clean_ups.add(task)
+        task.add_done_callback(self._clean_ups.discard)
+
+    async def settle(self, timeout: float = 2 * SERVER_CALL_BOUND) -> None:
+        """Wait for background clean-up (job shutdown, tests), including steps it starts."""
+        deadline = time.monotonic() + timeout
+        while self._clean_ups and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._clean_ups), timeout=left)
+
+    @abc.abstractmethod
+    async def dial(self, dial: Dial) -> Leg:
+        """Ring the human until answered; raise ``DialFailed`` with the outcome otherwise.
+        Cancelling the awaiting task cancels the dial (the human's phone stops ringing)."""
+
+    @abc.abstractmethod
+    async def hang_up(self, leg: Leg) -> None:
+        """End the human's leg. Idempotent; never raises."""
+
+    @abc.abstractmethod
+    async def move(self, leg: Leg, room: str) -> None:
+        """Move the human's leg into ``room``; raise ``MoveRefused`` if the server won't."""
+
+    @abc.abstractmethod
+    async def delete_room(self, room: str) -> None:
+        """Delete a room, ending every leg in it. Idempotent; never raises."""
+
+    @abc.abstractmethod
+    async def start_hold(self) -> Hold:
+        """Start hold audio for the caller."""
+
+    @abc.abstractmethod
+    async def open_consult(
+        self, room: str, human_identity: str, session: AgentSession, agent: Agent
+    ) -> None:
+        """Start ``session`` in a private room where it will talk to ``human_identity``."""
+
+    @abc.abstractmethod
+    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
+        """Play pre-synthesised ``audio`` (saying ``text``) to the human in ``room``, outside
+        the consult session, and return when it has played."""
+
+    @abc.abstractmethod
+    async def close_consult(self, room: str) -> None:
+        """Stop the consult session and delete its room. Idempotent; never raises."""
+
+    @abc.abstractmethod
+    async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
+        """Return the identity of the first of ``identities`` to leave ``room``. If our own
+        connection to ``room`` drops, they are all gone for us: return the first."""
+
+    @abc.abstractmethod
+    async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
+        """Whether ``identity`` is (or arrives within ``timeout``) in ``room``."""
+
+    @abc.abstractmethod
+    def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
+        """Call ``callback(digit)`` for each keypad press in ``room``."""
+
+    @abc.abstractmethod
+    async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
+        """Set the agent participant's attributes in ``room`` (for dashboards and softphones).
+        Never raises: a dashboard must not break a call."""
+
+
+def job_server_url(ctx: JobContext, fallback: str) -> str:
+    """The LiveKit URL this job was assigned at, where the call's other rooms are joined too;
+    ``fallback`` (``LIVEKIT_URL``) when the job has none (console and test jobs).
+
+    livekit-agents 1.8.9 has no public accessor for it: it is only the private
+    ``JobContext._info.url``, set to ``job_assign.url or ws_url`` (worker.py), and the
+    framework's own warm transfer joins its consult room there (beta/workflows/
+    warm_transfer.py: ``job_ctx._info.url``). tests/test_consult_url.py fails if it goes."""
+    return getattr(getattr(ctx, "_info", None), "url", "") or fallback
+
+
+class LiveKitPhoneLine(PhoneLine):
+    """The phone line on a real LiveKit call, through the server API and the job's room."""
+
+    def __init__(self, ctx: JobContext, settings: Settings) -> None:
+        super().__init__()
+        self._ctx = ctx
+        self._settings = settings
+        self.caller_room = ctx.job.room.name
+        self.caller_identity = ""
+        self._rooms: dict[str, rtc.Room] = {self.caller_room: ctx.room}
+        self._consults: dict[str, AgentSession] = {}
+        self._players: dict[str, BackgroundAudioPlayer] = {}
+
+    def _sip_without_retries(self) -> SipService:
+        """CreateSIPParticipant with no hidden retry. On ``*.livekit.cloud`` the client retries
+        transport errors, timeouts and 5xx up to 3 times (livekit-api ``twirp_client.py``,
+        ``_failover.py``) and the server does not de-duplicate them: each retry is a new INVITE
+        under the same identity, which replaces (hangs up) a human who had already answered. A
+        lost answer is reconciled by looking the participant up instead (``dial``). Credentials
+        come from the environment, as for ``JobContext.api``."""
+        return api.LiveKitAPI(session=utils.http_context.http_session(), failover=False).sip
+
+    async def dial(self, dial: Dial) -> Leg:
+        request = api.CreateSIPParticipantRequest(
+            sip_trunk_id=self._settings.sip_trunk_id,
+            sip_call_to=dial.destination.target,
+            sip_number=dial.caller_id,
+            room_name=dial.room,
+            participant_identity=dial.identity,
+            participant_name=dial.name,
+            krisp_enabled=True,
+            dtmf=dial.destination.extension,
+            headers=dict(dial.headers),
+            wait_until_answered=True,
+            play_dialtone=False,
+        )
+        request.ringing_timeout.FromNanoseconds(int(dial.ring_timeout * 1e9))
+        leg = Leg(identity=dial.identity, room=dial.room, destination=dial.destination)
+        try:
+            await self._sip_without_retries().create_sip_participant(
+                request, timeout=dial_request_timeout(dial)
+            )
+        except asyncio.CancelledError:
+            # The caller no longer waits: make sure the human's phone stops ringing.
+            self._stop_ringing(dial)
+            raise
+        except Exception as e:
+            failed = classify_dial_error(e)
+            if failed.sip_status is None and getattr(e, "code", "") != "canceled":
+                # No final answer reached us (lost response, timeout, 5xx): the call may have
+                # been answered all the same. A SIP status or a ring timeout is final: the
+                # server has already ended the call (livekit/sip pkg/sip/outbound.go).
+                if await self._call_status(dial.room, dial.identity) == "active":
+                    logger.info("dial reported %s, but the call is up", failed.detail)
+                    return leg
+                self._stop_ringing(dial)
+            raise failed from e
+        return leg
+
+    def _stop_ringing(self, dial: Dial) -> None:
+        self.clean_up_later(
+            self._remove_until_gone(dial.room, dial.identity),
+            "stop ringing",
+            bound=REMOVE_RETRY_FOR + SERVER_CALL_BOUND,
+        )
+
+    async def _call_status(self, room: str, identity: str) -> str:
+        """The leg's ``sip.callStatus`` (dialing, ringing, automation, active), or ""."""
+        try:
+            info = await asyncio.wait_for(
+                self._ctx.api.room.get_participant(
+                    api.RoomParticipantIdentity(room=room, identity=identity)
+                ),
+                SERVER_CALL_BOUND,
+            )
+        except Exception:
+            return ""
+        return info.attributes.get("sip.callStatus", "")
+
+    async def _remove_until_gone(self, room: str, identity: str) -> None:
+        """Remove ``identity`` from ``room``; while the server says not_found, keep trying for
+        ``REMOVE_RETRY_FOR`` seconds, since the participant may not have joined yet."""
+        deadline = time.monotonic() + REMOVE_RETRY_FOR
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self._ctx.api.room.remove_participant(
+                        api.RoomParticipantIdentity(room=room, identity=identity)
+                    ),
+                    SERVER_CALL_BOUND,
+                )
+                return
+            except Exception as e:
+                if time.monotonic() >= deadline:
+                    if getattr(e, "code", "") != "not_found":
+                        raise
+                    return
+            await asyncio.sleep(0.2)
+
+    async def hang_up(self, leg: Leg) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._ctx.api.room.remove_participant(
+                    api.RoomParticipantIdentity(room=leg.room, identity=leg.identity)
+                ),
+                SERVER_CALL_BOUND,
+            )
+
+    async def move(self, leg: Leg, room: str) -> None:
+        """Move the human into ``room``, never leaving it half done: after an error, a timeout
+        or a lost response, find out where the human actually is. Returns once they are in
+        ``room``; raises ``MoveRefused`` if they are still where they were, ``LegLost`` if they
+        are nowhere (hung up)."""
+        request = api.MoveParticipantRequest(
+            room=leg.room, identity=leg.identity, destination_room=room
+        )
+        try:
+            await asyncio.wait_for(self._ctx.api.room.move_participant(request), MOVE_BOUND)
+            return
+        except api.ServerError as e:
+            if e.code == "unimplemented":  # self-hosted LiveKit: MoveParticipant is Cloud only
+                raise MoveRefused(f"{e.code}: {e.message}") from e
+            problem = f"{e.code}: {e.message}"
+        except asyncio.TimeoutError:
+            problem = f"no answer in {MOVE_BOUND:g}s"
+        except Exception as e:  # a lost response: the move may have happened all the same
+            problem = repr(e)
+        where = await self._locate(leg.identity, (room, leg.room))
+        if where == room:
+            logger.info("move reported %s, but the human is in room %s", problem, room)
+            return
+        if where == leg.room:
+            raise MoveRefused(problem)
+        raise LegLost(f"the human left during the move ({problem})")
+
+    async def _locate(self, identity: str, rooms: tuple[str, ...], within: float = 3.0) -> str:
+        """The room ``identity`` is in, or "". A moving participant leaves one room before
+        it joins the other, so look again for a moment before concluding they are gone."""
+        deadline = time.monotonic() + within
+        while True:
+            for room in rooms:
+                if await self._call_status(room, identity):
+                    return room
+            if time.monotonic() >= deadline:
+                return ""
+            await asyncio.sleep(0.2)
+
+    async def delete_room(self, room: str) -> None:
+        try:
+            await asyncio.wait_for(
+                self._ctx.api.room.delete_room(api.DeleteRoomRequest(room=room)), SERVER_CALL_BOUND
+            )
+        except Exception as e:  # already gone is fine; anything else is worth a line
+            if getattr(e, "code", "") != "not_found":
+                logger.warning("could not delete room %s: %r", room, e)
+
+    async def start_hold(self) -> Hold:
+        player = BackgroundAudioPlayer()
+        await player.start(room=self._ctx.room)
+        music = HoldMusic(self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC.path())
+        playing = player.play(AudioConfig(music, 0.7))  # once: pausing never restarts it
+
+        async def pause(paused: bool) -> None:
+            music.paused = paused  # heard within the player's buffer (~0.5 s)
+
+        async def stop() -> None:
+            playing.stop()
+            await player.aclose()
+            await music.aclose()
+
+        return Hold(stop, pause)
+
+    async def open_consult(
+        self, room: str, human_identity: str, session: AgentSession, agent: Agent
+    ) -> None:
+        consult_room = rtc.Room()
+        token = (
+            api.AccessToken(self._settings.livekit_api_key, self._settings.livekit_api_secret)
+            .with_identity(f"{self._ctx.local_participant_identity}-consult")
+            .with_kind("agent")
+            .with_grants(
+                api.VideoGrants(
+                    room_join=True,
+                    room=room,
+                    can_publish=True,
+                    can_subscribe=True,
+                    can_update_own_metadata=True,
+                )
+            )
+            .to_jwt()
+        )
+        await consult_room.connect(job_server_url(self._ctx, self._settings.livekit_url), token)
+        self._rooms[room] = consult_room
+        self._consults[room] = session
+        # The opener plays outside the session: answering-machine detection holds the
+        # session's own speech until its verdict (voice/amd/detector.py).
+        player = BackgroundAudioPlayer()
+        await player.start(room=consult_room)
+        self._players[room] = player
+        await session.start(
+            agent=agent,
+            room=consult_room,
+            room_options=room_io.RoomOptions(
+                participant_identity=human_identity,
+                participant_kinds=[rtc.ParticipantKind.PARTICIPANT_KIND_SIP],
+                close_on_disconnect=False,
+            ),
+            record=False,
+        )
+
+    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
+        player = self._players.get(room)
+        if player is None or not audio:
+            return
+        # the player's mixer takes 48 kHz mono (voice/background_audio.py)
+        resampler = rtc.AudioResampler(audio[0].sample_rate, 48000, num_channels=1)
+
+        async def frames() -> AsyncIterator[rtc.AudioFrame]:
+            for frame in audio:
+                for out in resampler.push(frame):
+                    yield out
+            for out in resampler.flush():
+                yield out
+
+        await player.play(frames()).wait_for_playout()
+
+    async def close_consult(self, room: str) -> None:
+        session, player = self._consults.pop(room, None), self._players.pop(room, None)
+        connection = self._rooms.pop(room, None)
+        await close_quietly(
+            session.aclose if session else None,
+            player.aclose if player else None,
+            connection.disconnect if connection else None,
+        )
+        await self.delete_room(room)
+
+    async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
+        lk_room = self._rooms[room]
+        gone = next((i for i in identities if i not in lk_room.remote_participants), None)
+        if gone is not None or not lk_room.isconnected():
+            return gone or identities[0]
+        left: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_left(p: rtc.RemoteParticipant) -> None:
+            if p.identity in identities and not left.done():
+                left.set_result(p.identity)
+
+        def on_dropped(*_: Any) -> None:
+            # Our connection dropped: no participant-left event follows, and nobody in the
+            # room can be heard or spoken to any more (beta/workflows/warm_transfer.py
+            # watches the consult room's "disconnected" the same way).
+            if not left.done():
+                left.set_result(identities[0])
+
+        lk_room.on("participant_disconnected", on_left)
+        lk_room.on("disconnected", on_dropped)
+        try:
+            return await left
+        finally:
+            lk_room.off("participant_disconnected", on_left)
+            lk_room.off("disconnected", on_dropped)
+
+    async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
+        lk_room = self._rooms[room]
+        if identity in lk_room.remote_participants:
+            return True
+        arrived: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def on_joined(p: rtc.RemoteParticipant) -> None:
+            if p.identity == identity and not arrived.done():
+                arrived.set_result(True)
+
+        lk_room.on("participant_connected", on_joined)
+        try:
+            return await asyncio.wait_for(arrived, timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            lk_room.off("participant_connected", on_joined)
+
+    def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
+        self._rooms[room].on("sip_dtmf_received", lambda ev: callback(ev.digit))
+
+    async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
+        lk_room = self._rooms.get(room)
+        if lk_room is None or not lk_room.isconnected():
+            return
+        try:
+            await lk_room.local_participant.set_attributes(dict(attributes))
+        except Exception as e:
+            logger.warning("could not set attributes in room %s: %r", room, e)
+
+
+@dataclass
+class LineEvent:
+    at: float
+    text: str
+
+
+class SimulatedPhoneLine(PhoneLine):
+    """A phone line with no media server: the console's and the tests' LiveKit.
+
+    Rooms are sets of identities; a human is scripted by ``SimulatedHuman`` (or driven step by
+    step with ``human_says``/``human_presses``/``hang_up_human``); every step is kept in
+    ``events`` and, in the console, printed as it happens."""
+
+    ring_time = 3.0  # how long the simulated phone rings before it is answered
+    hello_after = 0.8  # the scripted human's "Hello?" after picking up
+    decide_after = 1.0  # and their keypad answer after the brief
+    drop_after = 3.0  # SimulatedHuman.DROP_AFTER_MERGE: hangs up this long after the merge
+
+    def __init__(
+        self,
+        human: SimulatedHuman | None = SimulatedHuman.ANSWER,
+        *,
+        ring_time: float | None = None,
+        caller_room: str = "console-room",
+        caller_identity: str = "caller",
+        caller_number: str = "+15550100999",
+        move_supported: bool = True,
+        announce: Callable[[str], None] | None = None,
+        humans: Mapping[str, SimulatedHuman | None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.human = human  # None: the test drives the human itself
+        self.humans = dict(humans or {})  # per destination name, overriding ``human``
+        if ring_time is not None:
+            self.ring_time = ring_time
+        self.caller_room = caller_room
+        self.caller_identity = caller_identity
+        self.caller_number = caller_number
+        self.move_supported = move_supported
+        self.rooms: dict[str, set[str]] = {caller_room: {caller_identity}}
+        self.events: list[LineEvent] = []
+        self.consults: dict[str, AgentSession] = {}
+        self._announce = announce
+        self._dtmf: dict[str, list[Callable[[str], None]]] = {}
+        self._left: dict[str, asyncio.Event] = {}
+        self._dropped: dict[str, asyncio.Event] = {}  # room -> our connection to it dropped
+        self._scripts: set[asyncio.Task[None]] = set()
+
+    def _log(self, text: str) -> None:
+        self.events.append(LineEvent(time.monotonic(), text))
+        if self._announce is not None:
+            self._announce(text)
+
+    def _left_event(self, identity: str) -> asyncio.Event:
+        return self._left.setdefault(identity, asyncio.Event())
+
+    def participant_joined(self, room: str, identity: str) -> None:
+        """``identity`` is in ``room`` now, as a server's participant-joined event says."""
+        self.rooms.setdefault(room, set()).add(identity)
+        self._left.pop(identity, None)
+
+    def participant_left(self, room: str, identity: str) -> None:
+        """``identity`` has left ``room``: whoever waits for their hang-up is told."""
+        if identity in self.rooms.get(room, set()):
+            self.rooms[room].discard(identity)
+            self._left_event(identity).set()
+
+    # -- the seam -------------------------------------------------------------------------------
+
+    async def dial(self, dial: Dial) -> Leg:
+        target = dial.destination
+        self._log(
+            f"dialling {target.name} ({mask_number(target.target)}), "
+            f"ring timeout {dial.ring_timeout:g}s"
+            + (f", showing {mask_number(dial.caller_id)}" if dial.caller_id else "")
+        )
+        try:
+            outcome = self.humans.get(target.name, self.human)
+            ring = min(self.ring_time, dial.ring_timeout)
+            if outcome is SimulatedHuman.NO_ANSWER:
+                ring = dial.ring_timeout
+            await asyncio.sleep(ring)
+        except asyncio.CancelledError:
+            self._log(f"dial to {target.name} cancelled: the phone stops ringing")
+            raise
+        failures = {
+            SimulatedHuman.BUSY: (HandoffOutcome.BUSY, 486, "Busy Here"),
+            SimulatedHuman.NO_ANSWER: (HandoffOutcome.NO_ANSWER, 480, "Temporarily Unavailable"),
+            SimulatedHuman.UNREACHABLE: (HandoffOutcome.UNREACHABLE, 404, "Not Found"),
+        }
+        if outcome in failures:
+            result, status, reason = failures[outcome]
+            self._log(f"{target.name}: SIP {status} {reason}")
+            raise DialFailed(result, status, f"{status}: {reason}")
+        self.participant_joined(dial.room, dial.identity)
+        self._log(f"{target.name} answered")
+        if outcome is not None:
+            self._start_script(dial.room, outcome)
+        return Leg(identity=dial.identity, room=dial.room, destination=target)
+
+    async def hang_up(self, leg: Leg) -> None:
+        for room, members in self.rooms.items():
+            if leg.identity in members:
+                self._log(f"hanging up {leg.destination.name}'s leg")
+                self.participant_left(room, leg.identity)
+
+    async def move(self, leg: Leg, room: str) -> None:
+        if not self.move_supported:
+            self._log("move refused by the server")
+            raise MoveRefused("unimplemented: MoveParticipant is not available")
+        self.participant_left(leg.room, leg.identity)
+        self.participant_joined(room, leg.identity)
+        self._log(f"{leg.destination.name} moved into {room}")
+
+    async def delete_room(self, room: str) -> None:
+        if room in self.rooms:
+            for identity in list(self.rooms[room]):
+                self.participant_left(room, identity)
+            del self.rooms[room]
+            self._log(f"room {room} deleted")
+
+    async def start_hold(self) -> Hold:
+        hold = Hold(self._hold_stopped, self._hold_paused)
+        self._log("hold music on")
+        return hold
+
+    async def _hold_stopped(self) -> None:
+        self._log("hold music off")
+
+    async def _hold_paused(self, paused: bool) -> None:
+        self._log("hold music paused" if paused else "hold music resumed")
+
+    async def open_consult(
+        self, room: str, human_identity: str, session: AgentSession, agent: Agent
+    ) -> None:
+        self.rooms.setdefault(room, set())
+        self.consults[room] = session
+
+        def heard(ev: Any) -> None:
+            if getattr(ev.item, "role", None) == "assistant" and ev.item.text_content:
+                self._log(f"human hears: {ev.item.text_content}")
+
+        session.on("conversation_item_added", heard)
+        await session.start(agent=agent)
+
+    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
+        self._log(f"human hears: {text}")
+        await asyncio.sleep(sum(frame.duration for frame in audio))
+        self._log("played to the human")
+
+    async def close_consult(self, room: str) -> None:
+        session = self.consults.pop(room, None)
+        await close_quietly(session.aclose if session else None)
+        await self.delete_room(room)
+
+    async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
+        for identity in identities:
+            if identity not in self.rooms.get(room, set()):
+                return identity
+        dropped = self._dropped.setdefault(room, asyncio.Event())
+        if dropped.is_set():
+            return identities[0]
+        waits = {asyncio.ensure_future(self._left_event(i).wait()): i for i in identities}
+        waits[asyncio.ensure_future(dropped.wait())] = identities[0]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            return waits[next(iter(done))]
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while identity not in self.rooms.get(room, set()):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
+        self._dtmf.setdefault(room, []).append(callback)
+
+    async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
+        """No dashboard or softphone watches a simulated room: nothing to show them to."""
+
+    # -- the people on the line -----------------------------------------------------------------
+
+    def _human_room(self) -> str | None:
+        return next(
+            (
+                r
+                for r, members in self.rooms.items()
+                if any(i.startswith("transfer_") for i in members)
+            ),
+            None,
+        )
+
+    def human_says(self, text: str) -> None:
+        """The human speaks in the consult room: the consult session hears it."""
+        room = self._human_room()
+        self._log(f"human says: {text}")
+        if room in self.consults:
+            self.consults[room].generate_reply(user_input=text)
+
+    def human_presses(self, digit: str) -> None:
+        room = self._human_room()
+        self._log(f"human presses {digit}")
+        for callback in self._dtmf.get(room or "", []):
+            callback(digit)
+
+    def hang_up_human(self) -> None:
+        for room, members in self.rooms.items():
+            for identity in [i for i in members if i.startswith("transfer_")]:
+                self._log("the human hangs up")
+                self.participant_left(room, identity)
+
+    def drop_connection(self, room: str) -> None:
+        """Our connection to ``room`` drops: no participant-left event, nobody reachable."""
+        self._log(f"connection to {room} dropped")
+        self._dropped.setdefault(room, asyncio.Event()).set()
+
+    def hang_up_caller(self) -> None:
+        self._log("the caller hangs up")
+        self.participant_left(self.caller_room, self.caller_identity)
+        for members in self.rooms.values():
+            if self.caller_identity in members:
+                members.discard(self.caller_identity)
+
+    def _start_script(self, room: str, outcome: SimulatedHuman) -> None:
+        task = asyncio.get_running_loop().create_task(self._human_script(room, outcome))
+        self._scripts.add(task)
+        task.add_done_callback(self._scripts.discard)
+
+    async def _human_script(self, room: str, outcome: SimulatedHuman) -> None:
+        """What the console's simulated human does once they pick up."""
+        await asyncio.sleep(self.hello_after)
+        if outcome is SimulatedHuman.VOICEMAIL:
+            self.human_says(
+                "Hi, you've reached the support line. Please leave a message after the tone."
+            )
+            return
+        self.human_says("Hello?")
+        session = self.consults.get(room)
+        if session is None:
+            return
+        # wait until the brief has been spoken (the consult agent's first words)
+        for _ in range(600):
+            if any(getattr(i, "role", None) == "assistant" for i in session.history.items):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(self.decide_after)
+        takes_it = outcome in (SimulatedHuman.ANSWER, SimulatedHuman.DROP_AFTER_MERGE)
+        human = [i for i in self.rooms.get(room, set()) if i.startswith("transfer_")]
+        self.human_presses("1" if takes_it else "2")
+        if outcome is SimulatedHuman.DROP_AFTER_MERGE and human:
+            if await self.wait_for_arrival(self.caller_room, human[0], timeout=10):
+                await asyncio.sleep(self.drop_after)
+                self.hang_up_human()  # a bad line, a wrong button
+
+    async def aclose(self) -> None:
+        for task in list(self._scripts):
+            task.cancel()
+        await asyncio.gather(*self._scripts, return_exceptions=True)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# 5. The handoff: hold, dial, screen and brief the human, merge or come back
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+# -- instant words: fixed sentences played from a cache on the worker host ---------------------
+
+
+def tts_voice(tts: TTS) -> dict[str, Any]:
+    """What makes a TTS sound as it does, for the phrase cache's key: its class, model, sample
+    rate and channels (public properties), and every plain value of its options object. The
+    LiveKit plugins keep voice, voice settings, encoding and language only there, in a private
+    dataclass ``_opts`` (livekit-plugins-elevenlabs 1.8.9 ``tts.py``, ``_TTSOptions``: voice_id,
+    voice_settings, model, language, encoding, sample_rate, text normalisation, pronunciation
+    dictionaries ...). Credentials are left out; anything else extra only costs a miss, while a
+    setting left out could replay a stale voice."""
+    voice: dict[str, Any] = {
+        "tts": f"{type(tts).__module__}.{type(tts).__qualname__}",
+        "model": tts.model,
+        "sample_rate": tts.sample_rate,
+        "num_channels": tts.num_channels,
+    }
+    options = getattr(tts, "_opts", None)
+    if is_dataclass(options) and not isinstance(options, type):
+        for f in fields(options):
+            if re.search(r"key|secret|token|password|auth", f.name, re.IGNORECASE):
+                continue  # credentials (a tokenizer object would be skipped as not plain anyway)
+            value = _plain(getattr(options, f.name))
+            if value is not _NOT_PLAIN:
+                voice[f"opts.{f.name}"] = value
+    return voice
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-ready data, or ``_NOT_PLAIN`` for an object (a tokenizer, a session)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, NotGiven):
+        return "NOT_GIVEN"
+    if isinstance(value, Enum):
+        return value.value
+    if is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in fields(value)}
+    if isinstance(value, dict):
+        items = {str(k): _plain(v) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v is not _NOT_PLAIN}
+    if isinstance(value, (list, tuple)):
+        return [v for v in (_plain(x) for x in value) if v is not _NOT_PLAIN]
+    return _NOT_PLAIN
+
+
+async def _words(text: str) -> AsyncIterator[str]:
+    yield text
+
+
+async def _replay(frames: list[rtc.AudioFrame]) -> AsyncIterator[rtc.AudioFrame]:
+    for frame in frames:
+        yield frame
+
+
+class PhraseCache:
+    """Instant words: fixed sentences play from a folder on the worker host instead of waiting
+    for speech synthesis.
+
+    A job process runs one call, so the folder, not the process, is the cache. A sentence's
+    first live synthesis on a host is played as it arrives and saved (a temporary file renamed
+    into place: a reader sees the whole file or none); later calls play the file at once. The
+    file's name is a hash of the text and the voice (``tts_voice``), so a changed greeting or
+    voice is another file and never plays a stale sentence. A file that does not verify (a
+    header with the length and a SHA-256 of the audio) is never played: the sentence is
+    synthesised live and the file replaced. A synthesis that fails or is interrupted saves
+    nothing. The folder must belong to this user and be writable by nobody else (anyone who can
+    write to it chooses what callers hear); otherwise the cache is off."""
+
+    MAGIC = b"WHPHRASE"
+    HEADER = struct.Struct("<8sIHI32s")  # magic, sample rate, channels, PCM bytes, SHA-256
+    FRAME_MS = 100  # played in frames this long
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.usable = self._prepare()
+
+    def _prepare(self) -> bool:
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = self.folder.stat()
+        except OSError as e:
+            logger.warning("phrase cache off: cannot use HANDOFF_PHRASE_CACHE (%r)", e)
+            return False
+        mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+        if not mine or st.st_mode & 0o022:
+            logger.warning(
+                "phrase cache off: HANDOFF_PHRASE_CACHE %s must belong to this user and be "
+                "writable by nobody else",
+                self.folder,
+            )
+            return False
+        return True
+
+    def path_for(self, text: str, tts: TTS) -> Path:
+        key = json.dumps({"format": 1, "text": text, "voice": tts_voice(tts)}, sort_keys=True)
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.pcm"
+
+    def say(self, session: AgentSession, text: str, **options: Any) -> SpeechHandle:
+        agent = session.current_agent
+        tts = agent.tts if utils.is_given(agent.tts) else session.tts  # the one say() would use
+        if not self.usable or tts is None:
+            return session.say(text, **options)
+        return session.say(
+            text, audio=self._audio(agent, text, self.path_for(text, tts)), **options
+        )
+
+    async def _audio(self, agent: Agent, text: str, path: Path) -> AsyncIterator[rtc.AudioFrame]:
+        saved = self.load(path)
+        if saved is not None:
+            for frame in saved:
+                yield frame
+            return
+        # Not ready yet: the framework's own synthesis for say(text) (the agent's TTS, the
+        # session's connection options, sentence by sentence for a TTS that does not stream),
+        # kept as it plays. A failure ends the speech as a failed say(text) does, and is logged
+        # by the framework; an interruption closes this generator. Either way nothing is saved.
+        made: list[rtc.AudioFrame] = []
+        live = Agent.default.tts_node(agent, _words(text), ModelSettings())
+        async with contextlib.aclosing(live):
+            async for frame in live:
+                made.append(frame)
+                yield frame
+        if made:
+            await asyncio.to_thread(self.store, path, made)
+
+    def load(self, path: Path) -> list[rtc.AudioFrame] | None:
+        """The saved sentence as frames, or None: missing, partial or corrupt."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if len(data) < self.HEADER.size:
+            return None
+        magic, rate, channels, size, digest = self.HEADER.unpack_from(data)
+        pcm = data[self.HEADER.size :]
+        width = 2 * channels
+        if (
+            magic != self.MAGIC
+            or not rate
+            or not 1 <= channels <= 2
+            or size != len(pcm)
+            or not size
+            or size % width
+            or hashlib.sha256(pcm).digest() != digest
+        ):
+            logger.debug("phrase cache: %s does not verify, it will be replaced", path.name)
+            return None
+        step = rate * self.FRAME_MS // 1000 * width
+        return [
+            rtc.AudioFrame(pcm[i : i + step], rate, channels, len(pcm[i : i + step]) // width)
+            for i in range(0, size, step)
+        ]
+
+    def store(self, path: Path, frames: list[rtc.AudioFrame]) -> None:
+        """Save a whole sentence: written to a temporary file, then renamed into place."""
+        rate, channels = frames[0].sample_rate, frames[0].num_channels
+        if any(f.sample_rate != rate or f.num_channels != channels for f in frames):
+            return  # one sentence in two formats: not worth keeping
+        pcm = b"".join(f.data.tobytes() for f in frames)
+        header = self.HEADER.pack(
+            self.MAGIC, rate, channels, len(pcm), hashlib.sha256(pcm).digest()
+        )
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(temporary, "wb") as f:
+                f.write(header + pcm)
+            os.replace(temporary, path)
+        except OSError as e:
+            self.usable = False  # logged once: this call speaks live from now on
+            logger.warning(
+                "phrase cache: could not save a fixed sentence, off for this call: %r", e
+            )
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+
+
+def say_fixed(
+    session: AgentSession, text: str, phrases: PhraseCache | None, **options: Any
+) -> SpeechHandle:
+    """``session.say`` for a fixed sentence: from the phrase cache when there is one."""
+    if phrases is None:
+        return session.say(text, **options)
+    return phrases.say(session, text, **options)
+
+
+# -- the models a session talks with ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Models:
+    """The models a session talks with; the consult session reuses the caller's."""
+
+    stt: STT | None = None
+    llm: LLM | None = None
+    tts: TTS | None = None
+    vad: VAD | None = None
+    turn_handling: dict[str, Any] | None = None  # None: the framework's default turn detection
+    phrases: PhraseCache | None = None  # fixed sentences played from disk (None: always live)
+
+    def options(self) -> dict[str, Any]:
+        given = {
+            "stt": self.stt,
+            "llm": self.llm,
+            "tts": self.tts,
+            "vad": self.vad,
+            "turn_handling": self.turn_handling,
+        }
+        return {k: v for k, v in given.items() if v is not None}
+
+
+# -- the brief -------------------------------------------------------------------------------------
+
+
 def speakable_number(number: str) -> str:
     """+15105550199 -> "5 1 0, 5 5 5, 0 1 9 9": digits a voice reads one by one."""
     digits = re.sub(r"\D", "", number)
@@ -2595,6 +2891,41 @@ async def compose_brief(
     summary = redact(summary)
     intro = BRIEF_INTRO.format(business=settings.business_name, team=destination.said_as)
     return f"{intro}{summary} {BRIEF_ASK}"
+
+
+# -- waiting for the first of several things -------------------------------------------------------
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception retrieved (a verdict after detection was closed)."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _first(*waits: Awaitable[Any]) -> None:
+    """Return when the first of ``waits`` is done; cancel the rest (never a given future)."""
+    tasks = [w if isinstance(w, asyncio.Future) else asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task, wait in zip(tasks, waits, strict=True):
+            if task is not wait:
+                task.cancel()
+
+
+async def _finished_before(
+    step: Awaitable[T], gone: asyncio.Future[Any]
+) -> asyncio.Future[T] | None:
+    """``step`` run to its end, unless ``gone`` comes first: then it is cancelled (None)."""
+    task = asyncio.ensure_future(step)
+    await _first(task, gone)
+    if not task.done():
+        await utils.aio.cancel_and_wait(task)
+        return None
+    return task
+
+
+# -- one attempt -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -2773,6 +3104,181 @@ class CallerHold:
         self.session.off("agent_state_changed", self._sync)
         if self.audio is not None:
             await self.audio.stop()
+
+
+CONFIRM_WITHIN = 8.0  # seconds for a yes or a key press after the question
+MACHINE_OUTCOMES = {
+    AMDCategory.MACHINE_VM: HandoffOutcome.VOICEMAIL,
+    AMDCategory.MACHINE_UNAVAILABLE: HandoffOutcome.VOICEMAIL,
+    AMDCategory.MACHINE_IVR: HandoffOutcome.UNREACHABLE,
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Who answered the human's phone. ``outcome`` is None when a person is on the line."""
+
+    outcome: HandoffOutcome | None
+    reason: str
+    amd: dict[str, Any] = field(default_factory=dict)  # category, reason, delay: for tuning
+
+
+class Screening:
+    """Tells a person from a machine on the human's leg before anything about the caller is
+    said, with the framework's answering-machine detection (``voice.amd.AMD``) on the consult
+    session, using the session's own model and transcripts.
+
+    The leg first hears a neutral opener, played outside the session (AMD holds the session's
+    speech until its verdict), once the human stops speaking (the VAD's end of speech) or
+    after ``grace`` seconds of silence. A person is confirmed by AMD's ``human``, a key press or
+    a yes; a verdict from timing alone (``short_greeting``) counts only if the leg stayed silent
+    through the opener. Uncertain: ask once. A voicemail hears the opener, nothing more. On an
+    extension the PBX answers first: ``machine-ivr`` and silence are not final before the ring
+    timeout, and detection starts again with the ring time left."""
+
+    def __init__(self, consult: ConsultAgent, handoff: Handoff, ring_deadline: float) -> None:
+        self.consult = consult
+        self.handoff = handoff
+        self.session = consult.session
+        self.ring_deadline = ring_deadline
+        self.extension = bool(handoff.destination.extension)
+        self.speech_ended = asyncio.Event()
+        self.opener: asyncio.Future[None] | None = None
+        self.spoke_over_opener = False
+        self.heard_speech = False
+        self.session.on("user_state_changed", self._on_user_state)
+        self.session.on("user_input_transcribed", self._on_transcript)
+
+    def close(self) -> None:
+        self.session.off("user_state_changed", self._on_user_state)
+        self.session.off("user_input_transcribed", self._on_transcript)
+
+    def _on_user_state(self, ev: UserStateChangedEvent) -> None:
+        if ev.new_state == "speaking":
+            self.heard_speech = True
+        if ev.new_state == "speaking" and self.opener is not None and not self.opener.done():
+            self.spoke_over_opener = True
+        elif ev.old_state == "speaking" and ev.new_state == "listening":
+            self.speech_ended.set()
+            self.handoff.timings.setdefault("hello_end", time.monotonic())
+
+    def _on_transcript(self, ev: UserInputTranscribedEvent) -> None:
+        if ev.is_final and YES.match(ev.transcript or "") and self.consult.asked:
+            self.consult.person_confirmed.set()
+
+    async def human_stopped(self) -> None:
+        self.speech_ended.clear()
+        await self.speech_ended.wait()
+
+    async def run(self, grace: float) -> Verdict:
+        amd_seen: dict[str, Any] = {}
+        while True:
+            detector = AMD(
+                self.session,
+                llm=None,  # the session's own model and transcripts: no LiveKit Inference
+                stt=None,
+                ivr_detection=False,
+                participant_identity=self.handoff.identity,
+                suppress_compatibility_warning=True,
+                detection_options=self._detection_options(),
+            )
+            await detector.__aenter__()
+            try:
+                verdict = asyncio.ensure_future(detector.execute())
+                verdict.add_done_callback(_retrieve)
+                silent = await self._opener_cue(verdict, grace)
+                if not silent:
+                    await _first(verdict, self.consult.person_confirmed.wait())
+            finally:
+                await detector.aclose()  # lets the session speak again
+            if silent:  # nothing heard: the opener, then the question
+                return await self._ask(amd_seen, "silent line")
+            if self.consult.person_confirmed.is_set():
+                return Verdict(None, "key press or yes", amd_seen)
+            result: AMDPredictionEvent = verdict.result()
+            self.handoff.timings["verdict"] = time.monotonic()
+            amd_seen = {
+                "category": result.category.value,
+                "reason": result.reason,
+                "delay": round(result.delay, 3),
+            }
+            category = result.category
+            if category is AMDCategory.HUMAN:
+                if result.reason == "short_greeting" and self.opener is not None:
+                    await self.opener  # timing alone counts only if the leg stays silent
+                if result.reason == "short_greeting" and self.spoke_over_opener:
+                    return await self._ask(amd_seen, "spoke over the opener")
+                return Verdict(None, f"amd {result.reason}", amd_seen)
+            if self.extension and category in (AMDCategory.MACHINE_IVR, AMDCategory.UNCERTAIN):
+                if time.monotonic() < self.ring_deadline - 1.0:
+                    self.speech_ended.clear()  # the PBX is still ringing the person
+                    continue
+                if result.reason == "no_speech_timeout":
+                    return Verdict(HandoffOutcome.NO_ANSWER, "nobody picked up the extension")
+            if category in MACHINE_OUTCOMES:
+                return Verdict(MACHINE_OUTCOMES[category], f"amd {category.value}", amd_seen)
+            return await self._ask(amd_seen, f"amd uncertain ({result.reason})")
+
+    def _detection_options(self) -> DetectionOptions:
+        if not self.extension:
+            return {}
+        left = max(1.0, self.ring_deadline - time.monotonic())
+        return {"no_speech_threshold": left, "timeout": left + 20.0}
+
+    async def _opener_cue(self, verdict: asyncio.Future[Any], grace: float) -> bool:
+        """Start the opener when the human stops speaking (or a verdict or key press comes
+        first); after ``grace`` s of silence on a direct line. Returns whether it was silence.
+        On an extension silence is ringback: wait for speech until the ring timeout."""
+        if self.opener is not None:
+            return False
+        waits: list[Awaitable[Any]] = [
+            self.speech_ended.wait(),
+            self.consult.person_confirmed.wait(),
+            verdict,
+        ]
+        if not self.extension:
+            waits.append(self._silence(grace))
+        await _first(*waits)
+        silent = not (self.speech_ended.is_set() or self.consult.person_confirmed.is_set())
+        silent = silent and not verdict.done()
+        self.play_opener()
+        return silent
+
+    async def _silence(self, grace: float) -> None:
+        """Returns after ``grace`` s from the answer if nobody has started speaking; a human
+        who has started is waited for (their end of speech starts the opener instead)."""
+        await asyncio.sleep(grace)
+        if self.heard_speech:
+            await asyncio.get_running_loop().create_future()  # never: speech_ended decides
+
+    def play_opener(self) -> None:
+        if self.opener is None:
+            self.handoff.timings["opener_start"] = time.monotonic()
+            self.opener = asyncio.ensure_future(
+                self.handoff.line.play_to_human(
+                    self.handoff.consult_room,
+                    self.consult.opener,
+                    self.consult.voice.get("opener", []),
+                )
+            )
+
+    async def _ask(self, amd_seen: dict[str, Any], why: str) -> Verdict:
+        """Ask once whether a person is there; the details follow a yes or a key press."""
+        if self.opener is not None:
+            await self.opener
+        if not self.consult.person_confirmed.is_set():
+            self.consult.asked = True
+            question = self.consult.voice.get("question")
+            await self.session.say(
+                self.consult.question,
+                audio=_replay(question) if question else NOT_GIVEN,
+                allow_interruptions=False,
+            )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.consult.person_confirmed.wait(), CONFIRM_WITHIN)
+        if self.consult.person_confirmed.is_set():
+            return Verdict(None, f"{why}: confirmed", amd_seen)
+        return Verdict(HandoffOutcome.VOICEMAIL, f"{why}: nobody confirmed", amd_seen)
 
 
 class ConsultRoom:
@@ -3212,445 +3718,13 @@ class Handoff:
         return self._result(HandoffOutcome.CONNECTED)
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """Who answered the human's phone. ``outcome`` is None when a person is on the line."""
-
-    outcome: HandoffOutcome | None
-    reason: str
-    amd: dict[str, Any] = field(default_factory=dict)  # category, reason, delay: for tuning
-
-
-class Screening:
-    """Tells a person from a machine on the human's leg before anything about the caller is
-    said, with the framework's answering-machine detection (``voice.amd.AMD``) on the consult
-    session, using the session's own model and transcripts.
-
-    The leg first hears a neutral opener, played outside the session (AMD holds the session's
-    speech until its verdict), once the human stops speaking (the VAD's end of speech) or
-    after ``grace`` seconds of silence. A person is confirmed by AMD's ``human``, a key press or
-    a yes; a verdict from timing alone (``short_greeting``) counts only if the leg stayed silent
-    through the opener. Uncertain: ask once. A voicemail hears the opener, nothing more. On an
-    extension the PBX answers first: ``machine-ivr`` and silence are not final before the ring
-    timeout, and detection starts again with the ring time left."""
-
-    def __init__(self, consult: ConsultAgent, handoff: Handoff, ring_deadline: float) -> None:
-        self.consult = consult
-        self.handoff = handoff
-        self.session = consult.session
-        self.ring_deadline = ring_deadline
-        self.extension = bool(handoff.destination.extension)
-        self.speech_ended = asyncio.Event()
-        self.opener: asyncio.Future[None] | None = None
-        self.spoke_over_opener = False
-        self.heard_speech = False
-        self.session.on("user_state_changed", self._on_user_state)
-        self.session.on("user_input_transcribed", self._on_transcript)
-
-    def close(self) -> None:
-        self.session.off("user_state_changed", self._on_user_state)
-        self.session.off("user_input_transcribed", self._on_transcript)
-
-    def _on_user_state(self, ev: UserStateChangedEvent) -> None:
-        if ev.new_state == "speaking":
-            self.heard_speech = True
-        if ev.new_state == "speaking" and self.opener is not None and not self.opener.done():
-            self.spoke_over_opener = True
-        elif ev.old_state == "speaking" and ev.new_state == "listening":
-            self.speech_ended.set()
-            self.handoff.timings.setdefault("hello_end", time.monotonic())
-
-    def _on_transcript(self, ev: UserInputTranscribedEvent) -> None:
-        if ev.is_final and YES.match(ev.transcript or "") and self.consult.asked:
-            self.consult.person_confirmed.set()
-
-    async def human_stopped(self) -> None:
-        self.speech_ended.clear()
-        await self.speech_ended.wait()
-
-    async def run(self, grace: float) -> Verdict:
-        amd_seen: dict[str, Any] = {}
-        while True:
-            detector = AMD(
-                self.session,
-                llm=None,  # the session's own model and transcripts: no LiveKit Inference
-                stt=None,
-                ivr_detection=False,
-                participant_identity=self.handoff.identity,
-                suppress_compatibility_warning=True,
-                detection_options=self._detection_options(),
-            )
-            await detector.__aenter__()
-            try:
-                verdict = asyncio.ensure_future(detector.execute())
-                verdict.add_done_callback(_retrieve)
-                silent = await self._opener_cue(verdict, grace)
-                if not silent:
-                    await _first(verdict, self.consult.person_confirmed.wait())
-            finally:
-                await detector.aclose()  # lets the session speak again
-            if silent:  # nothing heard: the opener, then the question
-                return await self._ask(amd_seen, "silent line")
-            if self.consult.person_confirmed.is_set():
-                return Verdict(None, "key press or yes", amd_seen)
-            result: AMDPredictionEvent = verdict.result()
-            self.handoff.timings["verdict"] = time.monotonic()
-            amd_seen = {
-                "category": result.category.value,
-                "reason": result.reason,
-                "delay": round(result.delay, 3),
-            }
-            category = result.category
-            if category is AMDCategory.HUMAN:
-                if result.reason == "short_greeting" and self.opener is not None:
-                    await self.opener  # timing alone counts only if the leg stays silent
-                if result.reason == "short_greeting" and self.spoke_over_opener:
-                    return await self._ask(amd_seen, "spoke over the opener")
-                return Verdict(None, f"amd {result.reason}", amd_seen)
-            if self.extension and category in (AMDCategory.MACHINE_IVR, AMDCategory.UNCERTAIN):
-                if time.monotonic() < self.ring_deadline - 1.0:
-                    self.speech_ended.clear()  # the PBX is still ringing the person
-                    continue
-                if result.reason == "no_speech_timeout":
-                    return Verdict(HandoffOutcome.NO_ANSWER, "nobody picked up the extension")
-            if category in MACHINE_OUTCOMES:
-                return Verdict(MACHINE_OUTCOMES[category], f"amd {category.value}", amd_seen)
-            return await self._ask(amd_seen, f"amd uncertain ({result.reason})")
-
-    def _detection_options(self) -> DetectionOptions:
-        if not self.extension:
-            return {}
-        left = max(1.0, self.ring_deadline - time.monotonic())
-        return {"no_speech_threshold": left, "timeout": left + 20.0}
-
-    async def _opener_cue(self, verdict: asyncio.Future[Any], grace: float) -> bool:
-        """Start the opener when the human stops speaking (or a verdict or key press comes
-        first); after ``grace`` s of silence on a direct line. Returns whether it was silence.
-        On an extension silence is ringback: wait for speech until the ring timeout."""
-        if self.opener is not None:
-            return False
-        waits: list[Awaitable[Any]] = [
-            self.speech_ended.wait(),
-            self.consult.person_confirmed.wait(),
-            verdict,
-        ]
-        if not self.extension:
-            waits.append(self._silence(grace))
-        await _first(*waits)
-        silent = not (self.speech_ended.is_set() or self.consult.person_confirmed.is_set())
-        silent = silent and not verdict.done()
-        self.play_opener()
-        return silent
-
-    async def _silence(self, grace: float) -> None:
-        """Returns after ``grace`` s from the answer if nobody has started speaking; a human
-        who has started is waited for (their end of speech starts the opener instead)."""
-        await asyncio.sleep(grace)
-        if self.heard_speech:
-            await asyncio.get_running_loop().create_future()  # never: speech_ended decides
-
-    def play_opener(self) -> None:
-        if self.opener is None:
-            self.handoff.timings["opener_start"] = time.monotonic()
-            self.opener = asyncio.ensure_future(
-                self.handoff.line.play_to_human(
-                    self.handoff.consult_room,
-                    self.consult.opener,
-                    self.consult.voice.get("opener", []),
-                )
-            )
-
-    async def _ask(self, amd_seen: dict[str, Any], why: str) -> Verdict:
-        """Ask once whether a person is there; the details follow a yes or a key press."""
-        if self.opener is not None:
-            await self.opener
-        if not self.consult.person_confirmed.is_set():
-            self.consult.asked = True
-            question = self.consult.voice.get("question")
-            await self.session.say(
-                self.consult.question,
-                audio=_replay(question) if question else NOT_GIVEN,
-                allow_interruptions=False,
-            )
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.consult.person_confirmed.wait(), CONFIRM_WITHIN)
-        if self.consult.person_confirmed.is_set():
-            return Verdict(None, f"{why}: confirmed", amd_seen)
-        return Verdict(HandoffOutcome.VOICEMAIL, f"{why}: nobody confirmed", amd_seen)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark a future's exception retrieved (a verdict after detection was closed)."""
-    if not future.cancelled():
-        future.exception()
-
-
-async def _first(*waits: Awaitable[Any]) -> None:
-    """Return when the first of ``waits`` is done; cancel the rest (never a given future)."""
-    tasks = [w if isinstance(w, asyncio.Future) else asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task, wait in zip(tasks, waits, strict=True):
-            if task is not wait:
-                task.cancel()
-
-
-async def _finished_before(
-    step: Awaitable[T], gone: asyncio.Future[Any]
-) -> asyncio.Future[T] | None:
-    """``step`` run to its end, unless ``gone`` comes first: then it is cancelled (None)."""
-    task = asyncio.ensure_future(step)
-    await _first(task, gone)
-    if not task.done():
-        await utils.aio.cancel_and_wait(task)
-        return None
-    return task
-
-
 # ──────────────────────────────────────────────────────────────────────────────────────────────
-# 4. The agents
+# 6. The agents: the receptionist the caller talks to, and the one that briefs the human
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
-CALLER_INSTRUCTIONS = """\
-You are the phone receptionist for {business}. You can help with {scope}.
-You are speaking on a phone call, so:
-- answer in one to three short sentences of plain spoken language;
-- no lists, markdown, emoji, symbols or URLs; say numbers the way a person would;
-- ask one question at a time.
 
-Offer to connect the caller with a person when they ask for one, when you cannot help with what
-they need, or when they sound upset or frustrated. Always tell the caller which team you will
-connect them to and get a clear yes before calling transfer_call. Pass a short reason that says
-what the caller needs.
-If nobody can take the call, offer a callback: ask the caller's name and the best time to
-call, then use request_callback (it reads the details back and records them).
-When the caller is done and says goodbye, call end_call: it says goodbye and hangs up.
-Never read out, invent or confirm internal phone numbers or extensions. If the caller asks you
-to call a phone number they give you, explain that you can only connect them to the teams
-listed in transfer_call{direct}.
-
-Teams you can connect the caller to:
-{teams}
-"""
-
-CONSULT_INSTRUCTIONS = """\
-You are the {business} assistant, on a private line with a member of staff from {team} who may
-take over a phone call. The caller cannot hear you. Speak in short, plain sentences.
-You have already told them who is calling and why. Answer their questions using only the
-conversation below; if the answer is not in it, say you don't know.
-When they agree to take the call, call connect_to_caller. If they say they can't or won't,
-call decline_transfer with their reason. If you hear a voicemail greeting or an automated menu,
-call voicemail_detected.
-
-Reason for the transfer: {reason}
-
-Conversation with the caller:
-{transcript}
-"""
-
-BRIEF_PROMPT = """\
-You brief a member of staff who is about to take over a phone call. From the conversation,
-write two or three short spoken sentences: who is calling (if they said), what they want, what
-was already tried, and why they need a person. Plain words only, no lists or symbols, no
-greeting. Never repeat a card, account or other long number, not even digit by digit: say
-"a card ending" and its last four digits, for example "a card ending 4242".
-"""
-
-
-async def _words(text: str) -> AsyncIterator[str]:
-    yield text
-
-
-async def _replay(frames: list[rtc.AudioFrame]) -> AsyncIterator[rtc.AudioFrame]:
-    for frame in frames:
-        yield frame
-
-
-# -- instant words: fixed sentences from a cache on the worker host -----------------------------
-
-# The sentences whose words never depend on what was said: the greeting (GREETING), these, and
-# nothing else. Each is synthesised live once per worker host and played from disk after that.
-PLEASE_HOLD = "Let me connect you with {team}. Please hold for a moment."
-HOLD_CHECK_IN = "Thanks for holding. I'm still connecting you with {team}."
-# and the opener to the human (OPENER), and the question (ASK_PERSON)
-
-
-def say_fixed(
-    session: AgentSession, text: str, phrases: PhraseCache | None, **options: Any
-) -> SpeechHandle:
-    """``session.say`` for a fixed sentence: from the phrase cache when there is one."""
-    if phrases is None:
-        return session.say(text, **options)
-    return phrases.say(session, text, **options)
-
-
-def tts_voice(tts: TTS) -> dict[str, Any]:
-    """What makes a TTS sound as it does, for the phrase cache's key: its class, model, sample
-    rate and channels (public properties), and every plain value of its options object. The
-    LiveKit plugins keep voice, voice settings, encoding and language only there, in a private
-    dataclass ``_opts`` (livekit-plugins-elevenlabs 1.8.9 ``tts.py``, ``_TTSOptions``: voice_id,
-    voice_settings, model, language, encoding, sample_rate, text normalisation, pronunciation
-    dictionaries ...). Credentials are left out; anything else extra only costs a miss, while a
-    setting left out could replay a stale voice."""
-    voice: dict[str, Any] = {
-        "tts": f"{type(tts).__module__}.{type(tts).__qualname__}",
-        "model": tts.model,
-        "sample_rate": tts.sample_rate,
-        "num_channels": tts.num_channels,
-    }
-    options = getattr(tts, "_opts", None)
-    if is_dataclass(options) and not isinstance(options, type):
-        for f in fields(options):
-            if re.search(r"key|secret|token|password|auth", f.name, re.IGNORECASE):
-                continue  # credentials (a tokenizer object would be skipped as not plain anyway)
-            value = _plain(getattr(options, f.name))
-            if value is not _NOT_PLAIN:
-                voice[f"opts.{f.name}"] = value
-    return voice
-
-
-_NOT_PLAIN = object()
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON-ready data, or ``_NOT_PLAIN`` for an object (a tokenizer, a session)."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, NotGiven):
-        return "NOT_GIVEN"
-    if isinstance(value, Enum):
-        return value.value
-    if is_dataclass(value) and not isinstance(value, type):
-        value = {f.name: getattr(value, f.name) for f in fields(value)}
-    if isinstance(value, dict):
-        items = {str(k): _plain(v) for k, v in value.items()}
-        return {k: v for k, v in items.items() if v is not _NOT_PLAIN}
-    if isinstance(value, (list, tuple)):
-        return [v for v in (_plain(x) for x in value) if v is not _NOT_PLAIN]
-    return _NOT_PLAIN
-
-
-class PhraseCache:
-    """Instant words: fixed sentences play from a folder on the worker host instead of waiting
-    for speech synthesis.
-
-    A job process runs one call, so the folder, not the process, is the cache. A sentence's
-    first live synthesis on a host is played as it arrives and saved (a temporary file renamed
-    into place: a reader sees the whole file or none); later calls play the file at once. The
-    file's name is a hash of the text and the voice (``tts_voice``), so a changed greeting or
-    voice is another file and never plays a stale sentence. A file that does not verify (a
-    header with the length and a SHA-256 of the audio) is never played: the sentence is
-    synthesised live and the file replaced. A synthesis that fails or is interrupted saves
-    nothing. The folder must belong to this user and be writable by nobody else (anyone who can
-    write to it chooses what callers hear); otherwise the cache is off."""
-
-    MAGIC = b"WHPHRASE"
-    HEADER = struct.Struct("<8sIHI32s")  # magic, sample rate, channels, PCM bytes, SHA-256
-    FRAME_MS = 100  # played in frames this long
-
-    def __init__(self, folder: str) -> None:
-        self.folder = Path(folder)
-        self.usable = self._prepare()
-
-    def _prepare(self) -> bool:
-        try:
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = self.folder.stat()
-        except OSError as e:
-            logger.warning("phrase cache off: cannot use HANDOFF_PHRASE_CACHE (%r)", e)
-            return False
-        mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
-        if not mine or st.st_mode & 0o022:
-            logger.warning(
-                "phrase cache off: HANDOFF_PHRASE_CACHE %s must belong to this user and be "
-                "writable by nobody else",
-                self.folder,
-            )
-            return False
-        return True
-
-    def path_for(self, text: str, tts: TTS) -> Path:
-        key = json.dumps({"format": 1, "text": text, "voice": tts_voice(tts)}, sort_keys=True)
-        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.pcm"
-
-    def say(self, session: AgentSession, text: str, **options: Any) -> SpeechHandle:
-        agent = session.current_agent
-        tts = agent.tts if utils.is_given(agent.tts) else session.tts  # the one say() would use
-        if not self.usable or tts is None:
-            return session.say(text, **options)
-        return session.say(
-            text, audio=self._audio(agent, text, self.path_for(text, tts)), **options
-        )
-
-    async def _audio(self, agent: Agent, text: str, path: Path) -> AsyncIterator[rtc.AudioFrame]:
-        saved = self.load(path)
-        if saved is not None:
-            for frame in saved:
-                yield frame
-            return
-        # Not ready yet: the framework's own synthesis for say(text) (the agent's TTS, the
-        # session's connection options, sentence by sentence for a TTS that does not stream),
-        # kept as it plays. A failure ends the speech as a failed say(text) does, and is logged
-        # by the framework; an interruption closes this generator. Either way nothing is saved.
-        made: list[rtc.AudioFrame] = []
-        live = Agent.default.tts_node(agent, _words(text), ModelSettings())
-        async with contextlib.aclosing(live):
-            async for frame in live:
-                made.append(frame)
-                yield frame
-        if made:
-            await asyncio.to_thread(self.store, path, made)
-
-    def load(self, path: Path) -> list[rtc.AudioFrame] | None:
-        """The saved sentence as frames, or None: missing, partial or corrupt."""
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return None
-        if len(data) < self.HEADER.size:
-            return None
-        magic, rate, channels, size, digest = self.HEADER.unpack_from(data)
-        pcm = data[self.HEADER.size :]
-        width = 2 * channels
-        if (
-            magic != self.MAGIC
-            or not rate
-            or not 1 <= channels <= 2
-            or size != len(pcm)
-            or not size
-            or size % width
-            or hashlib.sha256(pcm).digest() != digest
-        ):
-            logger.debug("phrase cache: %s does not verify, it will be replaced", path.name)
-            return None
-        step = rate * self.FRAME_MS // 1000 * width
-        return [
-            rtc.AudioFrame(pcm[i : i + step], rate, channels, len(pcm[i : i + step]) // width)
-            for i in range(0, size, step)
-        ]
-
-    def store(self, path: Path, frames: list[rtc.AudioFrame]) -> None:
-        """Save a whole sentence: written to a temporary file, then renamed into place."""
-        rate, channels = frames[0].sample_rate, frames[0].num_channels
-        if any(f.sample_rate != rate or f.num_channels != channels for f in frames):
-            return  # one sentence in two formats: not worth keeping
-        pcm = b"".join(f.data.tobytes() for f in frames)
-        header = self.HEADER.pack(
-            self.MAGIC, rate, channels, len(pcm), hashlib.sha256(pcm).digest()
-        )
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(temporary, "wb") as f:
-                f.write(header + pcm)
-            os.replace(temporary, path)
-        except OSError as e:
-            self.usable = False  # logged once: this call speaks live from now on
-            logger.warning(
-                "phrase cache: could not save a fixed sentence, off for this call: %r", e
-            )
-            with contextlib.suppress(OSError):
-                temporary.unlink()
+# What an agent's ``llm_node`` yields (livekit-agents ``voice/agent.py``, ``Agent.llm_node``).
+ModelOutput: TypeAlias = "AsyncIterable[llm.ChatChunk | str | FlushSentinel]"
 
 
 class ConsultAgent(Agent):
@@ -3754,11 +3828,8 @@ class ConsultAgent(Agent):
         return await self.wait_for_decision(human_left)
 
     async def llm_node(
-        self,
-        chat_ctx: llm.ChatContext,
-        tools: list[llm.Tool],
-        model_settings: ModelSettings,
-    ) -> AsyncIterable[llm.ChatChunk | str | FlushSentinel]:
+        self, chat_ctx: llm.ChatContext, tools: list[llm.Tool], model_settings: ModelSettings
+    ) -> ModelOutput:
         if self.details_heard:
             async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
                 yield chunk
@@ -3800,19 +3871,6 @@ class ConsultAgent(Agent):
     async def voicemail_detected(self, context: RunContext) -> None:
         """Call when a voicemail greeting or an automated menu answered instead of a person."""
         self.decide(Decision(HandoffOutcome.VOICEMAIL, "voicemail or automated menu"))
-
-
-DEMO_DESTINATIONS = (
-    Destination(
-        "support",
-        "+15550100100",
-        "Technical support for products and accounts",
-        spoken_name="our support team",
-    ),
-    Destination(
-        "billing", "+15550100200", "Invoices, payments and refunds", spoken_name="our billing team"
-    ),
-)
 
 
 TRANSFER_TOOLS = ("transfer_call", "transfer_to_number")
@@ -4377,11 +4435,8 @@ class WarmHandoffAgent(Agent):
     # -- the model: answered on hold, told which teams are open --------------------------------
 
     async def llm_node(
-        self,
-        chat_ctx: llm.ChatContext,
-        tools: list[llm.Tool],
-        model_settings: ModelSettings,
-    ) -> AsyncIterable[llm.ChatChunk | str | FlushSentinel]:
+        self, chat_ctx: llm.ChatContext, tools: list[llm.Tool], model_settings: ModelSettings
+    ) -> ModelOutput:
         """While the caller is on hold, their words are answered here, at once and without a
         model request: where things stand, or, for "never mind", the transfer stops."""
         handoff = self.handoff
@@ -4540,9 +4595,8 @@ class CallerSession(AgentSession):
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
-# 5. The server
+# 7. The server: the AgentServer, the call's entrypoint, and the commands
 # ──────────────────────────────────────────────────────────────────────────────────────────────
-
 server = AgentServer()
 
 
