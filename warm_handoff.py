@@ -1830,7 +1830,7 @@ def classify_dial_error(error: Exception) -> DialFailed:
         return error
     status = getattr(error, "sip_status_code", None)
     code = getattr(error, "code", "")
-    if status in (486, 600):
+    if status in (486, 600):  # busy here, busy everywhere
         outcome = HandoffOutcome.BUSY
     elif status in (408, 480, 487) or (
         status is None and code in ("canceled", "deadline_exceeded")
@@ -1839,6 +1839,9 @@ def classify_dial_error(error: Exception) -> DialFailed:
     elif status in (603, 607):
         outcome = HandoffOutcome.DECLINED
     elif status is not None and (status in (403, 404, 410, 484, 485) or status >= 500):
+        # 403 comes from the trunk or the carrier (a caller ID it will not present, a number
+        # it may not dial), never from a person: nobody there refused, the number could not
+        # be reached, and trying it again would meet the same wall.
         outcome = HandoffOutcome.UNREACHABLE
     elif isinstance(error, asyncio.TimeoutError):
         outcome = HandoffOutcome.NO_ANSWER
