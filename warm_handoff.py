@@ -3067,7 +3067,7 @@ class CallerHold:
             self.phrases,
             allow_interruptions=False,
         )
-        self.handoff.on_hold_now()
+        self.handoff.caller_now_on_hold()
         self.audio = await self.handoff.line.start_hold()
         self.session.on("user_state_changed", self._sync)
         self.session.on("agent_state_changed", self._sync)
@@ -3461,7 +3461,8 @@ class Handoff:
     def on_hold(self) -> bool:
         return self.phase in ON_HOLD and not self._stopped.done()
 
-    def on_hold_now(self) -> None:
+    def caller_now_on_hold(self) -> None:
+        """Called by ``CallerHold`` once "please hold" has been said and hold audio starts."""
         self.timings["hold"] = time.monotonic()
         if self.phase is Phase.ANNOUNCING:  # a human may already be on the line (briefing)
             self._enter(Phase.RINGING)
