@@ -290,7 +290,9 @@ VOICEMAIL_HINTS = re.compile(
 # Whole-string patterns (\A...\Z: "$" would accept a trailing newline); phone numbers take
 # ASCII digits only ("\d" also matches other scripts' digits, which no trunk dials).
 E164 = re.compile(r"\A\+[1-9][0-9]{6,14}\Z")
-SIP_URI = re.compile(r"\Asips?:[^@\s]+@[^@\s]+\Z")
+# A sip: URI is dialled at its own host, which LiveKit takes only as a bare hostname or IP
+# (with a port): no parameters (livekit/protocol livekit/sip.go validateHostnameFormat).
+SIP_URI = re.compile(r"\A(sips?):([^@\s;]+)@([^@\s;]+)\Z")
 DTMF = re.compile(r"\A[0-9*#wW]{1,32}\Z")
 DESTINATION_NAME = re.compile(r"\A[a-z][a-z0-9_-]{0,31}\Z")
 AGENT_NAME_RULE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
@@ -1338,10 +1340,6 @@ class CallbackRequest:
     source: str  # "caller": they asked for it; "abandoned": they hung up before it was confirmed
     created_at: float = field(default_factory=time.time)
 
-    def public(self) -> dict[str, Any]:
-        """The record with the number masked, for log lines."""
-        return {**self.__dict__, "number": mask_number(self.number) if self.number else ""}
-
 
 # What a record's fields may hold: these are names and codes, never said by anyone; every
 # other text field is redacted (and ``number``, the callback number, is masked in logs).
@@ -1533,7 +1531,6 @@ class RecordDelivery:
         )
 
     async def _send_all(self) -> None:
-        import aiohttp
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
             while not self._queue.empty():
@@ -1551,7 +1548,6 @@ class RecordDelivery:
 
     async def resend(self, min_age: float = OUTBOX_MIN_AGE) -> tuple[int, int]:
         """Send every outbox record older than ``min_age`` once: (sent, still waiting)."""
-        import aiohttp
 
         sent = failed = 0
         waiting = self.outbox.waiting(min_age)
@@ -1816,6 +1812,20 @@ MOVE_BOUND = 10.0
 REMOVE_RETRY_FOR = 4.0
 
 
+def dial_target(target: str, trunk_id: str) -> dict[str, Any]:
+    """Where CreateSIPParticipant sends the INVITE. A number goes out through the outbound trunk.
+    A ``sip:`` URI names its own host, and LiveKit refuses a full URI as ``sip_call_to``
+    (livekit/protocol livekit/sip.go ``CreateSIPParticipantRequest.ValidateResult``: "SipCallTo
+    should be a phone number or SIP user, not a full SIP URI"), so its user is dialled at its
+    host through an inline trunk (``SIPOutboundConfig``; ``sips:`` over TLS)."""
+    uri = SIP_URI.fullmatch(target)
+    if uri is None:
+        return {"sip_trunk_id": trunk_id, "sip_call_to": target}
+    scheme, user, host = uri.groups()
+    transport = "SIP_TRANSPORT_TLS" if scheme == "sips" else "SIP_TRANSPORT_AUTO"
+    return {"trunk": api.SIPOutboundConfig(hostname=host, transport=transport), "sip_call_to": user}
+
+
 def dial_request_timeout(dial: Dial) -> float:
     """How long the dial request may take. The client's default is the ring timeout + 2 s
     (livekit-api ``_dial_timeout.py``), but with ``wait_until_answered`` the server answers only
@@ -2074,8 +2084,7 @@ class LiveKitPhoneLine(PhoneLine):
 
     async def dial(self, dial: Dial) -> Leg:
         request = api.CreateSIPParticipantRequest(
-            sip_trunk_id=self._settings.sip_trunk_id,
-            sip_call_to=dial.destination.target,
+            **dial_target(dial.destination.target, self._settings.sip_trunk_id),
             sip_number=dial.caller_id,
             room_name=dial.room,
             participant_identity=dial.identity,
@@ -3715,8 +3724,7 @@ class Handoff:
 
     async def _connected(self, words: str) -> HandoffResult:
         """Both modes end here: merged, hold audio off, and the agent's last words."""
-        self._enter(Phase.MERGED)
-        self.timings["merged"] = time.monotonic()
+        self._enter(Phase.MERGED)  # times "merged" too
         await self.hold.end()
         await self.session.say(words, allow_interruptions=False)
         return self._result(HandoffOutcome.CONNECTED)
@@ -4527,10 +4535,6 @@ class WarmHandoffAgent(Agent):
     def _summary(self) -> str:
         return conversation_transcript(self.session.history, limit=12)
 
-    def record_unconfirmed_callback(self) -> None:
-        """The caller left before confirming the read-back: record what they gave so far."""
-        self.callbacks.record_unconfirmed()
-
     def call_ended(self) -> None:
         """The call is over (the session closed or the job shuts down): nothing left pending."""
         self.callbacks.record_unconfirmed()
@@ -4748,7 +4752,6 @@ def callback_file_problems(settings: Settings) -> list[str]:
 
 def describe_failure(error: BaseException) -> str:
     """A failed request to LiveKit, named for an operator: the cause, not just a class."""
-    import aiohttp
 
     if isinstance(error, aiohttp.ClientConnectorError):
         where = f"cannot connect to host {error.host}:{error.port}"

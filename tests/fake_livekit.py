@@ -166,6 +166,41 @@ def _sip_failure_reason(status: int) -> str:
     return "USER_REJECTED"  # callRejected: busy, 4xx, 6xx
 
 
+def _validate_dial(req: sip_pb.CreateSIPParticipantRequest) -> None:
+    """The checks LiveKit makes before any room join or INVITE, answered ``invalid_argument``
+    (livekit/protocol livekit/sip.go ``CreateSIPParticipantRequest.ValidateResult`` and
+    ``SIPOutboundConfig.Validate``/``validateHostnameFormat``; livekit/livekit
+    pkg/service/sip.go ``CreateSIPParticipantRequest`` returns the failure as invalid_argument).
+    Header and media checks are left out: the worker sends only X- headers and no media."""
+    problem = ""
+    if not req.sip_trunk_id and not req.HasField("trunk") and not req.sip_number:
+        problem = "missing sip trunk id and sip number"
+    elif req.HasField("trunk") and not req.trunk.hostname:
+        problem = "no outbound hostname specified"
+    elif req.HasField("trunk") and (
+        "transport=" in req.trunk.hostname
+        or any(c in req.trunk.hostname for c in "@;")
+        or req.trunk.hostname.startswith(("sip:", "sips:"))
+    ):
+        problem = "trunk hostname should be a hostname or IP, not SIP URI"
+    elif not req.sip_call_to:
+        problem = "missing sip callee number"
+    elif "@" in req.sip_call_to:
+        problem = "SipCallTo should be a phone number or SIP user, not a full SIP URI"
+    elif not req.room_name:
+        problem = "missing room name"
+    if problem:
+        raise TwirpError("invalid_argument", problem)
+
+
+def dialled(req: sip_pb.CreateSIPParticipantRequest) -> str:
+    """Who an INVITE goes to, as the tests name destinations: the number, or sip:user@host for
+    an inline trunk (a test-side key for the far end's script, not server behaviour)."""
+    if req.HasField("trunk"):
+        return f"sip:{req.sip_call_to}@{req.trunk.hostname}"
+    return req.sip_call_to
+
+
 class TwirpError(Exception):
     """An error the fake answers with, encoded like Twirp does."""
 
@@ -608,8 +643,8 @@ class FakeLiveKitServer:
 
     def script_dial(self, *outcomes: DialScript, to: str = "") -> None:
         """Queue what the far end does for the next INVITEs (FIFO; one per request try).
-        ``to``: only INVITEs to that number (``sip_call_to``), served before the shared queue,
-        so calls running side by side each get their own far end."""
+        ``to``: only INVITEs to that number or sip: URI (``dialled``), served before the shared
+        queue, so calls running side by side each get their own far end."""
         self._dial_script_to.setdefault(to, deque()).extend(outcomes)
 
     def script_method(self, method: str, *faults: MethodFault, room: str = "") -> None:
@@ -835,10 +870,11 @@ class FakeLiveKitServer:
     async def _create_sip_participant(
         self, req: sip_pb.CreateSIPParticipantRequest, recorded: RecordedCall
     ) -> sip_pb.SIPParticipantInfo:
+        _validate_dial(req)
         fault = self._next_fault("CreateSIPParticipant", req.room_name)
         if fault is not None and fault.kind == "slow":
             await asyncio.sleep(fault.delay)
-        mine, shared = self._dial_script_to.get(req.sip_call_to), self._dial_script_to.get("")
+        mine, shared = self._dial_script_to.get(dialled(req)), self._dial_script_to.get("")
         script = (mine or shared or deque([DialScript.answer()])).popleft()
         if script.kind == "server_error":
             # Fails before the room is joined and before any INVITE (livekit/sip outbound.go

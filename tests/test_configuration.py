@@ -230,6 +230,16 @@ def test_only_ascii_digits_count_in_phone_numbers(number):
     assert "HANDOFF_CALLER_ID must be an E.164" in message
 
 
+@pytest.mark.parametrize(
+    "uri", ["sip:billing@pbx.example.com;transport=tcp", "sip:a@b@pbx.example.com"]
+)
+def test_a_sip_destination_names_a_bare_host(uri):
+    """LiveKit takes the host of a sip: destination only as a hostname or IP (livekit/protocol
+    livekit/sip.go validateHostnameFormat): refused at start, not at the first transfer."""
+    message = problems(HANDOFF_DESTINATIONS=destinations(support={**SUPPORT, "number": uri}))
+    assert "HANDOFF_DESTINATIONS['support'].number must be E.164" in message
+
+
 @pytest.mark.parametrize("key", ["number", "description", "spoken_name", "fallback"])
 def test_null_where_text_is_expected_is_an_error(key):
     message = problems(HANDOFF_DESTINATIONS=destinations(support={**SUPPORT, key: None}))

@@ -139,6 +139,38 @@ async def test_without_wait_the_response_comes_once_the_participant_has_joined(l
 # --- 2. ring timeout and SIP failures ------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        ({"sip_call_to": "sip:billing@pbx.example.com"}, "not a full SIP URI"),
+        ({"sip_trunk_id": ""}, "missing sip trunk id"),
+        ({"sip_call_to": ""}, "missing sip callee number"),
+    ],
+)
+async def test_a_request_livekit_refuses_is_invalid_argument_and_dials_nobody(
+    lk, lkapi, change, problem
+) -> None:
+    request = dial()
+    for field, value in change.items():
+        setattr(request, field, value)
+    with pytest.raises(api.TwirpError) as refused:
+        await lkapi.sip.create_sip_participant(request)
+    assert refused.value.code == "invalid_argument" and problem in refused.value.message
+    assert not lk.sip_calls and ROOM not in lk.rooms
+
+
+async def test_an_inline_trunk_takes_a_bare_host_only(lk, lkapi) -> None:
+    request = dial()
+    request.sip_trunk_id = ""
+    request.trunk.hostname = "sip:pbx.example.com;transport=tcp"
+    with pytest.raises(api.TwirpError) as refused:
+        await lkapi.sip.create_sip_participant(request)
+    assert refused.value.code == "invalid_argument"
+    request.trunk.hostname = "pbx.example.com:5061"
+    await lkapi.sip.create_sip_participant(request)
+    assert lk.sip_calls
+
+
 async def test_ring_timeout_ends_as_canceled_without_sip_status(lk, lkapi) -> None:
     lk.script_dial(DialScript.person(ring=3.0))
     started = time.monotonic()
