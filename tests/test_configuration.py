@@ -246,10 +246,14 @@ def test_null_where_text_is_expected_is_an_error(key):
     assert f"HANDOFF_DESTINATIONS['support'].{key} must be text" in message
 
 
-@pytest.mark.parametrize("raw", [" my-agent ", "my-agent\t", "   "])
-def test_agent_name_registers_exactly_the_value_that_was_validated(raw):
+@pytest.mark.parametrize(
+    "raw,name",
+    [(" my-agent ", "my-agent"), ("my-agent\t", "my-agent"), ("   ", wh.DEFAULT_AGENT_NAME)],
+)
+def test_agent_name_registers_exactly_the_value_that_was_validated(raw, name):
     registered = name_the_worker_registers({"AGENT_NAME": raw})
     assert registered == wh.load_settings({"AGENT_NAME": raw}, telephony=False).agent_name
+    assert registered == name
 
 
 @pytest.mark.parametrize("raw", ["2.5", "three", "0", "6"])

@@ -396,7 +396,10 @@ async def test_a_callback_file_that_cannot_be_written_logs_the_number_in_full(
         "a directory": tmp_path,
         "/dev/full": Path("/dev/full"),
     }[where]
+    caplog.set_level(logging.INFO, logger="warm-handoff")
     records_kept_in(path).callback(request())
+    [logged] = [r for r in caplog.records if "callback_request record" in r.getMessage()]
+    assert "a card ending 1111" in logged.getMessage()  # the record's own line is there too
     [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     message = error.getMessage()
     assert "+15105550199" in message  # the one unmasked number a log may hold
@@ -527,6 +530,8 @@ async def test_the_worker_resends_the_outbox_from_its_main_process(receiver, tmp
     try:
         await wait_for(lambda: "left-by-a-job" in r.by_id, 10)
         await wait_for(lambda: not list(outbox.folder.glob("*.json")))
+        assert r.by_id["left-by-a-job"]["room"] == "r9" and r.record_ids_match
+        assert list(outbox.folder.glob("*.json")) == []  # delivered, then removed
     finally:
         await wh.server.aclose()
         await asyncio.wait_for(run, 10)

@@ -257,6 +257,7 @@ async def test_the_brief_on_the_consult_agent_is_redacted(start_call):
 
 
 async def test_records_and_their_log_lines_are_redacted(start_call, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="warm-handoff")
     path = tmp_path / "callbacks.jsonl"
     records_kept_in(path).callback(
         callback_request(
@@ -268,5 +269,7 @@ async def test_records_and_their_log_lines_are_redacted(start_call, tmp_path, ca
     assert record["reason"] == "refund to a card ending 1111"
     assert record["summary"] == "Caller: my other number is 51055•••42"
     assert record["number"] == "+15105550199"  # the callback number itself, in full
+    [line] = [r.getMessage() for r in caplog.records if "callback_request record" in r.getMessage()]
+    assert "a card ending 1111" in line  # the record's own log line, redacted
     assert "4111" not in caplog.text and "5550142" not in caplog.text
     assert "+15105550199" not in caplog.text  # masked in the log line
