@@ -157,13 +157,13 @@ def sip_twirp_code(status: int) -> str:
 
 
 def _sip_failure_reason(status: int) -> str:
-    """How the SIP participant leaves after a failed INVITE: livekit/sip errors.go
-    `classifyInviteError` picks the call status, participant.go `DisconnectReason` maps it."""
-    if status in (404, 408, 480):  # callUnavailable
-        return "USER_UNAVAILABLE"
-    if 500 <= status < 600:  # callDropped (carrier 5xx)
-        return "UNKNOWN_REASON"
-    return "USER_REJECTED"  # callRejected: busy, 4xx, 6xx
+    """How the SIP participant leaves after a failed INVITE: the disconnect reason livekit/sip
+    pkg/sip/outbound.go ``classifyInviteError`` picks for the far end's final status."""
+    if status in (401, 403, 407, 486, 488) or 600 <= status < 700:
+        return "USER_REJECTED"  # auth, forbidden, busy, not acceptable; 6xx global decline
+    if 500 <= status < 600:
+        return "SIP_TRUNK_FAILURE"  # a carrier-side 5xx
+    return "USER_UNAVAILABLE"  # 404, 408, 480 and every other 4xx
 
 
 def _validate_dial(req: sip_pb.CreateSIPParticipantRequest) -> None:
@@ -488,12 +488,14 @@ def _need_sip_call(claims: Claims, req: Any) -> None:
 
 
 def _need_room_admin(claims: Claims, req: Any) -> None:
-    # LiveKit requires video.room == request room; the fake also accepts an unscoped token.
+    # livekit/livekit pkg/service/auth.go EnsureAdminPermission: roomAdmin and video.room equal
+    # to the request's room; EnsureDestRoomPermission: video.destinationRoom equal to the move's
+    # destination.
     v = claims.video
-    if not (v and v.room_admin and v.room in ("", req.room)):
+    if not (v and v.room_admin and v.room == req.room):
         raise _denied(f"video.roomAdmin for room {req.room!r}")
     dest = getattr(req, "destination_room", None)
-    if dest is not None and v.destination_room not in (None, "", dest):
+    if dest is not None and v.destination_room != dest:
         raise _denied(f"video.destinationRoom {dest!r}")
 
 
@@ -504,7 +506,8 @@ def _need_room_create(claims: Claims, req: Any) -> None:
 
 
 def _need_room_list(claims: Claims, req: Any) -> None:
-    if not (claims.video and (claims.video.room_list or claims.video.room_admin)):
+    # livekit/livekit pkg/service/auth.go EnsureListPermission: roomList only
+    if not (claims.video and claims.video.room_list):
         raise _denied("video.roomList")
 
 
@@ -1007,7 +1010,7 @@ class FakeLiveKitServer:
             error = TwirpError(
                 "canceled", f"transaction failed to complete ({responses} intermediate responses)"
             )
-            end("no_final_response", "USER_UNAVAILABLE", error)
+            end("no_final_response", "SIP_TRUNK_FAILURE", error)  # ClassifyInvite: trunk failure
             return
         # 200 OK. outbound.go dialSIP: with DTMF, "automation" while media-sdk dtmf.Write sends
         # it (0.5 s a character, 'w' a 0.5 s pause); then "active". The DTMF is sent on the

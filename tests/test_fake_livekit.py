@@ -192,8 +192,9 @@ async def test_ring_timeout_ends_as_canceled_without_sip_status(lk, lkapi) -> No
     [
         (486, "failed_precondition", "USER_REJECTED"),
         (480, "failed_precondition", "USER_UNAVAILABLE"),
+        (410, "not_found", "USER_UNAVAILABLE"),  # any other 4xx
         (603, "permission_denied", "USER_REJECTED"),
-        (503, "failed_precondition", "UNKNOWN_REASON"),
+        (503, "failed_precondition", "SIP_TRUNK_FAILURE"),
     ],
 )
 async def test_sip_failure_is_a_sip_call_error_and_the_participant_leaves(
@@ -219,6 +220,7 @@ async def test_no_final_response_is_canceled_without_sip_status(lk, lkapi) -> No
         await lkapi.sip.create_sip_participant(dial(wait=True))
     assert not isinstance(exc.value, api.SipCallError)
     assert (exc.value.code, exc.value.status) == ("canceled", 408)
+    assert lk.events[-1].reason == "SIP_TRUNK_FAILURE"
 
 
 # --- 3. removing the participant ---------------------------------------------------------
@@ -528,7 +530,9 @@ async def test_wrong_secret_is_unauthenticated(lk) -> None:
 
 async def test_token_without_sip_call_grant_is_refused(lk) -> None:
     token = (
-        api.AccessToken(API_KEY, API_SECRET).with_grants(api.VideoGrants(room_admin=True)).to_jwt()
+        api.AccessToken(API_KEY, API_SECRET)
+        .with_grants(api.VideoGrants(room_admin=True, room=ROOM))  # scoped, as LiveKit requires
+        .to_jwt()
     )
     async with api.LiveKitAPI.with_token(token, lk.url) as weak:
         with pytest.raises(api.ServerError) as exc:
@@ -538,6 +542,23 @@ async def test_token_without_sip_call_grant_is_refused(lk) -> None:
         lk.add_participant(ROOM, "caller")
         await weak.room.remove_participant(remove(ROOM, "caller"))
     assert set(lk.rooms[ROOM]) == set()
+
+
+async def test_room_grants_are_scoped_as_livekit_checks_them(lk) -> None:
+    """livekit/livekit pkg/service/auth.go: roomAdmin counts only for the token's own room, and
+    listing rooms needs roomList."""
+    token = (
+        api.AccessToken(API_KEY, API_SECRET).with_grants(api.VideoGrants(room_admin=True)).to_jwt()
+    )
+    lk.add_participant(ROOM, "caller")
+    async with api.LiveKitAPI.with_token(token, lk.url) as unscoped:
+        with pytest.raises(api.ServerError) as exc:
+            await unscoped.room.remove_participant(remove(ROOM, "caller"))
+        assert exc.value.code == "permission_denied"
+        with pytest.raises(api.ServerError) as exc:
+            await unscoped.room.list_rooms(room_pb.ListRoomsRequest())
+        assert exc.value.code == "permission_denied"
+    assert set(lk.rooms[ROOM]) == {"caller"}
 
 
 async def test_room_service_state(lk, lkapi) -> None:
