@@ -2179,7 +2179,9 @@ class LiveKitPhoneLine(PhoneLine):
             await asyncio.wait_for(self._ctx.api.room.move_participant(request), MOVE_BOUND)
             return
         except api.ServerError as e:
-            if e.code == "unimplemented":  # self-hosted LiveKit: MoveParticipant is Cloud only
+            # Self-hosted LiveKit has no MoveParticipant: its RoomManager answers "not
+            # implemented" (livekit/livekit pkg/service/roommanager.go), a Twirp "unknown".
+            if e.code == "unimplemented" or "not implemented" in (e.message or ""):
                 raise MoveRefused(f"{e.code}: {e.message}") from e
             problem = f"{e.code}: {e.message}"
         except asyncio.TimeoutError:

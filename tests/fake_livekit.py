@@ -1104,8 +1104,11 @@ class FakeLiveKitServer:
         return room_pb.RemoveParticipantResponse()
 
     async def _move_participant(self, req: room_pb.MoveParticipantRequest, _: Any) -> Message:
-        if not self.move_supported:  # self-hosted LiveKit: Cloud-only feature
-            raise TwirpError("unimplemented", "MoveParticipant is not supported")
+        if not self.move_supported:
+            # Self-hosted LiveKit: RoomManager.MoveParticipant returns errors.New("not
+            # implemented") (livekit/livekit pkg/service/roommanager.go), which reaches the
+            # client through psrpc as an Unknown error: Twirp "unknown", HTTP 500.
+            raise TwirpError("unknown", "not implemented")
         if req.room == req.destination_room:  # roomservice.go ErrDestinationSameAsSourceRoom
             raise TwirpError("invalid_argument", "destination room cannot be the same as source")
         lose = await self._apply_fault("MoveParticipant", req.destination_room)
