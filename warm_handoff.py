@@ -1305,6 +1305,7 @@ class Phase(str, Enum):
 
 
 ON_HOLD = (Phase.RINGING, Phase.BRIEFING)
+BEFORE_MERGE = (Phase.ANNOUNCING, *ON_HOLD)  # the attempt may still be stopped; the caller waits
 
 
 @dataclass
@@ -3482,7 +3483,7 @@ class Handoff:
 
     def stop(self, outcome: HandoffOutcome, detail: str) -> None:
         """End the attempt from outside the flow (before the merge); ``run()`` cleans up."""
-        if not self._stopped.done() and self.phase not in (Phase.MERGING, Phase.MERGED):
+        if not self._stopped.done() and self.phase in BEFORE_MERGE:
             self._stopped.set_result((outcome, detail))
 
     def answer_on_hold(self, said: str) -> str:
@@ -3958,19 +3959,17 @@ class TeamChoice:
     def dials_left(self) -> bool:
         return len(self.tried) < self.settings.max_attempts
 
+    def can_dial(self, destination: Destination, now: datetime | None = None) -> bool:
+        """Whether ``destination`` may be dialled now: offerable, open, and a dial left."""
+        return self.dials_left and self.may_offer(destination) and self.is_open(destination, now)
+
     def next_destination(self, after: Destination | None = None) -> Destination | None:
         """Who to offer after a failed attempt (or instead of the closed ``after``): the last
         destination's named fallback, else the first one ``may_offer`` allows in the
         operator's order; only a team open now; nobody once ``HANDOFF_MAX_ATTEMPTS`` dials were
         made."""
-        if not self.dials_left:
-            return None
         now = self.now()
-        offerable = [
-            d
-            for d in self.destinations
-            if self.may_offer(d) and self.is_open(d, now) and d != after
-        ]
+        offerable = [d for d in self.destinations if d != after and self.can_dial(d, now)]
         last = after or (self.tried[-1] if self.tried else None)
         preferred = next((d for d in offerable if last and d.name == last.fallback), None)
         return preferred or (offerable[0] if offerable else None)
@@ -4141,9 +4140,7 @@ class SafetyNet:
             detail=f"the human left {time.monotonic() - merged:.1f}s after the merge",
             timings={**result.timings, "rejoined": time.monotonic()},
         )
-        agent.results[next(i for i, r in enumerate(agent.results) if r is result)] = rejoined
-        agent.teams.ended[destination] = HandoffOutcome.REJOINED
-        agent.records.handoff(rejoined)
+        agent.record(rejoined, destination)
         logger.info(
             "the human left right after the merge in room %s: the agent is back",
             self.line.caller_room,
@@ -4161,11 +4158,7 @@ class SafetyNet:
     def _rejoin_words(self, destination: Destination) -> tuple[str, str]:
         """What the caller hears when the agent is back, and the note that tells the model."""
         agent = self.agent
-        again = (
-            agent.teams.may_offer(destination)
-            and agent.teams.is_open(destination)
-            and agent.teams.dials_left
-        )
+        again = agent.teams.can_dial(destination)
         other = agent.teams.next_destination(after=destination)
         options = (["try them again"] if again else []) + (
             [f"try {other.said_as}"] if other else []
@@ -4214,7 +4207,6 @@ class WarmHandoffAgent(Agent):
         self.now = now  # the clock opening hours are read with (aware datetimes)
         self.destinations = settings.destinations
         self.teams = TeamChoice(settings, lambda: self.now())
-        self.tried = self.teams.tried
         self.results: list[HandoffResult] = []
         self.handoff: Handoff | None = None  # the attempt in progress
         # how an attempt is made: the benchmark's reference orderings plug in here
@@ -4356,7 +4348,7 @@ class WarmHandoffAgent(Agent):
             )
         if not self.teams.dials_left:
             return ToolResult("No more transfers on this call. " + self.teams.what_next_for_model())
-        self.tried.append(destination)
+        self.teams.tried.append(destination)
         self.teams.ended[destination] = HandoffOutcome.FAILED  # until the attempt says otherwise
         self.handoff = self.handoff_factory(
             settings=self.settings,
@@ -4376,13 +4368,24 @@ class WarmHandoffAgent(Agent):
         finally:
             self._handoff_done.set()
 
-    async def _after_handoff(self, destination: Destination, result: HandoffResult) -> ToolResult:
-        """Record the attempt and tell the caller what happens next."""
-        self.teams.ended[destination] = result.outcome
-        self.results.append(result)
+    def record(self, result: HandoffResult, dialled: Destination | None = None) -> None:
+        """The one place an attempt is kept: this call's results (an attempt recorded again,
+        ``connected`` then ``rejoined``, keeps its place), how the dialled team's last attempt
+        ended (``may_offer``), the records, and the brief for a later callback."""
+        earlier = next((i for i, r in enumerate(self.results) if r.attempt == result.attempt), None)
+        if earlier is None:
+            self.results.append(result)
+        else:
+            self.results[earlier] = result
+        if dialled is not None:
+            self.teams.ended[dialled] = result.outcome
         self.records.handoff(result)
         if result.brief:
             self.callbacks.last_brief = result.brief
+
+    async def _after_handoff(self, destination: Destination, result: HandoffResult) -> ToolResult:
+        """Record the attempt and tell the caller what happens next."""
+        self.record(result, destination)
         if result.connected:
             self.leaving = asyncio.ensure_future(self.safety_net.step_out(destination, result))
             return ToolResult(
@@ -4426,8 +4429,7 @@ class WarmHandoffAgent(Agent):
             reason=reason or "a request for a person",
             phase=Phase.CLOSED,
         )
-        self.results.append(result)
-        self.records.handoff(result)
+        self.record(result)  # never dialled: nothing against the team
         team = destination.said_as[0].upper() + destination.said_as[1:]
         told = sentence(f"{team} is closed right now" + (f" and opens {when}" if when else ""))
         callback_at = when or "as soon as they can"
@@ -4454,7 +4456,7 @@ class WarmHandoffAgent(Agent):
         """While the caller is on hold, their words are answered here, at once and without a
         model request: where things stand, or, for "never mind", the transfer stops."""
         handoff = self.handoff
-        if handoff is not None and handoff.phase in (Phase.ANNOUNCING, *ON_HOLD):
+        if handoff is not None and handoff.phase in BEFORE_MERGE:
             answer = handoff.answer_on_hold(last_said_by_user(chat_ctx))
             if answer:
                 yield answer

@@ -267,7 +267,7 @@ async def test_a_closed_team_is_never_dialled_and_the_caller_hears_when_it_opens
     ]
     assert [(r["destination"], r["outcome"]) for r in records] == [("billing", "closed")]
     assert records[0]["detail"] == "outside opening hours; opens tomorrow at 9 a.m."
-    assert call.agent.tried == []  # not a dial: no attempt used, billing may be offered later
+    assert call.agent.teams.tried == []  # not a dial: no attempt used, billing may be offered later
 
 
 async def test_a_closed_fallback_is_not_offered(start_call):

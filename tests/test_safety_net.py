@@ -135,7 +135,7 @@ async def test_the_same_team_can_be_dialled_again_and_counts_as_an_attempt(livek
     dials = [c.request for c in server.calls_to("CreateSIPParticipant")]
     assert [dialled(d) for d in dials] == ["sip:billing@pbx.example.com"] * 2
     assert [r.outcome for r in agent.results] == [Out.REJOINED, Out.CONNECTED]
-    assert [d.name for d in agent.tried] == ["billing", "billing"]
+    assert [d.name for d in agent.teams.tried] == ["billing", "billing"]
     assert caller_heard(session)[-1] == CONNECTED["consult"]
     # the model was told what happened, and which transfer to make
     after = next(r for r in model.of("caller") if "try them again" in r.last_user_text())
