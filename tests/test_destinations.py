@@ -74,6 +74,9 @@ async def test_direct_numbers_only_with_the_operator_allowlist(start_call, numbe
     call = await start_call(respond, line=line, settings=allowlist_settings())
     await call.session.run(user_input="call my colleague please")
     assert [d.destination.target for d in line.dials] == (["+15105550142"] if dialled else [])
+    output = next(i for i in call.session.history.items if i.type == "function_call_output")
+    refused = "not one you are allowed to connect to" in output.output
+    assert refused is not dialled  # the tool ran, and refused exactly the numbers not allowed
 
 
 async def test_allowlist_only_offers_just_the_direct_tool(start_call):
