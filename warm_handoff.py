@@ -282,6 +282,12 @@ VOICEMAIL_HINTS = re.compile(
     re.IGNORECASE,
 )
 
+# -- what the console's simulated human says, and listens for --------------------------------------
+SIMULATED_HELLO = "Hello?"
+SIMULATED_MAILBOX = "Hi, you've reached the support line. Please leave a message after the tone."
+ASKED_IF_TEAM = re.compile(r"\bis this\b[^?]*\?", re.IGNORECASE)  # ASK_PERSON: a yes, a 1
+ASKED_TO_DECIDE = re.compile(r"\bpress 1\b.*\bpress 2\b", re.IGNORECASE)  # BRIEF_ASK: 1 or 2
+
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 # 2. Configuration: one table of variables, read and checked once at start
@@ -2366,7 +2372,10 @@ class SimulatedPhoneLine(PhoneLine):
 
     Rooms are sets of identities; a human is scripted by ``SimulatedHuman`` (or driven step by
     step with ``human_says``/``human_presses``/``hang_up_human``); every step is kept in
-    ``events`` and, in the console, printed as it happens."""
+    ``events`` and, in the console, printed as it happens. The line carries text, not audio:
+    what the human says reaches the consult session as a final transcript and a user turn, as
+    the session's speech-to-text would deliver it; what is said to the human is what they hear,
+    and the scripted human answers it as a person would (``_human_script``)."""
 
     ring_time = 3.0  # how long the simulated phone rings before it is answered
     hello_after = 0.8  # the scripted human's "Hello?" after picking up
@@ -2399,6 +2408,7 @@ class SimulatedPhoneLine(PhoneLine):
         self.consults: dict[str, AgentSession] = {}
         self._announce = announce
         self._dtmf: dict[str, list[Callable[[str], None]]] = {}
+        self._heard: dict[str, asyncio.Queue[str]] = {}  # room -> what the human hears, in order
         self._left: dict[str, asyncio.Event] = {}
         self._dropped: dict[str, asyncio.Event] = {}  # room -> our connection to it dropped
         self._scripts: set[asyncio.Task[None]] = set()
@@ -2493,17 +2503,24 @@ class SimulatedPhoneLine(PhoneLine):
         self.rooms.setdefault(room, set())
         self.consults[room] = session
 
-        def heard(ev: Any) -> None:
+        def heard(ev: ConversationItemAddedEvent) -> None:
             if getattr(ev.item, "role", None) == "assistant" and ev.item.text_content:
-                self._log(f"human hears: {ev.item.text_content}")
+                self._human_hears(room, ev.item.text_content)
 
         session.on("conversation_item_added", heard)
         await session.start(agent=agent)
 
     async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
-        self._log(f"human hears: {text}")
+        self._human_hears(room, text)
         await asyncio.sleep(sum(frame.duration for frame in audio))
         self._log("played to the human")
+
+    def _human_hears(self, room: str, text: str) -> None:
+        self._log(f"human hears: {text}")
+        self._heard_in(room).put_nowait(text)
+
+    def _heard_in(self, room: str) -> asyncio.Queue[str]:
+        return self._heard.setdefault(room, asyncio.Queue())
 
     async def close_consult(self, room: str) -> None:
         session = self.consults.pop(room, None)
@@ -2553,11 +2570,16 @@ class SimulatedPhoneLine(PhoneLine):
         )
 
     def human_says(self, text: str) -> None:
-        """The human speaks in the consult room: the consult session hears it."""
+        """The human speaks in the consult room: the consult session gets it as its
+        speech-to-text would give it, a final transcript, then a user turn."""
         room = self._human_room()
         self._log(f"human says: {text}")
         if room in self.consults:
-            self.consults[room].generate_reply(user_input=text)
+            session = self.consults[room]
+            session.emit(
+                "user_input_transcribed", UserInputTranscribedEvent(transcript=text, is_final=True)
+            )
+            session.generate_reply(user_input=text)
 
     def human_presses(self, digit: str) -> None:
         room = self._human_room()
@@ -2589,26 +2611,25 @@ class SimulatedPhoneLine(PhoneLine):
         task.add_done_callback(self._scripts.discard)
 
     async def _human_script(self, room: str, outcome: SimulatedHuman) -> None:
-        """What the console's simulated human does once they pick up."""
+        """What the console's simulated human does once they pick up: a mailbox greets and
+        then records in silence; a person says hello, then answers what they hear, like a
+        person: "Is this ...?" gets a 1 (a yes), the brief's "press 1 ... press 2" gets the
+        scenario's decision. Nothing else they hear asks anything of them, so they wait."""
         await asyncio.sleep(self.hello_after)
         if outcome is SimulatedHuman.VOICEMAIL:
-            self.human_says(
-                "Hi, you've reached the support line. Please leave a message after the tone."
-            )
+            self.human_says(SIMULATED_MAILBOX)
             return
-        self.human_says("Hello?")
-        session = self.consults.get(room)
-        if session is None:
-            return
-        # wait until the brief has been spoken (the consult agent's first words)
-        for _ in range(600):
-            if any(getattr(i, "role", None) == "assistant" for i in session.history.items):
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(self.decide_after)
+        self.human_says(SIMULATED_HELLO)
         takes_it = outcome in (SimulatedHuman.ANSWER, SimulatedHuman.DROP_AFTER_MERGE)
         human = [i for i in self.rooms.get(room, set()) if i.startswith("transfer_")]
-        self.human_presses("1" if takes_it else "2")
+        if room in self.consults:  # consult: the decision is theirs
+            heard = self._heard_in(room)
+            while not ASKED_TO_DECIDE.search(text := await heard.get()):
+                if ASKED_IF_TEAM.search(text):
+                    await asyncio.sleep(self.decide_after)
+                    self.human_presses("1")
+            await asyncio.sleep(self.decide_after)
+            self.human_presses("1" if takes_it else "2")
         if outcome is SimulatedHuman.DROP_AFTER_MERGE and human:
             if await self.wait_for_arrival(self.caller_room, human[0], timeout=10):
                 await asyncio.sleep(self.drop_after)
@@ -3147,7 +3168,8 @@ class Screening:
     speech until its verdict), once the human stops speaking (the VAD's end of speech) or
     after ``grace`` seconds of silence. A person is confirmed by AMD's ``human``, a key press or
     a yes; a verdict from timing alone (``short_greeting``) counts only if the leg stayed silent
-    through the opener. Uncertain: ask once. A voicemail hears the opener, nothing more. On an
+    through the opener. Uncertain: ask once. A mailbox's words in a final transcript end it as
+    voicemail at once. A voicemail hears the opener, nothing more. On an
     extension the PBX answers first: ``machine-ivr`` and silence are not final before the ring
     timeout, and detection starts again with the ring time left."""
 
@@ -3158,6 +3180,7 @@ class Screening:
         self.ring_deadline = ring_deadline
         self.extension = bool(handoff.destination.extension)
         self.speech_ended = asyncio.Event()
+        self.mailbox_words = asyncio.Event()  # "leave a message after the tone" transcribed
         self.opener: asyncio.Future[None] | None = None
         self.spoke_over_opener = False
         self.heard_speech = False
@@ -3178,8 +3201,16 @@ class Screening:
             self.handoff.timings.setdefault("hello_end", time.monotonic())
 
     def _on_transcript(self, ev: UserInputTranscribedEvent) -> None:
-        if ev.is_final and YES.match(ev.transcript or "") and self.consult.asked:
+        """A yes to the question confirms a person; a mailbox's words (a PBX's menu only off an
+        extension, where the menu comes before the person) end the attempt as voicemail,
+        without waiting for the detector's silence window."""
+        if not ev.is_final:
+            return
+        if YES.match(ev.transcript or "") and self.consult.asked:
             self.consult.person_confirmed.set()
+        elif hint := VOICEMAIL_HINTS.search(ev.transcript or ""):
+            if not (self.extension and hint.group().lower().startswith("press")):
+                self.mailbox_words.set()
 
     async def human_stopped(self) -> None:
         self.speech_ended.clear()
@@ -3203,9 +3234,13 @@ class Screening:
                 verdict.add_done_callback(_retrieve)
                 silent = await self._opener_cue(verdict, grace)
                 if not silent:
-                    await _first(verdict, self.consult.person_confirmed.wait())
+                    await _first(
+                        verdict, self.consult.person_confirmed.wait(), self.mailbox_words.wait()
+                    )
             finally:
                 await detector.aclose()  # lets the session speak again
+            if self.mailbox_words.is_set() and not self.consult.person_confirmed.is_set():
+                return Verdict(HandoffOutcome.VOICEMAIL, "mailbox words", amd_seen)
             if silent:  # nothing heard: the opener, then the question
                 return await self._ask(amd_seen, "silent line")
             if self.consult.person_confirmed.is_set():
@@ -3246,16 +3281,12 @@ class Screening:
         On an extension silence is ringback: wait for speech until the ring timeout."""
         if self.opener is not None:
             return False
-        waits: list[Awaitable[Any]] = [
-            self.speech_ended.wait(),
-            self.consult.person_confirmed.wait(),
-            verdict,
-        ]
+        heard = (self.speech_ended, self.consult.person_confirmed, self.mailbox_words)
+        waits: list[Awaitable[Any]] = [verdict, *(event.wait() for event in heard)]
         if not self.extension:
             waits.append(self._silence(grace))
         await _first(*waits)
-        silent = not (self.speech_ended.is_set() or self.consult.person_confirmed.is_set())
-        silent = silent and not verdict.done()
+        silent = not (verdict.done() or any(event.is_set() for event in heard))
         self.play_opener()
         return silent
 
@@ -3290,9 +3321,14 @@ class Screening:
                 allow_interruptions=False,
             )
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.consult.person_confirmed.wait(), CONFIRM_WITHIN)
+                await asyncio.wait_for(
+                    _first(self.consult.person_confirmed.wait(), self.mailbox_words.wait()),
+                    CONFIRM_WITHIN,
+                )
         if self.consult.person_confirmed.is_set():
             return Verdict(None, f"{why}: confirmed", amd_seen)
+        if self.mailbox_words.is_set():
+            return Verdict(HandoffOutcome.VOICEMAIL, f"{why}: mailbox words", amd_seen)
         return Verdict(HandoffOutcome.VOICEMAIL, f"{why}: nobody confirmed", amd_seen)
 
 
