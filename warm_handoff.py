@@ -2504,8 +2504,9 @@ class SimulatedPhoneLine(PhoneLine):
         self.consults[room] = session
 
         def heard(ev: ConversationItemAddedEvent) -> None:
-            if getattr(ev.item, "role", None) == "assistant" and ev.item.text_content:
-                self._human_hears(room, ev.item.text_content)
+            item = ev.item
+            if isinstance(item, llm.ChatMessage) and item.role == "assistant" and item.text_content:
+                self._human_hears(room, item.text_content)
 
         session.on("conversation_item_added", heard)
         await session.start(agent=agent)
