@@ -467,6 +467,7 @@ class TTSText:
     model: str
     output_format: str
     context_id: str = ""
+    socket: int = 0  # which multi-stream-input socket (1, 2, ...) carried it; 0: HTTP
     text: str = ""  # whitespace-normalised, all the text the request/context carried
     at: float = field(default_factory=time.monotonic)
     audio_seconds: float = 0.0  # of audio sent back
@@ -539,6 +540,7 @@ class ProviderStandIns:
         self.llm_requests: list[ChatRequest] = []
         self.stt_sessions: list[STTSession] = []
         self.tts_texts: list[TTSText] = []
+        self.tts_sockets = 0  # multi-stream-input sockets opened so far
         self.port = 0
         self._transcripts: deque[str] = deque()
         self._sockets: set[web.WebSocketResponse] = set()
@@ -925,6 +927,8 @@ class ProviderStandIns:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self._sockets.add(ws)
+        self.tts_sockets += 1
+        serial = self.tts_sockets
         inactivity = float(query.get("inactivity_timeout", 20))
         auto_mode = query.get("auto_mode") == "true"
         contexts: dict[str, _Context] = {}
@@ -957,6 +961,7 @@ class ProviderStandIns:
                         query.get("model_id", ""),
                         output_format,
                         context_id,
+                        serial,
                     )
                     ctx = contexts[context_id] = _Context(
                         record, config.get("chunk_length_schedule") or ELEVEN_SCHEDULE
