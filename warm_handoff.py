@@ -478,6 +478,9 @@ class Settings:
     tts_model: str = "eleven_multilingual_v2"
     tts_encoding: str = "pcm_44100"
     tts_voice_id: str = ""
+    deepgram_base_url: str = ""  # "": the provider's default (each base URL)
+    openai_base_url: str = ""
+    eleven_base_url: str = ""
     simulated_human: SimulatedHuman = SimulatedHuman.ANSWER
     webhook_url: str = ""
     webhook_secret: str = field(default="", repr=False)
@@ -597,6 +600,15 @@ _livekit_url = _must_match(
     re.compile(r"(wss?|https?)://"), "must start with wss://, ws://, https:// or http://"
 )
 _webhook_url = _must_match(re.compile(r"https?://[^\s/]+"), "must be an http:// or https:// URL")
+# A provider's base URL: a host, and no whitespace anywhere (a pasted line break or space is
+# a mistake, not part of an address).
+_http_base_url = _must_match(
+    re.compile(r"\Ahttps?://[^\s/?#]+\S*\Z"), "must be an http:// or https:// URL, without spaces"
+)
+_deepgram_base_url = _must_match(
+    re.compile(r"\A(wss?|https?)://[^\s/?#]+\S*\Z"),
+    "must be a wss://, ws://, https:// or http:// URL, without spaces",
+)
 _e164_number = _must_match(E164, "must be an E.164 number like +15105550100")
 _agent_name = _must_match(AGENT_NAME_RULE, "may hold only letters, digits, '-' and '_'")
 
@@ -641,6 +653,11 @@ def _on_unless_off(row: Variable[bool], text: str, problems: list[str]) -> bool:
 
 def _folder_or_off(row: Variable[str], text: str, problems: list[str]) -> str:
     return "" if text.lower() in OFF else text
+
+
+def _eleven_base_url(row: Variable[str], text: str, problems: list[str]) -> str:
+    """An http(s) URL without its trailing "/": the plugin appends "/text-to-speech/..."."""
+    return _http_base_url(row, text, problems).rstrip("/")
 
 
 def _existing_file(row: Variable[str], text: str, problems: list[str]) -> str:
@@ -964,6 +981,10 @@ def _url_origin_shown(url: str, settings: Settings) -> str:
     return url_origin(url) or "(not set)"
 
 
+def _base_url_shown(url: str, settings: Settings) -> str:
+    return url_origin(url) or "(not set: the provider's default)"
+
+
 def _folder_shown(folder: str, settings: Settings) -> str:
     return folder or "off"
 
@@ -1026,6 +1047,19 @@ VARIABLES: tuple[Variable[Any], ...] = (
     Variable("TTS_ENCODING", "tts_encoding", _text),
     # ElevenLabs voice (unset: the plugin's default voice).
     Variable("TTS_VOICE_ID", "tts_voice_id", _text),
+    # The providers' addresses (unset: each provider's default), shown by origin only, as the
+    # webhook: a gateway may carry a token in the path or query. Deepgram's streaming
+    # endpoint, e.g. https://api.eu.deepgram.com/v1/listen; wss:// and ws:// too, since the
+    # plugin turns http(s) into ws(s) for streaming and back for a single request
+    # (livekit-plugins-deepgram _utils.py, _to_deepgram_url).
+    Variable("DEEPGRAM_BASE_URL", "deepgram_base_url", _deepgram_base_url, show=_base_url_shown),
+    # An OpenAI-compatible API root, e.g. https://gateway.example.com/v1. Passed to the plugin
+    # always (build_models), so the SDK never reads OPENAI_BASE_URL from the environment again.
+    Variable("OPENAI_BASE_URL", "openai_base_url", _http_base_url, show=_base_url_shown),
+    # ElevenLabs' API root, e.g. https://api.eu.residency.elevenlabs.io/v1. http(s) only: the
+    # plugin sends its HTTP synthesis there as given and derives the websocket's wss/ws itself
+    # (livekit-plugins-elevenlabs tts.py, _synthesize_url and _multi_stream_url).
+    Variable("ELEVEN_BASE_URL", "eleven_base_url", _eleven_base_url, show=_base_url_shown),
     #
     # Records. Where outcome records and callback requests are POSTed.
     Variable("HANDOFF_WEBHOOK_URL", "webhook_url", _webhook_url, show=_url_origin_shown),
@@ -4657,16 +4691,33 @@ def prewarm(proc: JobProcess) -> None:
 server.setup_fnc = prewarm
 
 
+# The openai SDK's own default API root (openai.AsyncClient, base_url None and no
+# OPENAI_BASE_URL): passed explicitly when OPENAI_BASE_URL is unset.
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
 def build_models(settings: Settings, vad: VAD) -> Models:
+    """The call's models, configured from ``settings`` alone. Deepgram's and ElevenLabs' base
+    URLs are passed only when set (unset: the plugin's default). OpenAI's is passed always:
+    left unset, the SDK would read OPENAI_BASE_URL from the environment itself, a second
+    source that a blank value breaks and a ``Settings`` built in code could not override."""
+    stt_options: dict[str, Any] = {"model": settings.stt_model}
+    if settings.deepgram_base_url:
+        stt_options["base_url"] = settings.deepgram_base_url
     tts_options: dict[str, Any] = {"model": settings.tts_model, "encoding": settings.tts_encoding}
     if settings.tts_voice_id:
         tts_options["voice_id"] = settings.tts_voice_id
+    if settings.eleven_base_url:
+        tts_options["base_url"] = settings.eleven_base_url
     eleven_key = os.environ.get("ELEVEN_API_KEY") or os.environ.get("ELEVENLABS_API_KEY")
     if eleven_key:
         tts_options["api_key"] = eleven_key
     return Models(
-        stt=deepgram.STT(model=settings.stt_model),
-        llm=openai.LLM(model=settings.llm_model),
+        stt=deepgram.STT(**stt_options),
+        llm=openai.LLM(
+            model=settings.llm_model,
+            base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
+        ),
         tts=elevenlabs.TTS(**tts_options),
         vad=vad,
         phrases=PhraseCache(settings.phrase_cache) if settings.phrase_cache else None,

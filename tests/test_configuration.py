@@ -10,7 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import name_the_worker_registers, run_worker
+from aiohttp import web
+from conftest import name_the_worker_registers, run_worker, wait_for
+from livekit.agents import APIConnectOptions, llm, utils
 
 import warm_handoff as wh
 
@@ -355,3 +357,191 @@ def test_readme_configuration_row_agrees_with_the_table(variable):
     if variable.bounds:
         low, high = variable.bounds
         assert f"{low:g} to {high:g}" in meaning
+
+
+# -- the providers' base URLs --------------------------------------------------------------------
+
+BASE_URLS = ("DEEPGRAM_BASE_URL", "OPENAI_BASE_URL", "ELEVEN_BASE_URL")
+
+
+def test_bad_base_urls_are_named_at_start_with_every_other_problem_and_no_token():
+    bad = {
+        "DEEPGRAM_BASE_URL": "api.eu.deepgram.com/t0k3n/v1/listen",  # no scheme
+        "OPENAI_BASE_URL": "https://gateway.example.com/v1 ?key=t0k3n",  # a space inside
+        "ELEVEN_BASE_URL": "wss://api.elevenlabs.io/v1?t0k3n",  # its HTTP synthesis can't
+        "HANDOFF_MODE": "sideways",
+    }
+    with pytest.raises(wh.ConfigError) as err:
+        wh.load_settings({**GOOD, **bad})
+    assert err.value.problems == [
+        "HANDOFF_MODE must be one of auto, consult, conference (got 'sideways')",
+        "DEEPGRAM_BASE_URL must be a wss://, ws://, https:// or http:// URL, without spaces",
+        "OPENAI_BASE_URL must be an http:// or https:// URL, without spaces",
+        "ELEVEN_BASE_URL must be an http:// or https:// URL, without spaces",
+    ]
+    assert "t0k3n" not in str(err.value)
+
+    done = run_worker("console", {**bad, **{names[0]: "x" for names in wh.PROVIDER_KEYS.values()}})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    for name in (*BASE_URLS, "HANDOFF_MODE"):
+        assert f"{name} must be" in done.stderr
+    assert "t0k3n" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    "name,url,read",
+    [
+        ("DEEPGRAM_BASE_URL", "https://api.eu.deepgram.com/v1/listen", None),
+        ("DEEPGRAM_BASE_URL", "wss://api.eu.deepgram.com/v1/listen", None),  # Deepgram's docs
+        ("DEEPGRAM_BASE_URL", "http://10.0.0.5:8080/v1/listen", None),  # self-hosted
+        ("DEEPGRAM_BASE_URL", "ws://10.0.0.5:8080/v1/listen", None),
+        ("OPENAI_BASE_URL", "https://gateway.example.com/v1", None),
+        ("OPENAI_BASE_URL", "http://127.0.0.1:4000/v1", None),
+        ("ELEVEN_BASE_URL", "https://api.eu.residency.elevenlabs.io/v1", None),
+        # the plugin appends "/text-to-speech/...": a trailing slash would make it "//"
+        ("ELEVEN_BASE_URL", "http://127.0.0.1:9000/v1/", "http://127.0.0.1:9000/v1"),
+    ],
+)
+def test_a_good_base_url_is_read_as_written(name, url, read):
+    settings = wh.load_settings({**GOOD, name: f" {url} "})
+    assert getattr(settings, wh.VARIABLE[name].setting) == (read or url)
+
+
+def test_check_shows_a_base_url_by_its_origin_only():
+    settings = wh.load_settings(
+        {
+            **GOOD,
+            "DEEPGRAM_BASE_URL": "wss://api.eu.deepgram.com/v1/listen?t0k3n=1",
+            "OPENAI_BASE_URL": "https://user:s3cret@gateway.example.com:8443/t0k3n/v1",
+        }
+    )
+    shown = dict(settings.masked())
+    assert shown["DEEPGRAM_BASE_URL"] == "wss://api.eu.deepgram.com/…"
+    assert shown["OPENAI_BASE_URL"] == "https://gateway.example.com:8443/…"
+    assert shown["ELEVEN_BASE_URL"] == "(not set: the provider's default)"
+    assert "t0k3n" not in repr(settings.masked()) and "s3cret" not in repr(settings.masked())
+    # as the webhook's: the same origin, shown the same way
+    webhook = wh.load_settings(
+        {
+            **GOOD,
+            "HANDOFF_WEBHOOK_URL": "https://gateway.example.com:8443/t0k3n/v1",
+            "HANDOFF_WEBHOOK_SECRET": "s" * 16,
+        }
+    )
+    assert dict(webhook.masked())["HANDOFF_WEBHOOK_URL"] == shown["OPENAI_BASE_URL"]
+
+
+class ProviderStandIn:
+    """One local HTTP server standing in for the three providers: it keeps every request
+    (method, path, whether it asked for a websocket) and answers a chat completion as OpenAI
+    streams one (server-sent events) and a synthesis as ElevenLabs does (raw PCM); anything
+    else, Deepgram's websocket included, gets a 503 (where it went is what counts)."""
+
+    REPLY = "Hello from the gateway"
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, bool]] = []
+        self.url = ""
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(
+            (request.method, request.path, request.headers.get("Upgrade") == "websocket")
+        )
+        await request.read()
+        if request.path.endswith("/chat/completions"):
+            chunk = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "gpt-4o",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": self.REPLY}}],
+            }
+            events = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await events.prepare(request)
+            await events.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+            await events.write_eof()
+            return events
+        if "/text-to-speech/" in request.path:
+            return web.Response(body=bytes(2 * 4410), content_type="audio/pcm")  # 0.1 s
+        return web.Response(status=503, text="not standing in for this")
+
+
+@pytest.fixture
+async def stand_in(monkeypatch):
+    for names in wh.PROVIDER_KEYS.values():
+        monkeypatch.setenv(names[0], "test-key")
+    provider = ProviderStandIn()
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", provider.answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    provider.url = f"http://{host}:{port}"
+    async with utils.http_context.open():
+        yield provider
+    await runner.cleanup()
+
+
+ONE_TRY = APIConnectOptions(max_retry=0, timeout=5.0)
+
+
+async def test_a_worker_with_openai_base_url_sends_its_chat_requests_there(stand_in):
+    settings = wh.load_settings({"OPENAI_BASE_URL": f"{stand_in.url}/gateway/v1"}, telephony=False)
+    model = wh.build_models(settings, vad=None).llm
+    assert model is not None and model.provider == stand_in.url.removeprefix("http://")
+    chat = llm.ChatContext()
+    chat.add_message(role="user", content="Hello?")
+    reply = await model.chat(chat_ctx=chat, conn_options=ONE_TRY).collect()
+    assert reply.text == ProviderStandIn.REPLY
+    assert stand_in.requests == [("POST", "/gateway/v1/chat/completions", False)]
+
+
+async def test_a_worker_with_eleven_base_url_synthesises_there(stand_in):
+    settings = wh.load_settings({"ELEVEN_BASE_URL": f"{stand_in.url}/eu/v1/"}, telephony=False)
+    voice = wh.build_models(settings, vad=None).tts
+    assert voice is not None
+    async with voice.synthesize("Hello.", conn_options=ONE_TRY) as stream:
+        frames = [audio.frame async for audio in stream]
+    assert sum(f.duration for f in frames) == pytest.approx(0.1, abs=0.01)
+    [(method, path, _)] = stand_in.requests
+    assert method == "POST" and path.startswith("/eu/v1/text-to-speech/")  # no "//"
+
+
+@pytest.mark.parametrize("scheme", ["http", "ws"])
+async def test_a_worker_with_deepgram_base_url_streams_there(stand_in, scheme):
+    """The speech-to-text of a call streams over a websocket, at the given address whichever
+    of http:// or ws:// it was written with."""
+    url = stand_in.url.replace("http", scheme, 1) + "/eu/v1/listen"
+    settings = wh.load_settings({"DEEPGRAM_BASE_URL": url}, telephony=False)
+    ear = wh.build_models(settings, vad=None).stt
+    assert ear is not None
+    stream = ear.stream(conn_options=ONE_TRY)
+    try:
+        await wait_for(lambda: stand_in.requests, 5)
+    finally:
+        await stream.aclose()
+    assert stand_in.requests[0] == ("GET", "/eu/v1/listen", True)
+
+
+def plugin_base_url(plugin: object) -> str:
+    """Where a Deepgram STT or an ElevenLabs TTS sends its requests: the plugins keep it only
+    in their private options (livekit-plugins 1.8.9, ``_STTOptions.endpoint_url`` and
+    ``_TTSOptions.base_url``)."""
+    options = plugin._opts  # type: ignore[attr-defined]
+    return getattr(options, "endpoint_url", None) or options.base_url
+
+
+def test_unset_base_urls_are_the_providers_defaults_whatever_the_sdk_would_read(monkeypatch):
+    for names in wh.PROVIDER_KEYS.values():
+        monkeypatch.setenv(names[0], "test-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", "")  # "OPENAI_BASE_URL=" in .env: blank, not a URL
+    models = wh.build_models(wh.load_settings(telephony=False), vad=None)
+    assert plugin_base_url(models.stt) == "https://api.deepgram.com/v1/listen"
+    assert plugin_base_url(models.tts) == "https://api.elevenlabs.io/v1"
+    assert models.llm is not None and models.llm.provider == "api.openai.com"
+    # the table is the one source: the SDK does not read the environment behind it
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/elsewhere/v1")
+    built_in_code = wh.build_models(wh.Settings(), vad=None).llm
+    assert built_in_code is not None and built_in_code.provider == "api.openai.com"
