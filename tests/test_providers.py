@@ -445,8 +445,8 @@ FIRST_OUTPUT = {
 async def timed(
     provider: Provider, standins: ProviderStandIns, options: APIConnectOptions
 ) -> float:
-    """Seconds from the real client's request to the provider's first output (a text chunk, a
-    speech event, audio)."""
+    """Seconds from the real client's request to the provider's first output: a text chunk,
+    a speech event, the first audio (over the websocket: all of its 0.8 s, sent at once)."""
     started = time.monotonic()
     await FIRST_OUTPUT[provider](standins, options)
     return time.monotonic() - started
