@@ -108,14 +108,18 @@ def push(stream: stt.RecognizeStream, *parts: np.ndarray) -> None:
 
 
 async def events_until(stream: stt.RecognizeStream, last: Event) -> list[stt.SpeechEvent]:
-    """The stream's events up to the first ``last``, without the usage reports."""
+    """The stream's events up to the first ``last`` (within 3 s), without the usage reports."""
     seen: list[stt.SpeechEvent] = []
-    async for event in stream:
-        if event.type != Event.RECOGNITION_USAGE:
-            seen.append(event)
-        if event.type == last:
-            return seen
-    raise AssertionError(f"the stream ended before {last}: {[e.type for e in seen]}")
+
+    async def collect() -> list[stt.SpeechEvent]:
+        async for event in stream:
+            if event.type != Event.RECOGNITION_USAGE:
+                seen.append(event)
+            if event.type == last:
+                return seen
+        raise AssertionError(f"the stream ended before {last}: {[e.type for e in seen]}")
+
+    return await asyncio.wait_for(collect(), 3.0)
 
 
 async def wait_for(predicate: Callable[[], object], timeout: float = 2.0) -> None:
@@ -441,8 +445,8 @@ FIRST_OUTPUT = {
 async def timed(
     provider: Provider, standins: ProviderStandIns, options: APIConnectOptions
 ) -> float:
-    """Seconds from the real client's request to the provider's first output (a text chunk, a
-    speech event, audio)."""
+    """Seconds from the real client's request to the provider's first output: a text chunk,
+    a speech event, the first audio (over the websocket: all of its 0.8 s, sent at once)."""
     started = time.monotonic()
     await FIRST_OUTPUT[provider](standins, options)
     return time.monotonic() - started
