@@ -19,6 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # colours, cursor moves and the rich prompt's redraws (CSI and OSC sequences)
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]|[\r\x07]")
+# the text prompt, redrawn many times a second (livekit-agents cli/_legacy.py ``prompt``)
+_PROMPT = re.compile(r"\u276f |\u2500{20}|\? for shortcuts|Thinking\.\.\.\s*[-\\|/]?\s*$")
+KEY_SHOWN_WITHIN = 2.0  # seconds for a typed key to show in the prompt before it is typed again
 # what stays of the process's environment: nothing that configures the worker or a provider
 _NOT_PASSED_ON = ("LIVEKIT", "HANDOFF", "SIP_", "DEEPGRAM", "OPENAI", "ELEVEN", "SIMULATED")
 
@@ -78,6 +81,14 @@ class Terminal:
             text = self._raw.decode("utf-8", "replace")
         return _ESCAPES.sub("", text)
 
+    def printed(self) -> list[str]:
+        """The screen's lines without the prompt's redraws and blank lines."""
+        return [
+            line.rstrip()
+            for line in self.screen.splitlines()
+            if line.strip() and not _PROMPT.search(line)
+        ]
+
     def wait_for(self, pattern: str, timeout: float, *, after: int = 0) -> re.Match[str]:
         """The first match of ``pattern`` on the screen (from offset ``after``); fails after
         ``timeout`` s or when the process exits without printing it."""
@@ -94,17 +105,28 @@ class Terminal:
                     return found
                 state = "exited" if self.process.poll() is not None else "still running"
                 raise AssertionError(
-                    f"{pattern!r} not printed within {timeout:g}s ({state}); the screen:\n"
-                    + self.screen[-6000:]
+                    f"{pattern!r} not printed within {timeout:g}s ({state}); what it printed:\n"
+                    + "\n".join(self.printed()[-60:])
                 )
             time.sleep(0.05)
 
-    def type(self, text: str) -> None:
-        """Keys typed, then Enter (the console's readkey takes a line feed as Enter)."""
-        for ch in text:
-            os.write(self._master, ch.encode())
-            time.sleep(0.005)
-        os.write(self._master, b"\n")
+    def type(self, text: str, timeout: float = 10.0) -> None:
+        """Keys typed one at a time, each once the prompt shows the one before, then Enter.
+        The console reads a key at a time and flushes what was typed ahead of each read
+        (livekit-agents cli/readchar.py: ``tcsetattr(TCSAFLUSH)``), as a person never notices."""
+        for typed in range(1, len(text) + 1):
+            shown = re.escape(f"\u276f {text[:typed]}\u2588")
+            deadline = time.monotonic() + timeout
+            while True:
+                after = len(self.screen)
+                os.write(self._master, text[typed - 1].encode())
+                try:  # not shown: typed before the console read, and flushed; type it again
+                    self.wait_for(shown, KEY_SHOWN_WITHIN, after=after)
+                    break
+                except AssertionError:
+                    if time.monotonic() > deadline:
+                        raise
+        os.write(self._master, b"\n")  # the console's readkey takes a line feed as Enter
 
     def wait(self, timeout: float) -> int:
         try:
@@ -126,4 +148,3 @@ class Terminal:
         self._reader.join(2)
         with contextlib.suppress(OSError):
             os.close(self._master)
-

@@ -1,0 +1,147 @@
+"""Quick start, as a user runs it: ``python warm_handoff.py console --text`` in a terminal, in a
+copy of the project with ``.env`` copied from ``.env.example``, configured only through the
+environment, the three cloud models replaced by local stand-ins that speak their protocols
+(tests/providers.py). A request for a person is typed; what the README promises for each
+``SIMULATED_HUMAN`` is read off the screen, within a bound that proves nothing waited for a
+timeout it should not have."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from providers import MS_PER_CHAR, ProviderStandIns
+from terminal import Terminal, project_copy
+
+READY = "Type to talk to your agent"
+ASK = "Can I talk to a person please"
+RING = 3.0  # the simulated phone rings this long (SimulatedPhoneLine.ring_time)
+RING_TIMEOUT = 5  # HANDOFF_RING_TIMEOUT here: the least allowed
+GRACE = 2.0  # .env.example's HANDOFF_HELLO_GRACE: a silent console line waits it once
+SLACK = 4.0  # start-up of the consult session, the model round-trips, a loaded machine
+LOST = "It looks like we lost our support team."
+# a handoff record as logged (rich wraps it at the terminal's width, between words)
+RECORD = r'handoff record \{[^{}]*?"outcome":\s+"{outcome}"'
+# the opener is played from its synthesised audio, as long as the stand-in makes it
+OPENER = len("Hi, this is the Example Dental assistant with a caller for you.") * MS_PER_CHAR / 1000
+
+
+@dataclass(frozen=True)
+class Promise:
+    """What the console shows for one ``SIMULATED_HUMAN``: the 📞 steps in order, the outcome
+    in the handoff record, what the caller is told, and how long it may take at most."""
+
+    steps: tuple[str, ...]
+    outcome: str
+    caller_hears: str
+    within: float
+
+
+def failed(step: str, outcome: str, why: str, within: float = RING) -> Promise:
+    """A dial that fails: the caller hears why and is offered the fallback team (billing)."""
+    return Promise(
+        ("dialling support", step), outcome, f"{why} I can try our billing team instead", within
+    )
+
+
+SCREENED = ("support answered", "human says: Hello?", "human hears: Hi, this is the Example")
+ASKED = ("human hears: Is this our support team?", "human presses 1")
+BRIEFED = ("human hears: The caller wants help with their account. Say put them through",)
+CONSULT = {
+    "answer": Promise(
+        (*SCREENED, *ASKED, *BRIEFED, "human presses 1", "support moved into console-room"),
+        "connected",
+        "You're now connected with our support team.",
+        RING + GRACE + OPENER + 2,
+    ),
+    "decline": Promise(
+        (*SCREENED, *ASKED, *BRIEFED, "human presses 2", "human hears: Understood"),
+        "declined",
+        "I'm sorry, our support team can't take your call right now.",
+        RING + GRACE + OPENER + 2,
+    ),
+    "voicemail": Promise(
+        ("support answered", "human says: Hi, you've reached the support line."),
+        "voicemail",
+        "I'm sorry, I reached our support team's voicemail rather than a person.",
+        RING + 1,
+    ),
+    "drop_after_merge": Promise(
+        (*ASKED, *BRIEFED, "human presses 1", "moved into console-room", "the human hangs up"),
+        "rejoined",
+        "You're now connected with our support team.",
+        RING + GRACE + OPENER + 2 + 3,
+    ),
+}
+CONFERENCE = {
+    human: Promise(("support answered", "hold music off"), "connected", "", RING)
+    for human in ("answer", "decline", "voicemail")
+}
+CONFERENCE["drop_after_merge"] = Promise(
+    ("support answered", "the human hangs up"), "rejoined", "", RING + 3
+)
+EITHER = {
+    "busy": failed("support: SIP 486 Busy Here", "busy", "on another call right now."),
+    "no_answer": failed(
+        "support: SIP 480", "no_answer", "nobody from our support team picked up.", RING_TIMEOUT
+    ),
+    "unreachable": failed(
+        "support: SIP 404 Not Found", "unreachable", "couldn't get through to our support team."
+    ),
+}
+CASES = [
+    pytest.param(mode, human, promise, id=f"{mode}-{human}")
+    for mode, promises in (("consult", {**CONSULT, **EITHER}), ("conference", CONFERENCE | EITHER))
+    for human, promise in promises.items()
+]
+
+
+@pytest.fixture(scope="module")
+def providers():
+    with ProviderStandIns.in_thread() as standins:
+        yield standins
+
+
+def console(folder: Path, providers: ProviderStandIns, **env: str) -> Terminal:
+    """The README's quick start in ``folder``: the project, ``.env`` from ``.env.example``,
+    ``python warm_handoff.py console --text``."""
+    module = project_copy(folder)
+    config = {**providers.env(), "HANDOFF_PHRASE_CACHE": str(folder / "phrases"), **env}
+    return Terminal([str(module), "console", "--text"], cwd=folder, env=config)
+
+
+def steps_in_order(screen: str, steps: tuple[str, ...]) -> list[str]:
+    """The 📞 steps shown, and whether ``steps`` appear among them in this order."""
+    shown = [line.split("📞 ", 1)[1] for line in screen.splitlines() if "📞 " in line]
+    at = 0
+    for step in steps:
+        at = next((i + 1 for i in range(at, len(shown)) if step in shown[i]), -1)
+        assert at > 0, f"{step!r} not shown in order among: {shown}"
+    return shown
+
+
+@pytest.mark.parametrize("mode,human,promise", CASES)
+def test_the_console_reaches_every_outcome(tmp_path, providers, mode, human, promise):
+    term = console(
+        tmp_path,
+        providers,
+        SIMULATED_HUMAN=human,
+        HANDOFF_MODE=mode,
+        HANDOFF_RING_TIMEOUT=str(RING_TIMEOUT),
+    )
+    try:
+        term.wait_for(READY, 60)
+        term.type(ASK)
+        asked = time.monotonic()
+        term.wait_for(RECORD.replace("{outcome}", promise.outcome), promise.within + 30)
+        took = time.monotonic() - asked
+        shown = steps_in_order(term.screen, promise.steps)
+        if promise.caller_hears:
+            term.wait_for(re.escape(promise.caller_hears), 10, after=0)
+        assert took <= promise.within + SLACK, (took, shown)
+        assert "Traceback" not in term.screen
+    finally:
+        term.close()
