@@ -4749,6 +4749,7 @@ async def run_call(
     session = CallerSession()
     session.on("close", lambda _: agent.call_ended())
     if console:  # the console owns the audio; there is no room to join
+        session.on("conversation_item_added", _show_what_the_caller_hears)
         await session.start(agent=agent)
     else:
         await session.start(agent=agent, room=ctx.room)
@@ -4786,6 +4787,14 @@ async def finish_call(
 
 def _show_step(text: str) -> None:
     logger.info("📞 %s", text)
+
+
+def _show_what_the_caller_hears(ev: ConversationItemAddedEvent) -> None:
+    """The console's text mode prints only the replies to what is typed; the greeting, the
+    hold's check-ins and what is said when a human is lost are shown as steps."""
+    item = ev.item
+    if isinstance(item, llm.ChatMessage) and item.role == "assistant" and item.text_content:
+        _show_step(f"caller hears: {item.text_content}")
 
 
 @server.rtc_session(agent_name=registered_agent_name())

@@ -72,16 +72,17 @@ CONSULT = {
     "drop_after_merge": Promise(
         (*ASKED, *BRIEFED, "human presses 1", "moved into console-room", "the human hangs up"),
         "rejoined",
-        "You're now connected with our support team.",
+        f"caller hears: {LOST}",
         RING + GRACE + OPENER + 2 + 3,
     ),
 }
-CONFERENCE = {
-    human: Promise(("support answered", "hold music off"), "connected", "", RING)
+INTRODUCED = "caller hears: Hello, this is the Example Dental assistant. I have a caller"
+CONFERENCE = {  # a three-way call: whoever answers is introduced, nobody is asked
+    human: Promise(("support answered", "hold music off"), "connected", INTRODUCED, RING)
     for human in ("answer", "decline", "voicemail")
 }
 CONFERENCE["drop_after_merge"] = Promise(
-    ("support answered", "the human hangs up"), "rejoined", "", RING + 3
+    ("support answered", "the human hangs up", f"caller hears: {LOST}"), "rejoined", "", RING + 3
 )
 EITHER = {
     "busy": failed("support: SIP 486 Busy Here", "busy", "on another call right now."),
@@ -99,17 +100,17 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def providers():
     with ProviderStandIns.in_thread() as standins:
         yield standins
 
 
-def console(folder: Path, providers: ProviderStandIns, **env: str) -> Terminal:
+def console(folder: Path, **env: str) -> Terminal:
     """The README's quick start in ``folder``: the project, ``.env`` from ``.env.example``,
-    ``python warm_handoff.py console --text``."""
+    ``python warm_handoff.py console --text``, with ``env`` as the environment."""
     module = project_copy(folder)
-    config = {**providers.env(), "HANDOFF_PHRASE_CACHE": str(folder / "phrases"), **env}
+    config = {"HANDOFF_PHRASE_CACHE": str(folder / "phrases"), **env}
     return Terminal([str(module), "console", "--text"], cwd=folder, env=config)
 
 
@@ -127,7 +128,7 @@ def steps_in_order(screen: str, steps: tuple[str, ...]) -> list[str]:
 def test_the_console_reaches_every_outcome(tmp_path, providers, mode, human, promise):
     term = console(
         tmp_path,
-        providers,
+        **providers.env(),
         SIMULATED_HUMAN=human,
         HANDOFF_MODE=mode,
         HANDOFF_RING_TIMEOUT=str(RING_TIMEOUT),
@@ -142,6 +143,35 @@ def test_the_console_reaches_every_outcome(tmp_path, providers, mode, human, pro
         if promise.caller_hears:
             term.wait_for(re.escape(promise.caller_hears), 10, after=0)
         assert took <= promise.within + SLACK, (took, shown)
+        assert "Traceback" not in term.screen
+    finally:
+        term.close()
+
+
+def test_the_greeting_is_shown_once_before_any_model_request(tmp_path, providers):
+    term = console(tmp_path, **providers.env())
+    try:
+        term.wait_for(READY, 60)
+        greeting = "caller hears: Thanks for calling. This is the virtual assistant."
+        term.wait_for(re.escape(greeting), 10)
+        assert providers.llm_requests == []  # the greeting needed no model round-trip
+        typed = len(term.screen)
+        term.type("What are your opening hours?")
+        term.wait_for("\u25cf Agent", 30, after=typed)  # the reply, printed after the run
+        assert term.screen.count(greeting) == 1
+        assert len(providers.llm_requests) == 1
+    finally:
+        term.close()
+
+
+def test_without_provider_keys_the_console_names_them_and_exits(tmp_path, providers):
+    keys = ("DEEPGRAM_API_KEY", "OPENAI_API_KEY", "ELEVEN_API_KEY")
+    env = {k: v for k, v in providers.env().items() if k not in keys}
+    term = console(tmp_path, **env)  # .env.example leaves the keys empty
+    try:
+        assert term.wait(30) == 1
+        for key in keys:
+            assert f"{key} is not set" in term.screen or f"{key} or " in term.screen
         assert "Traceback" not in term.screen
     finally:
         term.close()

@@ -24,7 +24,6 @@ from conftest import (
     wait_for,
 )
 from fake_livekit import dialled
-from livekit.agents.testing import fake_job_context
 
 import warm_handoff as wh
 from bench.models import LineSTT
@@ -273,40 +272,6 @@ def _said(speech) -> Sound:
     return Sound(0.0, speech.pcm, speech.text)
 
 
-async def test_the_console_shows_a_human_dropping_after_the_merge(monkeypatch, caplog):
-    monkeypatch.setattr(wh.SimulatedPhoneLine, "ring_time", 0.05)
-    monkeypatch.setattr(wh.SimulatedPhoneLine, "hello_after", 0.05)
-    monkeypatch.setattr(wh.SimulatedPhoneLine, "decide_after", 0.05)
-    monkeypatch.setattr(wh.SimulatedPhoneLine, "drop_after", EARLY)
-    caplog.set_level(logging.INFO, logger="warm-handoff")
-    env = {"SIMULATED_HUMAN": "drop_after_merge", "HANDOFF_REJOIN_WINDOW": "2"}
-    settings = wh.load_settings(env, telephony=False)
-    assert settings.rejoin_window == 2.0
-    settings = wh.Settings(**{**settings.__dict__, "hello_grace": 0.2})
-    model = ScriptedLLM(receptionist())
-    with fake_job_context() as ctx:
-        session = await wh.run_call(
-            ctx, settings, wh.Models(llm=model, turn_handling={"turn_detection": "manual"})
-        )
-        agent = session.current_agent
-        try:
-            await session.run(user_input="can I talk to someone")
-            await asyncio.wait_for(session.run(user_input="yes please"), 10)
-            lost = (
-                "It looks like we lost our support team. I can try them again, try our "
-                "billing team, or take your details for a callback."
-            )
-            await wait_for(lambda: caller_heard(session)[-1] == lost, 5)
-            shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("📞")]
-            assert "📞 support moved into console-room" in shown
-            assert "📞 the human hangs up" in shown
-            assert agent.results[0].outcome is Out.REJOINED
-            assert f"📞 room {agent.line.caller_room} deleted" not in shown
-        finally:
-            await agent.line.aclose()
-            await session.aclose()
-
-
 @pytest.mark.parametrize(
     "raw,window,shown", [("", 20.0, "20s"), ("0", 0.0, "off"), ("7.5", 7.5, "7.5s")]
 )
@@ -320,4 +285,3 @@ def test_the_window_is_configured(raw, window, shown):
 def test_a_bad_window_is_named(raw):
     with pytest.raises(wh.ConfigError, match="HANDOFF_REJOIN_WINDOW must be"):
         wh.load_settings({"HANDOFF_REJOIN_WINDOW": raw}, telephony=False)
-
