@@ -82,6 +82,7 @@ from livekit.agents import (
     AgentServer,
     AgentSession,
     AgentStateChangedEvent,
+    APIConnectOptions,
     ConversationItemAddedEvent,
     JobContext,
     JobProcess,
@@ -96,7 +97,7 @@ from livekit.agents import (
 )
 from livekit.agents.llm import LLM, ToolResult, function_tool
 from livekit.agents.stt import STT
-from livekit.agents.tts import TTS
+from livekit.agents.tts import TTS, SynthesizedAudio
 from livekit.agents.types import NOT_GIVEN, FlushSentinel, NotGiven
 from livekit.agents.utils.audio import audio_frames_from_file
 from livekit.agents.vad import VAD
@@ -2000,6 +2001,40 @@ async def close_quietly(*closers: Callable[[], Awaitable[object]] | None) -> Non
                 await close()
 
 
+# What is played to the human outside the consult session: frames prepared while the phone
+# rang, or synthesised as they play (an empty list: no voice at all, words only).
+PhraseAudio: TypeAlias = "list[rtc.AudioFrame] | AsyncIterable[rtc.AudioFrame]"
+
+
+async def frames_of(audio: PhraseAudio) -> AsyncGenerator[rtc.AudioFrame, None]:
+    """A phrase's frames as they come, prepared or live; a live source is closed with it."""
+    if isinstance(audio, list):
+        for frame in audio:
+            yield frame
+        return
+    try:
+        async for frame in audio:
+            yield frame
+    finally:
+        if isinstance(audio, AsyncGenerator):
+            await audio.aclose()
+
+
+async def for_the_player(audio: PhraseAudio) -> AsyncGenerator[rtc.AudioFrame, None]:
+    """``audio`` as a ``BackgroundAudioPlayer`` plays it: 48 kHz mono, its mixer's format
+    (livekit-agents voice/background_audio.py); a live source's rate is known at its first
+    frame."""
+    resampler: rtc.AudioResampler | None = None
+    async with contextlib.aclosing(frames_of(audio)) as frames:
+        async for frame in frames:
+            if resampler is None:
+                resampler = rtc.AudioResampler(frame.sample_rate, 48000, num_channels=1)
+            for out in resampler.push(frame):
+                yield out
+    for out in resampler.flush() if resampler is not None else ():
+        yield out
+
+
 class PhoneLine(abc.ABC):
     """Everything the handoff needs that only a media server can do. The handoff logic talks
     to nothing else, so the same flow runs on LiveKit and on the simulated line."""
@@ -2063,9 +2098,9 @@ class PhoneLine(abc.ABC):
         """Start ``session`` in a private room where it will talk to ``human_identity``."""
 
     @abc.abstractmethod
-    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
-        """Play pre-synthesised ``audio`` (saying ``text``) to the human in ``room``, outside
-        the consult session, and return when it has played."""
+    async def play_to_human(self, room: str, text: str, audio: PhraseAudio) -> None:
+        """Play ``audio`` (saying ``text``: prepared, or synthesised as it plays) to the human
+        in ``room``, outside the consult session, and return when it has played."""
 
     @abc.abstractmethod
     async def close_consult(self, room: str) -> None:
@@ -2312,21 +2347,11 @@ class LiveKitPhoneLine(PhoneLine):
             record=False,
         )
 
-    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
+    async def play_to_human(self, room: str, text: str, audio: PhraseAudio) -> None:
         player = self._players.get(room)
-        if player is None or not audio:
+        if player is None or (isinstance(audio, list) and not audio):
             return
-        # the player's mixer takes 48 kHz mono (voice/background_audio.py)
-        resampler = rtc.AudioResampler(audio[0].sample_rate, 48000, num_channels=1)
-
-        async def frames() -> AsyncIterator[rtc.AudioFrame]:
-            for frame in audio:
-                for out in resampler.push(frame):
-                    yield out
-            for out in resampler.flush():
-                yield out
-
-        await player.play(frames()).wait_for_playout()
+        await player.play(for_the_player(audio)).wait_for_playout()
 
     async def close_consult(self, room: str) -> None:
         session, player = self._consults.pop(room, None), self._players.pop(room, None)
@@ -2545,10 +2570,18 @@ class SimulatedPhoneLine(PhoneLine):
         session.on("conversation_item_added", heard)
         await session.start(agent=agent)
 
-    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
-        self._human_hears(room, text)
-        await asyncio.sleep(sum(frame.duration for frame in audio))
-        self._log("played to the human")
+    async def play_to_human(self, room: str, text: str, audio: PhraseAudio) -> None:
+        # heard when its first frame plays, in real time; words alone at once (no voice)
+        heard = isinstance(audio, list) and not audio
+        if heard:
+            self._human_hears(room, text)
+        async with contextlib.aclosing(frames_of(audio)) as frames:
+            async for frame in frames:
+                if not heard:
+                    heard = True
+                    self._human_hears(room, text)
+                await asyncio.sleep(frame.duration)
+        self._log("played to the human" if heard else f"no audio for the human: {text}")
 
     def _human_hears(self, room: str, text: str) -> None:
         self._log(f"human hears: {text}")
@@ -2738,6 +2771,10 @@ async def _replay(frames: list[rtc.AudioFrame]) -> AsyncIterator[rtc.AudioFrame]
         yield frame
 
 
+async def _collected(stream: AsyncIterable[SynthesizedAudio]) -> list[rtc.AudioFrame]:
+    return [audio.frame async for audio in stream]
+
+
 class PhraseCache:
     """Instant words: fixed sentences play from a folder on the worker host instead of waiting
     for speech synthesis.
@@ -2867,6 +2904,55 @@ def say_fixed(
     if phrases is None:
         return session.say(text, **options)
     return phrases.say(session, text, **options)
+
+
+# -- the human's fixed phrases: prepared while the phone rings, else said live at once -------------
+# The opener, the question and the brief are synthesised while the human's phone rings, each
+# with one try and at most as long as it takes to say (``spoken_seconds``): a provider in good
+# health synthesises a phrase faster than it is spoken, so one slower than that is in trouble,
+# and the framework's retry ladder (3 more tries, 2 s apart) would only stretch the silence.
+# A phrase not ready when it is due (failed, timed out, still on its way) is not waited for:
+# it is said live at once (``live_speech``, or the session's own speech).
+SPOKEN_SECONDS_PER_CHARACTER = 0.07  # about 14 characters a second: a voice's unhurried pace
+MIN_SPOKEN_SECONDS = 1.0  # a short phrase still gets a network round trip or two
+
+
+def spoken_seconds(text: str) -> float:
+    """About how long ``text`` takes to say (the opener's 53 characters: 3.7 s)."""
+    return max(MIN_SPOKEN_SECONDS, len(text) * SPOKEN_SECONDS_PER_CHARACTER)
+
+
+def one_try(text: str) -> APIConnectOptions:
+    """Connection options for synthesising ``text`` outside the session: no retry, and a
+    connection that takes longer than saying it would is given up."""
+    return APIConnectOptions(max_retry=0, timeout=spoken_seconds(text))
+
+
+async def live_speech(tts: TTS, text: str) -> AsyncIterator[rtc.AudioFrame]:
+    """``text`` synthesised as it plays, with one try, the way the session's own speech is:
+    through the TTS's stream when it has one (ElevenLabs: its websocket, not the HTTP synthesis
+    that prepares phrases), else its synthesis. A failure, or no audio within
+    ``spoken_seconds(text)``, ends it (logged): nothing more is heard."""
+    bound = spoken_seconds(text)
+    try:
+        if tts.capabilities.streaming:
+            async with tts.stream(conn_options=one_try(text)) as stream:
+                stream.push_text(text)
+                stream.end_input()
+                first = await asyncio.wait_for(anext(stream), bound)
+                yield first.frame
+                async for audio in stream:
+                    yield audio.frame
+        else:
+            async with tts.synthesize(text, conn_options=one_try(text)) as chunks:
+                first = await asyncio.wait_for(anext(chunks), bound)
+                yield first.frame
+                async for audio in chunks:
+                    yield audio.frame
+    except StopAsyncIteration:
+        logger.warning("live speech gave no audio for a phrase to the human")
+    except Exception as e:
+        logger.warning("live speech to the human failed: %r", e)
 
 
 # -- the models a session talks with ---------------------------------------------------------------
@@ -3339,7 +3425,7 @@ class Screening:
                 self.handoff.line.play_to_human(
                     self.handoff.consult_room,
                     self.consult.opener,
-                    self.consult.voice.get("opener", []),
+                    self.consult.audio_for("opener", self.consult.opener),
                 )
             )
 
@@ -3349,10 +3435,9 @@ class Screening:
             await self.opener
         if not self.consult.person_confirmed.is_set():
             self.consult.asked = True
-            question = self.consult.voice.get("question")
             await self.session.say(
                 self.consult.question,
-                audio=_replay(question) if question else NOT_GIVEN,
+                audio=self.consult.said_for("question"),
                 allow_interruptions=False,
             )
             with contextlib.suppress(asyncio.TimeoutError):
@@ -3841,24 +3926,56 @@ class ConsultAgent(Agent):
 
     async def prepare_voice(self, tts: TTS) -> None:
         """Synthesise what the human may hear while the phone rings (the neutral opener, the
-        question, the brief), so none of it waits for speech synthesis once they answer."""
+        question, the brief), so none of it waits for speech synthesis once they answer. Each
+        is prepared on its own, at once (the brief once composed), with one try and within
+        ``spoken_seconds``; one not ready when it is due is said live (``audio_for``,
+        ``said_for``)."""
+
+        async def brief() -> None:
+            await self._prepare("brief", await self.details(), tts)
+
+        await asyncio.gather(
+            self._prepare("opener", self.opener, tts, keep=True),  # the same on every call
+            self._prepare("question", self.question, tts, keep=True),
+            brief(),
+        )
+
+    async def _prepare(self, name: str, text: str, tts: TTS, *, keep: bool = False) -> None:
+        """One phrase into ``voice``: from the phrase cache if ``keep`` (and saved there once
+        synthesised), else synthesised; a failure or a timeout leaves it to be said live."""
         phrases = self._handoff.models.phrases
-        fixed = {"opener": self.opener, "question": self.question}  # the same on every call
-        lines = {**fixed, "brief": await self.details()}
-        for name, text in lines.items():
-            path = phrases.path_for(text, tts) if phrases and phrases.usable else None
-            if path is not None and name in fixed:
-                if (saved := phrases.load(path)) is not None:  # type: ignore[union-attr]
-                    self.voice[name] = saved
-                    continue
-            try:
-                async with tts.synthesize(text) as stream:
-                    self.voice[name] = [audio.frame async for audio in stream]
-            except Exception as e:
-                logger.warning("could not prepare the %s's audio, it will be live: %r", name, e)
-                continue
-            if path is not None and name in fixed and self.voice[name]:
-                await asyncio.to_thread(phrases.store, path, self.voice[name])  # type: ignore[union-attr]
+        cache = phrases if keep and phrases is not None and phrases.usable else None
+        path = cache.path_for(text, tts) if cache is not None else None
+        if cache is not None and path is not None and (saved := cache.load(path)) is not None:
+            self.voice[name] = saved
+            return
+        bound = spoken_seconds(text)
+        try:
+            async with tts.synthesize(text, conn_options=one_try(text)) as stream:
+                frames = await asyncio.wait_for(_collected(stream), bound)
+        except Exception as e:  # a timeout too
+            logger.warning(
+                "could not prepare the %s's audio within %.1f s, it will be live: %r",
+                name,
+                bound,
+                e,
+            )
+            return
+        self.voice[name] = frames
+        if cache is not None and path is not None and frames:
+            await asyncio.to_thread(cache.store, path, frames)
+
+    def audio_for(self, name: str, text: str) -> PhraseAudio:
+        """What plays ``text`` outside the session: its prepared audio if ready, else live
+        speech at once (words alone with no TTS at all)."""
+        tts = self._handoff.models.tts
+        return self.voice.get(name) or (live_speech(tts, text) if tts is not None else [])
+
+    def said_for(self, name: str) -> AsyncIterable[rtc.AudioFrame] | NotGiven:
+        """The ``audio`` for ``session.say``: the prepared phrase if ready, else NOT_GIVEN
+        (the session says it live at once)."""
+        prepared = self.voice.get(name)
+        return _replay(prepared) if prepared else NOT_GIVEN
 
     async def details(self) -> str:
         """The brief as said after the opener: without its introduction, already heard."""
@@ -3885,10 +4002,7 @@ class ConsultAgent(Agent):
         text = await self.details()
         while not self._decision.done():
             self._handoff.timings.setdefault("brief_start", time.monotonic())
-            audio = self.voice.get("brief")
-            handle = self.session.say(
-                text, audio=_replay(audio) if audio else NOT_GIVEN, allow_interruptions=True
-            )
+            handle = self.session.say(text, audio=self.said_for("brief"), allow_interruptions=True)
             await handle.wait_for_playout()
             if not handle.interrupted:
                 self.details_heard = True

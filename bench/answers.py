@@ -28,6 +28,7 @@ listening (see bench/README.md). ``--quick`` shortens every ring to its ``knobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
@@ -95,11 +96,13 @@ class AnswerLine(BenchLine):
         self.trace.consult_turn_detection = str(session.turn_detection)
         await wh.SimulatedPhoneLine.open_consult(self, room, human_identity, session, agent)
 
-    async def play_to_human(self, room: str, text: str, audio: list[rtc.AudioFrame]) -> None:
-        """As ``SimulatedPhoneLine``'s, and its frames reach the human's ear in real time."""
+    async def play_to_human(self, room: str, text: str, audio: wh.PhraseAudio) -> None:
+        """As ``SimulatedPhoneLine``'s, and its frames (prepared, or live as they come) reach
+        the human's ear in real time."""
         self._log(f"human hears: {text}")
-        for frame in audio:
-            await self.room_ear.capture_frame(frame)
+        async with contextlib.aclosing(wh.frames_of(audio)) as frames:
+            async for frame in frames:
+                await self.room_ear.capture_frame(frame)
         self.room_ear.flush()
         ends = self.room_ear.heard[-1].end if self.room_ear.heard else time.monotonic()
         await asyncio.sleep(max(0.0, ends - time.monotonic()))

@@ -317,6 +317,33 @@ async def test_the_opener_to_the_human_plays_from_the_cache_where_the_tts_is_the
     assert heard[1] and set(heard[1]) == set(heard[0])
 
 
+# ── the human's phrases, said live when they could not be prepared ──────────────────────────
+# (the screening end to end: tests/test_screening.py, a phrase that could not be prepared)
+
+OPENER = wh.OPENER.format(business="Acme")
+
+
+async def test_a_live_phrase_reaches_the_consult_rooms_player_at_its_rate():
+    """On LiveKit the opener plays outside the consult session, through the room's
+    ``BackgroundAudioPlayer`` (its mixer takes 48 kHz mono): live, it is synthesised once, with
+    one try, and all of it reaches the player."""
+    voice = CountingTTS()  # 24 kHz, 300 characters a second
+    frames = [f async for f in wh.for_the_player(wh.live_speech(voice, OPENER))]
+    assert voice.synthesized == [OPENER]
+    assert {(f.sample_rate, f.num_channels) for f in frames} == {(48000, 1)}
+    assert sum(f.duration for f in frames) == pytest.approx(len(OPENER) / 300, abs=0.02)
+
+
+async def test_live_speech_that_never_answers_is_given_up_after_the_phrases_length():
+    """A live phrase with no audio in the time it takes to say is given up: the line goes on
+    (the screening is never held by it) and does not claim the human heard it."""
+    line = wh.SimulatedPhoneLine(None)
+    started = time.monotonic()
+    await line.play_to_human("consult", "Hello.", wh.live_speech(ToneTTS(ttfa=60), "Hello."))
+    assert time.monotonic() - started == pytest.approx(wh.spoken_seconds("Hello."), abs=0.3)
+    assert [e.text for e in line.events] == ["no audio for the human: Hello."]
+
+
 # ── the key and the configuration ───────────────────────────────────────────────────────────
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import time
 
 import pytest
 from conftest import (
@@ -24,6 +25,8 @@ from conftest import (
     wait_for,
 )
 from fake_livekit import DialScript
+from livekit.agents import APIConnectionError, APIConnectOptions, tts
+from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 
 import warm_handoff as wh
 from bench.models import LineSTT, ToneTTS
@@ -50,11 +53,28 @@ def amd_by_words(req) -> Call:
 class AudioLine(LiveKitBackedLine):
     """The LiveKit-backed test line with the human's leg as audio: what answers is heard by the
     consult session from the moment the fake server reports the leg ``active`` (after the
-    answer and the extension's DTMF), as a real consult room's session would hear it."""
+    answer and the extension's DTMF), as a real consult room's session would hear it. What is
+    played to the leg outside the session (the opener) is noted as its audio reaches the leg
+    (``first_frame``)."""
 
     def __init__(self, lk, server, answer: AnswerScenario) -> None:
         super().__init__(lk, server)
         self.far_end = FarEnd(answer)
+        self.first_frame: dict[str, float] = {}  # text -> when its first frame was played
+
+    async def play_to_human(self, room, text, audio) -> None:
+        if isinstance(audio, list):  # prepared: its first frame plays at once, if it has one
+            if audio:
+                self.first_frame.setdefault(text, time.monotonic())
+            await super().play_to_human(room, text, audio)
+            return
+
+        async def noted():  # synthesised as it plays: its first frame, when it comes
+            async for frame in audio:
+                self.first_frame.setdefault(text, time.monotonic())
+                yield frame
+
+        await super().play_to_human(room, text, noted())
 
     async def open_consult(self, room, human_identity, session, agent):
         self.far_end.attach(session)
@@ -71,7 +91,12 @@ def screened_call(silero_vad, livekit, livekit_call):
     server, _ = livekit
 
     async def start(
-        answer: AnswerScenario, *, stt_delay: float = 0.3, ring: float = 0.05, **settings
+        answer: AnswerScenario,
+        *,
+        stt_delay: float = 0.3,
+        ring: float = 0.05,
+        voice: tts.TTS | None = None,
+        **settings,
     ):
         server.script_dial(DialScript.answer(ring=ring, who=answer.name))
         settings.setdefault("max_hold", 60.0)
@@ -89,7 +114,7 @@ def screened_call(silero_vad, livekit, livekit_call):
             llm=llm,
             stt=LineSTT(final_delay=stt_delay),
             vad=silero_vad,
-            tts=ToneTTS(ttfa=0.02, chars_per_second=40.0),
+            tts=voice or ToneTTS(ttfa=0.02, chars_per_second=40.0),
             turn_handling={"turn_detection": "manual"},
         )
         session, agent, line = await livekit_call(
@@ -271,6 +296,57 @@ async def test_screening_none_briefs_as_today(screened_call):
     line.human_presses("1")
     await asyncio.wait_for(turn, 5)
     assert agent.results[0].outcome is Out.CONNECTED and agent.results[0].amd == {}
+
+
+class HttpSynthesisDown(tts.StreamAdapter):
+    """ElevenLabs with its HTTP synthesis down and its websocket up: ``synthesize`` (HTTP, what
+    prepares the opener, the question and the brief while the phone rings) ``fails`` at once
+    with a connection error, which the framework would retry, or ``stalls`` (never answers);
+    ``stream`` (the websocket, live speech) speaks as ``ToneTTS`` does. ``tried`` keeps each
+    HTTP attempt: (text, attempt number of its request), so a retry shows as attempt 2."""
+
+    def __init__(self, fault: str) -> None:
+        super().__init__(tts=ToneTTS(ttfa=0.02, chars_per_second=40.0))
+        self.fault = fault
+        self.tried: list[tuple[str, int]] = []
+
+    def synthesize(self, text, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS):
+        return _HttpDown(tts=self, input_text=text, conn_options=conn_options)
+
+    @property
+    def retried(self) -> list[str]:
+        return [text for text, attempt in self.tried if attempt > 1]
+
+
+class _HttpDown(tts.ChunkedStream):
+    attempts = 0
+
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        down: HttpSynthesisDown = self._tts  # type: ignore[assignment]
+        self.attempts += 1
+        down.tried.append((self.input_text, self.attempts))
+        if down.fault == "stalls":
+            await asyncio.Event().wait()
+        raise APIConnectionError("connection refused")
+
+
+@pytest.mark.parametrize("fault", ["fails", "stalls"])
+async def test_a_phrase_that_could_not_be_prepared_is_said_live_at_once(screened_call, fault):
+    """The opener, prepared while the phone rings, could not be (its synthesis failed at once,
+    or never answered): the human hears it live within 1 s of the end of their hello, not after
+    a retry ladder, and no synthesis is retried."""
+    voice = HttpSynthesisDown(fault)
+    agent, line, turn, _ = await screened_call(scenario("person"), voice=voice)
+    await wait_for(lambda: any(BRIEF in t for t in line.human_heard()), 10)
+    opener = "Hi, this is the Acme assistant with a caller for you."
+    assert opener in line.first_frame, "the opener's audio never reached the human"
+    assert line.first_frame[opener] - agent.handoff.timings["hello_end"] < 1.0
+    assert opener in [text for text, _ in voice.tried]  # its preparation was tried,
+    assert voice.retried == []  # once
+    line.human_presses("1")
+    await asyncio.wait_for(turn, 5)
+    assert agent.results[0].outcome is Out.CONNECTED
+    assert voice.retried == []
 
 
 def _question() -> str:
