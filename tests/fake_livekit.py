@@ -98,6 +98,7 @@ from aiohttp import web
 from google.protobuf.message import DecodeError, Message
 from livekit.api import TokenVerifier
 from livekit.api.access_token import Claims
+from livekit.protocol import agent as agent_pb
 from livekit.protocol import models
 from livekit.protocol import room as room_pb
 from livekit.protocol import sip as sip_pb
@@ -326,6 +327,15 @@ class MethodFault:
     def lose_response(cls, delay: float = 0.0) -> MethodFault:
         """The server acts, then the connection drops before the response arrives."""
         return cls("lose_response", delay)
+
+
+@dataclass(frozen=True)
+class RegisteredWorker:
+    """A worker that registered on the server's ``/agent`` websocket."""
+
+    worker_id: str
+    agent_name: str
+    type: int  # agent_pb.JobType
 
 
 @dataclass
@@ -569,6 +579,7 @@ class FakeLiveKitServer:
         self.aborted_requests: list[RecordedCall] = []
         self.lost_responses: list[RecordedCall] = []
         self.events: list[RoomEvent] = []
+        self.workers: list[RegisteredWorker] = []
         self._subscribers: list[tuple[str | None, Callable[[RoomEvent], Any]]] = []
         self._changed = asyncio.Event()
         self._verifier = TokenVerifier(api_key, api_secret)
@@ -591,6 +602,7 @@ class FakeLiveKitServer:
         app = web.Application()
         app.router.add_route("*", "/twirp/{service}/{method}", self._dispatch)
         app.router.add_get("/settings/regions", self._regions)
+        app.router.add_get("/agent", self._agent_worker)
         # handler_cancellation: a client disconnect cancels the handler task (off by default
         # since aiohttp 3.7); that is how an aborted request is seen. The work it started
         # (a dial) goes on: psrpc runs LiveKit's handlers on a context of their own
@@ -826,6 +838,37 @@ class FakeLiveKitServer:
             return self._verifier.verify(token)
         except jwt.PyJWTError as e:  # bad signature, wrong key (issuer), expired, garbage...
             raise TwirpError("unauthenticated", f"invalid token: {e}") from None
+
+    async def _agent_worker(self, request: web.Request) -> web.StreamResponse:
+        """A worker registering, as livekit/livekit pkg/service/agentservice.go takes it: a
+        websocket at ``/agent`` with a bearer token whose video grant has ``agent`` (else 401
+        or 403, before the upgrade); its first message a ``WorkerMessage.register``, answered
+        with ``ServerMessage.register`` and a worker id; then the worker's status updates until
+        it leaves. No job is ever assigned here."""
+        try:
+            claims = self._authenticate(request)
+        except TwirpError as e:
+            return web.Response(status=401, text=e.msg)
+        if not (claims.video and claims.video.agent):
+            return web.Response(status=403, text="video.agent grant required")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        first = agent_pb.WorkerMessage()
+        first.ParseFromString(await ws.receive_bytes())
+        if not first.HasField("register"):
+            await ws.close()
+            return ws
+        worker = RegisteredWorker(
+            f"AW_{next(self._ids)}", first.register.agent_name, first.register.type
+        )
+        reply = agent_pb.ServerMessage()
+        reply.register.worker_id = worker.worker_id
+        await ws.send_bytes(reply.SerializeToString())
+        self.workers.append(worker)
+        self._touch()
+        async for _ in ws:  # status updates and pings, until the worker leaves
+            pass
+        return ws
 
     async def _regions(self, request: web.Request) -> web.StreamResponse:
         # What livekit-api `_failover.py` RegionCache._fetch reads: {"regions": [{"url": ...}]}
