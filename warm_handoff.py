@@ -3289,8 +3289,8 @@ class Screening:
     speech until its verdict), once the human stops speaking (the VAD's end of speech) or
     after ``grace`` seconds of silence. A person is confirmed by AMD's ``human``, a key press or
     a yes; a verdict from timing alone (``short_greeting``) counts only if the leg stayed silent
-    through the opener. Uncertain: ask once. A mailbox's words in a final transcript end it as
-    voicemail at once. A voicemail hears the opener, nothing more. On an
+    through the opener. Uncertain: ask once, unless the transcript already had a mailbox's
+    words (then voicemail at once). A voicemail hears the opener, nothing more. On an
     extension the PBX answers first: ``machine-ivr`` and silence are not final before the ring
     timeout, and detection starts again with the ring time left."""
 
@@ -3322,9 +3322,9 @@ class Screening:
             self.handoff.timings.setdefault("hello_end", time.monotonic())
 
     def _on_transcript(self, ev: UserInputTranscribedEvent) -> None:
-        """A yes to the question confirms a person; a mailbox's words (a PBX's menu only off an
-        extension, where the menu comes before the person) end the attempt as voicemail,
-        without waiting for the detector's silence window."""
+        """A yes to the question confirms a person. A mailbox's words (a PBX's menu only off an
+        extension, where the menu comes before the person) are kept: where the detector could
+        not decide, they answer the question for the leg, as voicemail, at once."""
         if not ev.is_final:
             return
         if YES.match(ev.transcript or "") and self.consult.asked:
@@ -3355,13 +3355,9 @@ class Screening:
                 verdict.add_done_callback(_retrieve)
                 silent = await self._opener_cue(verdict, grace)
                 if not silent:
-                    await _first(
-                        verdict, self.consult.person_confirmed.wait(), self.mailbox_words.wait()
-                    )
+                    await _first(verdict, self.consult.person_confirmed.wait())
             finally:
                 await detector.aclose()  # lets the session speak again
-            if self.mailbox_words.is_set() and not self.consult.person_confirmed.is_set():
-                return Verdict(HandoffOutcome.VOICEMAIL, "mailbox words", amd_seen)
             if silent:  # nothing heard: the opener, then the question
                 return await self._ask(amd_seen, "silent line")
             if self.consult.person_confirmed.is_set():
@@ -3402,12 +3398,16 @@ class Screening:
         On an extension silence is ringback: wait for speech until the ring timeout."""
         if self.opener is not None:
             return False
-        heard = (self.speech_ended, self.consult.person_confirmed, self.mailbox_words)
-        waits: list[Awaitable[Any]] = [verdict, *(event.wait() for event in heard)]
+        waits: list[Awaitable[Any]] = [
+            self.speech_ended.wait(),
+            self.consult.person_confirmed.wait(),
+            verdict,
+        ]
         if not self.extension:
             waits.append(self._silence(grace))
         await _first(*waits)
-        silent = not (verdict.done() or any(event.is_set() for event in heard))
+        silent = not (self.speech_ended.is_set() or self.consult.person_confirmed.is_set())
+        silent = silent and not verdict.done()
         self.play_opener()
         return silent
 
@@ -3433,7 +3433,7 @@ class Screening:
         """Ask once whether a person is there; the details follow a yes or a key press."""
         if self.opener is not None:
             await self.opener
-        if not self.consult.person_confirmed.is_set():
+        if not (self.consult.person_confirmed.is_set() or self.mailbox_words.is_set()):
             self.consult.asked = True
             await self.session.say(
                 self.consult.question,

@@ -71,11 +71,11 @@ CONSULT = {
         "I'm sorry, our support team can't take your call right now.",
         RING + GRACE + OPENER + 2,
     ),
-    "voicemail": Promise(
-        ("support answered", "human says: Hi, you've reached the support line."),
+    "voicemail": Promise(  # heard the opener, then its words answered the question
+        ("support answered", "human says: Hi, you've reached", "human hears: Hi, this is the"),
         "voicemail",
         "I'm sorry, I reached our support team's voicemail rather than a person.",
-        RING + 1,
+        RING + GRACE + OPENER + 1,
     ),
     "drop_after_merge": Promise(
         (*ASKED, *BRIEFED, "human presses 1", "moved into console-room", "the human hangs up"),
@@ -183,3 +183,25 @@ def test_without_provider_keys_the_console_names_them_and_exits(tmp_path, provid
         assert "Traceback" not in term.screen
     finally:
         term.close()
+
+
+@pytest.mark.parametrize("fault", ["fail", "stall"])
+def test_when_synthesis_fails_the_human_hears_the_opener_without_a_silence(
+    tmp_path, providers, fault
+):
+    """The opener is prepared while the phone rings (ElevenLabs' HTTP synthesis); failing or
+    stalled, it is said live (the websocket) when it is due: no retry ladder, no silence."""
+    providers.fault("tts_http", fault)
+    term = console(tmp_path, **providers.env(), SIMULATED_HUMAN="answer", HANDOFF_MODE="consult")
+    try:
+        term.wait_for(READY, 60)
+        term.type(ASK)
+        term.wait_for("📞 support answered", 30)
+        answered = time.monotonic()
+        term.wait_for("📞 human hears: Hi, this is the Example Dental assistant", 30)
+        assert time.monotonic() - answered <= GRACE + 1.0  # due after the silent line's grace
+        term.wait_for(RECORD.replace("{outcome}", "connected"), 30)
+    finally:
+        term.close()
+    opener = [t for t in providers.tts_texts if t.text.startswith("Hi, this is the Example")]
+    assert [t.protocol for t in opener] == ["http", "ws"]  # one try prepared, then said live
