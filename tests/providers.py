@@ -669,6 +669,19 @@ class ProviderStandIns:
             await asyncio.sleep(fault.seconds)
         return None
 
+    async def _open_socket(
+        self, request: web.Request, provider: Provider, error: Callable[[], web.Response]
+    ) -> web.StreamResponse:
+        """The websocket, unless the provider's fault refuses the upgrade first (``fail``,
+        ``stall``); ``slow`` delays an open socket's messages instead, not the upgrade."""
+        refused = await self._before_answer(provider, error, slow=False)
+        if refused is not None:
+            return refused
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        return ws
+
     # -- OpenAI -------------------------------------------------------------------------------
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -734,16 +747,11 @@ class ProviderStandIns:
             "stream", query, int(query.get("sample_rate", 16000)), int(query.get("channels", 1))
         )
         self.stt_sessions.append(session)
-        refused = await self._before_answer(
-            "stt",
-            lambda: _deepgram_error(500, "INTERNAL_SERVER_ERROR", "Internal error"),
-            slow=False,
+        ws = await self._open_socket(
+            request, "stt", lambda: _deepgram_error(500, "INTERNAL_SERVER_ERROR", "Internal error")
         )
-        if refused is not None:
-            return refused
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        self._sockets.add(ws)
+        if not isinstance(ws, web.WebSocketResponse):
+            return ws
         request_id = str(uuid.uuid4())
         recognizer = _Recognizer(session, query, self._next_transcript, request_id)
         out: asyncio.Queue[tuple[float, dict[str, Any] | None]] = asyncio.Queue()
@@ -917,16 +925,11 @@ class ProviderStandIns:
         rate = _pcm_rate(output_format)
         if rate is None:
             return self._unsupported_format(output_format)
-        refused = await self._before_answer(
-            "tts_ws",
-            lambda: _eleven_error(500, "internal_server_error", "Internal error"),
-            slow=False,
+        ws = await self._open_socket(
+            request, "tts_ws", lambda: _eleven_error(500, "internal_server_error", "Internal error")
         )
-        if refused is not None:
-            return refused
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        self._sockets.add(ws)
+        if not isinstance(ws, web.WebSocketResponse):
+            return ws
         self.tts_sockets += 1
         serial = self.tts_sockets
         inactivity = float(query.get("inactivity_timeout", 20))
