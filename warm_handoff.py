@@ -57,6 +57,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -76,6 +77,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import aiohttp
 import regex
 from dotenv import load_dotenv
+from jwt.warnings import InsecureKeyLengthWarning
 from livekit import api, rtc
 from livekit.agents import (
     Agent,
@@ -4988,8 +4990,9 @@ async def check(settings: Settings, env: Mapping[str, str] | None = None) -> boo
     width = max(len(name) for name, _ in settings.masked())
     for name, value in settings.masked():
         print(f"{name:<{width}}  {value}")
-    if missing := missing_provider_keys(env):  # named; the exit code is about LiveKit
+    if missing := missing_provider_keys(env):  # start would refuse: so does check
         print(f"Provider keys: MISSING {', '.join(missing)} (start refuses)", file=sys.stderr)
+        ok = False
     if problems := callback_file_problems(settings):
         print(f"Callback file: FAILED ({'; '.join(problems)})", file=sys.stderr)
         ok = False
@@ -5003,15 +5006,26 @@ async def check(settings: Settings, env: Mapping[str, str] | None = None) -> boo
             backlog += f", the oldest for {oldest / 60:.0f} min (resend-outbox sends them now)"
         print(f"Outbox: {backlog}")
     try:
-        async with api.LiveKitAPI(
-            settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
-        ) as lk:
-            rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 15)
+        with _without_jwt_key_length_warning():
+            async with api.LiveKitAPI(
+                settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
+            ) as lk:
+                rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 15)
     except Exception as e:
         print(f"LiveKit API: FAILED ({describe_failure(e)})", file=sys.stderr)
         return False
     print(f"LiveKit API: OK, the credentials work ({len(rooms.rooms)} rooms open)")
     return ok
+
+
+@contextlib.contextmanager
+def _without_jwt_key_length_warning() -> Iterator[None]:
+    """PyJWT warns about an HMAC key shorter than 32 bytes, as LiveKit's dev keys are
+    (``livekit-server --dev``: "secret"); the server takes them, and ``check`` reports only
+    what would stop a call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
+        yield
 
 
 async def resend_outbox(settings: Settings) -> bool:
@@ -5026,12 +5040,22 @@ async def resend_outbox(settings: Settings) -> bool:
     return left == 0
 
 
-OUR_COMMANDS = """\
-Warm Handoff commands (besides the framework's, listed below):
-  check          Validate the configuration, show it masked, report the outbox and prove the
-                 LiveKit credentials with a harmless read. Exits 1 on any problem.
-  resend-outbox  Send the records waiting in the outbox to HANDOFF_WEBHOOK_URL now.
-"""
+OUR_COMMANDS = {
+    "check": "Validate the configuration, show it masked, report the outbox and prove the\n"
+    "LiveKit credentials with a harmless read. Exits 1 on any problem start would refuse.",
+    "resend-outbox": "Send the records waiting in the outbox to HANDOFF_WEBHOOK_URL now.",
+}
+
+
+def our_commands_help(only: str = "") -> str:
+    """The help of the commands this module adds to the framework's."""
+    lines = ["Warm Handoff commands (besides the framework's, listed below):"]
+    for name, text in OUR_COMMANDS.items():
+        if only in ("", name):
+            first, *rest = text.splitlines()
+            lines += [f"  {name:<14} {first}", *(f"  {'':<14} {line}" for line in rest)]
+    return "\n".join(lines) + "\n"
+
 
 
 def _settings_or_exit(telephony: bool) -> Settings:
@@ -5045,12 +5069,15 @@ def _settings_or_exit(telephony: bool) -> Settings:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     command = argv[1] if len(argv) > 1 else ""
+    if command in OUR_COMMANDS and ("--help" in argv or "-h" in argv):
+        print(f"Usage: python warm_handoff.py {command}\n\n{our_commands_help(command)}")
+        raise SystemExit(0)
     if command == "check":
         raise SystemExit(0 if asyncio.run(check(_settings_or_exit(True))) else 1)
     if command == "resend-outbox":
         raise SystemExit(0 if asyncio.run(resend_outbox(_settings_or_exit(False))) else 1)
     if command in ("", "--help", "-h", "help"):
-        print(OUR_COMMANDS)
+        print(our_commands_help())
     if command in ("start", "dev", "console", "connect") and "--help" not in argv:
         problems: list[str] = []
         try:

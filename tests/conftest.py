@@ -467,15 +467,15 @@ async def shut_down_like_the_framework(session: AgentSession, line: wh.PhoneLine
         await callback("shutdown")
 
 
-def run_worker(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """``python warm_handoff.py <command>`` with only ``env`` configured."""
+def run_worker(command: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``python warm_handoff.py <command> [args]`` with only ``env`` configured."""
     clean = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("LIVEKIT", "HANDOFF", "SIP_", "DEEPGRAM", "OPENAI", "ELEVEN"))
     }
     return subprocess.run(
-        [sys.executable, str(ROOT / "warm_handoff.py"), command],
+        [sys.executable, str(ROOT / "warm_handoff.py"), command, *args],
         env={**clean, "DOTENV_FILE": os.devnull, **env},
         cwd="/",
         capture_output=True,

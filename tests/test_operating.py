@@ -32,7 +32,7 @@ from conftest import (
     settings_for,
     wait_for,
 )
-from fake_livekit import API_SECRET
+from fake_livekit import API_SECRET, FakeLiveKitServer
 from livekit.agents.worker import ServerOptions
 
 import warm_handoff as wh
@@ -278,6 +278,7 @@ CHECK_ENV = {
     ),
     "HANDOFF_WEBHOOK_URL": "https://crm.example.com/hook",
     "HANDOFF_WEBHOOK_SECRET": SECRET,
+    **{name: "x" for name in ("DEEPGRAM_API_KEY", "OPENAI_API_KEY", "ELEVEN_API_KEY")},
 }
 
 
@@ -323,6 +324,24 @@ async def test_check_never_prints_a_webhook_path_or_query_and_names_missing_keys
     assert "t0k3n" not in out + err and "s3cret" not in out + err
     assert "https://crm.example.com" in out
     assert "DEEPGRAM_API_KEY" in err
+    assert code == 1  # start would refuse without it: a deploy gate must not pass
+
+
+async def test_check_says_nothing_of_a_short_dev_secret():
+    """LiveKit's dev keys (``livekit-server --dev``: a 6-character secret) work; PyJWT's
+    warning about the key's length is noise to an operator, and is not printed."""
+    async with FakeLiveKitServer(api_key="devkey", api_secret="secret") as server:
+        code, out, err = await run_check({**CHECK_ENV, **server.env(local=True)})
+    assert code == 0, err
+    assert "LiveKit API: OK" in out
+    assert "Warning" not in err and "InsecureKeyLength" not in err, err
+
+
+def test_help_of_one_of_our_commands_shows_help_and_runs_nothing():
+    done = run_worker("check", {"HANDOFF_MODE": "sideways"}, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: python warm_handoff.py check")
+    assert "Invalid configuration" not in done.stdout + done.stderr  # nothing was checked
 
 
 async def test_check_names_the_cause_of_a_network_failure(monkeypatch, capsys):
