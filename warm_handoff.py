@@ -309,6 +309,17 @@ MAX_DESTINATIONS_CHARS = 65_536
 MAX_JSON_DEPTH = 10  # a destination's opening hours need about six levels
 DIAL_PATTERN_TIMEOUT = 0.05  # seconds a HANDOFF_ALLOW_DIAL_PATTERN match may take
 CALLER_ID_FROM_CALLER = "caller"  # HANDOFF_CALLER_ID=caller: the human's phone shows the caller
+# Legacy zone names a region's own name replaces: fixed offsets that never change to summer time
+# (a New York team on "EST" would open an hour late all summer) and the POSIX-style US rules.
+FIXED_ZONES = {
+    "EST": "America/New_York (or America/Panama, which keeps no summer time)",
+    "MST": "America/Denver (or America/Phoenix, which keeps no summer time)",
+    "HST": "Pacific/Honolulu",
+    "EST5EDT": "America/New_York",
+    "CST6CDT": "America/Chicago",
+    "MST7MDT": "America/Denver",
+    "PST8PDT": "America/Los_Angeles",
+}
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 MONTH_NAMES = (
@@ -612,7 +623,12 @@ _deepgram_base_url = _must_match(
     re.compile(r"\A(wss?|https?)://[^\s/?#]+\S*\Z"),
     "must be a wss://, ws://, https:// or http:// URL, without spaces",
 )
-_e164_number = _must_match(E164, "must be an E.164 number like +15105550100")
+def _e164_number(row: Variable[str], text: str, problems: list[str]) -> str:
+    """A business's own number (a trunk's, the caller ID): echoed when it is wrong."""
+    if not E164.match(text):
+        problems.append(f"{row.name} must be an E.164 number like +15105550100 (got {text!r})")
+        return row.default
+    return text
 _agent_name = _must_match(AGENT_NAME_RULE, "may hold only letters, digits, '-' and '_'")
 
 
@@ -674,7 +690,9 @@ def _caller_id(row: Variable[str], text: str, problems: list[str]) -> str:
     if text.lower() == CALLER_ID_FROM_CALLER:
         return CALLER_ID_FROM_CALLER
     if not E164.fullmatch(text):
-        problems.append(f"{row.name} must be an E.164 number like +15105550100, or caller")
+        problems.append(
+            f"{row.name} must be an E.164 number like +15105550100, or caller (got {text!r})"
+        )
     return text
 
 
@@ -728,8 +746,10 @@ def _parse_destinations(
     names = {d.name for d in found}
     for d in found:
         if d.fallback and (d.fallback not in names or d.fallback == d.name):
+            others = ", ".join(sorted(names - {d.name})) or "none"
             problems.append(
-                f"HANDOFF_DESTINATIONS[{d.name!r}].fallback must name another destination"
+                f"HANDOFF_DESTINATIONS[{d.name!r}].fallback must name another destination "
+                f"(got {d.fallback!r}; the others: {others})"
             )
     return tuple(found)
 
@@ -794,7 +814,9 @@ def _parse_destination(name: str, entry: JSONValue, problems: list[str]) -> Dest
     if not DESTINATION_NAME.match(name):
         problems.append(f"{where}: name must be lower-case letters, digits, '-' or '_'")
     if target is not None and not (E164.match(target) or SIP_URI.match(target)):
-        problems.append(f"{where}.number must be E.164 (+15105550100) or a sip: URI")
+        problems.append(
+            f"{where}.number must be E.164 (+15105550100) or a sip: URI (got {target!r})"
+        )
     extension = text("extension") or ""
     if extension and not DTMF.match(extension):
         problems.append(f"{where}.extension may hold only 0-9 * # w")
@@ -860,6 +882,11 @@ def _parse_hours(raw: JSONValue, where: str, problems: list[str]) -> OpeningHour
         problems.append(
             f"{where}.tz must be an IANA time zone like America/Los_Angeles (got {raw.get('tz')!r})"
         )
+    elif tz in FIXED_ZONES:
+        problems.append(
+            f"{where}.tz {tz!r} is a legacy zone name with no local rules: use the region's, "
+            f"{FIXED_ZONES[tz]}"
+        )
     weekly: list[list[tuple[int, int]]] = [[] for _ in WEEKDAYS]
     given: dict[int, str] = {}  # weekday -> the key that gave its times
     closed: set[date] = set()
@@ -903,7 +930,7 @@ def _time_zone(name: JSONValue) -> str | None:
         return None
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder ("America")
         return None
     return name
 
@@ -1025,7 +1052,7 @@ VARIABLES: tuple[Variable[Any], ...] = (
     Variable("HANDOFF_HELLO_GRACE", "hello_grace", _seconds, (0, 10)),
     # How often the agent checks in with a caller on hold.
     Variable("HANDOFF_HOLD_REASSURE", "hold_reassure_every", _seconds, (5, 300)),
-    # Handoff attempts per call, each to a different destination.
+    # Dials per call, cancelled ones and repeats included (a failed destination is not redialled).
     Variable("HANDOFF_MAX_ATTEMPTS", "max_attempts", _whole_number, (1, 5), show=_as_text),
     # How long the agent stays, silent, after the merge, to offer a retry if the human drops.
     Variable("HANDOFF_REJOIN_WINDOW", "rejoin_window", _seconds, (0, 120), show=_in_seconds_or_off),

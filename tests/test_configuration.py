@@ -545,3 +545,47 @@ def test_unset_base_urls_are_the_providers_defaults_whatever_the_sdk_would_read(
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/elsewhere/v1")
     built_in_code = wh.build_models(wh.Settings(), vad=None).llm
     assert built_in_code is not None and built_in_code.provider == "api.openai.com"
+
+
+# ── messages that name what was given ───────────────────────────────────────────────────────
+
+
+def test_a_number_that_is_not_e164_is_echoed():
+    message = problems(
+        HANDOFF_CALLER_ID="5105550999",
+        HANDOFF_DESTINATIONS=destinations(support={**SUPPORT, "number": "510-555-0100"}),
+    )
+    assert "HANDOFF_CALLER_ID must be an E.164 number like +15105550100, or caller " in message
+    assert "(got '5105550999')" in message
+    assert "['support'].number must be E.164 (+15105550100) or a sip: URI (got '510-555-0100')" in (
+        message
+    )
+
+
+def test_a_fallback_that_is_not_a_destination_lists_the_valid_names():
+    message = problems(
+        HANDOFF_DESTINATIONS=destinations(
+            support={**SUPPORT, "fallback": "Billing"},
+            billing={"number": "+15105550102", "description": "Invoices"},
+        )
+    )
+    assert (
+        "HANDOFF_DESTINATIONS['support'].fallback must name another destination "
+        "(got 'Billing'; the others: billing)"
+    ) in message
+
+
+@pytest.mark.parametrize(
+    "tz,region", [("EST", "America/New_York"), ("PST8PDT", "America/Los_Angeles")]
+)
+def test_a_legacy_time_zone_name_is_refused_with_the_regions_name(tz, region):
+    hours = {"tz": tz, "mon-fri": "09:00-17:00"}
+    message = problems(HANDOFF_DESTINATIONS=destinations(support={**SUPPORT, "hours": hours}))
+    assert f"['support'].hours.tz {tz!r} is a legacy zone name" in message
+    assert region in message
+
+
+def test_a_time_zone_folder_is_a_problem_not_a_crash():
+    hours = {"tz": "America", "mon-fri": "09:00-17:00"}
+    message = problems(HANDOFF_DESTINATIONS=destinations(support={**SUPPORT, "hours": hours}))
+    assert "['support'].hours.tz must be an IANA time zone" in message
