@@ -4947,6 +4947,19 @@ async def entrypoint(ctx: JobContext) -> None:
     await run_call(ctx, settings, build_models(settings, ctx.proc.userdata["vad"]))
 
 
+def configuration_problems(telephony: bool) -> list[str]:
+    """Everything that would stop a call, named: the configuration, the callback file's
+    folder, the providers' keys. ``telephony=False`` (the console) needs no LiveKit or trunk."""
+    problems: list[str] = []
+    try:
+        settings = load_settings(telephony=telephony)
+    except ConfigError as e:
+        problems += e.problems
+    else:
+        problems += callback_file_problems(settings)
+    return problems + [f"{key} is not set" for key in missing_provider_keys()]
+
+
 _resender: asyncio.Task[None] | None = None
 
 
@@ -5106,15 +5119,7 @@ def main(argv: list[str] | None = None) -> None:
     if command in ("", "--help", "-h", "help"):
         print(our_commands_help())
     if command in ("start", "dev", "console", "connect") and "--help" not in argv:
-        problems: list[str] = []
-        try:
-            settings = load_settings(telephony=command != "console")
-        except ConfigError as e:
-            problems += e.problems
-        else:
-            problems += callback_file_problems(settings)
-        problems += [f"{key} is not set" for key in missing_provider_keys()]
-        if problems:
+        if problems := configuration_problems(telephony=command != "console"):
             print(ConfigError(problems), file=sys.stderr)
             raise SystemExit(1)
         if command == "console" and not (sys.stdin.isatty() and sys.stdout.isatty()):
@@ -5123,5 +5128,20 @@ def main(argv: list[str] | None = None) -> None:
     cli.run_app(server)
 
 
+def framework_command() -> str:
+    """The command when livekit-agents' own CLI imported this module (``python -m
+    livekit.agents start|console warm_handoff.py``, which ``lk agent`` runs): that CLI finds
+    ``server`` and never calls ``main``; "" otherwise."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(spec, "name", "") != "livekit.agents.__main__":
+        return ""
+    return next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
+
+
 if __name__ == "__main__":
     main()
+elif (command := framework_command()) in ("start", "console"):
+    # the same refusal as main's, before the framework starts a worker or registers it
+    if problems := configuration_problems(telephony=command != "console"):
+        print(ConfigError(problems), file=sys.stderr)
+        raise SystemExit(1)

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 
+import pytest
 from fake_livekit import FakeLiveKitServer
 from providers import ProviderStandIns
 from terminal import project_copy, worker_env
@@ -17,12 +18,21 @@ from terminal import project_copy, worker_env
 TELEPHONY = {"SIP_TRUNK_ID": "ST_abc"}  # what .env.example leaves for the operator to fill in
 
 
-async def command(folder, *args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
-    module = project_copy(folder)
+# the worker started as this module's own command line does, and as livekit-agents' does (what
+# ``lk agent`` runs): that one imports the module and never calls its ``main``
+OWN, FRAMEWORKS = ("warm_handoff.py",), ("-m", "livekit.agents")
+
+
+async def command(
+    folder, *args: str, env: dict[str, str], via: tuple[str, ...] = OWN
+) -> asyncio.subprocess.Process:
+    """``python warm_handoff.py <args>`` (or ``python -m livekit.agents <args>
+    warm_handoff.py``) in a copy of the project, with ``env`` as the environment."""
+    project_copy(folder)
+    argv = [*via, *args] if via == OWN else [*via, *args, "warm_handoff.py"]
     return await asyncio.create_subprocess_exec(
         sys.executable,
-        str(module),
-        *args,
+        *argv,
         cwd=folder,
         env=worker_env({"HANDOFF_PHRASE_CACHE": str(folder / "phrases"), **env}),
         stdout=asyncio.subprocess.PIPE,
@@ -30,10 +40,11 @@ async def command(folder, *args: str, env: dict[str, str]) -> asyncio.subprocess
     )
 
 
-async def test_start_registers_the_agent_and_stops_cleanly_on_sigterm(tmp_path):
+@pytest.mark.parametrize("via", [OWN, FRAMEWORKS], ids=["own", "frameworks"])
+async def test_start_registers_the_agent_and_stops_cleanly_on_sigterm(tmp_path, via):
     async with FakeLiveKitServer() as livekit, ProviderStandIns() as providers:
         env = {**livekit.env(local=True), **providers.env(), **TELEPHONY}
-        worker = await command(tmp_path, "start", env=env)
+        worker = await command(tmp_path, "start", env=env, via=via)
         try:
             started = time.monotonic()
             while not livekit.workers and time.monotonic() - started < 30:
@@ -68,3 +79,22 @@ async def test_check_passes_with_the_readme_configuration_and_names_the_provider
         assert row.split()[-1] == f"{origin}/…", row  # the origin only: a path may hold a token
     assert "stand-in" not in printed  # the keys are never printed
     assert [c.method for c in livekit.calls] == ["ListRooms"]
+
+
+async def test_the_frameworks_own_start_refuses_a_bad_configuration_before_registering(tmp_path):
+    async with FakeLiveKitServer() as livekit, ProviderStandIns() as providers:
+        env = {**livekit.env(local=True), **providers.env(), **TELEPHONY}
+        env |= {"HANDOFF_MODE": "sideways", "OPENAI_API_KEY": ""}
+        worker = await command(tmp_path, "start", env=env, via=FRAMEWORKS)
+        try:
+            out, _ = await asyncio.wait_for(worker.communicate(), 30)
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+        assert livekit.workers == []  # never registered
+    printed = out.decode()
+    assert worker.returncode == 1, printed[-3000:]
+    assert "Invalid configuration" in printed and "HANDOFF_MODE" in printed, printed[-3000:]
+    assert "OPENAI_API_KEY is not set" in printed
+    assert "Traceback" not in printed
