@@ -52,10 +52,12 @@ import logging
 import math
 import os
 import re
+import socket
 import struct
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 import warnings
 from collections.abc import (
@@ -4837,6 +4839,57 @@ server.setup_fnc = prewarm
 # The openai SDK's own default API root (openai.AsyncClient, base_url None and no
 # OPENAI_BASE_URL): passed explicitly when OPENAI_BASE_URL is unset.
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# The other plugins' defaults, where the console looks before it starts (provider_addresses)
+DEEPGRAM_DEFAULT_BASE_URL = "https://api.deepgram.com/v1/listen"  # deepgram stt.py
+ELEVEN_DEFAULT_BASE_URL = "https://api.elevenlabs.io/v1"  # elevenlabs tts.py API_BASE_URL_V1
+
+
+def provider_addresses(settings: Settings) -> dict[str, str]:
+    """Where each model provider is reached, by its name."""
+    return {
+        "Deepgram": settings.deepgram_base_url or DEEPGRAM_DEFAULT_BASE_URL,
+        "OpenAI": settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
+        "ElevenLabs": settings.eleven_base_url or ELEVEN_DEFAULT_BASE_URL,
+    }
+
+
+async def unreachable_providers(settings: Settings, within: float = 5.0) -> list[str]:
+    """Each provider whose host does not take a connection within ``within`` s, with why
+    (name resolution, refused, no route, silence): one line each, for the console to say
+    before it starts rather than as tracebacks once the first turn needs the provider."""
+
+    async def reach(name: str, url: str) -> str:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+        where = f"{name} at {parts.hostname}:{port}"
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname, port), within
+            )
+        except socket.gaierror:
+            return f"{where}: name resolution failed (no network or DNS?)"
+        except asyncio.TimeoutError:
+            return f"{where}: no answer within {within:g}s (a firewall or proxy?)"
+        except OSError as e:
+            return f"{where}: {e.strerror or e}"
+        writer.close()
+        return ""
+
+    found = await asyncio.gather(*(reach(*item) for item in provider_addresses(settings).items()))
+    return [line for line in found if line]
+
+
+def no_audio_devices() -> str:
+    """Why the console's audio mode cannot run here, or "": it needs a default microphone and
+    speaker (PortAudio, through sounddevice, as livekit-agents' console opens them)."""
+    import sounddevice  # type: ignore[import-untyped]
+
+    for kind, what in (("input", "microphone"), ("output", "speaker")):
+        try:
+            sounddevice.query_devices(kind=kind)
+        except sounddevice.PortAudioError:
+            return f"no {what} found (PortAudio has no default {kind} device)"
+    return ""
 
 
 def build_models(settings: Settings, vad: VAD) -> Models:
@@ -5106,6 +5159,24 @@ def _settings_or_exit(telephony: bool) -> Settings:
         raise SystemExit(1) from None
 
 
+def refuse_a_console_that_cannot_run(argv: list[str]) -> None:
+    """The console explains itself before it starts: no microphone or speaker (audio mode),
+    or a provider it cannot reach; one line each and a non-zero exit, not a silent stop or
+    tracebacks after the first turn."""
+    devices_named = any(a.startswith(("--input-device", "--output-device")) for a in argv)
+    if "--text" not in argv and not devices_named and (reason := no_audio_devices()):
+        print(
+            f"console: {reason}. Type instead: python warm_handoff.py console --text",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    if unreachable := asyncio.run(unreachable_providers(load_settings(telephony=False))):
+        for line in unreachable:
+            print(f"console: cannot reach {line}", file=sys.stderr)
+        print("Set the provider's *_BASE_URL if you use another address.", file=sys.stderr)
+        raise SystemExit(3)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     command = argv[1] if len(argv) > 1 else ""
@@ -5125,6 +5196,8 @@ def main(argv: list[str] | None = None) -> None:
         if command == "console" and not (sys.stdin.isatty() and sys.stdout.isatty()):
             print("console needs a terminal: run it in an interactive shell", file=sys.stderr)
             raise SystemExit(2)
+        if command == "console":
+            refuse_a_console_that_cannot_run(argv)
     cli.run_app(server)
 
 

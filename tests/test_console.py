@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 from providers import MS_PER_CHAR, ProviderStandIns
 from terminal import Terminal, project_copy
+
+import warm_handoff as wh
 
 if ctypes.util.find_library("portaudio") is None:  # sounddevice needs it, even in text mode
     missing = "PortAudio is not installed (apt-get install -y libportaudio2): no console"
@@ -205,3 +208,42 @@ def test_when_synthesis_fails_the_human_hears_the_opener_without_a_silence(
         term.close()
     opener = [t for t in providers.tts_texts if t.text.startswith("Hi, this is the Example")]
     assert [t.protocol for t in opener] == ["http", "ws"]  # one try prepared, then said live
+
+
+def test_without_a_microphone_the_console_says_so_and_offers_text(tmp_path, providers):
+    if not wh.no_audio_devices():
+        pytest.skip("this machine has a microphone and a speaker")
+    module = project_copy(tmp_path)
+    audio = Terminal([str(module), "console"], cwd=tmp_path, env=providers.env())
+    try:
+        assert audio.wait(30) == 2
+        assert "console: no microphone found" in audio.screen
+        assert "python warm_handoff.py console --text" in audio.screen
+        assert "Traceback" not in audio.screen
+    finally:
+        audio.close()
+
+
+def test_a_provider_it_cannot_reach_is_named_before_the_console_starts(tmp_path, providers):
+    env = {
+        **providers.env(),
+        "DEEPGRAM_BASE_URL": "http://deepgram.invalid/v1/listen",  # never resolves (RFC 2606)
+        "ELEVEN_BASE_URL": f"http://127.0.0.1:{closed_port()}/v1",  # nobody listens
+    }
+    term = console(tmp_path, **env)
+    try:
+        assert term.wait(30) == 3
+        screen = term.screen
+        assert "cannot reach Deepgram at deepgram.invalid:80: name resolution failed" in screen
+        assert "cannot reach ElevenLabs at 127.0.0.1:" in screen
+        assert "OpenAI" not in screen.split("cannot reach", 1)[1]  # the stand-in answers
+        assert "Traceback" not in screen and READY not in screen
+    finally:
+        term.close()
+
+
+def closed_port() -> int:
+    """A local port nobody listens on (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
