@@ -1,0 +1,216 @@
+"""Records on a slow disk never hold the call's event loop (issue 21, item 2).
+
+A call's loop carries the caller's audio; a record's fsync that takes a while (a busy or
+network disk) must not stop it. Here ``os.fsync`` takes ``FSYNC_SECONDS`` each time (the
+``slow_disk`` fixture) and a ticker measures how late the loop wakes from
+``asyncio.sleep(TICK)`` while records and callback requests are written: the largest lag stays
+under ``MAX_LAG``, while every record still reaches the disk before it is sent, and the webhook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from conftest import callback_request, saved, settings_for
+
+import warm_handoff as wh
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-webhook-secret-0123456789"
+FSYNC_SECONDS = 0.1  # one fsync on the slow disk; a callback request takes three
+TICK = 0.01  # the ticker's sleep
+MAX_LAG = 0.05  # the most the loop may wake late: a call's audio frames are 10-20 ms apart
+
+
+class SlowDisk:
+    """``os.fsync`` that takes ``FSYNC_SECONDS``, noting the threads it ran on."""
+
+    def __init__(self) -> None:
+        self.real = os.fsync
+        self.threads: set[int] = set()
+
+    def fsync(self, fd: int) -> None:
+        self.threads.add(threading.get_ident())
+        time.sleep(FSYNC_SECONDS)
+        self.real(fd)
+
+
+@pytest.fixture
+def slow_disk(monkeypatch):
+    disk = SlowDisk()
+    monkeypatch.setattr(os, "fsync", disk.fsync)
+    return disk
+
+
+class LoopLag:
+    """A task that sleeps ``TICK`` again and again and keeps the largest delay in waking up:
+    how long the loop was held by something else."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            began = time.monotonic()
+            await asyncio.sleep(TICK)
+            self.worst = max(self.worst, time.monotonic() - began - TICK)
+
+    async def __aenter__(self) -> LoopLag:
+        self._task = asyncio.ensure_future(self._tick())
+        await asyncio.sleep(2 * TICK)  # ticking
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+class Receiver:
+    """A webhook that notes, as each record arrives, whether the callback file already holds
+    it."""
+
+    def __init__(self, callback_file: Path) -> None:
+        self.callback_file = callback_file
+        self.received: list[dict] = []
+        self.on_disk_first: list[bool] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        record = json.loads(await request.read())
+        self.received.append(record)
+        if record["type"] == "callback_request":
+            kept = saved(self.callback_file) if self.callback_file.exists() else []
+            self.on_disk_first.append(record["id"] in [k["id"] for k in kept])
+        return web.Response(status=200)
+
+
+@pytest.fixture
+async def webhook(tmp_path):
+    receiver = Receiver(tmp_path / "callbacks.jsonl")
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.2)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield receiver, f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    await runner.cleanup()
+
+
+def dead_url() -> str:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+
+
+def busy() -> wh.HandoffResult:
+    return wh.HandoffResult(wh.HandoffOutcome.BUSY, "support", wh.HandoffMode.CONSULT)
+
+
+async def test_records_on_a_slow_disk_never_hold_the_calls_loop(slow_disk, webhook, tmp_path):
+    receiver, url = webhook
+    path = tmp_path / "callbacks.jsonl"
+    delivery = wh.RecordDelivery(url, SECRET, str(path), backoff=0.01)
+    records = wh.CallRecords("room-1", "job-1", delivery)
+    async with LoopLag() as lag:
+        records.handoff(busy())
+        await asyncio.sleep(0.02)
+        records.callback(callback_request())
+        await asyncio.sleep(0.02)
+        records.callback(callback_request(reason="the modem is dead"))
+        records.call_ended()
+        await delivery.drain()
+    assert lag.worst < MAX_LAG, f"the loop was held for {lag.worst * 1000:.0f} ms"
+    assert threading.get_ident() not in slow_disk.threads  # no fsync ran on the loop
+    # every record reached the webhook once, with the id it was written under
+    assert [r["type"] for r in receiver.received] == [
+        "handoff",
+        "callback_request",
+        "callback_request",
+        "call",
+    ]
+    kept = saved(path)  # the callback file has both requests, in order
+    assert [k["reason"] for k in kept] == ["router keeps rebooting", "the modem is dead"]
+    assert [k["id"] for k in kept] == [r["id"] for r in receiver.received[1:3]]
+    assert receiver.on_disk_first == [True, True]  # on disk before the webhook saw them
+    assert list((tmp_path / "outbox").glob("*.json")) == []  # delivered, then removed
+
+
+async def test_the_jobs_last_records_are_written_before_its_shutdown_returns(slow_disk, tmp_path):
+    """A callback request taken as the job ends, and the call's own record written by
+    ``finish_call``: both are on disk when ``finish_call`` returns, the webhook being down."""
+    path = tmp_path / "callbacks.jsonl"
+    delivery = wh.RecordDelivery(dead_url(), SECRET, str(path), attempts=1)
+    records = wh.CallRecords("room-1", "job-1", delivery)
+    agent = wh.WarmHandoffAgent(settings_for(), wh.SimulatedPhoneLine(None), wh.Models(), records)
+    async with LoopLag() as lag:
+        records.callback(callback_request())
+        await wh.finish_call(agent, records)
+    assert lag.worst < MAX_LAG, f"the loop was held for {lag.worst * 1000:.0f} ms"
+    [kept] = saved(path)
+    waiting = {json.loads(p.read_text())["type"] for p in (tmp_path / "outbox").glob("*.json")}
+    assert waiting == {"callback_request", "call"}  # kept for the worker to resend
+
+
+CLOSES_WITH_WRITES_IN_FLIGHT = """
+import asyncio, json, os, sys, time
+import warm_handoff as wh
+
+real_fsync = os.fsync
+def slow_fsync(fd):
+    time.sleep({fsync})
+    real_fsync(fd)
+os.fsync = slow_fsync
+
+async def call():
+    records = wh.CallRecords("room-1", "job-1", wh.RecordDelivery({url!r}, "s", {path!r}))
+    for n in range(3):
+        records.callback(wh.CallbackRequest("room-1", "Dana", "+15105550199", "now",
+                                            f"reason {{n}}", "", "caller"))
+    records.call_ended()
+    # the job ends here: nothing awaits the records, and the loop closes at once
+
+asyncio.run(call())
+lines = open({path!r}).read().count("\\n") if os.path.exists({path!r}) else 0
+print(json.dumps({{"on_disk_when_the_loop_closed": lines}}))
+"""
+
+
+async def test_records_in_flight_when_the_loop_closes_are_written_before_the_process_exits(
+    tmp_path,
+):
+    """The loop closes (``asyncio.run`` returns, as a job process's loop does after its job:
+    livekit-agents ``ipc/proc_client.py``) while records are still being written; the process
+    then exits. Every record is on disk afterwards: none was cancelled with the loop."""
+    path = tmp_path / "callbacks.jsonl"
+    script = CLOSES_WITH_WRITES_IN_FLIGHT.format(
+        fsync=FSYNC_SECONDS, url=dead_url(), path=str(path)
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "DOTENV_FILE": "/dev/null"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["on_disk_when_the_loop_closed"] < 3  # writes were in flight as it closed
+    kept = saved(path)
+    assert [k["reason"] for k in kept] == ["reason 0", "reason 1", "reason 2"]
+    waiting = {p.stem for p in (tmp_path / "outbox").glob("*.json")}
+    assert len(waiting) == 4  # the three requests and the call: kept for the worker
+    assert {k["id"] for k in kept} <= waiting
