@@ -163,6 +163,25 @@ async def test_the_jobs_last_records_are_written_before_its_shutdown_returns(slo
     assert waiting == {"callback_request", "call"}  # kept for the worker to resend
 
 
+async def test_the_workers_resend_on_a_slow_disk_never_holds_its_loop(slow_disk, webhook, tmp_path):
+    """The worker's main process (``keep_resending``) sends what jobs left in the outbox: its
+    reads, locks and removals (an fsync of the folder each) stay off its loop too."""
+    receiver, url = webhook
+    path = tmp_path / "callbacks.jsonl"
+    folder = wh.outbox_folder(str(path))
+    folder.mkdir()
+    left = [f"left-by-a-job-{n}" for n in range(3)]
+    for record_id in left:
+        record = {"type": "call", "id": record_id, "room": "r9"}
+        (folder / f"{record_id}.json").write_text(json.dumps(record))
+    worker = wh.RecordDelivery(url, SECRET, str(path))
+    async with LoopLag() as lag:
+        assert await worker.resend(min_age=0) == (3, 0)
+    assert lag.worst < MAX_LAG, f"the loop was held for {lag.worst * 1000:.0f} ms"
+    assert sorted(r["id"] for r in receiver.received) == left
+    assert list(folder.glob("*.json")) == []  # delivered, then removed
+
+
 CLOSES_WITH_WRITES_IN_FLIGHT = """
 import asyncio, json, os, sys, time
 import warm_handoff as wh
