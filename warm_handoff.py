@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import hmac
@@ -1444,6 +1445,50 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+_RECORDS_DISK: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def records_disk() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that does this process's record I/O (append, fsync, rename, flock,
+    unlink), in the order asked: a callback file before its outbox, a write before its send.
+    Its own, not the loop's default executor (``asyncio.to_thread``): cancelling a task that
+    waits for a write would cancel a write still queued there, and a shut-down loop takes no
+    more. Here a loop that stops or closes stops no write, and the interpreter finishes every
+    queued one before the process exits (``concurrent.futures`` joins its threads in
+    ``threading._shutdown``, which a job process runs in ``multiprocessing``'s ``_bootstrap``)."""
+    pid = os.getpid()  # a forked child inherits this dict, not the thread
+    disk = _RECORDS_DISK.get(pid)
+    if disk is None:
+        disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="records-disk")
+        _RECORDS_DISK[pid] = disk
+    return disk
+
+
+def on_records_disk(work: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+    """Queue ``work`` on the records' thread now, when called, not when awaited."""
+    try:
+        return records_disk().submit(work, *args)
+    except RuntimeError:  # the interpreter is exiting and starts no thread: do it here, now
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        try:
+            done.set_result(work(*args))
+        except Exception as e:
+            done.set_exception(e)
+        return done
+
+
+async def landed(job: concurrent.futures.Future[T]) -> T:
+    """Wait on the loop for a job on the records' thread; cancelling the wait never cancels
+    the job."""
+    return await asyncio.shield(asyncio.wrap_future(job))
+
+
+def _release(lock: concurrent.futures.Future[int | None]) -> None:
+    """Let go of an outbox lock taken for a sender that stopped waiting for it."""
+    if not lock.cancelled() and lock.exception() is None and (fd := lock.result()) is not None:
+        os.close(fd)
+
+
 class Outbox:
     """One file per record not yet taken by the webhook: ``<id>.json``, written atomically
     (temporary file, fsync, rename, fsync the folder). Whoever sends a file holds an exclusive
@@ -1479,29 +1524,32 @@ class Outbox:
                         found.append((modified, path))
         return [path for _, path in sorted(found)]
 
-    @contextlib.contextmanager
-    def claim(self, path: Path) -> Iterator[bool]:
-        """Hold ``path`` while sending it: False if it is gone or someone else holds it."""
+    def lock(self, path: Path) -> int | None:
+        """Take ``path`` for sending it: an open descriptor that holds its lock until closed,
+        or None if it is gone or someone else holds it."""
         import fcntl
 
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            yield False
-            return
+            return None
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:  # sent and deleted by someone else between our open and our lock
-                still_there = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                still_there = False
-            yield still_there
-        finally:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # sent and deleted by someone else between our open and our lock?
+            mine = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except (BlockingIOError, FileNotFoundError):
+            mine = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if not mine:
             os.close(fd)  # releases the lock
+            return None
+        return fd
+
+    def read(self, path: Path) -> dict[str, Any]:
+        record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return record
 
     def remove(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -1521,7 +1569,9 @@ class RecordDelivery:
     on 5xx, 408, 429 and network errors. Its outbox file is deleted when the receiver answers
     2xx; what is left is sent again by the worker's main process (``keep_resending``) or by
     ``python warm_handoff.py resend-outbox``. ``submit`` never raises and never waits on the
-    network; each record that cannot be delivered now is logged once.
+    network or the disk: every file is written, locked and removed on the records' own thread
+    (``records_disk``), so a slow disk never holds the call's event loop; each record that
+    cannot be delivered now is logged once.
     """
 
     def __init__(
@@ -1542,8 +1592,10 @@ class RecordDelivery:
         self.attempts = attempts
         self.backoff = backoff
         self.timeout = timeout
-        self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any], concurrent.futures.Future[bool]]]
+        self._queue = asyncio.Queue(queue_size)
         self._sender: asyncio.Task[None] | None = None
+        self._last_write: concurrent.futures.Future[bool] | None = None
         self.loop = asyncio.get_running_loop()
 
     def sign(self, timestamp: str, body: bytes) -> str:
@@ -1551,23 +1603,17 @@ class RecordDelivery:
         return "sha256=" + digest.hexdigest()
 
     def submit(self, record: dict[str, Any]) -> None:
-        if record.get("type") == "callback_request":
-            self._save_callback(record)  # before anything else is tried
-        if not self.url:
-            return  # the log line (and, for a callback request, the file) is the record
+        """Hand the record to the records' thread to be written (``_store``) and queue it to
+        be sent once written; returns at once."""
+        callback = record.get("type") == "callback_request"
+        if not callback and not self.url:
+            return  # the log line is the record
         record_id = str(record.get("id") or uuid.uuid4().hex)
+        stored = self._last_write = on_records_disk(self._store, record_id, record, callback)
+        if not self.url:
+            return  # the log line and the callback file are the record
         try:
-            self.outbox.put(record_id, record)
-        except OSError as e:
-            logger.error(
-                "could not write a %s record for room %s to %s (%s): sending it from memory",
-                record.get("type"),
-                record.get("room"),
-                self.outbox.folder,
-                e.strerror or type(e).__name__,
-            )
-        try:
-            self._queue.put_nowait((record_id, record))
+            self._queue.put_nowait((record_id, record, stored))
         except asyncio.QueueFull:
             logger.error(
                 "record queue full: the %s record for room %s waits in %s for the worker",
@@ -1579,14 +1625,53 @@ class RecordDelivery:
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_all())
 
-    async def drain(self, timeout: float = 10.0) -> None:
-        """Send what was submitted for at most ``timeout`` seconds (shutdown, tests); what is
-        not sent by then stays in the outbox for the worker's main process."""
+    def _store(self, record_id: str, record: dict[str, Any], callback: bool) -> bool:
+        """On the records' thread: a callback request to the callback file first, then the
+        record to the outbox. True if the outbox has it; False: it is sent from memory."""
+        if callback:
+            self._save_callback(record)  # before anything else is tried
+        if not self.url:
+            return False
         try:
-            await asyncio.wait_for(asyncio.shield(self._queue.join()), timeout)
+            self.outbox.put(record_id, record)
+        except OSError as e:
+            logger.error(
+                "could not write a %s record for room %s to %s (%s): sending it from memory",
+                record.get("type"),
+                record.get("room"),
+                self.outbox.folder,
+                e.strerror or type(e).__name__,
+            )
+            return False
+        return True
+
+    async def written(self) -> None:
+        """Wait until every record submitted so far is written (or its failure logged): the
+        records' thread works in order, so the last write done means all are."""
+        if self._last_write is not None:
+            with contextlib.suppress(Exception):  # what failed was logged where it failed
+                await landed(self._last_write)
+
+    async def _settled(self) -> None:
+        await self.written()
+        await self._queue.join()
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Write and send what was submitted, for at most ``timeout`` seconds (shutdown,
+        tests). What is not sent by then stays in the outbox for the worker's main process;
+        what is still being written, this process finishes before it exits (``records_disk``)."""
+        try:
+            await asyncio.wait_for(self._settled(), timeout)
             return
         except asyncio.TimeoutError:
             pass
+        if self._queue.empty() and self._sender is None:
+            logger.warning(
+                "the disk did not take every record in %gs; this process finishes writing "
+                "them before it exits",
+                timeout,
+            )
+            return
         left = self._queue.qsize() + 1
         if self._sender is not None:
             self._sender.cancel()
@@ -1607,38 +1692,56 @@ class RecordDelivery:
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
             while not self._queue.empty():
-                record_id, record = self._queue.get_nowait()
+                record_id, record, stored = self._queue.get_nowait()
                 try:
-                    path = self.outbox.folder / f"{record_id}.json"
-                    if not path.exists():  # it could not be written: send from memory
+                    if not await landed(stored):  # it could not be written: send from memory
                         await self._post(http, record, record_id)
                         continue
-                    with self.outbox.claim(path) as mine:
+                    path = self.outbox.folder / f"{record_id}.json"
+                    async with self._claimed(path) as mine:
                         if mine and await self._post(http, record, record_id):
-                            self.outbox.remove(path)
+                            await landed(on_records_disk(self.outbox.remove, path))
                 finally:
                     self._queue.task_done()
+
+    @contextlib.asynccontextmanager
+    async def _claimed(self, path: Path) -> AsyncIterator[bool]:
+        """Hold ``path``'s lock while sending it: False if it is gone or someone else holds
+        it. Taken and let go on the records' thread."""
+        lock = on_records_disk(self.outbox.lock, path)
+        try:
+            fd = await landed(lock)
+        except asyncio.CancelledError:
+            lock.add_done_callback(_release)
+            raise
+        if fd is None:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            on_records_disk(os.close, fd)  # releases the lock, after what was queued before
 
     async def resend(self, min_age: float = OUTBOX_MIN_AGE) -> tuple[int, int]:
         """Send every outbox record older than ``min_age`` once: (sent, still waiting)."""
 
         sent = failed = 0
-        waiting = self.outbox.waiting(min_age)
+        waiting = await landed(on_records_disk(self.outbox.waiting, min_age))
         if not waiting:
             return 0, 0
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
             for path in waiting:
-                with self.outbox.claim(path) as mine:
+                async with self._claimed(path) as mine:
                     if not mine:
                         continue
                     try:
-                        record = json.loads(path.read_text(encoding="utf-8"))
+                        record = await landed(on_records_disk(self.outbox.read, path))
                     except (OSError, ValueError) as e:
                         logger.error("unreadable outbox record %s: %s", path.name, e)
                         failed += 1
                         continue
                     if await self._post(http, record, path.stem, attempts=1):
-                        self.outbox.remove(path)
+                        await landed(on_records_disk(self.outbox.remove, path))
                         sent += 1
                     else:
                         failed += 1
@@ -1683,9 +1786,10 @@ class RecordDelivery:
         return False
 
     def _save_callback(self, record: dict[str, Any]) -> None:
-        """Append, flush, fsync. If that fails, the request goes to the log at error level
-        with the number in full (the one unmasked number a log may hold), so an operator can
-        still call back; its other texts are redacted as in records."""
+        """On the records' thread: append, flush, fsync. If that fails, the request goes to
+        the log at error level with the number in full (the one unmasked number a log may
+        hold), so an operator can still call back; its other texts are redacted as in
+        records."""
         try:
             with open(self.callback_file, "a", encoding="utf-8") as out:
                 out.write(json.dumps(record) + "\n")
@@ -2859,7 +2963,7 @@ class PhraseCache:
         )
 
     async def _audio(self, agent: Agent, text: str, path: Path) -> AsyncIterator[rtc.AudioFrame]:
-        saved = self.load(path)
+        saved = await self.load(path)
         if saved is not None:
             for frame in saved:
                 yield frame
@@ -2877,8 +2981,13 @@ class PhraseCache:
         if made:
             await asyncio.to_thread(self.store, path, made)
 
-    def load(self, path: Path) -> list[rtc.AudioFrame] | None:
-        """The saved sentence as frames, or None: missing, partial or corrupt."""
+    async def load(self, path: Path) -> list[rtc.AudioFrame] | None:
+        """The saved sentence as frames, or None: missing, partial or corrupt. Read and
+        verified on a worker thread: a slow disk or a long sentence's hash must not hold the
+        call's event loop (the caller's audio, the hold music, the other speech)."""
+        return await asyncio.to_thread(self._read, path)
+
+    def _read(self, path: Path) -> list[rtc.AudioFrame] | None:
         try:
             data = path.read_bytes()
         except OSError:
@@ -3977,7 +4086,7 @@ class ConsultAgent(Agent):
         phrases = self._handoff.models.phrases
         cache = phrases if keep and phrases is not None and phrases.usable else None
         path = cache.path_for(text, tts) if cache is not None else None
-        if cache is not None and path is not None and (saved := cache.load(path)) is not None:
+        if cache is not None and path is not None and (saved := await cache.load(path)) is not None:
             self.voice[name] = saved
             return
         bound = spoken_seconds(text)

@@ -10,10 +10,13 @@ TTS; only the folder is shared between calls, as on a worker host.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -28,6 +31,7 @@ from livekit.agents import Agent, AgentSession, APIConnectOptions, APIStatusErro
 from livekit.agents.testing import fake_job_context
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from livekit.plugins import elevenlabs
+from test_records_off_the_loop import MAX_LAG, LoopLag
 
 import warm_handoff as wh
 from bench.models import TTS_RATE, UTTERANCES, ToneTTS
@@ -315,6 +319,89 @@ async def test_the_opener_to_the_human_plays_from_the_cache_where_the_tts_is_the
             await session.aclose()
     assert voices[0].synthesized == [opener] and voices[1].synthesized == []
     assert heard[1] and set(heard[1]) == set(heard[0])
+
+
+# ── a slow disk: the cache is read and checked off the call's event loop ────────────────────
+
+SLOW_READ = 0.2  # reading one cached sentence on a slow disk
+
+
+@pytest.fixture
+def slow_reads(monkeypatch):
+    """Reading a cached sentence takes ``SLOW_READ``; returns the threads that read one, and
+    those that hashed audio (more than a key's few hundred bytes)."""
+    threads: dict[str, set[int]] = {"read": set(), "hashed": set()}
+    read_bytes, sha256 = Path.read_bytes, hashlib.sha256
+
+    def slow_read(path: Path) -> bytes:
+        if path.suffix == ".pcm":
+            threads["read"].add(threading.get_ident())
+            time.sleep(SLOW_READ)
+        return read_bytes(path)
+
+    def noted_sha256(data: bytes = b"", **kw):
+        if len(data) > 4096:
+            threads["hashed"].add(threading.get_ident())
+        return sha256(data, **kw)
+
+    monkeypatch.setattr(Path, "read_bytes", slow_read)
+    monkeypatch.setattr(hashlib, "sha256", noted_sha256)
+    return threads
+
+
+async def test_a_cached_sentence_is_read_and_checked_off_the_loop(tmp_path, slow_reads):
+    """Playing a sentence from the cache on a slow disk never holds the call's loop (the
+    caller's audio, the hold music): its file is read and its hash checked on a worker thread."""
+    opener = wh.OPENER.format(business="Acme")
+    heard: list[list] = []
+    voices = [CountingTTS(), CountingTTS()]
+    for voice in voices:  # two calls on the host: the first saves, the second plays the file
+        session = AgentSession(tts=voice)
+        ear = Ear("human")
+        session.output.audio = ear
+        await session.start(agent=Agent(instructions="You brief a colleague."))
+        try:
+            async with LoopLag() as lag:
+                speech = wh.say_fixed(session, opener, wh.PhraseCache(str(tmp_path)))
+                await asyncio.wait_for(speech.wait_for_playout(), 5)
+            heard.append([h.tag for h in ear.heard if h.audible])
+        finally:
+            await session.aclose()
+        assert lag.worst < MAX_LAG, f"the loop was held for {lag.worst * 1000:.0f} ms"
+    assert voices[1].synthesized == []  # played from the cache
+    assert heard[1] and set(heard[1]) == set(heard[0])
+    loop_thread = threading.get_ident()
+    assert slow_reads["read"] and loop_thread not in slow_reads["read"]
+    assert slow_reads["hashed"] and loop_thread not in slow_reads["hashed"]
+
+
+async def test_the_humans_phrases_are_read_from_the_cache_off_the_loop(tmp_path, slow_reads):
+    """``ConsultAgent.prepare_voice`` takes the opener and the question from the cache while
+    the phone rings; on a slow disk that never holds the call's loop."""
+    settings = settings_for(phrase_cache=str(tmp_path))
+    support = settings.destination("support")
+    assert support is not None
+    voices = [CountingTTS(), CountingTTS()]
+    for voice in voices:  # two calls: the first saves the opener and the question
+        handoff = wh.Handoff(
+            settings=settings,
+            line=wh.SimulatedPhoneLine(None),
+            session=AgentSession(),
+            destination=support,
+            reason="router keeps rebooting",
+            models=wh.Models(tts=voice, phrases=wh.PhraseCache(str(tmp_path))),
+        )
+        brief: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        brief.set_result("Dana's router keeps rebooting.")
+        consult = handoff.consult_agent(brief, "")
+        async with LoopLag() as lag:
+            await consult.prepare_voice(voice)
+        assert set(consult.voice) == {"opener", "question", "brief"}
+    assert voices[1].synthesized == ["Dana's router keeps rebooting."]  # the rest: cached
+    assert lag.worst < MAX_LAG, f"the loop was held for {lag.worst * 1000:.0f} ms"
+    loop_thread = threading.get_ident()
+    assert slow_reads["read"] and loop_thread not in slow_reads["read"]
+    assert loop_thread not in slow_reads["hashed"]
 
 
 # ── the human's phrases, said live when they could not be prepared ──────────────────────────

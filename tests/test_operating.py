@@ -416,7 +416,9 @@ async def test_a_callback_file_that_cannot_be_written_logs_the_number_in_full(
         "/dev/full": Path("/dev/full"),
     }[where]
     caplog.set_level(logging.INFO, logger="warm-handoff")
-    records_kept_in(path).callback(request())
+    records = records_kept_in(path)
+    records.callback(request())
+    await records.delivery.written()  # written on the records' thread, off the call's loop
     [logged] = [r for r in caplog.records if "callback_request record" in r.getMessage()]
     assert "a card ending 1111" in logged.getMessage()  # the record's own line is there too
     [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -433,6 +435,7 @@ async def test_a_callback_request_is_on_disk_before_the_webhook_is_tried(receive
     delivery = wh.RecordDelivery(url, SECRET, str(path))
     records = wh.CallRecords("room-1", "job-1", delivery)
     records.callback(request())
+    await delivery.written()
     [line] = saved(path)  # at once, not after the webhook gave up
     assert (line["caller_name"], line["number"]) == ("Dana", "+15105550199")
     assert line["summary"] == "Dana's router reboots; she read out her card a card ending 1111."
@@ -576,6 +579,7 @@ async def test_a_caller_who_hangs_up_during_the_read_back_leaves_a_callback_requ
     assert abandoned.number == "+15105550199" and abandoned.reason == "router keeps rebooting"
     call.agent.call_ended()
     assert len(records.callbacks) == 1  # recorded once
+    await records.delivery.written()
     assert [x["source"] for x in saved(path)] == ["abandoned"]
 
 

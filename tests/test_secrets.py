@@ -194,7 +194,9 @@ async def test_records_and_their_log_lines_carry_no_spoken_card(tmp_path, caplog
         "Caller: my card is 4 2 four 2 4242 four two 4 2 four two four 2\n"
         "Caller: and my account is nine eight seven, six five four, three two one"
     )
-    records_kept_in(path).callback(callback_request(reason=f"refund to {SPOKEN}", summary=summary))
+    records = records_kept_in(path)
+    records.callback(callback_request(reason=f"refund to {SPOKEN}", summary=summary))
+    await records.delivery.written()  # written on the records' thread, off the call's loop
     [record] = saved(path)
     assert record["reason"] == f"refund to {ENDING}"
     assert record["summary"] == (
@@ -259,12 +261,14 @@ async def test_the_brief_on_the_consult_agent_is_redacted(start_call):
 async def test_records_and_their_log_lines_are_redacted(start_call, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="warm-handoff")
     path = tmp_path / "callbacks.jsonl"
-    records_kept_in(path).callback(
+    records = records_kept_in(path)
+    records.callback(
         callback_request(
             reason="refund to 4111 1111 1111 1111",
             summary="Caller: my other number is 510 555 0142",
         )
     )
+    await records.delivery.written()  # written on the records' thread, off the call's loop
     [record] = saved(path)
     assert record["reason"] == "refund to a card ending 1111"
     assert record["summary"] == "Caller: my other number is 51055•••42"
