@@ -1906,6 +1906,11 @@ class CallRecords:
             }
         )
 
+    async def written(self) -> None:
+        """Wait until what was recorded so far is on disk."""
+        if self.delivery is not None:
+            await self.delivery.written()
+
     def callback(self, request: CallbackRequest) -> None:
         self.callbacks.append(request)
         self._emit({"type": "callback_request", "job_id": self.job_id, **request.__dict__})
@@ -4358,6 +4363,7 @@ class CallbackDesk:
     async def confirm(self, session: AgentSession, request: CallbackRequest) -> ToolResult:
         self.unconfirmed = None
         self.records.callback(request)
+        await self.records.written()  # on disk (off the loop) before the caller is told so
         await session.say(
             CALLBACK_CONFIRMED.format(name=request.caller_name, when=sentence(request.best_time))
         )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import callback_request, saved, settings_for
+from conftest import callback_request, records_kept_in, saved, settings_for
 
 import warm_handoff as wh
 
@@ -247,3 +247,20 @@ async def test_records_in_flight_when_the_loop_closes_are_written_before_the_pro
     assert {k["id"] for k in kept} < set(waiting)  # kept for the worker, under the same ids
     assert len(waiting) == REQUESTS_AT_THE_END + 1  # and the call's own record
     assert "Traceback" not in done.stderr, done.stderr
+
+
+async def test_the_caller_is_told_of_their_callback_once_it_is_on_disk(tmp_path, slow_disk):
+    path = tmp_path / "callbacks.jsonl"
+    desk = wh.CallbackDesk(wh.SimulatedPhoneLine(None), records_kept_in(path))
+
+    class Caller:
+        """The caller's session: what is on disk when they are told."""
+
+        on_disk_when_told: list[dict] | None = None
+
+        async def say(self, text: str) -> None:
+            self.on_disk_when_told = saved(path) if path.exists() else []
+
+    caller = Caller()
+    await desk.confirm(caller, callback_request())  # type: ignore[arg-type]
+    assert [r["caller_name"] for r in caller.on_disk_when_told or []] == ["Dana"]
