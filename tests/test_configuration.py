@@ -134,9 +134,10 @@ def test_phone_numbers_are_masked():
     assert wh.mask_number("sip:alice.smith@pbx.example.com").endswith("@pbx.example.com")
 
 
-def test_worker_stops_at_start_with_one_clear_message():
+@pytest.mark.parametrize("command", ["start", "dev"])
+def test_worker_stops_at_start_with_one_clear_message(command):
     done = run_worker(
-        "start", {"LIVEKIT_API_SECRET": "s3cr3t-value-never-printed", "HANDOFF_MODE": "nope"}
+        command, {"LIVEKIT_API_SECRET": "s3cr3t-value-never-printed", "HANDOFF_MODE": "nope"}
     )
     assert done.returncode == 1
     assert "Invalid configuration" in done.stderr
