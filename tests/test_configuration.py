@@ -200,7 +200,7 @@ SUPPORT = {"number": "+15105550100", "description": "Support"}
 
 def test_deeply_nested_or_huge_destinations_give_a_message():
     deep = '{"support": ' + "[" * 5_000 + "]" * 5_000 + "}"  # short, but too deep to parse
-    assert "HANDOFF_DESTINATIONS nests deeper than" in problems(HANDOFF_DESTINATIONS=deep)
+    assert "HANDOFF_DESTINATIONS nests too deeply" in problems(HANDOFF_DESTINATIONS=deep)
     huge = destinations(support={**SUPPORT, "description": "x" * 100_000})
     assert "HANDOFF_DESTINATIONS is too long" in problems(HANDOFF_DESTINATIONS=huge)
 
@@ -590,3 +590,11 @@ def test_a_time_zone_folder_is_a_problem_not_a_crash():
     hours = {"tz": "America", "mon-fri": "09:00-17:00"}
     message = problems(HANDOFF_DESTINATIONS=destinations(support={**SUPPORT, "hours": hours}))
     assert "['support'].hours.tz must be an IANA time zone" in message
+
+
+def test_a_nested_value_where_text_belongs_is_named():
+    hours = "[" * 50 + "]" * 50
+    raw = '{"support": {"number": "+15105550100", "description": "S", "hours": ' + hours + "}}"
+    assert "HANDOFF_DESTINATIONS['support'].hours must be an object" in problems(
+        HANDOFF_DESTINATIONS=raw
+    )
