@@ -70,7 +70,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
@@ -2830,52 +2830,6 @@ class SimulatedPhoneLine(PhoneLine):
 # -- instant words: fixed sentences played from a cache on the worker host ---------------------
 
 
-def tts_voice(tts: TTS) -> dict[str, Any]:
-    """What makes a TTS sound as it does, for the phrase cache's key: its class, model, sample
-    rate and channels (public properties), and every plain value of its options object. The
-    LiveKit plugins keep voice, voice settings, encoding and language only there, in a private
-    dataclass ``_opts`` (livekit-plugins-elevenlabs 1.8.9 ``tts.py``, ``_TTSOptions``: voice_id,
-    voice_settings, model, language, encoding, sample_rate, text normalisation, pronunciation
-    dictionaries ...). Credentials are left out; anything else extra only costs a miss, while a
-    setting left out could replay a stale voice."""
-    voice: dict[str, Any] = {
-        "tts": f"{type(tts).__module__}.{type(tts).__qualname__}",
-        "model": tts.model,
-        "sample_rate": tts.sample_rate,
-        "num_channels": tts.num_channels,
-    }
-    options = getattr(tts, "_opts", None)
-    if is_dataclass(options) and not isinstance(options, type):
-        for f in fields(options):
-            if re.search(r"key|secret|token|password|auth", f.name, re.IGNORECASE):
-                continue  # credentials (a tokenizer object would be skipped as not plain anyway)
-            value = _plain(getattr(options, f.name))
-            if value is not _NOT_PLAIN:
-                voice[f"opts.{f.name}"] = value
-    return voice
-
-
-_NOT_PLAIN = object()
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON-ready data, or ``_NOT_PLAIN`` for an object (a tokenizer, a session)."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, NotGiven):
-        return "NOT_GIVEN"
-    if isinstance(value, Enum):
-        return value.value
-    if is_dataclass(value) and not isinstance(value, type):
-        value = {f.name: getattr(value, f.name) for f in fields(value)}
-    if isinstance(value, dict):
-        items = {str(k): _plain(v) for k, v in value.items()}
-        return {k: v for k, v in items.items() if v is not _NOT_PLAIN}
-    if isinstance(value, (list, tuple)):
-        return [v for v in (_plain(x) for x in value) if v is not _NOT_PLAIN]
-    return _NOT_PLAIN
-
-
 async def _words(text: str) -> AsyncIterator[str]:
     yield text
 
@@ -2896,8 +2850,9 @@ class PhraseCache:
     A job process runs one call, so the folder, not the process, is the cache. A sentence's
     first live synthesis on a host is played as it arrives and saved (a temporary file renamed
     into place: a reader sees the whole file or none); later calls play the file at once. The
-    file's name is a hash of the text and the voice (``tts_voice``), so a changed greeting or
-    voice is another file and never plays a stale sentence. A file that does not verify (a
+    file's name is a hash of the text and the voice (``voice``: what ``build_models`` sets, see
+    ``voice_of``), so a changed greeting or voice is another file and never plays a stale
+    sentence. A file that does not verify (a
     header with the length and a SHA-256 of the audio) is never played: the sentence is
     synthesised live and the file replaced. A synthesis that fails or is interrupted saves
     nothing. The folder must belong to this user and be writable by nobody else (anyone who can
@@ -2907,8 +2862,9 @@ class PhraseCache:
     HEADER = struct.Struct("<8sIHI32s")  # magic, sample rate, channels, PCM bytes, SHA-256
     FRAME_MS = 100  # played in frames this long
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, voice: Mapping[str, str] | None = None) -> None:
         self.folder = Path(folder)
+        self.voice = dict(voice or {})
         self.usable = self._prepare()
 
     def _prepare(self) -> bool:
@@ -2928,8 +2884,8 @@ class PhraseCache:
             return False
         return True
 
-    def path_for(self, text: str, tts: TTS) -> Path:
-        key = json.dumps({"format": 1, "text": text, "voice": tts_voice(tts)}, sort_keys=True)
+    def path_for(self, text: str) -> Path:
+        key = json.dumps({"format": 2, "text": text, "voice": self.voice}, sort_keys=True)
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.pcm"
 
     def say(self, session: AgentSession, text: str, **options: Any) -> SpeechHandle:
@@ -2938,7 +2894,7 @@ class PhraseCache:
         if not self.usable or tts is None:
             return session.say(text, **options)
         return session.say(
-            text, audio=self._audio(agent, text, self.path_for(text, tts)), **options
+            text, audio=self._audio(agent, text, self.path_for(text)), **options
         )
 
     async def _audio(self, agent: Agent, text: str, path: Path) -> AsyncIterator[rtc.AudioFrame]:
@@ -4064,7 +4020,7 @@ class ConsultAgent(Agent):
         synthesised), else synthesised; a failure or a timeout leaves it to be said live."""
         phrases = self._handoff.models.phrases
         cache = phrases if keep and phrases is not None and phrases.usable else None
-        path = cache.path_for(text, tts) if cache is not None else None
+        path = cache.path_for(text) if cache is not None else None
         if cache is not None and path is not None and (saved := await cache.load(path)) is not None:
             self.voice[name] = saved
             return
@@ -4981,6 +4937,20 @@ def no_audio_devices() -> str:
     return ""
 
 
+def voice_of(settings: Settings) -> dict[str, str]:
+    """What makes the fixed sentences sound as they do, as ``build_models`` sets up the TTS:
+    the phrase cache's key, so a changed voice is another file. The plugin's version stands
+    for the defaults it keeps (voice settings, language), which this module leaves alone; the
+    API key is not part of a voice."""
+    return {
+        "tts": f"livekit-plugins-elevenlabs {elevenlabs.__version__}",
+        "model": settings.tts_model,
+        "encoding": settings.tts_encoding,
+        "voice_id": settings.tts_voice_id,
+        "base_url": settings.eleven_base_url,
+    }
+
+
 def build_models(settings: Settings, vad: VAD) -> Models:
     """The call's models, configured from ``settings`` alone. Deepgram's and ElevenLabs' base
     URLs are passed only when set (unset: the plugin's default). OpenAI's is passed always:
@@ -5005,7 +4975,9 @@ def build_models(settings: Settings, vad: VAD) -> Models:
         ),
         tts=elevenlabs.TTS(**tts_options),
         vad=vad,
-        phrases=PhraseCache(settings.phrase_cache) if settings.phrase_cache else None,
+        phrases=PhraseCache(settings.phrase_cache, voice_of(settings))
+        if settings.phrase_cache
+        else None,
     )
 
 

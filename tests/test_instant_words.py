@@ -41,14 +41,6 @@ TTFA = 0.15  # the fake TTS's time to first audio
 GREETING = "Thanks for calling Acme. How can I help?"
 
 
-@dataclass
-class _Voice:
-    """Options kept the way LiveKit's TTS plugins keep them: a dataclass in ``_opts``."""
-
-    voice_id: str
-    api_key: str = "not-part-of-the-key"
-
-
 class CountingTTS(ToneTTS):
     """``ToneTTS`` that records every text it is asked to synthesise; the first ``fail``
     requests fail as ElevenLabs does on a rejected key or exhausted quota: HTTP 401, which
@@ -56,7 +48,7 @@ class CountingTTS(ToneTTS):
 
     def __init__(self, *, voice: str = "alice", fail: int = 0) -> None:
         super().__init__(ttfa=TTFA, chars_per_second=300)
-        self._opts = _Voice(voice)
+        self.voice = voice  # the TTS_VOICE_ID it was configured with
         self.synthesized: list[str] = []
         self.fail = fail
 
@@ -104,12 +96,14 @@ class Greeted:
 async def greet(folder, tts_model: CountingTTS, greeting: str = GREETING) -> Greeted:
     """One call on the worker host: ``run_call`` answers and greets; the caller listens until
     the greeting is over (it is in the history once played, or once it failed)."""
-    settings = settings_for(greeting=greeting, phrase_cache=str(folder))
+    settings = settings_for(
+        greeting=greeting, phrase_cache=str(folder), tts_voice_id=tts_model.voice
+    )
     models = wh.Models(
         llm=ScriptedLLM(lambda req: "Sure."),
         tts=tts_model,
         turn_handling={"turn_detection": "manual"},
-        phrases=wh.PhraseCache(settings.phrase_cache),
+        phrases=wh.PhraseCache(settings.phrase_cache, wh.voice_of(settings)),
     )
     ear = Ear("caller")
     with fake_job_context() as ctx:
@@ -434,36 +428,32 @@ async def test_live_speech_that_never_answers_is_given_up_after_the_phrases_leng
 # ── the key and the configuration ───────────────────────────────────────────────────────────
 
 
-def test_the_key_follows_the_text_and_every_voice_setting_of_elevenlabs_but_not_the_api_key(
-    tmp_path,
+def test_the_key_follows_the_text_and_every_voice_setting_but_not_the_api_key(
+    tmp_path, monkeypatch
 ):
-    """``tts_voice`` reads ElevenLabs' private options object (livekit-plugins-elevenlabs 1.8.9
-    ``_TTSOptions``): if the plugin moves a setting, this test fails, not a caller's ears."""
-    phrases = wh.PhraseCache(str(tmp_path))
+    """The key is what ``build_models`` sets up the TTS with (``voice_of``), read from the
+    configuration, never from the plugin's private options."""
 
-    def path(text: str = GREETING, **options) -> str:
-        made = {"api_key": "key-one", "voice_id": "voice-a", "model": "eleven_flash_v2_5"}
-        return phrases.path_for(text, elevenlabs.TTS(**{**made, **options})).name
+    def path(text: str = GREETING, **env: str) -> str:
+        settings = wh.load_settings({"ELEVEN_API_KEY": "key-one", **env}, telephony=False)
+        return wh.PhraseCache(str(tmp_path), wh.voice_of(settings)).path_for(text).name
 
     base = path()
     assert path() == base
-    assert path(api_key="key-two") == base  # a rotated key keeps the cache
-    settings = elevenlabs.VoiceSettings(stability=0.5, similarity_boost=0.75)
+    assert path(ELEVEN_API_KEY="key-two") == base  # a rotated key keeps the cache
     changed = {
         "text": path("Thanks for calling Acme!"),
-        "voice": path(voice_id="voice-b"),
-        "model": path(model="eleven_multilingual_v2"),
-        "encoding": path(encoding="pcm_44100"),
-        "voice settings": path(voice_settings=settings),
-        "voice settings value": path(
-            voice_settings=elevenlabs.VoiceSettings(stability=0.6, similarity_boost=0.75)
-        ),
-        "language": path(language="de"),
+        "voice": path(TTS_VOICE_ID="voice-b"),
+        "model": path(TTS_MODEL="eleven_flash_v2_5"),
+        "encoding": path(TTS_ENCODING="pcm_24000"),
+        "address": path(ELEVEN_BASE_URL="https://api.eu.residency.elevenlabs.io/v1"),
     }
     assert base not in changed.values()
     assert len(set(changed.values())) == len(changed)
-    voice = wh.tts_voice(elevenlabs.TTS(api_key="secret-value", voice_id="voice-a"))
-    assert "secret-value" not in str(voice)
+    monkeypatch.setattr(elevenlabs, "__version__", "9.9.9")  # the plugin's defaults may change
+    assert path() != base
+    settings = wh.load_settings({"ELEVEN_API_KEY": "secret-value"}, telephony=False)
+    assert "secret-value" not in str(wh.voice_of(settings))
 
 
 def test_the_cache_folder_is_configured_shown_and_can_be_turned_off(tmp_path, monkeypatch):
