@@ -320,9 +320,10 @@ def test_a_bad_agent_name_registers_the_default_and_stops_the_worker(raw):
 
 
 def readme_configuration_table() -> dict[str, tuple[str, str, str]]:
-    """The README's configuration table: variable -> (required for start?, default, meaning)."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    """The configuration table (docs/configuration.md, "Variables"): variable -> (required for
+    start?, default, meaning)."""
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    section = text.split("\n## Variables\n", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         if m := re.fullmatch(r"\| `([A-Z][A-Z0-9_]+)` \| (.*) \| (.*) \| (.*) \|", line):

@@ -199,9 +199,10 @@ ELSEWHERE = {
 
 
 def outcome_table() -> list[tuple[wh.HandoffOutcome, str]]:
-    """The README's outcome table: (outcome, what the caller hears) a row, ``the same`` spelt
-    out, the destination as ```<team>``` and the business as ```<business>```."""
-    lines = (ROOT / "README.md").read_text().splitlines()
+    """The outcome table (docs/handoff.md, "What each side hears"): (outcome, what the caller
+    hears) a row, ``the same`` spelt out, the destination as ```<team>``` and the business as
+    ```<business>```."""
+    lines = (ROOT / "docs" / "handoff.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| Outcome | When |"))
     rows: list[tuple[wh.HandoffOutcome, str]] = []
     for line in itertools.takewhile(lambda x: x.startswith("|"), lines[start + 2 :]):

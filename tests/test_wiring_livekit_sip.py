@@ -1,5 +1,6 @@
 """Wiring LiveKit SIP: the request files in sip/ are what `lk sip ... create` sends, agree with
-the worker and .env.example, and the README's recipe creates each. Offline; no LiveKit needed."""
+the worker and .env.example, and the wiring recipe (docs/wiring-sip.md) creates each. Offline;
+no LiveKit needed."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ def example_value(name: str) -> str | None:
 
 
 def readme_commands(title: str) -> list[str]:
-    """The shell commands in the code blocks of the README's ``## title`` section."""
-    text = (ROOT / "README.md").read_text()
+    """The shell commands in the code blocks of docs/wiring-sip.md's ``## title`` section."""
+    text = (ROOT / "docs" / "wiring-sip.md").read_text()
     m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
-    assert m, f"README.md has no '## {title}' section"
+    assert m, f"docs/wiring-sip.md has no '## {title}' section"
     blocks = re.findall(r"^\s*```sh\n(.*?)^\s*```", m.group(1), re.MULTILINE | re.DOTALL)
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
@@ -126,7 +127,7 @@ def test_example_trunk_id_is_an_outbound_trunk_id():
     assert wh.load_settings(env).sip_trunk_id == trunk_id  # the whole example is taken
 
 
-# ── README: the wiring recipe creates each file ──────────────────────────────────────────────
+# ── docs/wiring-sip.md: the wiring recipe creates each file ─────────────────────────────────
 
 
 @pytest.mark.parametrize(
@@ -138,5 +139,5 @@ def test_example_trunk_id_is_an_outbound_trunk_id():
     ],
 )
 def test_readme_wiring_creates_each_sip_file(command, name):
-    commands = readme_commands("Wiring LiveKit SIP")
+    commands = readme_commands("Create the trunks and the dispatch rule")
     assert any(c.startswith(f"{command} sip/{name}") for c in commands), commands
