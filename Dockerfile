@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The Warm Handoff worker, in the layout of LiveKit's Python agent template
 # (livekit-cli pkg/agentfs/examples/python.pip.Dockerfile). Configuration comes from the
-# environment at run time; no .env or secret is baked into the image. See "Deploy" in README.md.
+# environment at run time; no .env or secret is baked into the image. See "Deploy" in docs/wiring-sip.md.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -27,7 +27,7 @@ WORKDIR /home/appuser
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
 
-# Callback requests and the webhook outbox: mount a volume here (see "Deploy" in README.md);
+# Callback requests and the webhook outbox: mount a volume here (see "Deploy" in docs/wiring-sip.md);
 # a new named volume takes this folder's owner.
 RUN mkdir -p /var/lib/warm-handoff && chown appuser:appuser /var/lib/warm-handoff
 

@@ -996,7 +996,7 @@ def _folder_shown(folder: str, settings: Settings) -> str:
     return folder or "off"
 
 
-# -- the table: one row per variable, in the README's order, each under its meaning ----------------
+# -- the table: one row per variable, in docs/configuration.md's order, each under its meaning -----
 
 # fmt: off
 VARIABLES: tuple[Variable[Any], ...] = (
