@@ -101,8 +101,15 @@ EITHER = {
         "support: SIP 404 Not Found", "unreachable", "couldn't get through to our support team."
     ),
 }
+FAST = ("consult", "answer")  # the one case in the fast set (-m "not slow"): the rest are slow
 CASES = [
-    pytest.param(mode, human, promise, id=f"{mode}-{human}")
+    pytest.param(
+        mode,
+        human,
+        promise,
+        id=f"{mode}-{human}",
+        marks=() if (mode, human) == FAST else pytest.mark.slow,
+    )
     for mode, promises in (("consult", {**CONSULT, **EITHER}), ("conference", CONFERENCE | EITHER))
     for human, promise in promises.items()
 ]
@@ -185,6 +192,7 @@ def test_without_provider_keys_the_console_names_them_and_exits(tmp_path, provid
         term.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["fail", "stall"])
 def test_when_synthesis_fails_the_human_hears_the_opener_without_a_silence(
     tmp_path, providers, fault

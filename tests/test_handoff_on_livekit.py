@@ -2,10 +2,18 @@
 fake of the LiveKit server (Twirp over HTTP, JWT checked)."""
 
 import asyncio
+import dataclasses
 import re
 
 import pytest
-from conftest import CALLER_ROOM, agree_to_transfer, assistant_said, receptionist, wait_for
+from conftest import (
+    CALLER_ROOM,
+    agree_to_transfer,
+    assistant_said,
+    receptionist,
+    settings_for,
+    wait_for,
+)
 from fake_livekit import DialScript
 
 import warm_handoff as wh
@@ -24,7 +32,7 @@ def humans(server):
 @pytest.mark.parametrize(
     "destination,trunk,host,call_to,timeout,dtmf",
     [
-        ("support", "ST_trunk123", "", "+15105550100", 20, "1234"),
+        ("support", "ST_trunk123", "", "+15105550100", 20, ""),
         # a sip: URI: its user at its own host, through an inline trunk (LiveKit refuses a full
         # URI as sip_call_to: livekit/protocol livekit/sip.go ValidateResult)
         ("billing", "", "pbx.example.com", "billing", 12, ""),
@@ -54,6 +62,29 @@ async def test_the_exact_create_sip_participant_request(
     assert call.grants.sip.call is True
     assert agent.results[0].outcome is Out.CONNECTED
     assert r.participant_identity in server.rooms[CALLER_ROOM]
+
+
+async def test_an_extension_is_dialled_as_dtmf_and_the_leg_counts_once_it_is_sent(
+    livekit, livekit_call
+):
+    """The one test that dials an extension (the others' lines are direct): the server sends
+    its DTMF after the answer, 0.5 s a digit (livekit/media-sdk dtmf.go), and answers the dial
+    only then; the worker's request waits that long (``dial_request_timeout``) and the human
+    counts as answered only once the leg is active."""
+    server, _ = livekit
+    support, billing = settings_for().destinations
+    extension = (dataclasses.replace(support, extension="1234"), billing)
+    session, agent, _ = await livekit_call(
+        handoff_mode=wh.HandoffMode.CONFERENCE, destinations=extension
+    )
+    await asyncio.wait_for(await agree_to_transfer(session), 8)
+    [call] = server.sip_calls
+    assert call.request.dtmf == "1234"
+    assert call.answered_at is not None and call.active_at is not None
+    assert call.active_at - call.answered_at >= 4 * 0.5  # four digits
+    [result] = agent.results
+    assert result.outcome is Out.CONNECTED
+    assert result.timings["answered"] >= call.active_at
 
 
 @pytest.mark.parametrize(

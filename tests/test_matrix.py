@@ -114,7 +114,6 @@ async def test_cell(livekit, livekit_call, monkeypatch, mode, cell):
         server.script_dial(cell.script)
     session, agent, line = await livekit_call(
         handoff_mode=wh.HandoffMode(mode),
-        # the support line has an extension: 2 s of DTMF before the leg is active
         max_hold={"api_timeout": 2.0, "max_hold": 4.0}.get(cell.fault, 20.0),
     )
     await session.run(user_input="a person please")

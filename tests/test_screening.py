@@ -101,9 +101,6 @@ def screened_call(silero_vad, livekit, livekit_call):
         server.script_dial(DialScript.answer(ring=ring, who=answer.name))
         settings.setdefault("max_hold", 60.0)
         settings.setdefault("hello_grace", 2.0)  # the default
-        support, billing = settings_for().destinations
-        # a direct line unless a test says otherwise (support's extension is the PBX case)
-        settings.setdefault("destinations", (dataclasses.replace(support, extension=""), billing))
         respond = receptionist()
 
         def model(req):
@@ -239,8 +236,8 @@ async def test_a_human_who_talks_over_the_details_hears_them_again(screened_call
 
 
 async def test_a_pbx_extension_briefs_the_person_not_the_ringback(screened_call):
-    destinations = settings_for().destinations
-    assert destinations[0].extension  # support is dialled with an extension
+    support, billing = settings_for().destinations
+    destinations = (dataclasses.replace(support, extension="1234"), billing)  # the PBX's
     agent, line, turn, _ = await screened_call(scenario("pbx"), destinations=destinations)
     await wait_for(lambda: any(BRIEF in t for t in line.human_heard()), 20)
     pickup = line.far_end.spoken[0]
