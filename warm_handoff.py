@@ -2061,7 +2061,7 @@ class PhoneLine(abc.ABC):
 
         async def bounded() -> None:
             try:
-                await asyncio.wait_for(step, bound or self.bounds.server_call)
+                await asyncio.wait_for(step, self.bounds.server_call if bound is None else bound)
             except Exception as e:
                 logger.warning(
                     "clean-up step '%s' failed in room %s: %r", what, self.caller_room, e
@@ -2074,7 +2074,9 @@ class PhoneLine(abc.ABC):
     async def settle(self, timeout: float | None = None) -> None:
         """Wait for background clean-up (job shutdown, tests), including steps it starts; by
         default for as long as two server calls may take."""
-        deadline = time.monotonic() + (timeout or 2 * self.bounds.server_call)
+        if timeout is None:
+            timeout = 2 * self.bounds.server_call
+        deadline = time.monotonic() + timeout
         while self._clean_ups and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._clean_ups), timeout=left)
 
@@ -2260,9 +2262,7 @@ class LiveKitPhoneLine(PhoneLine):
             room=leg.room, identity=leg.identity, destination_room=room
         )
         try:
-            await asyncio.wait_for(
-                self._ctx.api.room.move_participant(request), self.bounds.move
-            )
+            await asyncio.wait_for(self._ctx.api.room.move_participant(request), self.bounds.move)
             return
         except api.ServerError as e:
             # Self-hosted LiveKit has no MoveParticipant: its RoomManager answers "not

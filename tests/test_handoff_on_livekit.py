@@ -8,6 +8,7 @@ import re
 import pytest
 from conftest import (
     CALLER_ROOM,
+    TEST_BOUNDS,
     agree_to_transfer,
     assistant_said,
     receptionist,
@@ -134,6 +135,32 @@ async def test_each_sip_failure_reaches_the_caller_as_the_right_message(
     assert heard in said and "I can try our billing team instead" in said
     await line.settle()
     assert humans(server) == [] and not line.on_hold
+
+
+async def test_a_dial_that_never_joined_is_removed_for_as_long_as_the_line_allows(
+    livekit, livekit_call
+):
+    """A dial that failed before its participant joined (a 5xx from the SIP service): the worker
+    cannot know it never will, so it keeps removing the identity for the line's
+    ``Bounds.remove_retry`` (production's 4 s; the tests' line, shorter), then stops."""
+    server, _ = livekit
+    server.script_dial(DialScript.server_error())
+    session, agent, line = await livekit_call(handoff_mode=wh.HandoffMode.CONFERENCE)
+    await asyncio.wait_for(await agree_to_transfer(session), 5)
+    assert agent.results[0].outcome is Out.FAILED
+    await line.settle()
+    removes = server.calls_to("RemoveParticipant")
+    assert {c.answer for c in removes} == {"not_found"} and len(removes) > 1
+    retried_for = removes[-1].at - removes[0].at
+    window = line.lk.bounds.remove_retry
+    assert window == TEST_BOUNDS.remove_retry < wh.Bounds().remove_retry
+    assert window - 0.5 <= retried_for <= window + 0.5, retried_for
+
+
+def test_the_bounds_are_productions_unless_a_line_is_given_others():
+    production = wh.Bounds(server_call=4.0, move=10.0, remove_retry=4.0, confirm=8.0)
+    assert wh.SimulatedPhoneLine(None).bounds == production
+    assert wh.SimulatedPhoneLine(None, bounds=TEST_BOUNDS).bounds == TEST_BOUNDS
 
 
 async def test_wrong_credentials_fail_the_dial_not_the_call(livekit, livekit_call, monkeypatch):

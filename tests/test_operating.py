@@ -283,9 +283,7 @@ CHECK_ENV = {
 }
 
 
-async def test_check_prints_the_configuration_masked_and_proves_the_credentials(
-    livekit, tmp_path
-):
+async def test_check_prints_the_configuration_masked_and_proves_the_credentials(livekit, tmp_path):
     server, _ = livekit
     server.add_participant("call-1", "caller")
     code, out, err = await run_check({**CHECK_ENV, **server.env(local=True)}, tmp_path)
@@ -318,9 +316,7 @@ async def test_check_fails_clearly_on_bad_configuration(tmp_path):
 # ── check and the CLI ───────────────────────────────────────────────────────────────────────
 
 
-async def test_check_never_prints_a_webhook_path_or_query_and_names_missing_keys(
-    livekit, tmp_path
-):
+async def test_check_never_prints_a_webhook_path_or_query_and_names_missing_keys(livekit, tmp_path):
     server, _ = livekit
     url = "https://crm.example.com/hooks/t0k3n-in-path?key=s3cret-query"
     code, out, err = await run_check(

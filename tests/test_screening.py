@@ -271,6 +271,12 @@ async def test_a_line_that_stays_silent_after_the_question_is_never_briefed(scre
         "Hi, this is the Acme assistant with a caller for you.",
         _question(),
     ]
+    # the line's confirmation window was waited out, in full: the tests' line, shorter than
+    # production's 8 s
+    asked = next(e.at for e in line.events if e.text == f"human hears: {_question()}")
+    waited = agent.results[0].timings["ended"] - asked
+    assert line.bounds.confirm < wh.Bounds().confirm
+    assert line.bounds.confirm - 0.5 <= waited <= line.bounds.confirm + 1.5, waited
 
 
 async def test_screening_none_briefs_as_today(screened_call):
