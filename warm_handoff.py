@@ -1858,6 +1858,9 @@ class Bounds:
     remove_retry: float = 4.0
     # A yes or a key press after "Is this ...?" (``Screening``); silence past it is voicemail.
     confirm: float = 8.0
+    # A closing session's wait for the last words of whoever it listened to (the framework's
+    # ``session_close_transcript_timeout``): the consult room's and the caller's.
+    last_words: float = 2.0
 
 
 def dial_target(target: str, trunk_id: str) -> dict[str, Any]:
@@ -3515,6 +3518,7 @@ class ConsultRoom:
         longest delay (about 2.5 s) before the human hears a word."""
         models = self.handoff.models
         options = models.options()
+        options["session_close_transcript_timeout"] = self.line.bounds.last_words
         if models.vad is not None:
             options["turn_handling"] = {**(models.turn_handling or {}), "turn_detection": "vad"}
         return options
@@ -4871,7 +4875,7 @@ async def run_call(
         await finish_call(agent, records)
 
     ctx.add_shutdown_callback(on_shutdown)
-    session = CallerSession()
+    session = CallerSession(session_close_transcript_timeout=line.bounds.last_words)
     session.on("close", lambda _: agent.call_ended())
     if console:  # the console owns the audio; there is no room to join
         session.on("conversation_item_added", _show_what_the_caller_hears)

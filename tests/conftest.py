@@ -273,8 +273,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CALLER_ROOM = "fake-room"  # the fake job's room
 # What a call on the fake server waits out, shorter than production's where a test would sit
 # through it: the remove retried after a cancelled dial that never joined (a late join, 0.5 s
-# at most here, is still caught), and the silence after "Is this ...?".
-TEST_BOUNDS = wh.Bounds(remove_retry=1.5, confirm=2.0)
+# at most here, is still caught), the silence after "Is this ...?", and a closing session's
+# wait for a last transcript that will not come.
+TEST_BOUNDS = wh.Bounds(remove_retry=1.0, confirm=2.0, last_words=0.2)
 
 
 class LiveKitBackedLine(RecordingLine):
@@ -421,7 +422,7 @@ async def livekit_call(livekit):
         model = ScriptedLLM(respond or receptionist())
         models = models or wh.Models(llm=model, turn_handling={"turn_detection": "manual"})
         agent = wh.WarmHandoffAgent(config, line, models)
-        session = wh.CallerSession()
+        session = wh.CallerSession(session_close_transcript_timeout=line.bounds.last_words)
         if caller_audio is not None:
             session.output.audio = caller_audio
         await session.start(agent=agent)

@@ -3,6 +3,7 @@ fake of the LiveKit server (Twirp over HTTP, JWT checked)."""
 
 import asyncio
 import dataclasses
+import inspect
 import re
 
 import pytest
@@ -16,6 +17,7 @@ from conftest import (
     wait_for,
 )
 from fake_livekit import DialScript
+from livekit.agents import AgentSession
 
 import warm_handoff as wh
 
@@ -158,7 +160,11 @@ async def test_a_dial_that_never_joined_is_removed_for_as_long_as_the_line_allow
 
 
 def test_the_bounds_are_productions_unless_a_line_is_given_others():
-    production = wh.Bounds(server_call=4.0, move=10.0, remove_retry=4.0, confirm=8.0)
+    production = wh.Bounds(
+        server_call=4.0, move=10.0, remove_retry=4.0, confirm=8.0, last_words=2.0
+    )
+    framework = inspect.signature(AgentSession.__init__).parameters
+    assert production.last_words == framework["session_close_transcript_timeout"].default
     assert wh.SimulatedPhoneLine(None).bounds == production
     assert wh.SimulatedPhoneLine(None, bounds=TEST_BOUNDS).bounds == TEST_BOUNDS
 

@@ -164,9 +164,15 @@ async def test_a_voicemail_hears_nothing_about_the_caller(screened_call, hinted)
             ),
             "a voicemail whose greeting has today's hint phrases",
         )
-    # the mailbox answers after 25 s of ringing, as one does (today's phrase-checked one at once)
-    ring = 0.05 if hinted else 25.0
+    # the mailbox answers after ringing a while, as one does, by when the opener, the question
+    # and the brief are all prepared (a real one rings 20 s or more: no more is needed here);
+    # today's phrase-checked one at once
+    ring = 0.05 if hinted else 3.0
     agent, line, turn, _ = await screened_call(answer, ring=ring, ring_timeout=30.0)
+    consult = await _consult_agent(agent)
+    await wait_for(line.answered.is_set, ring + 5)
+    if not hinted:
+        assert set(consult.voice) == {"opener", "question", "brief"}  # all prepared in time
     await asyncio.wait_for(turn, ring + 20)
     [result] = agent.results
     assert result.outcome is Out.VOICEMAIL, result
@@ -277,6 +283,12 @@ async def test_a_line_that_stays_silent_after_the_question_is_never_briefed(scre
     waited = agent.results[0].timings["ended"] - asked
     assert line.bounds.confirm < wh.Bounds().confirm
     assert line.bounds.confirm - 0.5 <= waited <= line.bounds.confirm + 1.5, waited
+    # and the consult room closes once the line's wait for the human's last words is over
+    began = time.monotonic()
+    await line.settle()
+    assert line.bounds.last_words < wh.Bounds().last_words
+    assert time.monotonic() - began < line.bounds.last_words + 1.0
+    assert line.consults == {}
 
 
 async def test_screening_none_briefs_as_today(screened_call):
