@@ -1849,8 +1849,10 @@ class Bounds:
     # Every server call made while cleaning up: a hanging DeleteRoom or RemoveParticipant must
     # never keep a caller waiting in silence.
     server_call: float = 4.0
-    # A move; past this the worker finds out where the human actually is.
+    # A move; past this the worker finds out where the human actually is, looking again for
+    # this long: a moving participant leaves one room before it joins the other.
     move: float = 10.0
+    locate: float = 3.0
     # After a failed or cancelled dial the identity is removed, retrying this long while the
     # server answers not_found: livekit/sip joins the participant to the room just before the
     # INVITE (pkg/sip/outbound.go, newCall -> connectToRoom), so a remove sent earlier finds
@@ -2285,10 +2287,10 @@ class LiveKitPhoneLine(PhoneLine):
             raise MoveRefused(problem)
         raise LegLost(f"the human left during the move ({problem})")
 
-    async def _locate(self, identity: str, rooms: tuple[str, ...], within: float = 3.0) -> str:
+    async def _locate(self, identity: str, rooms: tuple[str, ...]) -> str:
         """The room ``identity`` is in, or "". A moving participant leaves one room before
         it joins the other, so look again for a moment before concluding they are gone."""
-        deadline = time.monotonic() + within
+        deadline = time.monotonic() + self.bounds.locate
         while True:
             for room in rooms:
                 if await self._call_status(room, identity):

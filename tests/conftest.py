@@ -273,9 +273,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CALLER_ROOM = "fake-room"  # the fake job's room
 # What a call on the fake server waits out, shorter than production's where a test would sit
 # through it: the remove retried after a cancelled dial that never joined (a late join, 0.5 s
-# at most here, is still caught), the silence after "Is this ...?", and a closing session's
-# wait for a last transcript that will not come.
-TEST_BOUNDS = wh.Bounds(remove_retry=1.0, confirm=2.0, last_words=0.2)
+# at most here, is still caught), the look for a human lost in a move (the fake moves in
+# 0.2 s), the silence after "Is this ...?", and a closing session's wait for a last transcript
+# that will not come.
+TEST_BOUNDS = wh.Bounds(remove_retry=1.0, locate=1.0, confirm=2.0, last_words=0.2)
 
 
 class LiveKitBackedLine(RecordingLine):

@@ -161,7 +161,7 @@ async def test_a_dial_that_never_joined_is_removed_for_as_long_as_the_line_allow
 
 def test_the_bounds_are_productions_unless_a_line_is_given_others():
     production = wh.Bounds(
-        server_call=4.0, move=10.0, remove_retry=4.0, confirm=8.0, last_words=2.0
+        server_call=4.0, move=10.0, locate=3.0, remove_retry=4.0, confirm=8.0, last_words=2.0
     )
     framework = inspect.signature(AgentSession.__init__).parameters
     assert production.last_words == framework["session_close_transcript_timeout"].default
