@@ -271,6 +271,23 @@ async def start_call():
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLER_ROOM = "fake-room"  # the fake job's room
+# What a worker writes beside a relative HANDOFF_CALLBACK_FILE (the default): a test writes
+# them only under its temporary folders, never in the repository or where pytest runs.
+WORKER_LEFTOVERS = ("callback_requests.jsonl", "outbox")
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_in_the_repository():
+    def present() -> set[Path]:
+        return {
+            f / name for f in {ROOT, Path.cwd()} for name in WORKER_LEFTOVERS if (f / name).exists()
+        }
+
+    before = present()
+    yield
+    assert present() <= before, f"left behind: {sorted(map(str, present() - before))}"
+
+
 # What a call on the fake server waits out, shorter than production's where a test would sit
 # through it: the remove retried after a cancelled dial that never joined (a late join, 0.5 s
 # at most here, is still caught), the look for a human lost in a move (the fake moves in
