@@ -154,6 +154,8 @@ def test_the_console_reaches_every_outcome(tmp_path, providers, mode, human, pro
         asked = time.monotonic()
         term.wait_for(RECORD.replace("{outcome}", promise.outcome), promise.within + 30)
         took = time.monotonic() - asked
+        # a step may follow the record (a rejoin's words are shown once they have been said)
+        term.wait_for(re.escape(promise.steps[-1]), 10, after=0)
         shown = steps_in_order(term.screen, promise.steps)
         if promise.caller_hears:
             term.wait_for(re.escape(promise.caller_hears), 10, after=0)
