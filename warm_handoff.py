@@ -1849,9 +1849,9 @@ class Bounds:
     # Every server call made while cleaning up: a hanging DeleteRoom or RemoveParticipant must
     # never keep a caller waiting in silence.
     server_call: float = 4.0
-    # A move; past this the worker finds out where the human actually is, looking again for
-    # this long: a moving participant leaves one room before it joins the other.
+    # A move; past this the worker finds out where the human actually is,
     move: float = 10.0
+    # looking in both rooms this long: a moving participant leaves one before joining the other.
     locate: float = 3.0
     # After a failed or cancelled dial the identity is removed, retrying this long while the
     # server answers not_found: livekit/sip joins the participant to the room just before the
