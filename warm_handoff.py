@@ -1954,18 +1954,29 @@ class LegLost(Exception):
     """The human's leg is gone: they hung up, or their connection dropped, mid-way."""
 
 
-# Every server call made while cleaning up is bounded: a hanging DeleteRoom or RemoveParticipant
-# must never keep a caller waiting in silence.
-SERVER_CALL_BOUND = 4.0
+@dataclass(frozen=True)
+class Bounds:
+    """How long a call waits on what it does not control, in seconds: production's by default.
+    The line carries them (``PhoneLine.bounds``) and every part of the call reads them there,
+    so a test passes shorter ones to its line and nothing else."""
 
-# A move is bounded too; past this the worker finds out where the human actually is.
-MOVE_BOUND = 10.0
-
-# After a failed or cancelled dial the identity is removed, retrying this long while the server
-# answers not_found: livekit/sip joins the participant to the room just before the INVITE
-# (pkg/sip/outbound.go, newCall -> connectToRoom), so a remove sent earlier finds nobody and the
-# phone would still ring.
-REMOVE_RETRY_FOR = 4.0
+    # Every server call made while cleaning up: a hanging DeleteRoom or RemoveParticipant must
+    # never keep a caller waiting in silence.
+    server_call: float = 4.0
+    # A move; past this the worker finds out where the human actually is,
+    move: float = 10.0
+    # looking in both rooms this long: a moving participant leaves one before joining the other.
+    locate: float = 3.0
+    # After a failed or cancelled dial the identity is removed, retrying this long while the
+    # server answers not_found: livekit/sip joins the participant to the room just before the
+    # INVITE (pkg/sip/outbound.go, newCall -> connectToRoom), so a remove sent earlier finds
+    # nobody and the phone would still ring.
+    remove_retry: float = 4.0
+    # A yes or a key press after "Is this ...?" (``Screening``); silence past it is voicemail.
+    confirm: float = 8.0
+    # A closing session's wait for the last words of whoever it listened to (the framework's
+    # ``session_close_transcript_timeout``): the consult room's and the caller's.
+    last_words: float = 2.0
 
 
 def dial_target(target: str, trunk_id: str) -> dict[str, Any]:
@@ -2156,19 +2167,20 @@ class PhoneLine(abc.ABC):
     caller_room: str
     caller_identity: str
     caller_number: str = ""  # the caller's own number, when the SIP trunk tells us
+    bounds = Bounds()  # how long this call waits on what it does not control
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: Bounds | None = None) -> None:
+        if bounds is not None:
+            self.bounds = bounds
         self._clean_ups: set[asyncio.Task[None]] = set()
 
-    def clean_up_later(
-        self, step: Awaitable[Any], what: str, bound: float = SERVER_CALL_BOUND
-    ) -> None:
-        """Run a clean-up step in the background, bounded, so the caller is spoken to before
-        slow server calls finish. A failure is logged once."""
+    def clean_up_later(self, step: Awaitable[Any], what: str, bound: float | None = None) -> None:
+        """Run a clean-up step in the background, bounded (by default, as one server call), so
+        the caller is spoken to before slow server calls finish. A failure is logged once."""
 
         async def bounded() -> None:
             try:
-                await asyncio.wait_for(step, bound)
+                await asyncio.wait_for(step, self.bounds.server_call if bound is None else bound)
             except Exception as e:
                 logger.warning(
                     "clean-up step '%s' failed in room %s: %r", what, self.caller_room, e
@@ -2178,8 +2190,11 @@ class PhoneLine(abc.ABC):
         self._clean_ups.add(task)
         task.add_done_callback(self._clean_ups.discard)
 
-    async def settle(self, timeout: float = 2 * SERVER_CALL_BOUND) -> None:
-        """Wait for background clean-up (job shutdown, tests), including steps it starts."""
+    async def settle(self, timeout: float | None = None) -> None:
+        """Wait for background clean-up (job shutdown, tests), including steps it starts; by
+        default for as long as two server calls may take."""
+        if timeout is None:
+            timeout = 2 * self.bounds.server_call
         deadline = time.monotonic() + timeout
         while self._clean_ups and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._clean_ups), timeout=left)
@@ -2253,8 +2268,8 @@ def job_server_url(ctx: JobContext, fallback: str) -> str:
 class LiveKitPhoneLine(PhoneLine):
     """The phone line on a real LiveKit call, through the server API and the job's room."""
 
-    def __init__(self, ctx: JobContext, settings: Settings) -> None:
-        super().__init__()
+    def __init__(self, ctx: JobContext, settings: Settings, bounds: Bounds | None = None) -> None:
+        super().__init__(bounds)
         self._ctx = ctx
         self._settings = settings
         self.caller_room = ctx.job.room.name
@@ -2312,7 +2327,7 @@ class LiveKitPhoneLine(PhoneLine):
         self.clean_up_later(
             self._remove_until_gone(dial.room, dial.identity),
             "stop ringing",
-            bound=REMOVE_RETRY_FOR + SERVER_CALL_BOUND,
+            bound=self.bounds.remove_retry + self.bounds.server_call,
         )
 
     async def _call_status(self, room: str, identity: str) -> str:
@@ -2322,7 +2337,7 @@ class LiveKitPhoneLine(PhoneLine):
                 self._ctx.api.room.get_participant(
                     api.RoomParticipantIdentity(room=room, identity=identity)
                 ),
-                SERVER_CALL_BOUND,
+                self.bounds.server_call,
             )
         except Exception:
             return ""
@@ -2330,15 +2345,15 @@ class LiveKitPhoneLine(PhoneLine):
 
     async def _remove_until_gone(self, room: str, identity: str) -> None:
         """Remove ``identity`` from ``room``; while the server says not_found, keep trying for
-        ``REMOVE_RETRY_FOR`` seconds, since the participant may not have joined yet."""
-        deadline = time.monotonic() + REMOVE_RETRY_FOR
+        ``Bounds.remove_retry`` seconds, since the participant may not have joined yet."""
+        deadline = time.monotonic() + self.bounds.remove_retry
         while True:
             try:
                 await asyncio.wait_for(
                     self._ctx.api.room.remove_participant(
                         api.RoomParticipantIdentity(room=room, identity=identity)
                     ),
-                    SERVER_CALL_BOUND,
+                    self.bounds.server_call,
                 )
                 return
             except Exception as e:
@@ -2354,7 +2369,7 @@ class LiveKitPhoneLine(PhoneLine):
                 self._ctx.api.room.remove_participant(
                     api.RoomParticipantIdentity(room=leg.room, identity=leg.identity)
                 ),
-                SERVER_CALL_BOUND,
+                self.bounds.server_call,
             )
 
     async def move(self, leg: Leg, room: str) -> None:
@@ -2366,7 +2381,7 @@ class LiveKitPhoneLine(PhoneLine):
             room=leg.room, identity=leg.identity, destination_room=room
         )
         try:
-            await asyncio.wait_for(self._ctx.api.room.move_participant(request), MOVE_BOUND)
+            await asyncio.wait_for(self._ctx.api.room.move_participant(request), self.bounds.move)
             return
         except api.ServerError as e:
             # Self-hosted LiveKit has no MoveParticipant: its RoomManager answers "not
@@ -2375,7 +2390,7 @@ class LiveKitPhoneLine(PhoneLine):
                 raise MoveRefused(f"{e.code}: {e.message}") from e
             problem = f"{e.code}: {e.message}"
         except asyncio.TimeoutError:
-            problem = f"no answer in {MOVE_BOUND:g}s"
+            problem = f"no answer in {self.bounds.move:g}s"
         except Exception as e:  # a lost response: the move may have happened all the same
             problem = repr(e)
         where = await self._locate(leg.identity, (room, leg.room))
@@ -2386,10 +2401,10 @@ class LiveKitPhoneLine(PhoneLine):
             raise MoveRefused(problem)
         raise LegLost(f"the human left during the move ({problem})")
 
-    async def _locate(self, identity: str, rooms: tuple[str, ...], within: float = 3.0) -> str:
+    async def _locate(self, identity: str, rooms: tuple[str, ...]) -> str:
         """The room ``identity`` is in, or "". A moving participant leaves one room before
         it joins the other, so look again for a moment before concluding they are gone."""
-        deadline = time.monotonic() + within
+        deadline = time.monotonic() + self.bounds.locate
         while True:
             for room in rooms:
                 if await self._call_status(room, identity):
@@ -2401,7 +2416,8 @@ class LiveKitPhoneLine(PhoneLine):
     async def delete_room(self, room: str) -> None:
         try:
             await asyncio.wait_for(
-                self._ctx.api.room.delete_room(api.DeleteRoomRequest(room=room)), SERVER_CALL_BOUND
+                self._ctx.api.room.delete_room(api.DeleteRoomRequest(room=room)),
+                self.bounds.server_call,
             )
         except Exception as e:  # already gone is fine; anything else is worth a line
             if getattr(e, "code", "") != "not_found":
@@ -2566,8 +2582,9 @@ class SimulatedPhoneLine(PhoneLine):
         move_supported: bool = True,
         announce: Callable[[str], None] | None = None,
         humans: Mapping[str, SimulatedHuman | None] | None = None,
+        bounds: Bounds | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(bounds)
         self.human = human  # None: the test drives the human itself
         self.humans = dict(humans or {})  # per destination name, overriding ``human``
         if ring_time is not None:
@@ -3338,7 +3355,6 @@ class CallerHold:
             await self.audio.stop()
 
 
-CONFIRM_WITHIN = 8.0  # seconds for a yes or a key press after the question
 MACHINE_OUTCOMES = {
     AMDCategory.MACHINE_VM: HandoffOutcome.VOICEMAIL,
     AMDCategory.MACHINE_UNAVAILABLE: HandoffOutcome.VOICEMAIL,
@@ -3518,7 +3534,7 @@ class Screening:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     _first(self.consult.person_confirmed.wait(), self.mailbox_words.wait()),
-                    CONFIRM_WITHIN,
+                    self.handoff.line.bounds.confirm,
                 )
         if self.consult.person_confirmed.is_set():
             return Verdict(None, f"{why}: confirmed", amd_seen)
@@ -3579,6 +3595,7 @@ class ConsultRoom:
         longest delay (about 2.5 s) before the human hears a word."""
         models = self.handoff.models
         options = models.options()
+        options["session_close_transcript_timeout"] = self.line.bounds.last_words
         if models.vad is not None:
             options["turn_handling"] = {**(models.turn_handling or {}), "turn_detection": "vad"}
         return options
@@ -3820,7 +3837,7 @@ class Handoff:
         spoken to before a slow server finishes."""
         for task in self.tasks.tasks:
             task.cancel()
-        await self._quietly(asyncio.wait_for(self.hold.end(), SERVER_CALL_BOUND))
+        await self._quietly(asyncio.wait_for(self.hold.end(), self.line.bounds.server_call))
         caller_gone = self.outcome is HandoffOutcome.CALLER_LEFT
         leg = self.call.leg
         if leg is not None and (self.phase is not Phase.MERGED or caller_gone):
@@ -3941,7 +3958,7 @@ class Handoff:
             # Only once the human is really in the caller's room is the call merged: the move
             # takes time, and watching for hang-ups before they arrive would read as one.
             if not await self.line.wait_for_arrival(
-                self.line.caller_room, self.call.leg.identity, MOVE_BOUND
+                self.line.caller_room, self.call.leg.identity, self.line.bounds.move
             ):
                 raise LegLost("the human did not arrive in the caller's room")
         except MoveRefused as e:
@@ -4843,7 +4860,7 @@ class WarmHandoffAgent(Agent):
             # parked after a merge (or waiting for a hang-up): the caller's room is deleted now,
             # while the server can still be reached, so no leg is left in it
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.leaving), SERVER_CALL_BOUND)
+                await asyncio.wait_for(asyncio.shield(self.leaving), self.line.bounds.server_call)
         if self.handoff is not None:
             self.handoff.stop(HandoffOutcome.FAILED, reason)
             # bounded: the whole job shutdown must end before the framework kills the process
@@ -5003,7 +5020,7 @@ async def run_call(
         await finish_call(agent, records)
 
     ctx.add_shutdown_callback(on_shutdown)
-    session = CallerSession()
+    session = CallerSession(session_close_transcript_timeout=line.bounds.last_words)
     session.on("close", lambda _: agent.call_ended())
     if console:  # the console owns the audio; there is no room to join
         session.on("conversation_item_added", _show_what_the_caller_hears)
@@ -5099,7 +5116,8 @@ def resend_outbox_in_the_background() -> None:
 
 def callback_file_problems(settings: Settings) -> list[str]:
     """Where callback requests (and, with a webhook, the outbox) are written must be a
-    folder the worker can write in; checked at start and by ``check``."""
+    folder the worker can write in; checked at start and by ``check``, which change nothing:
+    a missing outbox folder is fine if it could be made (the worker makes it when needed)."""
     path = Path(settings.callback_file)
     folder = path.resolve().parent
     if not folder.is_dir():
@@ -5107,18 +5125,26 @@ def callback_file_problems(settings: Settings) -> list[str]:
     if path.is_dir():
         return [f"HANDOFF_CALLBACK_FILE: {path} is a folder, not a file"]
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        _try_writing_in(folder)
         if path.exists() and not os.access(path, os.W_OK):
             raise PermissionError(f"{path} is read-only")
     except OSError as e:
         return [f"HANDOFF_CALLBACK_FILE: cannot write in {folder} ({e.strerror or e})"]
-    if settings.webhook_url:
+    outbox = outbox_folder(settings.callback_file)
+    if settings.webhook_url and outbox.exists():  # else its parent, writable, can hold it
         try:
-            outbox_folder(settings.callback_file).mkdir(exist_ok=True)
+            if not outbox.is_dir():
+                raise NotADirectoryError(f"{outbox} is not a folder")
+            _try_writing_in(outbox)
         except OSError as e:
-            return [f"HANDOFF_CALLBACK_FILE: cannot make the outbox folder ({e.strerror or e})"]
+            return [f"HANDOFF_CALLBACK_FILE: cannot use the outbox folder ({e.strerror or e})"]
     return []
+
+
+def _try_writing_in(folder: Path) -> None:
+    """Raise OSError unless a file can be written in ``folder``; leaves nothing behind."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def describe_failure(error: BaseException) -> str:

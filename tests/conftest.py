@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +36,10 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
 
 def settings_for(**overrides: Any) -> wh.Settings:
     destinations = (
-        wh.Destination(
+        wh.Destination(  # a direct line (an extension's DTMF: tests/test_handoff_on_livekit.py)
             "support",
             "+15105550100",
             "Technical support",
-            extension="1234",
             spoken_name="our support team",
         ),
         wh.Destination(
@@ -271,6 +271,29 @@ async def start_call():
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLER_ROOM = "fake-room"  # the fake job's room
+# What a worker writes beside a relative HANDOFF_CALLBACK_FILE (the default): a test writes
+# them only under its temporary folders, never in the repository or where pytest runs.
+WORKER_LEFTOVERS = ("callback_requests.jsonl", "outbox")
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_in_the_repository():
+    def present() -> set[Path]:
+        return {
+            f / name for f in {ROOT, Path.cwd()} for name in WORKER_LEFTOVERS if (f / name).exists()
+        }
+
+    before = present()
+    yield
+    assert present() <= before, f"left behind: {sorted(map(str, present() - before))}"
+
+
+# What a call on the fake server waits out, shorter than production's where a test would sit
+# through it: the remove retried after a cancelled dial that never joined (a late join, 0.5 s
+# at most here, is still caught), the look for a human lost in a move (the fake moves in
+# 0.2 s), the silence after "Is this ...?", and a closing session's wait for a last transcript
+# that will not come.
+TEST_BOUNDS = wh.Bounds(remove_retry=1.0, locate=1.0, confirm=2.0, last_words=0.2)
 
 
 class LiveKitBackedLine(RecordingLine):
@@ -282,7 +305,7 @@ class LiveKitBackedLine(RecordingLine):
     audio) stays simulated: there is no media server here."""
 
     def __init__(self, lk: wh.LiveKitPhoneLine, server: FakeLiveKitServer) -> None:
-        super().__init__(None, caller_room=lk.caller_room)
+        super().__init__(None, caller_room=lk.caller_room, bounds=lk.bounds)
         self.lk = lk
         self.server = server
         self.hooks: dict[str, Callable[[], Any]] = {}  # "dial" / "answered" / "move"
@@ -351,7 +374,7 @@ class LiveKitBackedLine(RecordingLine):
         if self.caller_identity in self.server.rooms.get(self.caller_room, {}):
             self.server.remove_participant(self.caller_room, self.caller_identity)
 
-    async def settle(self, timeout: float = 2 * wh.SERVER_CALL_BOUND) -> None:
+    async def settle(self, timeout: float | None = None) -> None:
         """Clean-up steps run on this line and on the LiveKit line it wraps (stop ringing)."""
         await asyncio.gather(super().settle(timeout), self.lk.settle(timeout))
 
@@ -407,7 +430,7 @@ async def livekit_call(livekit):
         **settings: Any,
     ) -> LiveKitCall:
         config = livekit_settings(server, **settings)
-        lk = wh.LiveKitPhoneLine(ctx, config)
+        lk = wh.LiveKitPhoneLine(ctx, config, bounds=TEST_BOUNDS)
         if caller_room is not None:
             server.add_participant(caller_room, "caller")
             lk.caller_room = caller_room
@@ -417,7 +440,7 @@ async def livekit_call(livekit):
         model = ScriptedLLM(respond or receptionist())
         models = models or wh.Models(llm=model, turn_handling={"turn_detection": "manual"})
         agent = wh.WarmHandoffAgent(config, line, models)
-        session = wh.CallerSession()
+        session = wh.CallerSession(session_close_transcript_timeout=line.bounds.last_words)
         if caller_audio is not None:
             session.output.audio = caller_audio
         await session.start(agent=agent)
@@ -468,20 +491,22 @@ async def shut_down_like_the_framework(session: AgentSession, line: wh.PhoneLine
 
 
 def run_worker(command: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """``python warm_handoff.py <command> [args]`` with only ``env`` configured."""
+    """``python warm_handoff.py <command> [args]`` with only ``env`` configured, in a temporary
+    folder of its own (a relative HANDOFF_CALLBACK_FILE, the default, lands there)."""
     clean = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("LIVEKIT", "HANDOFF", "SIP_", "DEEPGRAM", "OPENAI", "ELEVEN"))
     }
-    return subprocess.run(
-        [sys.executable, str(ROOT / "warm_handoff.py"), command, *args],
-        env={**clean, "DOTENV_FILE": os.devnull, **env},
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "warm_handoff.py"), command, *args],
+            env={**clean, "DOTENV_FILE": os.devnull, **env},
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
 
 # The worker started in a clean process without registering, asked over HTTP what it reports:

@@ -533,6 +533,8 @@ class Fault:
 class ProviderStandIns:
     """The three providers on one local server; see the module docstring."""
 
+    deepgram_idle_timeout = DEEPGRAM_IDLE_TIMEOUT  # a test may wait less
+
     def __init__(self, llm_script: Script | None = None, *, stt_default: str = "hello") -> None:
         self.llm_script: Script = llm_script or receptionist_script()
         self.stt_default = stt_default
@@ -735,7 +737,7 @@ class ProviderStandIns:
         linear16 in 50 ms chunks, ``{"type": "Finalize"}`` on flush, ``CloseStream`` at the end;
         ``keepalive_task``: ``KeepAlive`` every 5 s) uses it. Results come from ``_Recognizer``;
         ``CloseStream`` finalises, sends ``Metadata`` and closes 1000, as Deepgram does; with
-        neither audio nor a message for ``DEEPGRAM_IDLE_TIMEOUT`` s, Deepgram closes 1011
+        neither audio nor a message for ``deepgram_idle_timeout`` s, Deepgram closes 1011
         (NET-0001). A ``slow`` fault delays every message by its seconds; ``fail`` and
         ``stall`` set on an open socket close it 1011 / drop every message."""
         if (denied := self._deepgram_denied(request)) is not None:
@@ -764,7 +766,7 @@ class ProviderStandIns:
         try:
             while True:
                 try:
-                    msg = await ws.receive(timeout=DEEPGRAM_IDLE_TIMEOUT)
+                    msg = await ws.receive(timeout=self.deepgram_idle_timeout)
                 except asyncio.TimeoutError:
                     await ws.close(
                         code=WSCloseCode.INTERNAL_ERROR,

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ORDERINGS = ("warm handoff", "sequential", "seed")
 METRICS = {"greeting", "announce", "longest_silence", "human_wait", "overhead"}
@@ -18,6 +20,7 @@ ANSWERS = {"person": "connected", "long_greeting": "connected", "voicemail": "vo
 ANSWERS |= {"pbx": "connected", "silent": "connected"}  # who answers -> how the handoff ends
 
 
+@pytest.mark.slow
 def test_bench_measures_every_figure_for_every_ordering(tmp_path):
     png = tmp_path / "timeline.png"
     drawing = importlib.util.find_spec("matplotlib") is not None  # requirements-bench.txt

@@ -2,11 +2,22 @@
 fake of the LiveKit server (Twirp over HTTP, JWT checked)."""
 
 import asyncio
+import dataclasses
+import inspect
 import re
 
 import pytest
-from conftest import CALLER_ROOM, agree_to_transfer, assistant_said, receptionist, wait_for
+from conftest import (
+    CALLER_ROOM,
+    TEST_BOUNDS,
+    agree_to_transfer,
+    assistant_said,
+    receptionist,
+    settings_for,
+    wait_for,
+)
 from fake_livekit import DialScript
+from livekit.agents import AgentSession
 
 import warm_handoff as wh
 
@@ -24,7 +35,7 @@ def humans(server):
 @pytest.mark.parametrize(
     "destination,trunk,host,call_to,timeout,dtmf",
     [
-        ("support", "ST_trunk123", "", "+15105550100", 20, "1234"),
+        ("support", "ST_trunk123", "", "+15105550100", 20, ""),
         # a sip: URI: its user at its own host, through an inline trunk (LiveKit refuses a full
         # URI as sip_call_to: livekit/protocol livekit/sip.go ValidateResult)
         ("billing", "", "pbx.example.com", "billing", 12, ""),
@@ -54,6 +65,29 @@ async def test_the_exact_create_sip_participant_request(
     assert call.grants.sip.call is True
     assert agent.results[0].outcome is Out.CONNECTED
     assert r.participant_identity in server.rooms[CALLER_ROOM]
+
+
+async def test_an_extension_is_dialled_as_dtmf_and_the_leg_counts_once_it_is_sent(
+    livekit, livekit_call
+):
+    """The one test that dials an extension (the others' lines are direct): the server sends
+    its DTMF after the answer, 0.5 s a digit (livekit/media-sdk dtmf.go), and answers the dial
+    only then; the worker's request waits that long (``dial_request_timeout``) and the human
+    counts as answered only once the leg is active."""
+    server, _ = livekit
+    support, billing = settings_for().destinations
+    extension = (dataclasses.replace(support, extension="1234"), billing)
+    session, agent, _ = await livekit_call(
+        handoff_mode=wh.HandoffMode.CONFERENCE, destinations=extension
+    )
+    await asyncio.wait_for(await agree_to_transfer(session), 8)
+    [call] = server.sip_calls
+    assert call.request.dtmf == "1234"
+    assert call.answered_at is not None and call.active_at is not None
+    assert call.active_at - call.answered_at >= 4 * 0.5  # four digits
+    [result] = agent.results
+    assert result.outcome is Out.CONNECTED
+    assert result.timings["answered"] >= call.active_at
 
 
 @pytest.mark.parametrize(
@@ -103,6 +137,36 @@ async def test_each_sip_failure_reaches_the_caller_as_the_right_message(
     assert heard in said and "I can try our billing team instead" in said
     await line.settle()
     assert humans(server) == [] and not line.on_hold
+
+
+async def test_a_dial_that_never_joined_is_removed_for_as_long_as_the_line_allows(
+    livekit, livekit_call
+):
+    """A dial that failed before its participant joined (a 5xx from the SIP service): the worker
+    cannot know it never will, so it keeps removing the identity for the line's
+    ``Bounds.remove_retry`` (production's 4 s; the tests' line, shorter), then stops."""
+    server, _ = livekit
+    server.script_dial(DialScript.server_error())
+    session, agent, line = await livekit_call(handoff_mode=wh.HandoffMode.CONFERENCE)
+    await asyncio.wait_for(await agree_to_transfer(session), 5)
+    assert agent.results[0].outcome is Out.FAILED
+    await line.settle()
+    removes = server.calls_to("RemoveParticipant")
+    assert {c.answer for c in removes} == {"not_found"} and len(removes) > 1
+    retried_for = removes[-1].at - removes[0].at
+    window = line.lk.bounds.remove_retry
+    assert window == TEST_BOUNDS.remove_retry < wh.Bounds().remove_retry
+    assert window - 0.5 <= retried_for <= window + 0.5, retried_for
+
+
+def test_the_bounds_are_productions_unless_a_line_is_given_others():
+    production = wh.Bounds(
+        server_call=4.0, move=10.0, locate=3.0, remove_retry=4.0, confirm=8.0, last_words=2.0
+    )
+    framework = inspect.signature(AgentSession.__init__).parameters
+    assert production.last_words == framework["session_close_transcript_timeout"].default
+    assert wh.SimulatedPhoneLine(None).bounds == production
+    assert wh.SimulatedPhoneLine(None, bounds=TEST_BOUNDS).bounds == TEST_BOUNDS
 
 
 async def test_wrong_credentials_fail_the_dial_not_the_call(livekit, livekit_call, monkeypatch):

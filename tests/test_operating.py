@@ -8,6 +8,7 @@ right."""
 import asyncio
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -253,7 +254,9 @@ async def test_the_invite_carries_short_x_headers(livekit, livekit_call, headers
     assert CALLER_ROOM in server.rooms
 
 
-async def run_check(env: dict[str, str]) -> tuple[int, str, str]:
+async def run_check(env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    """``python warm_handoff.py check`` in ``cwd`` (a test's temporary folder: the default,
+    relative HANDOFF_CALLBACK_FILE is there)."""
     clean = {
         k: v for k, v in os.environ.items() if not k.startswith(("LIVEKIT", "HANDOFF", "SIP_"))
     }
@@ -262,7 +265,7 @@ async def run_check(env: dict[str, str]) -> tuple[int, str, str]:
         str(ROOT / "warm_handoff.py"),
         "check",
         env={**clean, "DOTENV_FILE": os.devnull, **env},
-        cwd="/",
+        cwd=cwd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -282,10 +285,10 @@ CHECK_ENV = {
 }
 
 
-async def test_check_prints_the_configuration_masked_and_proves_the_credentials(livekit):
+async def test_check_prints_the_configuration_masked_and_proves_the_credentials(livekit, tmp_path):
     server, _ = livekit
     server.add_participant("call-1", "caller")
-    code, out, err = await run_check({**CHECK_ENV, **server.env(local=True)})
+    code, out, err = await run_check({**CHECK_ENV, **server.env(local=True)}, tmp_path)
     assert code == 0, err
     assert "LiveKit API: OK" in out and "(2 rooms open)" in out
     assert "destination support" in out and "+1510•••00" in out
@@ -294,32 +297,33 @@ async def test_check_prints_the_configuration_masked_and_proves_the_credentials(
     assert [c.method for c in server.calls] == ["ListRooms"]  # a harmless read, nothing else
 
 
-async def test_check_fails_clearly_on_bad_credentials(livekit):
+async def test_check_fails_clearly_on_bad_credentials(livekit, tmp_path):
     server, _ = livekit
     env = {
         **CHECK_ENV,
         **server.env(local=True),
         "LIVEKIT_API_SECRET": "wrong-secret-wrong-secret-wrong!",
     }
-    code, out, err = await run_check(env)
+    code, out, err = await run_check(env, tmp_path)
     assert code == 1
     assert "LiveKit API: FAILED (unauthenticated" in err
     assert "wrong-secret" not in out + err
 
 
-async def test_check_fails_clearly_on_bad_configuration():
-    code, _, err = await run_check({"HANDOFF_MODE": "sideways"})
+async def test_check_fails_clearly_on_bad_configuration(tmp_path):
+    code, _, err = await run_check({"HANDOFF_MODE": "sideways"}, tmp_path)
     assert code == 1 and "Invalid configuration" in err and "HANDOFF_MODE" in err
 
 
 # ── check and the CLI ───────────────────────────────────────────────────────────────────────
 
 
-async def test_check_never_prints_a_webhook_path_or_query_and_names_missing_keys(livekit):
+async def test_check_never_prints_a_webhook_path_or_query_and_names_missing_keys(livekit, tmp_path):
     server, _ = livekit
     url = "https://crm.example.com/hooks/t0k3n-in-path?key=s3cret-query"
     code, out, err = await run_check(
-        {**CHECK_ENV, **server.env(local=True), "HANDOFF_WEBHOOK_URL": url, "DEEPGRAM_API_KEY": ""}
+        {**CHECK_ENV, **server.env(local=True), "HANDOFF_WEBHOOK_URL": url, "DEEPGRAM_API_KEY": ""},
+        tmp_path,
     )
     assert "t0k3n" not in out + err and "s3cret" not in out + err
     assert "https://crm.example.com" in out
@@ -376,16 +380,44 @@ async def test_check_reports_a_callback_folder_that_does_not_exist_and_the_outbo
     server, _ = livekit
     missing = str(tmp_path / "gone" / "callbacks.jsonl")
     code, _, err = await run_check(
-        {**CHECK_ENV, **server.env(local=True), "HANDOFF_CALLBACK_FILE": missing}
+        {**CHECK_ENV, **server.env(local=True), "HANDOFF_CALLBACK_FILE": missing}, tmp_path
     )
     assert code == 1 and "HANDOFF_CALLBACK_FILE: the folder" in err
 
     here = str(tmp_path / "callbacks.jsonl")
     wh.Outbox(wh.outbox_folder(here)).put("r1", {"type": "call"})
     env = {**CHECK_ENV, **server.env(local=True), "HANDOFF_CALLBACK_FILE": here}
-    code, out, err = await run_check(env)
+    code, out, err = await run_check(env, tmp_path)
     assert code == 0, err
     assert "Outbox: 1 record(s) waiting" in out
+
+
+async def test_check_leaves_the_callback_folder_as_it_was(livekit, tmp_path):
+    """With a webhook, check verifies that the outbox could be made beside the callback file
+    (its folder is writable) and makes nothing: the worker makes the outbox when it needs it."""
+    server, _ = livekit
+    folder = tmp_path / "records"
+    folder.mkdir()
+    env = {
+        **CHECK_ENV,
+        **server.env(local=True),
+        "HANDOFF_CALLBACK_FILE": str(folder / "callbacks.jsonl"),
+    }
+    code, out, err = await run_check(env, tmp_path)
+    assert code == 0, err
+    assert "Callback file: OK" in out and "Outbox: 0 record(s) waiting" in out
+    assert list(tmp_path.rglob("*")) == [folder]  # no outbox, no callback file, nothing else
+
+
+def test_a_file_where_the_outbox_goes_is_a_problem_check_names(tmp_path):
+    (tmp_path / "outbox").write_text("not a folder")
+    settings = settings_for(
+        webhook_url="https://crm.example.com/hook", callback_file=str(tmp_path / "cb.jsonl")
+    )
+    [problem] = wh.callback_file_problems(settings)
+    assert problem.startswith("HANDOFF_CALLBACK_FILE: cannot use the outbox folder")
+    assert "is not a folder" in problem
+    assert wh.callback_file_problems(settings_for(callback_file=str(tmp_path / "cb.jsonl"))) == []
 
 
 def test_help_lists_check():
@@ -477,6 +509,9 @@ def test_the_shutdown_bound_is_the_frameworks():
         wh.JOB_SHUTDOWN_TIMEOUT
         == ServerOptions.__dataclass_fields__["shutdown_process_timeout"].default
     )
+    # the job's last steps take at most this: the process exits before it is killed
+    budget = inspect.signature(wh.finish_call).parameters["budget"].default
+    assert budget < wh.JOB_SHUTDOWN_TIMEOUT - 1
 
 
 @pytest.mark.parametrize("webhook", ["refuses connections", "answers after 30 s"])
@@ -492,9 +527,11 @@ async def test_records_survive_a_job_shutdown_and_the_worker_resends_them(
     records = wh.CallRecords("console-room", "job-1", delivery)
     call = await abandoned_during_read_back(start_call, records)
 
+    budget = 1.0  # production's is longer (test_the_shutdown_bound_is_the_frameworks)
     began = time.monotonic()
-    await wh.finish_call(call.agent, records)  # what the job's shutdown callback runs
+    await wh.finish_call(call.agent, records, budget)  # what the job's shutdown callback runs
     took = time.monotonic() - began
+    assert took < budget + 0.5, took  # bounded by its budget, whatever the webhook does
     assert took < wh.JOB_SHUTDOWN_TIMEOUT - 1, took  # the process exits before it is killed
 
     [kept] = saved(path)  # the callback file has it, whatever the webhook did

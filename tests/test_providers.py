@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 import numpy as np
-import providers
 import pytest
 from livekit import rtc
 from livekit.agents import (
@@ -322,8 +321,8 @@ async def test_deepgram_prerecorded_recognize(standins):
     assert [s.kind for s in standins.stt_sessions] == ["prerecorded"]
 
 
-async def test_deepgram_closes_an_idle_socket(standins, monkeypatch):
-    monkeypatch.setattr(providers, "DEEPGRAM_IDLE_TIMEOUT", 0.3)
+async def test_deepgram_closes_an_idle_socket(standins):
+    standins.deepgram_idle_timeout = 0.3
     stream = listener(standins).stream(conn_options=NO_RETRY)  # sends no audio
 
     with pytest.raises(APIStatusError) as closed:

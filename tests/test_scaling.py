@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import random
 
+import pytest
 from conftest import (
     ScriptedLLM,
     receptionist,
@@ -132,6 +133,7 @@ def expected(scenario: str, mode: wh.HandoffMode) -> wh.HandoffOutcome:
     return outcome
 
 
+@pytest.mark.slow
 async def test_fifty_concurrent_calls_each_end_with_one_outcome_and_nothing_left(
     livekit, livekit_call
 ):

@@ -41,7 +41,15 @@ from bench.voices import (
 
 Out = wh.HandoffOutcome
 BRIEF = "Summary: Caller: a person please Caller: yes"  # what the scripted model writes
+# Characters a second the agent's voice speaks (a person's: about 14): quick, except where a
+# test needs the far end to speak over it (``talkative``).
+VOICE_PACE = 120.0
 MAILBOX = re.compile(r"reached|message|mailbox|voicemail|not available", re.I)
+
+
+def talkative() -> ToneTTS:
+    """A voice at 40 characters a second: the opener lasts 1.3 s, the details 3 s."""
+    return ToneTTS(ttfa=0.02, chars_per_second=40.0)
 
 
 def amd_by_words(req) -> Call:
@@ -101,9 +109,6 @@ def screened_call(silero_vad, livekit, livekit_call):
         server.script_dial(DialScript.answer(ring=ring, who=answer.name))
         settings.setdefault("max_hold", 60.0)
         settings.setdefault("hello_grace", 2.0)  # the default
-        support, billing = settings_for().destinations
-        # a direct line unless a test says otherwise (support's extension is the PBX case)
-        settings.setdefault("destinations", (dataclasses.replace(support, extension=""), billing))
         respond = receptionist()
 
         def model(req):
@@ -114,7 +119,7 @@ def screened_call(silero_vad, livekit, livekit_call):
             llm=llm,
             stt=LineSTT(final_delay=stt_delay),
             vad=silero_vad,
-            tts=voice or ToneTTS(ttfa=0.02, chars_per_second=40.0),
+            tts=voice or ToneTTS(ttfa=0.02, chars_per_second=VOICE_PACE),
             turn_handling={"turn_detection": "manual"},
         )
         session, agent, line = await livekit_call(
@@ -167,9 +172,15 @@ async def test_a_voicemail_hears_nothing_about_the_caller(screened_call, hinted)
             ),
             "a voicemail whose greeting has today's hint phrases",
         )
-    # the mailbox answers after 25 s of ringing, as one does (today's phrase-checked one at once)
-    ring = 0.05 if hinted else 25.0
+    # the mailbox answers after ringing a while, as one does, by when the opener, the question
+    # and the brief are all prepared (a real one rings 20 s or more: no more is needed here);
+    # today's phrase-checked one at once
+    ring = 0.05 if hinted else 3.0
     agent, line, turn, _ = await screened_call(answer, ring=ring, ring_timeout=30.0)
+    consult = await _consult_agent(agent)
+    await wait_for(line.answered.is_set, ring + 5)
+    if not hinted:
+        assert set(consult.voice) == {"opener", "question", "brief"}  # all prepared in time
     await asyncio.wait_for(turn, ring + 20)
     [result] = agent.results
     assert result.outcome is Out.VOICEMAIL, result
@@ -200,7 +211,7 @@ async def test_a_hello_then_a_mailbox_is_not_briefed(screened_call, stt_delay):
     # vad_first: the transcript comes after the VAD's end of speech, so AMD answers human on
     # timing alone (short_greeting); the greeting over the opener makes that uncertain
     agent, line, turn, _ = await screened_call(
-        hello_then_mailbox(), stt_delay=stt_delay, max_hold=60.0
+        hello_then_mailbox(), stt_delay=stt_delay, max_hold=60.0, voice=talkative()
     )
     await asyncio.wait_for(turn, 25)
     [result] = agent.results
@@ -222,7 +233,7 @@ async def test_a_long_greeting_is_not_talked_over_and_hears_the_whole_brief_once
 
 
 async def test_a_human_who_talks_over_the_details_hears_them_again(screened_call):
-    agent, line, turn, llm = await screened_call(scenario("person"))
+    agent, line, turn, llm = await screened_call(scenario("person"), voice=talkative())
     consult = await _consult_agent(agent)
     await wait_for(lambda: "brief_start" in agent.handoff.timings, 10)
     await asyncio.sleep(0.3)
@@ -239,8 +250,8 @@ async def test_a_human_who_talks_over_the_details_hears_them_again(screened_call
 
 
 async def test_a_pbx_extension_briefs_the_person_not_the_ringback(screened_call):
-    destinations = settings_for().destinations
-    assert destinations[0].extension  # support is dialled with an extension
+    support, billing = settings_for().destinations
+    destinations = (dataclasses.replace(support, extension="7"), billing)  # the PBX's
     agent, line, turn, _ = await screened_call(scenario("pbx"), destinations=destinations)
     await wait_for(lambda: any(BRIEF in t for t in line.human_heard()), 20)
     pickup = line.far_end.spoken[0]
@@ -274,6 +285,18 @@ async def test_a_line_that_stays_silent_after_the_question_is_never_briefed(scre
         "Hi, this is the Acme assistant with a caller for you.",
         _question(),
     ]
+    # the line's confirmation window was waited out, in full: the tests' line, shorter than
+    # production's 8 s
+    asked = next(e.at for e in line.events if e.text == f"human hears: {_question()}")
+    waited = agent.results[0].timings["ended"] - asked
+    assert line.bounds.confirm < wh.Bounds().confirm
+    assert line.bounds.confirm - 0.5 <= waited <= line.bounds.confirm + 1.5, waited
+    # and the consult room closes once the line's wait for the human's last words is over
+    began = time.monotonic()
+    await line.settle()
+    assert line.bounds.last_words < wh.Bounds().last_words
+    assert time.monotonic() - began < line.bounds.last_words + 1.0
+    assert line.consults == {}
 
 
 async def test_screening_none_briefs_as_today(screened_call):
@@ -298,7 +321,7 @@ class HttpSynthesisDown(tts.StreamAdapter):
     HTTP attempt: (text, attempt number of its request), so a retry shows as attempt 2."""
 
     def __init__(self, fault: str) -> None:
-        super().__init__(tts=ToneTTS(ttfa=0.02, chars_per_second=40.0))
+        super().__init__(tts=ToneTTS(ttfa=0.02, chars_per_second=VOICE_PACE))
         self.fault = fault
         self.tried: list[tuple[str, int]] = []
 
