@@ -331,11 +331,11 @@ async def test_check_never_prints_a_webhook_path_or_query_and_names_missing_keys
     assert code == 1  # start would refuse without it: a deploy gate must not pass
 
 
-async def test_check_says_nothing_of_a_short_dev_secret():
+async def test_check_says_nothing_of_a_short_dev_secret(tmp_path):
     """LiveKit's dev keys (``livekit-server --dev``: a 6-character secret) work; PyJWT's
     warning about the key's length is noise to an operator, and is not printed."""
     async with FakeLiveKitServer(api_key="devkey", api_secret="secret") as server:
-        code, out, err = await run_check({**CHECK_ENV, **server.env(local=True)})
+        code, out, err = await run_check({**CHECK_ENV, **server.env(local=True)}, tmp_path)
     assert code == 0, err
     assert "LiveKit API: OK" in out
     assert "Warning" not in err and "InsecureKeyLength" not in err, err
