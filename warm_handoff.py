@@ -5277,15 +5277,21 @@ def main(argv: list[str] | None = None) -> None:
     if command in ("", "--help", "-h", "help"):
         print(our_commands_help())
     if command in ("start", "dev", "console", "connect") and "--help" not in argv:
-        if problems := configuration_problems(telephony=command != "console"):
-            print(ConfigError(problems), file=sys.stderr)
-            raise SystemExit(1)
+        refuse_a_bad_configuration(command)
         if command == "console" and not (sys.stdin.isatty() and sys.stdout.isatty()):
             print("console needs a terminal: run it in an interactive shell", file=sys.stderr)
             raise SystemExit(2)
         if command == "console":
             refuse_a_console_that_cannot_run(argv)
     cli.run_app(server)
+
+
+def refuse_a_bad_configuration(command: str) -> None:
+    """Exit 1 with every problem named, before ``command`` starts a worker (the console needs
+    no LiveKit or trunk settings)."""
+    if problems := configuration_problems(telephony=command != "console"):
+        print(ConfigError(problems), file=sys.stderr)
+        raise SystemExit(1)
 
 
 def framework_command() -> str:
@@ -5300,8 +5306,6 @@ def framework_command() -> str:
 
 if __name__ == "__main__":
     main()
-elif (command := framework_command()) in ("start", "console"):
+elif framework_command() in ("start", "console"):
     # the same refusal as main's, before the framework starts a worker or registers it
-    if problems := configuration_problems(telephony=command != "console"):
-        print(ConfigError(problems), file=sys.stderr)
-        raise SystemExit(1)
+    refuse_a_bad_configuration(framework_command())
