@@ -1,0 +1,210 @@
+"""The worker on the real LiveKit: livekit-server and livekit-sip (stack/), the worker as deployed
+(``python warm_handoff.py dev``, configured by its environment), and SIPp phones. Every assertion
+is on what the phones heard (their captured RTP) and the SIP they received, or on the server's
+rooms; the worker's log is read only for its records.
+
+Times are from the capture's clock. The receptionist's voice (the ElevenLabs stand-in) is a
+200 Hz tone under each word (tests/providers.py ``speech``), so "the agent spoke" is a span of
+sound that is mostly 200 Hz; hold music is sound that is not; the people send tones of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import phones
+import pytest
+import real_stack
+from phones import HumanPhone, Quiet, Say, Tone, audio_file
+from providers import TONE_HZ, ProviderStandIns
+from real_stack import CALLER_RTP, CALLER_SIP, HUMAN_RTP, HUMAN_SIP, Capture, Stack, Worker
+from recordings import Heard, Phone
+from recordings import phones as read_phones
+
+pytestmark = [pytest.mark.real_stack, pytest.mark.timeout(300)]
+
+CALLER_TONE, HUMAN_TONE = 1000.0, 1400.0
+SUPPORT = {"number": "+15105550101", "description": "Technical support",
+           "spoken_name": "our support team"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    reason = real_stack.missing()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI never skips the real stack: {reason}")
+        pytest.skip(reason)
+    with real_stack.running_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running
+
+
+class Call:
+    """One call's world: the stand-ins, the worker, the capture, the phones."""
+
+    def __init__(self, stack: Stack, folder: Path, standins: ProviderStandIns) -> None:
+        self.stack, self.folder, self.standins = stack, folder, standins
+        self.capture: Capture | None = None
+        self.worker: Worker | None = None
+        self.phones: list[phones.Sipp] = []
+
+    def start_worker(self, **settings: str) -> Worker:
+        env = {
+            **self.stack.env,
+            **self.standins.env(),
+            "SIP_TRUNK_ID": self.stack.outbound_trunk,
+            "HANDOFF_DESTINATIONS": json.dumps({"support": SUPPORT}),
+            "BUSINESS_NAME": "Example Dental",
+            "HANDOFF_RING_TIMEOUT": "15",
+            **settings,
+        }
+        self.worker = Worker(self.folder, env)
+        return self.worker
+
+    def human(self, behaviour: HumanPhone) -> phones.Sipp:
+        self._capture()
+        phone = phones.human_phone(self.folder, behaviour)
+        self.phones.append(phone)
+        return phone
+
+    def caller(self, audio: Path, *, hang_up_after: float) -> phones.Sipp:
+        self._capture()
+        phone = phones.call_in(self.folder, audio, hang_up_after=hang_up_after)
+        self.phones.append(phone)
+        return phone
+
+    def _capture(self) -> None:
+        if self.capture is None:
+            self.capture = Capture(self.folder / "phones.pcap")
+
+    def wait(self, timeout: float) -> None:
+        """Until every phone's call has ended."""
+        deadline = time.monotonic() + timeout
+        for phone in self.phones:
+            phone.wait(max(deadline - time.monotonic(), 0.1))
+
+    def heard(self) -> dict[str, Phone]:
+        assert self.capture is not None
+        self.capture.stop()
+        return read_phones(
+            self.capture.path, caller=(CALLER_SIP, CALLER_RTP), human=(HUMAN_SIP, HUMAN_RTP)
+        )
+
+    def stop(self) -> None:
+        for phone in self.phones:
+            phone.stop()
+        if self.capture is not None:
+            self.capture.stop()
+        if self.worker is not None:
+            self.worker.stop()
+
+
+@pytest.fixture
+def call(stack: Stack, tmp_path: Path) -> Iterator[Call]:
+    with ProviderStandIns.in_thread() as standins:
+        world = Call(stack, tmp_path, standins)
+        try:
+            yield world
+        finally:
+            world.stop()
+
+
+ASKS_FOR_A_PERSON = "I would like to talk to a person, please."
+
+
+def asks_for_a_person(folder: Path, *then: phones.Sound, after: float = 7.0) -> Path:
+    """The caller's audio: quiet through the greeting, then asks for a person."""
+    return audio_file(
+        folder, "caller", Quiet(after), Say(ASKS_FOR_A_PERSON), *then
+    )
+
+
+def agent_spans(heard: Heard, start: float, end: float = float("inf")) -> list[tuple[float, float]]:
+    """The spans of the receptionist's voice (mostly 200 Hz) between ``start`` and ``end``."""
+    return [
+        (a, b)
+        for a, b in heard.sound()
+        if a >= start - 0.05 and a < end and heard.tone_level(TONE_HZ, a, b) > 0.6
+    ]
+
+
+def test_the_caller_hears_the_greeting_once_answered(call: Call) -> None:
+    call.standins.stt_says("hello")  # nothing the caller says asks for a person
+    call.start_worker()
+    caller = call.caller(audio_file(call.folder, "caller", Quiet(1)), hang_up_after=9)
+    call.wait(30)
+    heard = call.heard()["caller"]
+    assert caller.process is not None and caller.process.returncode is not None
+
+    (answered,) = heard.received(200, "INVITE")
+    greeting = agent_spans(heard.heard(), answered.at)
+    assert greeting, "the caller heard no greeting"
+    first = greeting[0]
+    assert first[0] - answered.at < 2.0, f"greeting {first[0] - answered.at:.2f} s after answer"
+    # "Thanks for calling. This is the virtual assistant. How can I help you today?": 76
+    # characters at 65 ms, about 4.9 s of speech, said once (the seed greeted twice)
+    spoken = sum(b - a for a, b in greeting)
+    assert 4.0 < spoken < 6.5, f"{spoken:.1f} s of greeting: {greeting}"
+    said = [t.text for t in call.standins.tts_texts]
+    assert said.count(said[0]) == 1
+
+
+def test_conference_handoff_end_to_end(call: Call, stack: Stack) -> None:
+    """The self-hosted default (HANDOFF_MODE=auto picks conference off LiveKit Cloud): the human's
+    phone rings while the caller hears hold audio; once answered the two hear the introduction,
+    then each other; when the caller hangs up, the human gets BYE and the room is gone."""
+    call.standins.stt_says(ASKS_FOR_A_PERSON)
+    call.start_worker()
+    human_audio = audio_file(call.folder, "human", Say("Hello, support, Sam speaking."),
+                             Quiet(16), Tone(HUMAN_TONE, 1.5))  # fmt: skip
+    human = call.human(HumanPhone(ring=12, audio=human_audio, hang_up_after=70))
+    caller_audio = asks_for_a_person(call.folder, Quiet(32), Tone(CALLER_TONE, 1.5))
+    call.caller(caller_audio, hang_up_after=50)
+    call.wait(90)
+    assert human.process is not None
+    heard = call.heard()
+    caller, person = heard["caller"], heard["human"]
+    caller_audio_heard, person_heard = caller.heard(), person.heard()
+
+    (invite,) = person.received("INVITE")
+    (answer,) = person.sent(200, "INVITE")
+    assert 11.5 < answer.at - invite.at < 13.5
+    # while it rang: hold audio (not the agent's voice) after "please hold"
+    held = [
+        t for t in caller_audio_heard.windows(invite.at, answer.at)
+        if caller_audio_heard.level(t, t + 0.25) > 300
+        and caller_audio_heard.tone_level(TONE_HZ, t, t + 0.25) < 0.3
+    ]  # fmt: skip
+    assert len(held) * 0.25 > 3.0, f"{len(held) * 0.25} s of hold audio while the phone rang"
+    # once answered: the introduction, heard by the human
+    intro = agent_spans(person_heard, answer.at)
+    assert intro and intro[0][0] - answer.at < 3.0, intro
+    # then they hear each other
+    caller_tone = _tone_heard(person_heard, CALLER_TONE)
+    human_tone = _tone_heard(caller_audio_heard, HUMAN_TONE)
+    assert caller_tone is not None, "the human never heard the caller's tone"
+    assert human_tone is not None, "the caller never heard the human's tone"
+    # the caller hangs up: the human gets BYE, the room goes
+    (bye,) = caller.sent("BYE")
+    (human_bye,) = person.received("BYE")
+    assert 0 <= human_bye.at - bye.at < 5.0
+    deadline = time.monotonic() + 10
+    while stack.rooms() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert stack.rooms() == []
+
+
+def _tone_heard(heard: Heard, hz: float) -> float | None:
+    """When a tone at ``hz`` was first heard (0.25 s windows), or None."""
+    step = 0.25
+    t = heard.start
+    end = heard.start + len(heard.samples) / 8000
+    while t < end:
+        if heard.tone_level(hz, t, t + step) > 0.5:
+            return t
+        t += step
+    return None
