@@ -215,11 +215,12 @@ class HumanPhone:
         tag = ";tag=[pid]SIPpTag01[call_number]"
         contact = "Contact: <sip:human@[local_ip]:[local_port];transport=[transport]>"
         xml = _HEAD.format(name="human")
+        # SIPp refuses a scenario with a variable it sets and never uses
+        dialog = ('<ereg regexp=".*" search_in="hdr" header="From:" assign_to="remote"/>'
+                  '<ereg regexp=".*" search_in="hdr" header="To:" assign_to="local"/>')
         xml += ('<recv request="INVITE" crlf="true" rrs="true"><action>'
                 '<ereg regexp=".*" search_in="hdr" header="CSeq:" assign_to="invite_cseq"/>'
-                '<ereg regexp=".*" search_in="hdr" header="From:" assign_to="remote"/>'
-                '<ereg regexp=".*" search_in="hdr" header="To:" assign_to="local"/>'
-                "</action></recv>\n")  # fmt: skip
+                + (dialog if self.answer == 200 else "") + "</action></recv>\n")  # fmt: skip
         xml += _message(f"""
             SIP/2.0 180 Ringing
             [last_Via:]

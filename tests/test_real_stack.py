@@ -132,6 +132,16 @@ def agent_spans(heard: Heard, start: float, end: float = float("inf")) -> list[t
     ]
 
 
+def agent_seconds(heard: Heard, start: float, end: float) -> float:
+    """How long the receptionist's voice was heard between ``start`` and ``end``."""
+    step = 0.25
+    return step * sum(
+        1
+        for t in heard.windows(start, end, step)
+        if heard.level(t, t + step) > 300 and heard.tone_level(TONE_HZ, t, t + step) > 0.6
+    )
+
+
 def test_the_caller_hears_the_greeting_once_answered(call: Call) -> None:
     call.standins.stt_says("hello")  # nothing the caller says asks for a person
     call.start_worker()
@@ -192,10 +202,7 @@ def test_conference_handoff_end_to_end(call: Call, stack: Stack) -> None:
     (bye,) = caller.sent("BYE")
     (human_bye,) = person.received("BYE")
     assert 0 <= human_bye.at - bye.at < 5.0
-    deadline = time.monotonic() + 10
-    while stack.rooms() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert stack.rooms() == []
+    _no_rooms_left(stack)
 
 
 def _tone_heard(heard: Heard, hz: float) -> float | None:
@@ -208,3 +215,70 @@ def _tone_heard(heard: Heard, hz: float) -> float | None:
             return t
         t += step
     return None
+
+
+def handoff_record(call: Call) -> dict:
+    assert call.worker is not None
+    deadline = time.monotonic() + 10
+    while not (records := call.worker.records()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert records, "the worker logged no handoff record"
+    return records[-1]
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome", "status"),
+    [(486, "busy", 486), (603, "declined", 603), (480, "no_answer", 480), (None, "no_answer", None)],
+    ids=["busy-486", "decline-603", "unavailable-480", "never-answers"],
+)
+def test_a_phone_that_refuses_or_never_answers(
+    call: Call, answer: int | None, outcome: str, status: int | None
+) -> None:
+    """The human's phone refuses (or rings out: livekit-sip sends CANCEL at the ring timeout);
+    the caller, on hold until then, hears why and what next."""
+    call.standins.stt_says(ASKS_FOR_A_PERSON)
+    call.start_worker(HANDOFF_RING_TIMEOUT="6")
+    human = call.human(HumanPhone(ring=2, answer=answer))
+    call.caller(asks_for_a_person(call.folder), hang_up_after=32)
+    call.wait(60)
+    heard = call.heard()
+    caller, person = heard["caller"], heard["human"]
+    (invite,) = person.received("INVITE")
+    if answer is None:
+        (cancel,) = person.received("CANCEL")
+        ended = cancel.at
+        # the ring timeout (6 s) as the phone saw it; the client waits 2 s more
+        assert 5.5 < cancel.at - invite.at < 8.5, cancel.at - invite.at
+    else:
+        (refusal,) = person.sent(answer, "INVITE")
+        ended = refusal.at
+    assert human.process is not None
+    # what is left of "please hold" (at most 4.4 s of speech, begun before the INVITE), then why
+    told = agent_seconds(caller.heard(), ended, ended + 15)
+    assert told > 5.0, f"the caller heard {told:.1f} s from the agent after the phone gave up"
+    record = handoff_record(call)
+    assert (record["outcome"], record["sip_status"]) == (outcome, status)
+
+
+def test_the_caller_hangs_up_while_the_phone_rings(call: Call, stack: Stack) -> None:
+    call.standins.stt_says(ASKS_FOR_A_PERSON)
+    call.start_worker()
+    call.human(HumanPhone(answer=None))
+    call.caller(asks_for_a_person(call.folder), hang_up_after=20)
+    call.wait(40)
+    heard = call.heard()
+    caller, person = heard["caller"], heard["human"]
+    (bye,) = caller.sent("BYE")
+    (invite,) = person.received("INVITE")
+    assert invite.at < bye.at
+    (cancel,) = person.received("CANCEL")
+    assert 0 <= cancel.at - bye.at < 3.0, cancel.at - bye.at
+    assert handoff_record(call)["outcome"] == "caller_left"
+    _no_rooms_left(stack)
+
+
+def _no_rooms_left(stack: Stack, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while stack.rooms() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert stack.rooms() == []
