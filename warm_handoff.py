@@ -1130,7 +1130,31 @@ def _telephony_problems(settings: Settings, env: Mapping[str, str]) -> list[str]
         problems.append("HANDOFF_DESTINATIONS is empty: configure at least one destination")
     if settings.sip_trunk_id and not settings.sip_trunk_id.startswith("ST_"):
         problems.append("SIP_TRUNK_ID must be an outbound trunk id (ST_...)")
-    return problems
+    return problems + _sip_uri_caller_id_problems(settings)
+
+
+def _sip_uri_caller_id_problems(settings: Settings) -> list[str]:
+    """A ``sip:`` destination is dialled through an inline trunk (``dial_target``), which has
+    no numbers: sent no ``sip_number``, LiveKit refuses every call to it ("no numbers on
+    outbound trunk": livekit/protocol rpc/sip.go ``NewCreateSIPParticipantRequest``). So the
+    worker needs a number to show for it at every dial: HANDOFF_CALLER_ID's, or with
+    ``caller`` HANDOFF_TRUNK_NUMBER, shown when the caller's number is unknown or refused."""
+    uris = [d.name for d in settings.destinations if SIP_URI.fullmatch(d.target)]
+    if not uris:
+        return []
+    named = f"a sip: destination ({', '.join(uris)}) goes to its host directly, with no trunk"
+    if not settings.caller_id:
+        return [
+            f"HANDOFF_CALLER_ID must be set: {named} number LiveKit could show instead, and "
+            "LiveKit refuses the call without one"
+        ]
+    if settings.caller_id == CALLER_ID_FROM_CALLER and not settings.trunk_number:
+        return [
+            f"HANDOFF_TRUNK_NUMBER must be set with HANDOFF_CALLER_ID=caller: {named} number "
+            "LiveKit could show when the caller's is unknown or refused, and LiveKit refuses "
+            "the call without one"
+        ]
+    return []
 
 
 def registered_agent_name(env: Mapping[str, str] | None = None) -> str:
