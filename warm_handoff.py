@@ -73,6 +73,7 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeAlias, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -2201,10 +2202,12 @@ class OwnTrack:
     def __init__(self, name: str) -> None:
         self.name = name
         self.source = rtc.AudioSource(self.SAMPLE_RATE, 1, queue_size_ms=200)
+        self._unpublish: Callable[[], Awaitable[None]] | None = None
 
     async def publish(self, room: rtc.Room) -> None:
         track = rtc.LocalAudioTrack.create_audio_track(self.name, self.source)
-        await room.local_participant.publish_track(track, rtc.TrackPublishOptions())
+        published = await room.local_participant.publish_track(track, rtc.TrackPublishOptions())
+        self._unpublish = partial(room.local_participant.unpublish_track, published.sid)
 
     async def play(self, audio: PhraseAudio, volume: float = 1.0) -> None:
         async for frame in for_the_track(audio):
@@ -2221,7 +2224,8 @@ class OwnTrack:
         self.source.clear_queue()
 
     async def aclose(self) -> None:
-        await self.source.aclose()
+        """Off the room (a call may hold several times) and closed."""
+        await close_quietly(self._unpublish, self.source.aclose)
 
 
 class PhoneLine(abc.ABC):

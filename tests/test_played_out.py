@@ -28,6 +28,7 @@ class LocalRoom:
     def __init__(self) -> None:
         self.name = "fake-room"
         self.tracks: dict[str, rtc.LocalAudioTrack] = {}
+        self.unpublished: list[str] = []
         self.local_participant = self
         self.remote_participants: dict[str, Any] = {}
 
@@ -37,6 +38,9 @@ class LocalRoom:
     async def publish_track(self, track: rtc.LocalAudioTrack, options: Any = None) -> Any:
         self.tracks[track.name] = track
         return SimpleNamespace(sid=f"TR_{track.name}", name=track.name)
+
+    async def unpublish_track(self, sid: str) -> None:
+        self.unpublished.append(sid)
 
     async def disconnect(self) -> None:
         pass
@@ -153,3 +157,4 @@ async def test_paused_hold_music_stops_at_once_and_resumes(loud_clip):
     after_pause = [at for at in ear.sounds(after=paused) if at < resumed]
     assert not after_pause or after_pause[-1] - paused < 0.05, after_pause[-1] - paused
     assert ear.sounds(after=resumed)[0] - resumed < 0.1  # and it comes back at once
+    assert room.unpublished == [f"TR_{track.name}"]  # a call may hold again: no stale track
