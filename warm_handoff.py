@@ -73,11 +73,13 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeAlias, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
+import numpy as np
 import regex
 from dotenv import load_dotenv
 from jwt.warnings import InsecureKeyLengthWarning
@@ -109,11 +111,7 @@ from livekit.agents.vad import VAD
 from livekit.agents.voice import SpeechHandle
 from livekit.agents.voice.amd import AMD, AMDCategory, AMDPredictionEvent
 from livekit.agents.voice.amd.detector import DetectionOptions
-from livekit.agents.voice.background_audio import (
-    AudioConfig,
-    BackgroundAudioPlayer,
-    BuiltinAudioClip,
-)
+from livekit.agents.voice.background_audio import BuiltinAudioClip
 from livekit.api.sip_service import SipService
 from livekit.plugins import deepgram, elevenlabs, openai, silero  # register on the main thread
 
@@ -1130,7 +1128,31 @@ def _telephony_problems(settings: Settings, env: Mapping[str, str]) -> list[str]
         problems.append("HANDOFF_DESTINATIONS is empty: configure at least one destination")
     if settings.sip_trunk_id and not settings.sip_trunk_id.startswith("ST_"):
         problems.append("SIP_TRUNK_ID must be an outbound trunk id (ST_...)")
-    return problems
+    return problems + _sip_uri_caller_id_problems(settings)
+
+
+def _sip_uri_caller_id_problems(settings: Settings) -> list[str]:
+    """A ``sip:`` destination is dialled through an inline trunk (``dial_target``), which has
+    no numbers: sent no ``sip_number``, LiveKit refuses every call to it ("no numbers on
+    outbound trunk": livekit/protocol rpc/sip.go ``NewCreateSIPParticipantRequest``). So the
+    worker needs a number to show for it at every dial: HANDOFF_CALLER_ID's, or with
+    ``caller`` HANDOFF_TRUNK_NUMBER, shown when the caller's number is unknown or refused."""
+    uris = [d.name for d in settings.destinations if SIP_URI.fullmatch(d.target)]
+    if not uris:
+        return []
+    named = f"a sip: destination ({', '.join(uris)}) goes to its host directly, with no trunk"
+    if not settings.caller_id:
+        return [
+            f"HANDOFF_CALLER_ID must be set: {named} number LiveKit could show instead, and "
+            "LiveKit refuses the call without one"
+        ]
+    if settings.caller_id == CALLER_ID_FROM_CALLER and not settings.trunk_number:
+        return [
+            f"HANDOFF_TRUNK_NUMBER must be set with HANDOFF_CALLER_ID=caller: {named} number "
+            "LiveKit could show when the caller's is unknown or refused, and LiveKit refuses "
+            "the call without one"
+        ]
+    return []
 
 
 def registered_agent_name(env: Mapping[str, str] | None = None) -> str:
@@ -2066,13 +2088,13 @@ class HoldMusic:
     """Hold music that pauses and resumes where it left off, so the caller never hears the
     same opening bars again after every check-in.
 
-    It is one endless stream of frames, played once with ``BackgroundAudioPlayer.play``:
-    ``play(file, loop=True)`` again would start the clip from the beginning. The file is
-    decoded once, with the framework's decoder, at the player's mixer format (48 kHz mono),
-    and replayed from memory when it ends. While paused it yields silence and keeps its place.
+    It is one endless stream of frames, played once with ``OwnTrack.play``: playing the file
+    again would start the clip from the beginning. The file is decoded once, with the
+    framework's decoder, at the track's format (48 kHz mono), and replayed from memory when it
+    ends. While paused it yields silence and keeps its place.
     """
 
-    SAMPLE_RATE = 48000  # BackgroundAudioPlayer's mixer: rtc.AudioMixer(48000, 1, ...)
+    SAMPLE_RATE = 48000  # OwnTrack.SAMPLE_RATE, mono
     PAUSE_FRAME = 0.02  # seconds of silence per frame while paused
 
     def __init__(self, path: str) -> None:
@@ -2145,19 +2167,65 @@ async def frames_of(audio: PhraseAudio) -> AsyncGenerator[rtc.AudioFrame, None]:
             await audio.aclose()
 
 
-async def for_the_player(audio: PhraseAudio) -> AsyncGenerator[rtc.AudioFrame, None]:
-    """``audio`` as a ``BackgroundAudioPlayer`` plays it: 48 kHz mono, its mixer's format
-    (livekit-agents voice/background_audio.py); a live source's rate is known at its first
-    frame."""
+async def for_the_track(audio: PhraseAudio) -> AsyncGenerator[rtc.AudioFrame, None]:
+    """``audio`` as ``OwnTrack`` plays it: at its source's rate, mono; a live source's rate is
+    known at its first frame."""
     resampler: rtc.AudioResampler | None = None
     async with contextlib.aclosing(frames_of(audio)) as frames:
         async for frame in frames:
             if resampler is None:
-                resampler = rtc.AudioResampler(frame.sample_rate, 48000, num_channels=1)
+                resampler = rtc.AudioResampler(
+                    frame.sample_rate, OwnTrack.SAMPLE_RATE, num_channels=1
+                )
             for out in resampler.push(frame):
                 yield out
     for out in resampler.flush() if resampler is not None else ():
         yield out
+
+
+class OwnTrack:
+    """An audio track of the worker's own in a room, for what is played outside a session:
+    the opener to the human, hold music to the caller. ``play`` returns once the audio has
+    been sent, not merely queued, and ``cut`` silences what is queued at once: the session
+    speaks next, and must not start over its tail.
+
+    The framework's ``BackgroundAudioPlayer`` does neither: its play handle is done when its
+    mixer has read the last frame, and a paused or stopped sound goes on, while the mixer's
+    blocks and its ``AudioSource``'s 400 ms queue (livekit-agents voice/background_audio.py,
+    ``_AUDIO_SOURCE_BUFFER_MS``) still hold about 0.6 s of it. An ``AudioSource`` fed
+    directly says when its queue has drained (``wait_for_playout``) and can drop it
+    (``clear_queue``), with the queue of the session's own audio output (200 ms:
+    voice/room_io/_output.py)."""
+
+    SAMPLE_RATE = 48000
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = rtc.AudioSource(self.SAMPLE_RATE, 1, queue_size_ms=200)
+        self._unpublish: Callable[[], Awaitable[None]] | None = None
+
+    async def publish(self, room: rtc.Room) -> None:
+        track = rtc.LocalAudioTrack.create_audio_track(self.name, self.source)
+        published = await room.local_participant.publish_track(track, rtc.TrackPublishOptions())
+        self._unpublish = partial(room.local_participant.unpublish_track, published.sid)
+
+    async def play(self, audio: PhraseAudio, volume: float = 1.0) -> None:
+        async for frame in for_the_track(audio):
+            if volume != 1.0:
+                samples = np.frombuffer(frame.data, dtype=np.int16) * volume
+                frame = rtc.AudioFrame(
+                    samples.astype(np.int16).tobytes(), frame.sample_rate, 1, len(samples)
+                )
+            await self.source.capture_frame(frame)
+        await self.source.wait_for_playout()
+
+    def cut(self) -> None:
+        """Drop what is queued: what ``play`` is given next sounds at once."""
+        self.source.clear_queue()
+
+    async def aclose(self) -> None:
+        """Off the room (a call may hold several times) and closed."""
+        await close_quietly(self._unpublish, self.source.aclose)
 
 
 class PhoneLine(abc.ABC):
@@ -2276,7 +2344,7 @@ class LiveKitPhoneLine(PhoneLine):
         self.caller_identity = ""
         self._rooms: dict[str, rtc.Room] = {self.caller_room: ctx.room}
         self._consults: dict[str, AgentSession] = {}
-        self._players: dict[str, BackgroundAudioPlayer] = {}
+        self._tracks: dict[str, OwnTrack] = {}
 
     def _sip_without_retries(self) -> SipService:
         """CreateSIPParticipant with no hidden retry. On ``*.livekit.cloud`` the client retries
@@ -2424,17 +2492,21 @@ class LiveKitPhoneLine(PhoneLine):
                 logger.warning("could not delete room %s: %r", room, e)
 
     async def start_hold(self) -> Hold:
-        player = BackgroundAudioPlayer()
-        await player.start(room=self._ctx.room)
+        track = OwnTrack("hold-music")
+        await track.publish(self._ctx.room)
         music = HoldMusic(self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC.path())
-        playing = player.play(AudioConfig(music, 0.7))  # once: pausing never restarts it
+        playing = asyncio.ensure_future(track.play(music, 0.7))  # once: a pause keeps its place
 
         async def pause(paused: bool) -> None:
-            music.paused = paused  # heard within the player's buffer (~0.5 s)
+            # what is queued would sound over the speech (music) or hold the music back
+            # (silence); the music skips what was cut, at most the track's queue
+            music.paused = paused
+            track.cut()
 
         async def stop() -> None:
-            playing.stop()
-            await player.aclose()
+            playing.cancel()
+            await asyncio.gather(playing, return_exceptions=True)
+            await track.aclose()
             await music.aclose()
 
         return Hold(stop, pause)
@@ -2463,9 +2535,8 @@ class LiveKitPhoneLine(PhoneLine):
         self._consults[room] = session
         # The opener plays outside the session: answering-machine detection holds the
         # session's own speech until its verdict (voice/amd/detector.py).
-        player = BackgroundAudioPlayer()
-        await player.start(room=consult_room)
-        self._players[room] = player
+        track = self._tracks[room] = OwnTrack("handoff-opener")
+        await track.publish(consult_room)
         await session.start(
             agent=agent,
             room=consult_room,
@@ -2478,17 +2549,17 @@ class LiveKitPhoneLine(PhoneLine):
         )
 
     async def play_to_human(self, room: str, text: str, audio: PhraseAudio) -> None:
-        player = self._players.get(room)
-        if player is None or (isinstance(audio, list) and not audio):
+        track = self._tracks.get(room)
+        if track is None or (isinstance(audio, list) and not audio):
             return
-        await player.play(for_the_player(audio)).wait_for_playout()
+        await track.play(audio)
 
     async def close_consult(self, room: str) -> None:
-        session, player = self._consults.pop(room, None), self._players.pop(room, None)
+        session, track = self._consults.pop(room, None), self._tracks.pop(room, None)
         connection = self._rooms.pop(room, None)
         await close_quietly(
             session.aclose if session else None,
-            player.aclose if player else None,
+            track.aclose if track else None,
             connection.disconnect if connection else None,
         )
         await self.delete_room(room)

@@ -44,16 +44,17 @@ Public API (stable; the worker's tests build on it):
 * Drivers: ``add_participant(room, identity, **attributes)``, ``remove_participant(room,
   identity)``, ``far_end_hangs_up(room, identity)`` (the phone sends BYE).
 
-A dial, as LiveKit runs it: the SIP participant joins the room ``join_delay`` after the
-request (``sip.callStatus`` "dialing"), "ringing" at the 180, and on the answer "automation"
-while the request's DTMF is sent (0.5 s a character) then "active". Without
-``wait_until_answered`` the response comes once the participant has joined; with it, once
-"active". A ring timeout or the participant leaving while it rings (RemoveParticipant,
-DeleteRoom, a same-identity join) cancels the INVITE: Twirp ``canceled``, no SIP status. A
-RemoveParticipant before the join is ``not_found`` and the INVITE still goes out. A client that
-gives up (timeout, cancelled task) does not stop the call. Each request try is a new INVITE (the
-server does not de-duplicate ``X-Livekit-Request-Id``); the newest participant of an identity
-replaces the older one, whose call is hung up.
+A dial, as LiveKit runs it: a request LiveKit refuses (``_validate_dial``: invalid_argument; an
+inline trunk without ``sip_number``: failed_precondition) dials nobody. The SIP participant
+joins the room ``join_delay`` after the request (``sip.callStatus`` "dialing"), "ringing" at
+the 180, and on the answer "automation" while the request's DTMF is sent (0.5 s a character)
+then "active". Without ``wait_until_answered`` the response comes once the participant has
+joined; with it, once "active". A ring timeout or the participant leaving while it rings
+(RemoveParticipant, DeleteRoom, a same-identity join) cancels the INVITE: Twirp ``canceled``,
+no SIP status. A RemoveParticipant before the join is ``not_found`` and the INVITE still goes
+out. A client that gives up (timeout, cancelled task) does not stop the call. Each request try
+is a new INVITE (the server does not de-duplicate ``X-Livekit-Request-Id``); the newest
+participant of an identity replaces the older one, whose call is hung up.
 
 What the real client (livekit-api 1.2.2 on aiohttp 3.14) does with it: a dial with
 ``wait_until_answered`` times out after ring timeout + 2 s; on ``*.livekit.cloud`` transport
@@ -171,8 +172,9 @@ def _validate_dial(req: sip_pb.CreateSIPParticipantRequest) -> None:
     """The checks LiveKit makes before any room join or INVITE, answered ``invalid_argument``
     (livekit/protocol livekit/sip.go ``CreateSIPParticipantRequest.ValidateResult`` and
     ``SIPOutboundConfig.Validate``/``validateHostnameFormat``; livekit/livekit
-    pkg/service/sip.go ``CreateSIPParticipantRequest`` returns the failure as invalid_argument).
-    Header and media checks are left out: the worker sends only X- headers and no media."""
+    pkg/service/sip.go ``CreateSIPParticipantRequest`` returns the failure as invalid_argument);
+    then a call with no number to show, ``failed_precondition`` (below). Header and media
+    checks are left out: the worker sends only X- headers and no media."""
     problem = ""
     if not req.sip_trunk_id and not req.HasField("trunk") and not req.sip_number:
         problem = "missing sip trunk id and sip number"
@@ -192,6 +194,16 @@ def _validate_dial(req: sip_pb.CreateSIPParticipantRequest) -> None:
         problem = "missing room name"
     if problem:
         raise TwirpError("invalid_argument", problem)
+    # Then the number the call is from (livekit/protocol rpc/sip.go
+    # NewCreateSIPParticipantRequestResult): the request's sip_number, else one of the stored
+    # trunk's numbers; an inline trunk (``trunk``, no sip_trunk_id) has none, so the request is
+    # refused with psrpc.FailedPrecondition. livekit/livekit pkg/service/sip.go
+    # (CreateSIPParticipant, wrapSIPContextError) returns a psrpc error as it is, and the
+    # generated Twirp server's writeError takes it as a twirp.Error (psrpc errors.go
+    # psrpcError.As -> toTwirp): failed_precondition, HTTP 412, so the client never retries it.
+    # The fake keeps no stored trunks: a sip_trunk_id is taken to name one with numbers.
+    if not req.sip_number and not req.sip_trunk_id:
+        raise TwirpError("failed_precondition", "no numbers on outbound trunk")
 
 
 def dialled(req: sip_pb.CreateSIPParticipantRequest) -> str:

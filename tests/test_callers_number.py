@@ -5,10 +5,12 @@ CreateSIPParticipant), else HANDOFF_TRUNK_NUMBER; a trunk that refuses it (403) 
 more with the trunk's number; a 603 is a person declining and is never retried."""
 
 import asyncio
+import json
 
 import pytest
-from conftest import Call, RecordingLine, agree_to_transfer, receptionist, wait_for
+from conftest import Call, RecordingLine, agree_to_transfer, receptionist, run_worker, wait_for
 from fake_livekit import DialScript
+from test_configuration import GOOD
 
 import warm_handoff as wh
 
@@ -209,3 +211,96 @@ def test_bad_caller_id_settings_are_reported(env, problem):
     with pytest.raises(wh.ConfigError) as raised:
         wh.load_settings(env, telephony=False)
     assert [p for p in raised.value.problems if p.startswith(problem)]
+
+
+# -- a sip: destination: no trunk, so no number of its own -------------------------------------
+
+
+def sip_destinations(*names: str) -> str:
+    return json.dumps(
+        {"support": {"number": "+15105550100", "description": "Support"}}
+        | {name: {"number": f"sip:{name}@pbx.example.com", "description": name} for name in names}
+    )
+
+
+def test_start_refuses_a_sip_destination_with_no_number_to_show():
+    """LiveKit refuses every dial through an inline trunk that names no number to show
+    (livekit/protocol rpc/sip.go: "no numbers on outbound trunk"): the worker says so at
+    start, naming the destinations, with every other problem."""
+    env = {
+        **GOOD,
+        "HANDOFF_CALLER_ID": "",
+        "HANDOFF_DESTINATIONS": sip_destinations("billing", "sales"),
+        "HANDOFF_MODE": "sideways",
+        **{names[0]: "x" for names in wh.PROVIDER_KEYS.values()},
+    }
+    done = run_worker("start", env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[1:] == [
+        "  - HANDOFF_MODE must be one of auto, consult, conference (got 'sideways')",
+        "  - HANDOFF_CALLER_ID must be set: a sip: destination (billing, sales) goes to its host "
+        "directly, with no trunk number LiveKit could show instead, and LiveKit refuses the "
+        "call without one",
+    ]
+
+
+@pytest.mark.parametrize(
+    "env,problem",
+    [
+        ({"HANDOFF_CALLER_ID": ""}, "HANDOFF_CALLER_ID must be set: a sip: destination (billing)"),
+        (
+            {"HANDOFF_CALLER_ID": "caller"},
+            "HANDOFF_TRUNK_NUMBER must be set with HANDOFF_CALLER_ID=caller: a sip: destination "
+            "(billing) goes to its host directly, with no trunk number LiveKit could show when "
+            "the caller's is unknown or refused",
+        ),
+        ({"HANDOFF_CALLER_ID": "caller", "HANDOFF_TRUNK_NUMBER": TRUNK}, None),
+        ({"HANDOFF_CALLER_ID": TRUNK}, None),
+        # a number dialled through SIP_TRUNK_ID: LiveKit shows one of the trunk's own numbers
+        ({"HANDOFF_CALLER_ID": "", "HANDOFF_DESTINATIONS": sip_destinations()}, None),
+    ],
+)
+def test_a_sip_destination_needs_a_number_to_show_at_every_dial(env, problem):
+    configured = {**GOOD, "HANDOFF_DESTINATIONS": sip_destinations("billing"), **env}
+    if problem is None:
+        wh.load_settings(configured)
+    else:
+        with pytest.raises(wh.ConfigError) as raised:
+            wh.load_settings(configured)
+        assert [p for p in raised.value.problems if p.startswith(problem)]
+    wh.load_settings(configured, telephony=False)  # the console dials no real line
+
+
+@pytest.mark.parametrize("caller_number", [CALLER, ""], ids=["caller-known", "caller-withheld"])
+@pytest.mark.parametrize(
+    "caller_id,trunk_number,starts",
+    [("", "", False), (TRUNK, "", True), ("caller", "", False), ("caller", TRUNK, True)],
+)
+async def test_a_configuration_starts_exactly_when_livekit_takes_its_sip_destination_dials(
+    livekit, livekit_call, caller_id, trunk_number, starts, caller_number
+):
+    """A dial to a sip: destination that names no number to show is refused by LiveKit (the
+    fake, as rpc/sip.go does): the configurations that start are those whose every dial names
+    one, the trunk's refusal of the caller's number (403) and its retry included."""
+    env = {"HANDOFF_CALLER_ID": caller_id, "HANDOFF_TRUNK_NUMBER": trunk_number}
+    try:
+        wh.load_settings({**GOOD, **env})  # GOOD's billing is a sip: destination
+        started = True
+    except wh.ConfigError:
+        started = False
+    assert started is starts
+    server, _ = livekit
+    server.script_dial(DialScript.sip_error(403), DialScript.answer())
+    session, agent, _ = await livekit_call(
+        receptionist("billing"),
+        handoff_mode=wh.HandoffMode.CONFERENCE,
+        caller_number=caller_number,
+        caller_id=caller_id,
+        trunk_number=trunk_number,
+    )  # built in code: what the worker would do had it started
+    await asyncio.wait_for(await agree_to_transfer(session), 10)
+    dials = server.calls_to("CreateSIPParticipant")
+    assert dials and all(d.request.HasField("trunk") for d in dials)
+    refused = [d for d in dials if d.answer == "failed_precondition"]
+    assert all(not d.request.sip_number for d in refused)
+    assert bool(refused) is not starts

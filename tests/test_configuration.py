@@ -4,6 +4,7 @@ an operator writes (nested or huge JSON, a stray space, a non-ASCII digit) can h
 
 import dataclasses
 import enum
+import io
 import json
 import re
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from conftest import name_the_worker_registers, run_worker, wait_for
+from dotenv import dotenv_values
 from livekit.agents import APIConnectOptions, llm, utils
 
 import warm_handoff as wh
@@ -343,6 +345,25 @@ def as_documented(default: object) -> str:
     if isinstance(default, str) and default != wh.DEFAULT_PHRASE_CACHE:
         return default
     return ""
+
+
+def destination_examples() -> list[tuple[str, str]]:
+    """Every example that sets HANDOFF_DESTINATIONS, as (where, its text): each ```sh block of
+    the README and docs/ that sets it, and .env.example whole."""
+    examples = [(".env.example", (ROOT / ".env.example").read_text())]
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        blocks = re.findall(r"```sh\n(.*?)```", doc.read_text(), flags=re.S)
+        examples += [(doc.name, b) for b in blocks if b.startswith("HANDOFF_DESTINATIONS=")]
+    return examples
+
+
+@pytest.mark.parametrize("where,example", destination_examples(), ids=lambda x: x[:30])
+def test_each_destinations_example_is_a_configuration_that_starts(where, example):
+    """An example's variables, read as the worker reads .env, with the LiveKit settings an
+    operator adds: start takes them (a sip: destination needs a number to show, for one)."""
+    values = {k: v for k, v in dotenv_values(stream=io.StringIO(example)).items() if v}
+    operator = {k: GOOD[k] for k in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")}
+    wh.load_settings({**operator, "SIP_TRUNK_ID": "ST_abc", **values})
 
 
 def test_readme_configuration_table_has_a_row_per_variable_in_the_tables_order():

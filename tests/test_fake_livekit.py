@@ -159,9 +159,17 @@ async def test_a_request_livekit_refuses_is_invalid_argument_and_dials_nobody(
     assert not lk.sip_calls and ROOM not in lk.rooms
 
 
-async def test_an_inline_trunk_takes_a_bare_host_only(lk, lkapi) -> None:
+def inline_trunk_dial(sip_number: str = "+15550100999") -> sip_pb.CreateSIPParticipantRequest:
+    """A dial through an inline trunk (``trunk``, no stored trunk), as a sip: destination's."""
     request = dial()
     request.sip_trunk_id = ""
+    request.trunk.hostname = "pbx.example.com:5061"
+    request.sip_number = sip_number
+    return request
+
+
+async def test_an_inline_trunk_takes_a_bare_host_only(lk, lkapi) -> None:
+    request = inline_trunk_dial()
     request.trunk.hostname = "sip:pbx.example.com;transport=tcp"
     with pytest.raises(api.TwirpError) as refused:
         await lkapi.sip.create_sip_participant(request)
@@ -169,6 +177,24 @@ async def test_an_inline_trunk_takes_a_bare_host_only(lk, lkapi) -> None:
     request.trunk.hostname = "pbx.example.com:5061"
     await lkapi.sip.create_sip_participant(request)
     assert lk.sip_calls
+
+
+async def test_an_inline_trunk_dial_with_no_number_to_show_is_refused_and_dials_nobody(
+    lk, lkapi
+) -> None:
+    """livekit/protocol rpc/sip.go NewCreateSIPParticipantRequest: no sip_number and no stored
+    trunk's numbers to pick from is psrpc FailedPrecondition, Twirp failed_precondition (HTTP
+    412): a 4xx, so the client's failover does not try it again."""
+    with pytest.raises(api.TwirpError) as refused:
+        await lkapi.sip.create_sip_participant(inline_trunk_dial(sip_number=""))
+    assert (refused.value.code, refused.value.status) == ("failed_precondition", 412)
+    assert refused.value.message == "no numbers on outbound trunk"
+    assert not isinstance(refused.value, api.SipCallError)  # LiveKit's refusal, no SIP status
+    assert not lk.sip_calls and ROOM not in lk.rooms
+    assert [c.answer for c in lk.calls_to("CreateSIPParticipant")] == ["failed_precondition"]
+    await lkapi.sip.create_sip_participant(inline_trunk_dial())  # with a number: it goes out
+    await lkapi.sip.create_sip_participant(dial())  # a stored trunk has numbers of its own
+    assert [c.request.sip_number for c in lk.sip_calls] == ["+15550100999", ""]
 
 
 async def test_ring_timeout_ends_as_canceled_without_sip_status(lk, lkapi) -> None:

@@ -1,6 +1,6 @@
 """Hold music pauses and resumes where it left off, and loops at the end of the clip.
 
-``HoldMusic`` is the stream the real line hands once to ``BackgroundAudioPlayer.play``; there is
+``HoldMusic`` is the stream the real line hands once to ``OwnTrack.play``; there is
 no media server here, so its frames are read directly and compared with the framework's own
 decoding of the same file."""
 
@@ -19,7 +19,7 @@ def samples(frame) -> np.ndarray:
 
 
 async def decoded(path: str) -> np.ndarray:
-    """The whole file, as the framework decodes it for the player (48 kHz mono)."""
+    """The whole file, as the framework decodes it for the track (48 kHz mono)."""
     return np.concatenate([samples(f) async for f in audio_frames_from_file(path, 48000, 1)])
 
 

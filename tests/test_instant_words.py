@@ -404,12 +404,12 @@ async def test_the_humans_phrases_are_read_from_the_cache_off_the_loop(tmp_path,
 OPENER = wh.OPENER.format(business="Acme")
 
 
-async def test_a_live_phrase_reaches_the_consult_rooms_player_at_its_rate():
-    """On LiveKit the opener plays outside the consult session, through the room's
-    ``BackgroundAudioPlayer`` (its mixer takes 48 kHz mono): live, it is synthesised once, with
-    one try, and all of it reaches the player."""
+async def test_a_live_phrase_reaches_the_consult_rooms_track_at_its_rate():
+    """On LiveKit the opener plays outside the consult session, on the room's ``OwnTrack``
+    (its source takes 48 kHz mono): live, it is synthesised once, with one try, and all of it
+    reaches the track."""
     voice = CountingTTS()  # 24 kHz, 300 characters a second
-    frames = [f async for f in wh.for_the_player(wh.live_speech(voice, OPENER))]
+    frames = [f async for f in wh.for_the_track(wh.live_speech(voice, OPENER))]
     assert voice.synthesized == [OPENER]
     assert {(f.sample_rate, f.num_channels) for f in frames} == {(48000, 1)}
     assert sum(f.duration for f in frames) == pytest.approx(len(OPENER) / 300, abs=0.02)
