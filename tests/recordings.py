@@ -234,40 +234,48 @@ class Phone:
     def heard(self) -> Heard:
         """The audio sent to the phone's RTP port, placed by RTP timestamp within each stream
         (a new SSRC starts where its first packet arrived)."""
-        packets = [d for d in self.datagrams if d.dst[1] == self.rtp_port and len(d.payload) > 12]
-        if not packets:
-            return Heard(0.0, np.zeros(0, np.int16))
-        start = packets[0].at
-        audio: dict[int, np.ndarray] = {}
-        keys: list[KeyPress] = []
-        anchors: dict[int, tuple[int, float]] = {}  # ssrc: (first timestamp, its capture time)
-        seen_events: set[tuple[int, int]] = set()
-        for d in packets:
-            p = d.payload
-            if p[0] >> 6 != 2:
-                continue
-            csrc = p[0] & 0x0F
-            pt = p[1] & 0x7F
-            timestamp, ssrc = struct.unpack("!II", p[4:12])
-            offset = 12 + 4 * csrc
-            if p[0] & 0x10 and len(p) >= offset + 4:
-                offset += 4 + 4 * struct.unpack("!H", p[offset + 2 : offset + 4])[0]
-            body = p[offset:]
-            if pt in (0, 8):
-                base, base_at = anchors.setdefault(ssrc, (timestamp, d.at))
-                index = int((base_at - start) * RATE) + ((timestamp - base) & 0xFFFFFFFF)
-                decoded = (ULAW if pt == 0 else ALAW)[np.frombuffer(body, np.uint8)]
-                audio[index] = decoded
-            elif len(body) >= 4 and (timestamp, ssrc) not in seen_events:
-                seen_events.add((timestamp, ssrc))  # RFC 4733: one event per timestamp
-                event = body[0]
-                digit = "0123456789*#"[event] if event < 12 else f"event {event}"
-                keys.append(KeyPress(d.at, digit))
-        length = max((i + len(a) for i, a in audio.items()), default=0)
-        samples = np.zeros(length, np.int16)
-        for i, a in audio.items():
-            samples[i : i + len(a)] = a
-        return Heard(start, samples, keys)
+        return _decode([d for d in self.datagrams if d.dst[1] == self.rtp_port])
+
+    def said(self) -> Heard:
+        """The audio the phone sent from its RTP port (what it played, as it left it)."""
+        return _decode([d for d in self.datagrams if d.src[1] == self.rtp_port])
+
+
+def _decode(datagrams: list[Datagram]) -> Heard:
+    packets = [d for d in datagrams if len(d.payload) > 12]
+    if not packets:
+        return Heard(0.0, np.zeros(0, np.int16))
+    start = packets[0].at
+    audio: dict[int, np.ndarray] = {}
+    keys: list[KeyPress] = []
+    anchors: dict[int, tuple[int, float]] = {}  # ssrc: (first timestamp, its capture time)
+    seen_events: set[tuple[int, int]] = set()
+    for d in packets:
+        p = d.payload
+        if p[0] >> 6 != 2:
+            continue
+        csrc = p[0] & 0x0F
+        pt = p[1] & 0x7F
+        timestamp, ssrc = struct.unpack("!II", p[4:12])
+        offset = 12 + 4 * csrc
+        if p[0] & 0x10 and len(p) >= offset + 4:
+            offset += 4 + 4 * struct.unpack("!H", p[offset + 2 : offset + 4])[0]
+        body = p[offset:]
+        if pt in (0, 8):
+            base, base_at = anchors.setdefault(ssrc, (timestamp, d.at))
+            index = int((base_at - start) * RATE) + ((timestamp - base) & 0xFFFFFFFF)
+            decoded = (ULAW if pt == 0 else ALAW)[np.frombuffer(body, np.uint8)]
+            audio[index] = decoded
+        elif len(body) >= 4 and (timestamp, ssrc) not in seen_events:
+            seen_events.add((timestamp, ssrc))  # RFC 4733: one event per timestamp
+            event = body[0]
+            digit = "0123456789*#"[event] if event < 12 else f"event {event}"
+            keys.append(KeyPress(d.at, digit))
+    length = max((i + len(a) for i, a in audio.items()), default=0)
+    samples = np.zeros(length, np.int16)
+    for i, a in audio.items():
+        samples[i : i + len(a)] = a
+    return Heard(start, samples, keys)
 
 
 def phones(capture: Path, **ports: tuple[int, int]) -> dict[str, Phone]:
@@ -286,7 +294,8 @@ def timeline(phone: Phone, hz: float = 200.0, step: float = 0.5) -> str:
     for t in heard.windows(heard.start, end, step):
         level = heard.level(t, t + step)
         share = heard.tone_level(hz, t, t + step) if level > 100 else 0.0
-        lines.append(f"{t - origin:7.2f}  {'#' * min(int(level / 200), 30):30}  {hz:.0f} Hz {share:.2f}")
+        bar = "#" * min(int(level / 200), 30)
+        lines.append(f"{t - origin:7.2f}  {bar:30}  {hz:.0f} Hz {share:.2f}")
     for m in events:
         lines.append(f"{m.at - origin:7.2f}  {'->' if m.sent else '<-'} {m.first_line}")
     return "\n".join(sorted(lines, key=lambda line: float(line.split()[0])))
