@@ -2084,6 +2084,12 @@ class Hold:
                 await self._pause(paused)
 
 
+def rms(frame: rtc.AudioFrame) -> float:
+    """A frame's level: the RMS of its 16-bit samples."""
+    samples = np.frombuffer(frame.data, dtype=np.int16).astype(np.float64)
+    return float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
+
+
 class HoldMusic:
     """Hold music that pauses and resumes where it left off, so the caller never hears the
     same opening bars again after every check-in.
@@ -2092,10 +2098,16 @@ class HoldMusic:
     again would start the clip from the beginning. The file is decoded once, with the
     framework's decoder, at the track's format (48 kHz mono), and replayed from memory when it
     ends. While paused it yields silence and keeps its place.
+
+    A clip that fades in (the framework's own hold music takes about 1.7 s to rise above
+    -40 dBFS) starts where it can be heard: on a phone the fade-in is silence right after
+    "please hold" (seen on livekit-sip's RTP, tests/test_real_stack.py).
     """
 
     SAMPLE_RATE = 48000  # OwnTrack.SAMPLE_RATE, mono
     PAUSE_FRAME = 0.02  # seconds of silence per frame while paused
+    LEAD_IN_RMS = 330.0  # int16 RMS (-40 dBFS): an opening frame quieter than this is skipped
+    LEAD_IN_MAX = 3.0  # seconds: at most this much of a quiet opening is skipped
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -2120,7 +2132,7 @@ class HoldMusic:
             self._decoding = audio_frames_from_file(self.path, self.SAMPLE_RATE, 1)
         if self._position == len(self._frames) and self._decoding is not None:
             try:
-                self._frames.append(await self._decoding.__anext__())
+                self._frames.append(await self._next_decoded())
             except StopAsyncIteration:
                 self._decoding = None  # the whole file is in memory now
         if self._position == len(self._frames):
@@ -2129,6 +2141,15 @@ class HoldMusic:
             self._position = 0  # the end of the clip: from the top
         frame = self._frames[self._position]
         self._position += 1
+        return frame
+
+    async def _next_decoded(self) -> rtc.AudioFrame:
+        assert self._decoding is not None
+        frame = await self._decoding.__anext__()
+        skipped = 0.0
+        while not self._frames and skipped < self.LEAD_IN_MAX and rms(frame) < self.LEAD_IN_RMS:
+            skipped += frame.samples_per_channel / frame.sample_rate
+            frame = await self._decoding.__anext__()
         return frame
 
     async def aclose(self) -> None:

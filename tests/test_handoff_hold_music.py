@@ -4,6 +4,7 @@
 no media server here, so its frames are read directly and compared with the framework's own
 decoding of the same file."""
 
+import math
 import wave
 
 import numpy as np
@@ -85,8 +86,38 @@ async def test_the_builtin_hold_clip_resumes_where_it_left_off():
         after = await play(music, 400)
     finally:
         await music.aclose()
-    reference = np.concatenate(
-        [samples(f) async for f in audio_frames_from_file(path, 48000, 1)][:800]
-    )
+    frames = [f async for f in audio_frames_from_file(path, 48000, 1)]
+    audible = next(i for i, f in enumerate(frames) if wh.rms(f) >= wh.HoldMusic.LEAD_IN_RMS)
+    lead_in = sum(f.samples_per_channel for f in frames[:audible]) / 48000
+    assert 1.0 < lead_in < wh.HoldMusic.LEAD_IN_MAX  # its fade-in is skipped, no more
+    reference = np.concatenate([samples(f) for f in frames[audible : audible + 800]])
     heard = np.concatenate([before, after])
     assert heard.any() and np.array_equal(heard, reference)
+
+
+def write_wav(path, pcm: np.ndarray) -> str:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes(pcm.astype(np.int16).tobytes())
+    return str(path)
+
+
+@pytest.mark.parametrize(("quiet_seconds", "bounded"), [(1.0, False), (5.0, True)])
+async def test_a_quiet_opening_is_skipped_up_to_its_bound(tmp_path, quiet_seconds, bounded):
+    """A fade-in reads as silence on a phone right after "please hold": the music starts where
+    it is heard, but a clip that is quiet throughout still plays (after LEAD_IN_MAX)."""
+    quiet = np.full(int(48000 * quiet_seconds), 100)  # -50 dBFS
+    loud = np.tile([3000, -3000], 24000)
+    music = wh.HoldMusic(write_wav(tmp_path / "fade.wav", np.concatenate([quiet, loud])))
+    try:
+        first = await play(music, 1)
+    finally:
+        await music.aclose()
+    clip = np.concatenate([quiet, loud])
+    n = len(first)  # the decoder's frame: the music starts at the frame where it is heard
+    skipped = wh.HoldMusic.LEAD_IN_MAX if bounded else quiet_seconds
+    start = (math.ceil if bounded else math.floor)(skipped * 48000 / n) * n
+    assert np.array_equal(first, clip[start : start + n])
+    assert (first == 100).all() if bounded else (first[-1] != 100)

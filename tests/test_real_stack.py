@@ -190,6 +190,11 @@ def test_conference_handoff_end_to_end(call: Call, stack: Stack) -> None:
         and caller_audio_heard.tone_level(TONE_HZ, t, t + 0.25) < 0.3
     ]  # fmt: skip
     assert len(held) * 0.25 > 3.0, f"{len(held) * 0.25} s of hold audio while the phone rang"
+    # and no gap between "please hold" and the music: the hold track is published while
+    # "please hold" is said (about 1.5 s of silence when it was published after it)
+    decided = handoff_record(call)["decided_at"]
+    gap = caller_audio_heard.silence_longest(decided + 1.0, answer.at)
+    assert gap < 0.8, f"the caller heard {gap:.2f} s of silence while on hold"
     # once answered: the introduction, heard by the human
     intro = agent_spans(person_heard, answer.at)
     assert intro and intro[0][0] - answer.at < 3.0, intro

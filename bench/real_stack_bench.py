@@ -1,0 +1,194 @@
+"""Timing at the phones: the handoff on the real LiveKit stack, measured from what SIPp phones sent
+and heard (their captured RTP) and the SIP they received; nothing from the worker's log but the
+moment of the transfer decision (the handoff record's ``decided_at``, on the same clock).
+
+    python bench/real_stack_bench.py            # 3 calls of each kind; needs `bash stack/build`
+
+It runs in a network namespace of its own (it re-runs itself under ``unshare -n``), starts the
+stack (tests/real_stack.py), and places two kinds of call with the provider stand-ins:
+
+- conference (the self-hosted default): caller answered → first greeting audio; transfer
+  decision → first "please hold" audio; the longest silence the caller hears from the decision
+  to the human's answer; caller → human and human → caller audio latency after the merge (a tone
+  each phone sends: first packet that carries it out, first that carries it in);
+- consult (HANDOFF_MODE=consult, briefed before the move, which self-hosted LiveKit refuses):
+  the end of the human's hello (the last of its sound as it left the phone) → first audio of
+  the opener, → first audio of the details.
+
+Figures go to stdout and bench/out/real_stack.json; bench/README.md sets them beside the
+in-process benchmark's. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import phones  # noqa: E402
+import real_stack  # noqa: E402
+from phones import HumanPhone, Quiet, Say, Tone, audio_file  # noqa: E402
+from providers import TONE_HZ, ProviderStandIns  # noqa: E402
+from recordings import FRAME, Heard  # noqa: E402
+from recordings import phones as read_phones  # noqa: E402
+
+ASKS = "I would like to talk to a person, please."
+CALLER_TONE, HUMAN_TONE = 1000.0, 1400.0
+SUPPORT = {"number": "+15105550101", "description": "Technical support",
+           "spoken_name": "our support team"}  # fmt: skip
+LOUD = 300.0  # RMS over a 20 ms frame: sound
+# "Hi, this is the Example Dental assistant with a caller for you." (warm_handoff.OPENER)
+OPENER_SECONDS = len("Hi, this is the Example Dental assistant with a caller for you.") * 0.065
+
+
+def first_sound(heard: Heard, after: float, hz: float | None = None) -> float | None:
+    """The first 20 ms frame after ``after`` with sound (and, with ``hz``, mostly that tone)."""
+    for t in heard.windows(after, heard.start + len(heard.samples) / 8000, FRAME):
+        if heard.level(t, t + FRAME) > LOUD and (
+            hz is None or heard.tone_level(hz, t - 0.04, t + 0.06) > 0.5
+        ):
+            return t
+    return None
+
+
+def first_sound_after_quiet(heard: Heard, after: float) -> float | None:
+    """The first frame with sound after ``after`` that follows a quiet frame."""
+    quiet = False
+    for t in heard.windows(after, heard.start + len(heard.samples) / 8000, FRAME):
+        loud = heard.level(t, t + FRAME) > LOUD
+        if loud and quiet:
+            return t
+        quiet = quiet or not loud
+    return None
+
+
+def longest_silence(heard: Heard, start: float, end: float) -> float:
+    return heard.silence_longest(start, end, LOUD)
+
+
+def run_call(stack: real_stack.Stack, folder: Path, mode: str) -> dict[str, float]:
+    folder.mkdir(parents=True)
+    with ProviderStandIns.in_thread() as standins:
+        standins.stt_says(ASKS)  # then "hello" for whatever comes next
+        env = {
+            **stack.env, **standins.env(), "SIP_TRUNK_ID": stack.outbound_trunk,
+            "HANDOFF_DESTINATIONS": json.dumps({"support": SUPPORT}),
+            "BUSINESS_NAME": "Example Dental", "HANDOFF_MODE": mode,
+        }  # fmt: skip
+        capture = real_stack.Capture(folder / "phones.pcap")
+        worker = real_stack.Worker(folder, env)
+        sipps: list[phones.Sipp] = []
+        try:
+            if mode == "conference":
+                human_audio = audio_file(folder, "human", Say("Hello, support, Sam speaking."),
+                                         Quiet(16), Tone(HUMAN_TONE, 1.5))  # fmt: skip
+                sipps.append(phones.human_phone(folder, HumanPhone(
+                    ring=6, audio=human_audio, hang_up_after=40)))  # fmt: skip
+                caller_audio = audio_file(folder, "caller", Quiet(7), Say(ASKS), Quiet(26),
+                                          Tone(CALLER_TONE, 1.5))  # fmt: skip
+                sipps.append(phones.call_in(folder, caller_audio, hang_up_after=44))
+            else:
+                human_audio = audio_file(folder, "human", Say("Hello, this is Sam."))
+                sipps.append(phones.human_phone(folder, HumanPhone(
+                    ring=3, audio=human_audio, hang_up_after=16)))  # fmt: skip
+                caller_audio = audio_file(folder, "caller", Quiet(7), Say(ASKS))
+                sipps.append(phones.call_in(folder, caller_audio, hang_up_after=34))
+            deadline = time.monotonic() + 90
+            for sipp in sipps:
+                sipp.wait(max(deadline - time.monotonic(), 0.1))
+        finally:
+            for sipp in sipps:
+                sipp.stop()
+            capture.stop()
+            worker.stop()
+        records = worker.records()
+    seen = read_phones(capture.path, caller=(real_stack.CALLER_SIP, real_stack.CALLER_RTP),
+                       human=(real_stack.HUMAN_SIP, real_stack.HUMAN_RTP))  # fmt: skip
+    caller, human = seen["caller"], seen["human"]
+    decided = records[-1]["decided_at"] if records else None
+    heard_by_caller, heard_by_human = caller.heard(), human.heard()
+    (answered,) = caller.received(200, "INVITE")
+    (human_answered,) = human.sent(200, "INVITE")
+    out: dict[str, float] = {}
+    greeting = first_sound(heard_by_caller, answered.at)
+    if greeting is not None:
+        out["greeting_ms"] = (greeting - answered.at) * 1000
+    if decided is not None:
+        hold = first_sound(heard_by_caller, decided, TONE_HZ)
+        if hold is not None:
+            out["please_hold_ms"] = (hold - decided) * 1000
+        out["longest_caller_silence_ms"] = (
+            longest_silence(heard_by_caller, decided, human_answered.at) * 1000
+        )
+    if mode == "conference":
+        sent = first_sound(caller.said(), human_answered.at, CALLER_TONE)
+        came = first_sound(heard_by_human, human_answered.at, CALLER_TONE)
+        if sent is not None and came is not None:
+            out["caller_to_human_ms"] = (came - sent) * 1000
+        sent = first_sound(human.said(), human_answered.at, HUMAN_TONE)
+        came = first_sound(heard_by_caller, human_answered.at, HUMAN_TONE)
+        if sent is not None and came is not None:
+            out["human_to_caller_ms"] = (came - sent) * 1000
+    else:
+        hello = human.said().sound(LOUD)
+        opener = first_sound(heard_by_human, hello[0][1]) if hello else None
+        if hello and opener is not None:
+            hello_end = hello[0][1]
+            out["hello_end_to_opener_ms"] = (opener - hello_end) * 1000
+            # the opener's audio is OPENER_SECONDS long (the stand-in's 65 ms a character):
+            # the details are the first sound after it that follows a quiet frame
+            opener_end = opener + OPENER_SECONDS
+            details = first_sound_after_quiet(heard_by_human, opener_end - 0.1)
+            if details is not None:
+                out["hello_end_to_details_ms"] = (details - hello_end) * 1000
+                out["opener_end_to_details_ms"] = (details - opener_end) * 1000
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=3, help="calls of each kind (default 3)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "real_stack.json")
+    args = parser.parse_args()
+    reason = real_stack.missing()
+    if reason.startswith("the real stack runs in a network namespace") and not os.environ.get(
+        "REAL_STACK_BENCH_INSIDE"
+    ):
+        command = " ".join(f"'{a}'" for a in [sys.executable, *sys.argv])
+        os.environ["REAL_STACK_BENCH_INSIDE"] = "1"
+        os.execvp("unshare", ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {command}"])
+    if reason:
+        print(reason, file=sys.stderr)
+        return 2
+    load = os.getloadavg()[0]
+    calls: dict[str, list[dict[str, float]]] = {"conference": [], "consult": []}
+    with tempfile.TemporaryDirectory() as tmp, real_stack.running_stack(Path(tmp)) as stack:
+        for i in range(args.calls):
+            for mode in calls:
+                calls[mode].append(run_call(stack, Path(tmp) / f"{mode}-{i}", mode))
+                print(mode, i, calls[mode][-1], flush=True)
+    medians = {
+        f"{mode}.{key}": round(statistics.median(c[key] for c in runs if key in c))
+        for mode, runs in calls.items()
+        for key in sorted({k for c in runs for k in c})
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"medians_ms": medians, "calls": calls,
+                                    "load_average_1min_at_start": load,
+                                    "versions": real_stack.versions()}, indent=2))  # fmt: skip
+    print(f"\nmedians of {args.calls} calls (ms), load average at start {load:.2f}:")
+    for key, value in medians.items():
+        print(f"  {key:42} {value:>7,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
