@@ -4,7 +4,7 @@ and RTP (SIPp, from Debian), whose traffic is captured (tcpdump) and read back b
 ``tests/recordings.py``.
 
 Versions and configs: ``stack/`` (``versions.env``, ``livekit.yaml``, ``sip.yaml``); ``bash
-stack/build`` builds the binaries into ``.stack/bin``. Facts used here, from the sources and from
+stack/build`` builds the binaries into ``.stack/``. Facts used here, from the sources and from
 running them (``shared/reference/livekit-real-stack.md``):
 
 - WebRTC (pion in the server and livekit-sip, libwebrtc in the worker) gathers no candidates on
@@ -19,6 +19,7 @@ running them (``shared/reference/livekit-real-stack.md``):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -33,9 +34,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from livekit import api
+
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ROOT / "stack"
-BIN = ROOT / ".stack" / "bin"
+BIN = ROOT / ".stack"  # stack/build: .stack/<name>-<version>/<name>
 
 API_KEY = "devkey"
 API_SECRET = "real-stack-test-secret-0123456789abcdef"  # stack/livekit.yaml, stack/sip.yaml
@@ -61,9 +64,12 @@ def versions() -> dict[str, str]:
 def binaries() -> dict[str, Path]:
     v = versions()
     return {
-        "livekit-server": BIN / f"livekit-server-{v['LIVEKIT_SERVER_VERSION']}",
-        "livekit-sip": BIN / f"livekit-sip-{v['LIVEKIT_SIP_VERSION']}",
-        "lk": BIN / f"lk-{v['LK_CLI_VERSION']}",
+        name: BIN / f"{name}-{v[key]}" / name
+        for name, key in (
+            ("livekit-server", "LIVEKIT_SERVER_VERSION"),
+            ("livekit-sip", "LIVEKIT_SIP_VERSION"),
+            ("lk", "LK_CLI_VERSION"),
+        )
     }
 
 
@@ -191,10 +197,31 @@ class Stack:
         self.lk("sip", "dispatch", "create", ROOT / "sip" / "dispatch-rule.json")
 
     def rooms(self) -> list[str]:
-        """The rooms the server has now (``lk room list --json``)."""
-        listed = json.loads(self.lk("room", "list", "--json") or "[]")
-        rooms = listed.get("rooms", []) if isinstance(listed, dict) else listed
-        return [r["name"] for r in rooms]
+        """The rooms the server has now."""
+        return [r.name for r in self._ask(lambda lk: lk.room.list_rooms(api.ListRoomsRequest()))
+                .rooms]  # fmt: skip
+
+    def participants(self) -> dict[str, list[api.ParticipantInfo]]:
+        """Every room's participants now."""
+
+        async def listed(lk: api.LiveKitAPI) -> dict[str, list[api.ParticipantInfo]]:
+            rooms = (await lk.room.list_rooms(api.ListRoomsRequest())).rooms
+            return {
+                r.name: list(
+                    (await lk.room.list_participants(api.ListParticipantsRequest(room=r.name)))
+                    .participants
+                )
+                for r in rooms
+            }
+
+        return self._ask(listed)
+
+    def _ask(self, question):  # noqa: ANN001 - a coroutine function of the API client
+        async def asked():  # noqa: ANN202
+            async with api.LiveKitAPI("http://127.0.0.1:7880", API_KEY, API_SECRET) as lk:
+                return await question(lk)
+
+        return asyncio.run(asked())
 
     def stop(self) -> None:
         for name in ("livekit-sip", "livekit-server", "redis"):

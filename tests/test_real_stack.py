@@ -288,3 +288,41 @@ def _no_rooms_left(stack: Stack, within: float = 10.0) -> None:
     while stack.rooms() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert stack.rooms() == []
+
+
+def test_a_worker_stopped_during_a_handoff_leaves_nobody_ringing_or_waiting(
+    call: Call, stack: Stack
+) -> None:
+    """SIGTERM (a deploy, a scale-down) while the human's phone rings: the framework shuts the
+    job down (session, room, then callbacks); the caller is told, the phone stops ringing
+    (CANCEL), and no leg or room is left."""
+    call.standins.stt_says(ASKS_FOR_A_PERSON)
+    worker = call.start_worker(HANDOFF_RING_TIMEOUT="40")
+    call.human(HumanPhone(answer=None))
+    caller = call.caller(asks_for_a_person(call.folder), hang_up_after=45)
+    deadline = time.monotonic() + 40
+    while "dialing" not in _human_state(stack) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(6)  # "please hold" said, hold music on
+    stopped_at = time.time()
+    worker.stop()
+    call.wait(30)
+    heard = call.heard()
+    person, caller_seen = heard["human"], heard["caller"]
+    (cancel,) = person.received("CANCEL")
+    assert 0 <= cancel.at - stopped_at < 5.0, cancel.at - stopped_at
+    told = agent_seconds(caller_seen.heard(), stopped_at, stopped_at + 10)
+    assert told > 2.0, f"the caller heard {told:.1f} s from the agent after the worker stopped"
+    byes = caller_seen.received("BYE") + caller_seen.sent("BYE")
+    assert byes and byes[0].at - stopped_at < 15.0, "the caller's leg was left open"
+    assert caller.process is not None
+    _no_rooms_left(stack)
+
+
+def _human_state(stack: Stack) -> str:
+    """The ``sip.callStatus`` of every participant in every room, joined."""
+    return " ".join(
+        p.attributes.get("sip.callStatus", "")
+        for people in stack.participants().values()
+        for p in people
+    )
