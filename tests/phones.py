@@ -158,7 +158,8 @@ def _hang_up_or_take_bye(after: float, by: str, frm: str, to: str) -> str:
 def caller_scenario(audio: Path, *, hang_up_after: float, keys=()) -> str:
     """Dial the inbound trunk's number; once answered play ``audio`` (and press ``keys``); hang
     up ``hang_up_after`` seconds after the answer unless the other side did first."""
-    frm = f'"Test caller" <sip:{CALLER_NUMBER}@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]'
+    frm = (f'"Test caller" <sip:{CALLER_NUMBER}@[local_ip]:[local_port]>'
+           ";tag=[pid]SIPpTag00[call_number]")  # fmt: skip
     to = "<sip:[service]@[remote_ip]:[remote_port]>"
     invite = _message(f"""
         INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0

@@ -273,7 +273,8 @@ class Capture:
         self.path = path
         ports = f"port {HUMAN_SIP} or port {CALLER_SIP} or portrange 6000-6999"
         self.process = subprocess.Popen(
-            ["tcpdump", "-i", "lo", "-U", "--immediate-mode", "-n", "-w", str(path), f"udp and ({ports})"],
+            ["tcpdump", "-i", "lo", "-U", "--immediate-mode", "-n", "-w", str(path),
+             f"udp and ({ports})"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
         _wait("tcpdump", lambda: path.exists(), 10, self.process)

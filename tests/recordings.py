@@ -286,7 +286,8 @@ def timeline(phone: Phone, hz: float = 200.0, step: float = 0.5) -> str:
     for t in heard.windows(heard.start, end, step):
         level = heard.level(t, t + step)
         share = heard.tone_level(hz, t, t + step) if level > 100 else 0.0
-        lines.append(f"{t - origin:7.2f}  {'#' * min(int(level / 200), 30):30}  {hz:.0f} Hz {share:.2f}")
+        bar = "#" * min(int(level / 200), 30)
+        lines.append(f"{t - origin:7.2f}  {bar:30}  {hz:.0f} Hz {share:.2f}")
     for m in events:
         lines.append(f"{m.at - origin:7.2f}  {'->' if m.sent else '<-'} {m.first_line}")
     return "\n".join(sorted(lines, key=lambda line: float(line.split()[0])))

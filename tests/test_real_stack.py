@@ -228,7 +228,8 @@ def handoff_record(call: Call) -> dict:
 
 @pytest.mark.parametrize(
     ("answer", "outcome", "status"),
-    [(486, "busy", 486), (603, "declined", 603), (480, "no_answer", 480), (None, "no_answer", None)],
+    [(486, "busy", 486), (603, "declined", 603), (480, "no_answer", 480),
+     (None, "no_answer", None)],  # fmt: skip
     ids=["busy-486", "decline-603", "unavailable-480", "never-answers"],
 )
 def test_a_phone_that_refuses_or_never_answers(
