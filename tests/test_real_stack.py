@@ -10,6 +10,7 @@ sound that is mostly 200 Hz; hold music is sound that is not; the people send to
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -20,9 +21,14 @@ from pathlib import Path
 import phones
 import pytest
 import real_stack
+from fake_livekit import API_KEY as FAKE_KEY
+from fake_livekit import API_SECRET as FAKE_SECRET
+from fake_livekit import FakeLiveKitServer
+from livekit import api
 from phones import HumanPhone, Quiet, Say, Tone, audio_file
 from providers import TONE_HZ, ProviderStandIns
 from real_stack import (
+    API_SECRET,
     CALLER_RTP,
     CALLER_SIP,
     HUMAN_RTP,
@@ -374,3 +380,43 @@ def test_a_sip_destination_is_dialled_at_its_host_showing_the_caller_id(call: Ca
     assert f"<sip:{INBOUND_NUMBER}@" in invite.headers["from"], invite.headers["from"]
     assert handoff_record(call)["outcome"] == "busy"
 
+
+def test_an_inline_trunk_with_no_number_to_show_is_refused_as_the_fake_refuses(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """CreateSIPParticipant through an inline trunk with no ``sip_number``: livekit-server
+    refuses it before any INVITE, and the fake (tests/fake_livekit.py) refuses it the same way."""
+
+    def request() -> api.CreateSIPParticipantRequest:
+        return api.CreateSIPParticipantRequest(
+            trunk=api.SIPOutboundConfig(hostname=f"127.0.0.1:{HUMAN_SIP}"),
+            sip_call_to="billing",
+            sip_number="",
+            room_name="no-number-to-show",
+            participant_identity="transfer_probe",
+            wait_until_answered=True,
+        )
+
+    async def refusal(url: str, key: str, secret: str) -> tuple[str, int, str, bool]:
+        async with api.LiveKitAPI(url=url, api_key=key, api_secret=secret) as lkapi:
+            with pytest.raises(api.TwirpError) as refused:
+                await lkapi.sip.create_sip_participant(request())
+        e = refused.value
+        return e.code, e.status, e.message, isinstance(e, api.SipCallError)
+
+    capture = Capture(tmp_path / "phones.pcap")
+    real = asyncio.run(refusal("http://127.0.0.1:7880", real_stack.API_KEY, API_SECRET))
+    capture.stop()
+    # livekit-server v1.13.5 (its log: service/sip.go "cannot create sip participant request",
+    # then twirp.go status 412, code failed_precondition)
+    message = "twirp error unknown: no numbers on outbound trunk"
+    assert real == ("failed_precondition", 412, message, False)
+    person = read_phones(capture.path, human=(HUMAN_SIP, HUMAN_RTP))["human"]
+    assert person.sip() == [], "an INVITE went out"
+    assert "no-number-to-show" not in stack.rooms()
+
+    async def on_the_fake() -> tuple[str, int, str, bool]:
+        async with FakeLiveKitServer(cloud=False) as fake:
+            return await refusal(fake.local_url, FAKE_KEY, FAKE_SECRET)
+
+    assert asyncio.run(on_the_fake()) == real
