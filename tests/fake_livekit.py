@@ -168,6 +168,9 @@ def _sip_failure_reason(status: int) -> str:
     return "USER_UNAVAILABLE"  # 404, 408, 480 and every other 4xx
 
 
+NO_NUMBERS_ON_INLINE_TRUNK = "twirp error unknown: no numbers on outbound trunk"
+
+
 def _validate_dial(req: sip_pb.CreateSIPParticipantRequest) -> None:
     """The checks LiveKit makes before any room join or INVITE, answered ``invalid_argument``
     (livekit/protocol livekit/sip.go ``CreateSIPParticipantRequest.ValidateResult`` and
@@ -201,9 +204,11 @@ def _validate_dial(req: sip_pb.CreateSIPParticipantRequest) -> None:
     # (CreateSIPParticipant, wrapSIPContextError) returns a psrpc error as it is, and the
     # generated Twirp server's writeError takes it as a twirp.Error (psrpc errors.go
     # psrpcError.As -> toTwirp): failed_precondition, HTTP 412, so the client never retries it.
+    # The message as livekit-server v1.13.5 sends it (tests/test_real_stack.py, the real
+    # stack): the error has passed through a Twirp client before, which prefixed its code.
     # The fake keeps no stored trunks: a sip_trunk_id is taken to name one with numbers.
     if not req.sip_number and not req.sip_trunk_id:
-        raise TwirpError("failed_precondition", "no numbers on outbound trunk")
+        raise TwirpError("failed_precondition", NO_NUMBERS_ON_INLINE_TRUNK)
 
 
 def dialled(req: sip_pb.CreateSIPParticipantRequest) -> str:

@@ -188,7 +188,7 @@ async def test_an_inline_trunk_dial_with_no_number_to_show_is_refused_and_dials_
     with pytest.raises(api.TwirpError) as refused:
         await lkapi.sip.create_sip_participant(inline_trunk_dial(sip_number=""))
     assert (refused.value.code, refused.value.status) == ("failed_precondition", 412)
-    assert refused.value.message == "no numbers on outbound trunk"
+    assert refused.value.message == "twirp error unknown: no numbers on outbound trunk"
     assert not isinstance(refused.value, api.SipCallError)  # LiveKit's refusal, no SIP status
     assert not lk.sip_calls and ROOM not in lk.rooms
     assert [c.answer for c in lk.calls_to("CreateSIPParticipant")] == ["failed_precondition"]

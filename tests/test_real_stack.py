@@ -10,6 +10,8 @@ sound that is mostly 200 Hz; hold music is sound that is not; the people send to
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import time
@@ -19,9 +21,23 @@ from pathlib import Path
 import phones
 import pytest
 import real_stack
+from fake_livekit import API_KEY as FAKE_KEY
+from fake_livekit import API_SECRET as FAKE_SECRET
+from fake_livekit import FakeLiveKitServer
+from livekit import api
 from phones import HumanPhone, Quiet, Say, Tone, audio_file
 from providers import TONE_HZ, ProviderStandIns
-from real_stack import CALLER_RTP, CALLER_SIP, HUMAN_RTP, HUMAN_SIP, Capture, Stack, Worker
+from real_stack import (
+    API_SECRET,
+    CALLER_RTP,
+    CALLER_SIP,
+    HUMAN_RTP,
+    HUMAN_SIP,
+    INBOUND_NUMBER,
+    Capture,
+    Stack,
+    Worker,
+)
 from recordings import Heard, Phone
 from recordings import phones as read_phones
 
@@ -326,3 +342,124 @@ def _human_state(stack: Stack) -> str:
         for people in stack.participants().values()
         for p in people
     )
+
+
+# ── Who answers the human's phone, and where it is ────────────────────────────────────────────
+
+MAILBOX_WORDS = "you have reached Sam please leave a message after the tone"
+# warm_handoff.OPENER for "Example Dental": "Hi, this is the Example Dental assistant with a
+# caller for you." 63 characters at 65 ms (tests/providers.py MS_PER_CHAR): 4.1 s. ASK_PERSON
+# ("Is this our support team? Press 1 or say yes to take a call.", 60 characters) would add 3.9 s.
+OPENER_SECONDS = 63 * 0.065
+
+
+def test_a_voicemail_answers_and_hears_nothing_about_the_caller(call: Call) -> None:
+    """Consult mode screens the leg (``Screening``): a voicemail greeting with a mailbox's words
+    hears at most the neutral opener, never the question or the brief; the worker hangs up on it
+    and tells the caller it reached voicemail."""
+    # the caller's words, then the greeting (an utterance a sentence, should espeak's pause
+    # between them end one), then the beep; the default ("hello") after that
+    call.standins.stt_says(ASKS_FOR_A_PERSON, MAILBOX_WORDS, MAILBOX_WORDS, MAILBOX_WORDS)
+    call.start_worker(HANDOFF_MODE="consult")
+    greeting = audio_file(
+        call.folder, "voicemail",
+        Say("Hi, you have reached Sam. Please leave a message after the tone."),
+        Quiet(0.5), Tone(1000, 1.0),
+    )  # fmt: skip
+    call.human(HumanPhone(ring=2, audio=greeting, hang_up_after=25))
+    call.caller(asks_for_a_person(call.folder), hang_up_after=30)
+    call.wait(60)
+    heard = call.heard()
+    caller, person = heard["caller"], heard["human"]
+    (answer,) = person.sent(200, "INVITE")
+    (bye,) = person.received("BYE")  # the worker hung up on the voicemail
+    assert not person.sent("BYE"), "the phone had to hang up itself"
+    said = agent_seconds(person.heard(), answer.at, bye.at + 1)
+    assert said <= OPENER_SECONDS + 0.75, f"the voicemail heard {said:.2f} s of the agent"
+    told = agent_seconds(caller.heard(), bye.at, bye.at + 8)
+    assert told > 3.0, f"the caller heard {told:.1f} s from the agent after the hang-up"
+    record = handoff_record(call)
+    assert record["outcome"] == "voicemail", record
+
+
+def test_a_pbx_answers_and_the_extension_is_dialled(call: Call) -> None:
+    """``"extension": "1234"``: once the phone answers, livekit-sip sends the digits as RFC 4733
+    events (the ``dtmf`` of CreateSIPParticipant), in order."""
+    call.standins.stt_says(ASKS_FOR_A_PERSON)
+    pbx = {**SUPPORT, "extension": "1234"}
+    call.start_worker(HANDOFF_DESTINATIONS=json.dumps({"support": pbx}))
+    call.human(HumanPhone(ring=1, hang_up_after=5))
+    call.caller(asks_for_a_person(call.folder), hang_up_after=24)
+    call.wait(60)
+    person = call.heard()["human"]
+    (answer,) = person.sent(200, "INVITE")
+    keys = person.heard().keys
+    assert [k.digit for k in keys] == list("1234"), keys
+    assert keys[0].at > answer.at
+    gaps = [b.at - a.at for a, b in itertools.pairwise(keys)]
+    # media-sdk dtmf.go: a 250 ms tone and a 250 ms gap a digit
+    assert all(0.4 < g < 0.65 for g in gaps), gaps
+    assert keys[0].at - answer.at < 2.0, keys[0].at - answer.at
+
+
+BILLING = {"number": f"sip:billing@127.0.0.1:{HUMAN_SIP}", "description": "Billing",
+           "spoken_name": "billing"}  # fmt: skip
+
+
+def test_a_sip_destination_is_dialled_at_its_host_showing_the_caller_id(call: Call) -> None:
+    """``sip:billing@127.0.0.1:5070`` goes through an inline trunk: the INVITE's Request-URI
+    user is ``billing`` and its From shows HANDOFF_CALLER_ID."""
+    call.standins.stt_says(ASKS_FOR_A_PERSON)
+    call.start_worker(
+        HANDOFF_DESTINATIONS=json.dumps({"support": BILLING}), HANDOFF_CALLER_ID=INBOUND_NUMBER
+    )
+    call.human(HumanPhone(ring=0.5, answer=486))
+    call.caller(asks_for_a_person(call.folder), hang_up_after=20)
+    call.wait(40)
+    person = call.heard()["human"]
+    (invite,) = person.received("INVITE")
+    uri = invite.first_line.split()[1]
+    assert uri.startswith("sip:billing@127.0.0.1:5070"), invite.first_line
+    assert f"<sip:{INBOUND_NUMBER}@" in invite.headers["from"], invite.headers["from"]
+    assert handoff_record(call)["outcome"] == "busy"
+
+
+def test_an_inline_trunk_with_no_number_to_show_is_refused_as_the_fake_refuses(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """CreateSIPParticipant through an inline trunk with no ``sip_number``: livekit-server
+    refuses it before any INVITE, and the fake (tests/fake_livekit.py) refuses it the same way."""
+
+    def request() -> api.CreateSIPParticipantRequest:
+        return api.CreateSIPParticipantRequest(
+            trunk=api.SIPOutboundConfig(hostname=f"127.0.0.1:{HUMAN_SIP}"),
+            sip_call_to="billing",
+            sip_number="",
+            room_name="no-number-to-show",
+            participant_identity="transfer_probe",
+            wait_until_answered=True,
+        )
+
+    async def refusal(url: str, key: str, secret: str) -> tuple[str, int, str, bool]:
+        async with api.LiveKitAPI(url=url, api_key=key, api_secret=secret) as lkapi:
+            with pytest.raises(api.TwirpError) as refused:
+                await lkapi.sip.create_sip_participant(request())
+        e = refused.value
+        return e.code, e.status, e.message, isinstance(e, api.SipCallError)
+
+    capture = Capture(tmp_path / "phones.pcap")
+    real = asyncio.run(refusal("http://127.0.0.1:7880", real_stack.API_KEY, API_SECRET))
+    capture.stop()
+    # livekit-server v1.13.5 (its log: service/sip.go "cannot create sip participant request",
+    # then twirp.go status 412, code failed_precondition)
+    message = "twirp error unknown: no numbers on outbound trunk"
+    assert real == ("failed_precondition", 412, message, False)
+    person = read_phones(capture.path, human=(HUMAN_SIP, HUMAN_RTP))["human"]
+    assert person.sip() == [], "an INVITE went out"
+    assert "no-number-to-show" not in stack.rooms()
+
+    async def on_the_fake() -> tuple[str, int, str, bool]:
+        async with FakeLiveKitServer(cloud=False) as fake:
+            return await refusal(fake.local_url, FAKE_KEY, FAKE_SECRET)
+
+    assert asyncio.run(on_the_fake()) == real
