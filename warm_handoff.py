@@ -4958,6 +4958,19 @@ class WarmHandoffAgent(Agent):
             # bounded: the whole job shutdown must end before the framework kills the process
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._handoff_done.wait(), JOB_SHUTDOWN_TIMEOUT / 2)
+        elif self.leaving is None and not self._ending:
+            # talking with the receptionist: told before the line goes (the transfer tells
+            # the caller itself); the session may be closed already (a second call)
+            with contextlib.suppress(Exception):
+                speech = self.session.say(CALL_ENDING, allow_interruptions=False)
+                await asyncio.wait_for(speech.wait_for_playout(), JOB_SHUTDOWN_TIMEOUT / 2)
+        if self.leaving is None and not self._ending:
+            # The agent leaving ends nothing for the caller: livekit-sip keeps their leg in the
+            # room until it is deleted (seen on the real stack: no BYE after the job ended).
+            self._ending = True
+            self.line.clean_up_later(
+                self.line.delete_room(self.line.caller_room), "end the caller's leg at shutdown"
+            )
         await self.line.settle(timeout=JOB_SHUTDOWN_TIMEOUT / 4)
 
 

@@ -279,14 +279,19 @@ class Worker:
         return out
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal the worker as a process manager does (systemd, Docker and Kubernetes signal
+        the main process; its job processes are shut down by the worker), then clear up its
+        process group."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
+                self.process.send_signal(sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever it left behind
+        self.process.wait(5)
         return self.process.returncode
 
 

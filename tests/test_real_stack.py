@@ -315,10 +315,11 @@ def test_a_worker_stopped_during_a_handoff_leaves_nobody_ringing_or_waiting(
     call.standins.stt_says(ASKS_FOR_A_PERSON)
     worker = call.start_worker(HANDOFF_RING_TIMEOUT="40")
     call.human(HumanPhone(answer=None))
-    caller = call.caller(asks_for_a_person(call.folder), hang_up_after=45)
+    caller = call.caller(asks_for_a_person(call.folder), hang_up_after=60)
     deadline = time.monotonic() + 40
-    while "dialing" not in _human_state(stack) and time.monotonic() < deadline:
+    while _human_state(stack) != "ringing" and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert _human_state(stack) == "ringing"
     time.sleep(6)  # "please hold" said, hold music on
     stopped_at = time.time()
     worker.stop()
@@ -335,12 +336,17 @@ def test_a_worker_stopped_during_a_handoff_leaves_nobody_ringing_or_waiting(
     _no_rooms_left(stack)
 
 
-def _human_state(stack: Stack) -> str:
-    """The ``sip.callStatus`` of every participant in every room, joined."""
-    return " ".join(
-        p.attributes.get("sip.callStatus", "")
-        for people in stack.participants().values()
-        for p in people
+def _human_state(stack: Stack, number: str = SUPPORT["number"]) -> str:
+    """The ``sip.callStatus`` of the leg dialled to ``number`` (livekit-sip: dialing, ringing,
+    active, hangup), or "" while there is none."""
+    return next(
+        (
+            p.attributes.get("sip.callStatus", "")
+            for people in stack.participants().values()
+            for p in people
+            if p.attributes.get("sip.phoneNumber") == number
+        ),
+        "",
     )
 
 

@@ -285,3 +285,16 @@ def test_the_window_is_configured(raw, window, shown):
 def test_a_bad_window_is_named(raw):
     with pytest.raises(wh.ConfigError, match="HANDOFF_REJOIN_WINDOW must be"):
         wh.load_settings({"HANDOFF_REJOIN_WINDOW": raw}, telephony=False)
+
+
+async def test_a_job_shutdown_while_talking_tells_the_caller_and_ends_their_leg(livekit, start):
+    """No transfer in progress: the caller hears why the call ends, then their room is deleted.
+    The agent leaving alone would leave the caller's phone leg open in an empty room (seen on
+    livekit-sip: no BYE until the room is deleted, tests/test_real_stack.py)."""
+    server, _ = livekit
+    session, agent, line, _ = await start()
+    await asyncio.wait_for(session.aclose(), 10)
+    await line.settle()
+    assert assistant_said(session)[-1] == wh.CALL_ENDING
+    assert CALLER_ROOM in server.deleted_rooms
+    assert not server.calls_to("CreateSIPParticipant")
