@@ -5263,6 +5263,8 @@ def describe_failure(error: BaseException) -> str:
         return f"{where}: {cause}"
     if isinstance(error, asyncio.TimeoutError):
         return "no answer within 15 seconds"
+    if getattr(error, "status", None) == 401:  # livekit-server's auth, before Twirp: no code
+        return "unauthenticated: the server refused LIVEKIT_API_KEY or LIVEKIT_API_SECRET"
     reason = getattr(error, "message", "") or str(error) or type(error).__name__
     return f"{getattr(error, 'code', 'error')}: {reason}"
 

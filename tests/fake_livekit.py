@@ -813,6 +813,14 @@ class FakeLiveKitServer:
             req_cls, check, handler = route
             try:
                 claims = self._authenticate(request)
+            except TwirpError as e:
+                # A bad token never reaches Twirp: livekit-server's APIKeyAuthMiddleware answers
+                # 401 with the error as plain text (pkg/service/auth.go ServeHTTP, utils.go
+                # HandleError), which livekit-api reads as code "unknown", status 401 (seen on
+                # livekit-server 1.13.5, tests/test_real_stack.py)
+                self.rejected.append((method, e.code))
+                return web.Response(status=401, text=e.msg)
+            try:
                 msg = req_cls.FromString(await request.read())
                 check(claims, msg)
             except (TwirpError, DecodeError) as e:

@@ -547,11 +547,13 @@ async def test_who_answers_sets_the_answer_timing_and_label(lk, lkapi) -> None:
 # --- auth and configuration (unchanged behaviour) ------------------------------------------
 
 
-async def test_wrong_secret_is_unauthenticated(lk) -> None:
+async def test_wrong_secret_is_refused_before_twirp_as_livekit_server_does(lk) -> None:
+    """livekit-server's auth middleware answers a bad token with a plain-text 401, not a Twirp
+    error: the client sees code "unknown" and status 401 (the real stack showed it)."""
     async with api.LiveKitAPI(lk.url, API_KEY, "x" * 40) as bad:
         with pytest.raises(api.ServerError) as exc:
             await bad.sip.create_sip_participant(dial())
-    assert (exc.value.code, exc.value.status) == ("unauthenticated", 401)
+    assert (exc.value.code, exc.value.status) == ("unknown", 401)
     assert lk.calls == [] and lk.rejected == [("CreateSIPParticipant", "unauthenticated")]
 
 

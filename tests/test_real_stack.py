@@ -11,9 +11,15 @@ sound that is mostly 200 Hz; hold music is sound that is not; the people send to
 from __future__ import annotations
 
 import asyncio
+import http.server
 import itertools
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -469,3 +475,72 @@ def test_an_inline_trunk_with_no_number_to_show_is_refused_as_the_fake_refuses(
             return await refusal(fake.local_url, FAKE_KEY, FAKE_SECRET)
 
     assert asyncio.run(on_the_fake()) == real
+
+
+# ── The operator's commands against the real server ───────────────────────────────────────────
+
+
+def run_command(stack: Stack, folder: Path, command: str, **settings: str):
+    """``python warm_handoff.py <command>`` in ``folder``, configured by its environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(real_stack._WORKER_SETTINGS)}
+    env.update(stack.env, SIP_TRUNK_ID=stack.outbound_trunk, DOTENV_FILE=os.devnull,
+               HANDOFF_DESTINATIONS=json.dumps({"support": SUPPORT}), **settings)  # fmt: skip
+    shutil.copy(real_stack.ROOT / "warm_handoff.py", folder / "warm_handoff.py")
+    return subprocess.run(
+        [sys.executable, "warm_handoff.py", command], cwd=folder, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_check_proves_the_credentials_against_the_real_server(stack: Stack, tmp_path: Path):
+    done = run_command(stack, tmp_path, "check", DEEPGRAM_API_KEY="k", OPENAI_API_KEY="k",
+                       ELEVEN_API_KEY="k")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "LiveKit API: OK, the credentials work" in done.stdout
+    wrong = run_command(stack, tmp_path, "check", LIVEKIT_API_SECRET="x" * 40,
+                        DEEPGRAM_API_KEY="k", OPENAI_API_KEY="k", ELEVEN_API_KEY="k")  # fmt: skip
+    assert wrong.returncode == 1
+    assert "LiveKit API: FAILED (unauthenticated: the server refused" in wrong.stderr
+
+
+def test_records_of_a_real_call_wait_in_the_outbox_and_resend_outbox_sends_them(
+    call: Call, stack: Stack
+) -> None:
+    """The webhook is down during the call: its records wait in the outbox beside the
+    callback file; ``resend-outbox`` sends them once it is back, signed."""
+    with socket.socket() as s:  # a port nobody listens on: the webhook is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    webhook = {"HANDOFF_WEBHOOK_URL": f"http://127.0.0.1:{port}/records",
+               "HANDOFF_WEBHOOK_SECRET": "real-stack-webhook-secret-0123456"}  # fmt: skip
+    call.start_worker(**webhook)
+    call.caller(audio_file(call.folder, "caller", Quiet(1)), hang_up_after=8)
+    call.wait(30)
+    assert call.worker is not None
+    call.worker.stop()
+    waiting = sorted((call.folder / "outbox").glob("*.json"))
+    assert waiting, "no record waited in the outbox"
+    received: list[dict] = []
+
+    class Webhook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the handler's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", port), Webhook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = run_command(stack, call.folder, "resend-outbox", **webhook)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(waiting)} record(s) sent, 0 still waiting" in done.stdout
+    rooms = {r["room"] for r in received}
+    assert len(rooms) == 1 and rooms.pop().startswith("call-")  # the real call's room
+    assert {r["type"] for r in received} >= {"call"}
+    assert not list((call.folder / "outbox").glob("*.json"))
