@@ -2018,9 +2018,10 @@ def dial_target(target: str, trunk_id: str) -> dict[str, Any]:
 def dial_request_timeout(dial: Dial) -> float:
     """How long the dial request may take. The client's default is the ring timeout + 2 s
     (livekit-api ``_dial_timeout.py``), but with ``wait_until_answered`` the server answers only
-    after the extension's DTMF has been sent, 0.5 s a character (livekit/media-sdk ``dtmf.go``):
-    a request cut short there would fail a call a person had answered."""
-    return dial.ring_timeout + 0.5 * len(dial.destination.extension) + 5.0
+    after the extension's DTMF has been sent, 0.52 s a key on livekit-sip 1.8.0 (260 ms tone,
+    260 ms gap, seen on the real stack; livekit/media-sdk ``dtmf.go``): a request cut short there
+    would fail a call a person had answered."""
+    return dial.ring_timeout + 0.52 * len(dial.destination.extension) + 5.0
 
 
 def classify_dial_error(error: Exception) -> DialFailed:
@@ -4958,7 +4959,7 @@ class WarmHandoffAgent(Agent):
             # bounded: the whole job shutdown must end before the framework kills the process
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._handoff_done.wait(), JOB_SHUTDOWN_TIMEOUT / 2)
-        elif self.leaving is None and not self._ending:
+        elif self.leaving is None and not self._ending and await self._caller_here():
             # talking with the receptionist: told before the line goes (the transfer tells
             # the caller itself); the session may be closed already (a second call)
             with contextlib.suppress(Exception):
@@ -4972,6 +4973,18 @@ class WarmHandoffAgent(Agent):
                 self.line.delete_room(self.line.caller_room), "end the caller's leg at shutdown"
             )
         await self.line.settle(timeout=JOB_SHUTDOWN_TIMEOUT / 4)
+
+
+    async def _caller_here(self) -> bool:
+        """Whether the caller is still on the line (a session closed because they hung up has
+        nobody to tell)."""
+        if not self.line.caller_identity:
+            return False
+        with contextlib.suppress(Exception):
+            return await self.line.wait_for_arrival(
+                self.line.caller_room, self.line.caller_identity, 0
+            )
+        return False
 
 
 class CallerSession(AgentSession):

@@ -16,7 +16,7 @@ applies exactly as it does against LiveKit Cloud::
 Public API (stable; the worker's tests build on it):
 
 * ``FakeLiveKitServer(cloud=True, move_supported=True, join_delay=0.02, ringing_delay=0.01,
-  dtmf_char_time=0.5, move_delay=0.2)``; ``async with`` or ``start()``/``stop()``; ``url``,
+  dtmf_char_time=0.52, move_delay=0.2)``; ``async with`` or ``start()``/``stop()``; ``url``,
   ``local_url``, ``port``, ``env()`` (``env(local=True)`` for a child process: the cloud name
   resolves only in this one). ``cloud=True``: while the server runs, this process resolves
   ``*.livekit.cloud`` to 127.0.0.1 (``resolve_livekit_cloud_locally``) and ``url`` is
@@ -121,17 +121,19 @@ TWIRP_HTTP_STATUS = {
 }
 
 # SIP status -> Twirp code, as LiveKit's server maps it: livekit/protocol `livekit/sip.go`
-# (`sipCodeToGRPCCode`, `SIPStatus.GRPCStatus`, `SIPStatus.TwirpErrorMeta`), updated by
-# livekit/protocol PR #1766 (480/486: ResourceExhausted -> FailedPrecondition; picked up by
-# livekit/sip PR #830). The gRPC code becomes the same-named Twirp code (livekit/psrpc
-# errors.go), so every SIP failure is a 4xx and is never retried by the client's failover.
+# (`sipCodeToGRPCCode`, `SIPStatus.GRPCStatus`, `SIPStatus.TwirpErrorMeta`). 480 and 486 are
+# resource_exhausted (HTTP 429), as the real stack answered (livekit-server 1.13.5 with
+# livekit-sip 1.8.0, tests/test_real_stack.py); livekit/protocol PR #1766 makes them
+# failed_precondition in later releases. The worker reads the SIP status, not the code, so both
+# end the same. The gRPC code becomes the same-named Twirp code (livekit/psrpc errors.go); no
+# SIP failure is a 5xx, so the client's failover never retries one.
 SIP_TWIRP_CODE = {
     300: "invalid_argument", 301: "not_found", 302: "not_found",
     400: "invalid_argument", 401: "permission_denied", 402: "permission_denied",
     403: "permission_denied", 404: "not_found", 407: "unauthenticated",
-    408: "deadline_exceeded", 410: "not_found", 480: "failed_precondition",
+    408: "deadline_exceeded", 410: "not_found", 480: "resource_exhausted",
     481: "not_found", 484: "invalid_argument", 485: "invalid_argument",
-    486: "failed_precondition", 487: "aborted", 488: "invalid_argument", 491: "aborted",
+    486: "resource_exhausted", 487: "aborted", 488: "invalid_argument", 491: "aborted",
     500: "failed_precondition", 501: "failed_precondition", 502: "failed_precondition",
     503: "failed_precondition", 504: "deadline_exceeded", 505: "invalid_argument",
     600: "resource_exhausted", 603: "permission_denied", 604: "not_found",
@@ -572,7 +574,7 @@ class FakeLiveKitServer:
         move_supported: bool = True,
         join_delay: float = 0.02,
         ringing_delay: float = 0.01,
-        dtmf_char_time: float = 0.5,
+        dtmf_char_time: float = 0.52,
         move_delay: float = 0.2,
         regions: tuple[str, ...] = ("oregon", "ohio"),
     ) -> None:
@@ -581,7 +583,9 @@ class FakeLiveKitServer:
         self.move_supported = move_supported
         self.join_delay = join_delay  # INVITE prepared, room joined (outbound.go connectToRoom)
         self.ringing_delay = ringing_delay  # INVITE sent -> 180 Ringing
-        self.dtmf_char_time = dtmf_char_time  # media-sdk dtmf.go: 250 ms tone + 250 ms gap,
+        self.dtmf_char_time = dtmf_char_time  # 260 ms tone + 260 ms gap a key, as the real
+        #                                       stack sent them (livekit-sip 1.8.0); media-sdk
+        #                                       dtmf.go names 250 ms + 250 ms,
         #                                       and 'w' = a 500 ms pause
         self.move_delay = move_delay  # left the source room -> joined the destination
         self.regions = regions
@@ -1065,9 +1069,11 @@ class FakeLiveKitServer:
             # outbound.go Invite -> SIPStatus; errors.go classifyInviteError keeps it (the
             # psrpc error carries SIPStatus details -> Twirp meta, livekit/protocol sip.go).
             code, reason = script.sip_status_code, script.sip_status
+            # the words the real stack sent (livekit-sip 1.8.0 outbound.go, through psrpc)
+            said = "unexpected status from INVITE response" if code == 603 else "INVITE failed"
             error = TwirpError(
                 sip_twirp_code(code),
-                f"sip status {code}: {reason}",
+                f"twirp error unknown: {said}: sip status: {code}: {reason}",
                 {"sip_status_code": str(code), "sip_status": reason},
             )
             end("sip_error", _sip_failure_reason(code), error)

@@ -216,8 +216,8 @@ async def test_ring_timeout_ends_as_canceled_without_sip_status(lk, lkapi) -> No
 @pytest.mark.parametrize(
     "code,twirp_code,reason",
     [
-        (486, "failed_precondition", "USER_REJECTED"),
-        (480, "failed_precondition", "USER_UNAVAILABLE"),
+        (486, "resource_exhausted", "USER_REJECTED"),  # as livekit-sip 1.8.0 answered
+        (480, "resource_exhausted", "USER_UNAVAILABLE"),
         (410, "not_found", "USER_UNAVAILABLE"),  # any other 4xx
         (603, "permission_denied", "USER_REJECTED"),
         (503, "failed_precondition", "SIP_TRUNK_FAILURE"),

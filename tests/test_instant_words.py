@@ -80,6 +80,12 @@ class Greeted:
     ear: Ear
     tts: CountingTTS
     first_frame: float | None  # seconds from the greeting's say() to its first frame heard
+    line: wh.SimulatedPhoneLine
+
+    async def end(self) -> None:
+        """The caller hangs up, then the session closes (nobody is left to tell anything)."""
+        self.line.hang_up_caller()
+        await self.session.aclose()
 
     @property
     def heard(self) -> tuple[list[str], int]:
@@ -107,7 +113,8 @@ async def greet(folder, tts_model: CountingTTS, greeting: str = GREETING) -> Gre
     )
     ear = Ear("caller")
     with fake_job_context() as ctx:
-        session = await wh.run_call(ctx, settings, models, wh.SimulatedPhoneLine(None))
+        line = wh.SimulatedPhoneLine(None)
+        session = await wh.run_call(ctx, settings, models, line)
         # The greeting is scheduled; its speech task reads the session's audio output when it
         # first runs, which is after this line (a room's output is set at start, like this).
         session.output.audio = ear
@@ -119,7 +126,7 @@ async def greet(folder, tts_model: CountingTTS, greeting: str = GREETING) -> Gre
         await wait_for(lambda: not ear.heard or time.monotonic() >= ear.heard[-1].end, 5)
     audible = [h for h in ear.heard if h.audible]
     first = audible[0].start - said if audible else None
-    return Greeted(session, ear, tts_model, first)
+    return Greeted(session, ear, tts_model, first, line)
 
 
 def saved(folder) -> list:
@@ -128,14 +135,14 @@ def saved(folder) -> list:
 
 async def test_the_first_call_synthesises_live_and_saves_a_later_call_plays_it_at_once(tmp_path):
     first = await greet(tmp_path, CountingTTS())
-    await first.session.aclose()
+    await first.end()
     assert first.tts.synthesized == ["Thanks for calling Acme.", "How can I help?"]
     assert first.first_frame >= TTFA  # not ready yet: the caller waits for the synthesis
     assert len(saved(tmp_path)) == 1
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # renamed into place
 
     later = await greet(tmp_path, CountingTTS())  # another job process on the same host
-    await later.session.aclose()
+    await later.end()
     assert later.tts.synthesized == []  # no synthesis at all
     assert later.first_frame <= 0.03  # the issue's goal for a later call
     assert later.heard == first.heard  # the same audio: first call's tags, as long
@@ -144,19 +151,19 @@ async def test_the_first_call_synthesises_live_and_saves_a_later_call_plays_it_a
 
 
 async def test_a_changed_greeting_or_voice_never_plays_a_stale_sentence(tmp_path):
-    await (await greet(tmp_path, CountingTTS(voice="alice"))).session.aclose()
+    await (await greet(tmp_path, CountingTTS(voice="alice"))).end()
 
     other_voice = await greet(tmp_path, CountingTTS(voice="bob"))
-    await other_voice.session.aclose()
+    await other_voice.end()
     assert other_voice.tts.synthesized == ["Thanks for calling Acme.", "How can I help?"]
 
     changed = await greet(tmp_path, CountingTTS(voice="alice"), "Acme, good morning.")
-    await changed.session.aclose()
+    await changed.end()
     assert changed.tts.synthesized == ["Acme, good morning."]
     assert len(saved(tmp_path)) == 3
 
     again = await greet(tmp_path, CountingTTS(voice="bob"))
-    await again.session.aclose()
+    await again.end()
     assert again.tts.synthesized == []  # each voice keeps its own
 
 
@@ -173,18 +180,18 @@ async def test_a_failed_synthesis_saves_nothing_and_the_call_goes_on(tmp_path):
         assert [m.text_content for m in call.session.history.messages()] == [GREETING]
         assert len(saved(tmp_path)) == 1
     finally:
-        await call.session.aclose()
+        await call.end()
 
 
 async def test_a_partial_or_corrupt_file_is_never_played(tmp_path):
     first = await greet(tmp_path, CountingTTS())
-    await first.session.aclose()
+    await first.end()
     (path,) = saved(tmp_path)
     whole = path.read_bytes()
 
     path.write_bytes(whole[: len(whole) // 2])  # cut short
     cut = await greet(tmp_path, CountingTTS())
-    await cut.session.aclose()
+    await cut.end()
     assert cut.tts.synthesized == ["Thanks for calling Acme.", "How can I help?"]
     assert cut.heard == first.heard  # all of it, live
     assert len(path.read_bytes()) == len(whole)  # and the file replaced by a whole one
@@ -193,11 +200,11 @@ async def test_a_partial_or_corrupt_file_is_never_played(tmp_path):
     flipped[-1] ^= 0x01  # the right length, one bit wrong
     path.write_bytes(bytes(flipped))
     corrupt = await greet(tmp_path, CountingTTS())
-    await corrupt.session.aclose()
+    await corrupt.end()
     assert corrupt.tts.synthesized == ["Thanks for calling Acme.", "How can I help?"]
 
     fine = await greet(tmp_path, CountingTTS())
-    await fine.session.aclose()
+    await fine.end()
     assert fine.tts.synthesized == []
 
 
@@ -231,7 +238,7 @@ async def test_a_folder_others_can_write_to_is_not_used(tmp_path, caplog):
     assert not wh.PhraseCache(str(folder)).usable
     assert any("phrase cache off" in r.getMessage() for r in caplog.records)
     call = await greet(folder, CountingTTS())
-    await call.session.aclose()
+    await call.end()
     assert call.tts.synthesized and list(folder.iterdir()) == []
 
 
