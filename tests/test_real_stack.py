@@ -544,3 +544,21 @@ def test_records_of_a_real_call_wait_in_the_outbox_and_resend_outbox_sends_them(
     assert len(rooms) == 1 and rooms.pop().startswith("call-")  # the real call's room
     assert {r["type"] for r in received} >= {"call"}
     assert not list((call.folder / "outbox").glob("*.json"))
+
+
+@pytest.mark.parametrize("mode", ["conference", "consult"])
+def test_the_benchmark_at_the_phones_measures_every_figure(stack: Stack, tmp_path: Path, mode):
+    """bench/real_stack_bench.py cannot rot: one call of each kind yields every figure (their
+    values are the benchmark's business, on an idle machine, not a test's)."""
+    sys.path.insert(0, str(real_stack.ROOT / "bench"))
+    import real_stack_bench
+
+    figures = real_stack_bench.run_call(stack, tmp_path / mode, mode)
+    common = {"greeting_ms", "please_hold_ms", "longest_caller_silence_ms"}
+    expected = common | (
+        {"caller_to_human_ms", "human_to_caller_ms"}
+        if mode == "conference"
+        else {"hello_end_to_opener_ms", "hello_end_to_details_ms", "opener_end_to_details_ms"}
+    )
+    assert set(figures) == expected
+    assert all(value >= 0 for value in figures.values())
