@@ -592,7 +592,11 @@ class Variable(Generic[Value]):
 
 # -- readers: a variable's text to its value, each problem named -----------------------------------
 OFF = ("off", "0", "false", "no")  # turns HANDOFF_SIP_HEADERS or HANDOFF_PHRASE_CACHE off
-RING_SECONDS = (5.0, 120.0)  # HANDOFF_RING_TIMEOUT and a destination's own ring_timeout
+# HANDOFF_RING_TIMEOUT and a destination's own ring_timeout. LiveKit waits at most 80 s for a
+# dial that waits for the answer (livekit/livekit pkg/service/sip.go CreateSIPParticipant:
+# ``timeout = 80 * time.Second`` with WaitUntilAnswered), the extension's keys included: a longer
+# ring would end in the server's timeout, not in the phone's ringing out.
+RING_SECONDS = (5.0, 70.0)
 
 
 def _text(row: Variable[str], text: str, problems: list[str]) -> str:

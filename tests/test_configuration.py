@@ -111,6 +111,18 @@ def test_every_problem_is_named_in_one_message_without_secrets():
     assert "s3cr3t" not in message
 
 
+@pytest.mark.parametrize("seconds", ["71", "120"])
+def test_a_ring_longer_than_livekit_waits_for_an_answer_is_refused(seconds):
+    """LiveKit gives a dial that waits for the answer 80 s (livekit pkg/service/sip.go), keys
+    to an extension included: a ring timeout beyond 70 s would end in its timeout."""
+    with pytest.raises(wh.ConfigError, match="HANDOFF_RING_TIMEOUT must be .*70"):
+        wh.load_settings({**GOOD, "HANDOFF_RING_TIMEOUT": seconds})
+    ringing_long = {"support": {"number": "+15105550100", "description": "x", "ring_timeout": 90}}
+    with pytest.raises(wh.ConfigError, match=r"ring_timeout must be a number of seconds, 5 to 70"):
+        wh.load_settings({**GOOD, "HANDOFF_DESTINATIONS": json.dumps(ringing_long)})
+    assert wh.load_settings({**GOOD, "HANDOFF_RING_TIMEOUT": "70"}).ring_timeout == 70
+
+
 def test_destinations_must_be_json_object():
     with pytest.raises(wh.ConfigError, match="not valid JSON"):
         wh.load_settings({**GOOD, "HANDOFF_DESTINATIONS": "support=+15105550100"})
