@@ -31,22 +31,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import phones  # noqa: E402
 import real_stack  # noqa: E402
 from phones import HumanPhone, Quiet, Say, Tone, audio_file  # noqa: E402
-from providers import TONE_HZ, ProviderStandIns  # noqa: E402
+from providers import MS_PER_CHAR, TONE_HZ, ProviderStandIns  # noqa: E402
 from recordings import FRAME, Heard  # noqa: E402
 from recordings import phones as read_phones  # noqa: E402
+
+import warm_handoff as wh  # noqa: E402
 
 ASKS = "I would like to talk to a person, please."
 CALLER_TONE, HUMAN_TONE = 1000.0, 1400.0
 SUPPORT = {"number": "+15105550101", "description": "Technical support",
            "spoken_name": "our support team"}  # fmt: skip
 LOUD = 300.0  # RMS over a 20 ms frame: sound
-# "Hi, this is the Example Dental assistant with a caller for you." (warm_handoff.OPENER)
-OPENER_SECONDS = len("Hi, this is the Example Dental assistant with a caller for you.") * 0.065
+# the opener's audio: the ElevenLabs stand-in speaks MS_PER_CHAR a character
+OPENER_SECONDS = len(wh.OPENER.format(business="Example Dental")) * MS_PER_CHAR / 1000
 
 
 def first_sound(heard: Heard, after: float, hz: float | None = None) -> float | None:
@@ -68,10 +70,6 @@ def first_sound_after_quiet(heard: Heard, after: float) -> float | None:
             return t
         quiet = quiet or not loud
     return None
-
-
-def longest_silence(heard: Heard, start: float, end: float) -> float:
-    return heard.silence_longest(start, end, LOUD)
 
 
 def run_call(stack: real_stack.Stack, folder: Path, mode: str) -> dict[str, float]:
@@ -126,7 +124,7 @@ def run_call(stack: real_stack.Stack, folder: Path, mode: str) -> dict[str, floa
         if hold is not None:
             out["please_hold_ms"] = (hold - decided) * 1000
         out["longest_caller_silence_ms"] = (
-            longest_silence(heard_by_caller, decided, human_answered.at) * 1000
+            heard_by_caller.silence_longest(decided, human_answered.at, LOUD) * 1000
         )
     if mode == "conference":
         sent = first_sound(caller.said(), human_answered.at, CALLER_TONE)

@@ -10,11 +10,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import wave
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
 from fake_livekit import API_KEY, API_SECRET, FakeLiveKitServer, RoomEvent
 from livekit.agents import AgentSession, utils
@@ -460,6 +462,16 @@ async def agree_to_transfer(
     runs inside it)."""
     await session.run(user_input=asked)
     return asyncio.ensure_future(session.run(user_input=yes))
+
+
+def write_wav(path: Path, pcm: Any, rate: int = 48000) -> str:
+    """``pcm`` (int16 samples, mono) as a WAV file at ``path``; returns the path as a string."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.asarray(pcm).astype(np.int16).tobytes())
+    return str(path)
 
 
 def assistant_said(session: AgentSession) -> list[str]:

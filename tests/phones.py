@@ -76,15 +76,6 @@ def _ffmpeg(*args: str) -> None:
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True)
 
 
-def spoken_seconds(path: Path) -> float:
-    """How long the sounds in a file from ``audio_file`` last, without its tail (8000 bytes a
-    second): where its last non-silent byte is."""
-    data = path.read_bytes()
-    last = max((i for i in range(len(data) - 1, -1, -1) if data[i] not in (0xFF, 0x7F)),
-               default=0)  # fmt: skip
-    return (last + 1) / 8000
-
-
 # ── SIPp scenarios ────────────────────────────────────────────────────────────────────────────
 
 _HEAD = '<?xml version="1.0" encoding="ISO-8859-1" ?>\n<scenario name="{name}">\n'
@@ -108,16 +99,23 @@ def _message(text: str, **attrs: str) -> str:
     return f"<send{extra}><![CDATA[\n\n{body}\n\n]]></send>\n"
 
 
-def _answer_200(last: str = "", **attrs: str) -> str:
-    return _message(f"""
-        SIP/2.0 200 OK
-        [last_Via:]
-        [last_From:]
-        [last_To:]{last}
-        [last_Call-ID:]
-        [last_CSeq:]
-        Content-Length: 0
-    """, **attrs)
+def _response(
+    first_line: str, tag: str = "", *headers: str, cseq: str = "[last_CSeq:]", sdp: str = "",
+    **attrs: str,
+) -> str:
+    """A response to the last request: its Via, From, To (with our ``tag``), Call-ID and
+    CSeq, then ``headers``, then the ``sdp`` body if any."""
+    lines = [first_line, "[last_Via:]", "[last_From:]", f"[last_To:]{tag}", "[last_Call-ID:]",
+             cseq, *headers]  # fmt: skip
+    if sdp:
+        lines += ["Content-Type: application/sdp", "Content-Length: [len]", "", sdp]
+    else:
+        lines.append("Content-Length: 0")
+    return _message("\n".join(lines), **attrs)
+
+
+def _answer_200(tag: str = "", **attrs: str) -> str:
+    return _response("SIP/2.0 200 OK", tag, **attrs)
 
 
 def _play_then_keys(audio: Path | None, keys: tuple[tuple[float, str], ...]) -> tuple[str, float]:
@@ -224,59 +222,21 @@ class HumanPhone:
         xml += ('<recv request="INVITE" crlf="true" rrs="true"><action>'
                 '<ereg regexp=".*" search_in="hdr" header="CSeq:" assign_to="invite_cseq"/>'
                 + (dialog if self.answer == 200 else "") + "</action></recv>\n")  # fmt: skip
-        xml += _message(f"""
-            SIP/2.0 180 Ringing
-            [last_Via:]
-            [last_From:]
-            [last_To:]{tag}
-            [last_Call-ID:]
-            [last_CSeq:]
-            {contact}
-            Content-Length: 0
-        """)  # fmt: skip
+        xml += _response("SIP/2.0 180 Ringing", tag, contact)
         ring_ms = 3_600_000 if self.answer is None else int(self.ring * 1000)
         xml += f'<recv request="CANCEL" timeout="{ring_ms}" ontimeout="final"/>\n'
         xml += _answer_200(tag)  # to the CANCEL
-        xml += _message(f"""
-            SIP/2.0 487 Request Terminated
-            [last_Via:]
-            [last_From:]
-            [last_To:]{tag}
-            [last_Call-ID:]
-            CSeq: [$invite_cseq]
-            Content-Length: 0
-        """)  # fmt: skip
+        xml += _response("SIP/2.0 487 Request Terminated", tag, cseq="CSeq: [$invite_cseq]")
         xml += '<recv request="ACK" timeout="5000" ontimeout="end" next="end"/>\n'
         xml += '<label id="final"/>\n'
         if self.answer is None:
             return xml + '<label id="end"/>\n</scenario>\n'
         if self.answer != 200:
             reason = {486: "Busy Here", 603: "Decline", 480: "Temporarily Unavailable"}
-            xml += _message(f"""
-                SIP/2.0 {self.answer} {reason.get(self.answer or 0, "Refused")}
-                [last_Via:]
-                [last_From:]
-                [last_To:]{tag}
-                [last_Call-ID:]
-                [last_CSeq:]
-                Content-Length: 0
-            """)  # fmt: skip
+            xml += _response(f"SIP/2.0 {self.answer} {reason.get(self.answer, 'Refused')}", tag)
             xml += '<recv request="ACK" timeout="5000" ontimeout="end"/>\n<label id="end"/>\n'
             return xml + "</scenario>\n"
-        sdp = _SDP.replace("\n", "\n            ")
-        xml += _message(f"""
-            SIP/2.0 200 OK
-            [last_Via:]
-            [last_From:]
-            [last_To:]{tag}
-            [last_Call-ID:]
-            [last_CSeq:]
-            {contact}
-            Content-Type: application/sdp
-            Content-Length: [len]
-
-            {sdp}
-        """, retrans="500")  # fmt: skip
+        xml += _response("SIP/2.0 200 OK", tag, contact, sdp=_SDP.strip(), retrans="500")
         xml += '<recv request="ACK" crlf="true"/>\n'
         played, pressed = _play_then_keys(self.audio, self.keys)
         xml += played

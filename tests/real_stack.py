@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +101,9 @@ def _run(*args: str | Path, env: Mapping[str, str] | None = None, timeout: float
     return done.stdout
 
 
-def _wait(what: str, ready: callable, timeout: float, process: subprocess.Popen | None = None):
+def _wait(
+    what: str, ready: Callable[[], bool], timeout: float, process: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:

@@ -5,10 +5,10 @@ no media server here, so its frames are read directly and compared with the fram
 decoding of the same file."""
 
 import math
-import wave
 
 import numpy as np
 import pytest
+from conftest import write_wav
 from livekit.agents.utils.audio import audio_frames_from_file
 from livekit.agents.voice.background_audio import BuiltinAudioClip
 
@@ -31,13 +31,7 @@ async def play(music: wh.HoldMusic, frames: int) -> np.ndarray:
 @pytest.fixture
 def ramp(tmp_path) -> str:
     """Half a second whose every sample differs: a sample's value says where in the clip it is."""
-    path = tmp_path / "ramp.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(48000)
-        w.writeframes((np.arange(24000) - 12000).astype(np.int16).tobytes())
-    return str(path)
+    return write_wav(tmp_path / "ramp.wav", np.arange(24000) - 12000)
 
 
 async def test_a_pause_yields_silence_and_the_music_resumes_where_it_left_off(ramp):
@@ -93,15 +87,6 @@ async def test_the_builtin_hold_clip_resumes_where_it_left_off():
     reference = np.concatenate([samples(f) for f in frames[audible : audible + 800]])
     heard = np.concatenate([before, after])
     assert heard.any() and np.array_equal(heard, reference)
-
-
-def write_wav(path, pcm: np.ndarray) -> str:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(48000)
-        w.writeframes(pcm.astype(np.int16).tobytes())
-    return str(path)
 
 
 @pytest.mark.parametrize(("quiet_seconds", "bounded"), [(1.0, False), (5.0, True)])

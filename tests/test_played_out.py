@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import wave
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TEST_BOUNDS, livekit_settings
+from conftest import TEST_BOUNDS, livekit_settings, write_wav
 from livekit import rtc
 from livekit.agents.testing import fake_job_context
 from test_consult_url import framework_job_context
@@ -124,13 +123,7 @@ async def test_the_opener_has_been_heard_to_its_end_when_play_to_human_returns(
 @pytest.fixture
 def loud_clip(tmp_path) -> str:
     """Hold music in which every sample is audible: two seconds of a constant level."""
-    path = tmp_path / "hold.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(48000)
-        w.writeframes((np.ones(96000, dtype=np.int16) * 3000).tobytes())
-    return str(path)
+    return write_wav(tmp_path / "hold.wav", np.full(96000, 3000))
 
 
 async def test_paused_hold_music_stops_at_once_and_resumes(loud_clip):
