@@ -182,9 +182,6 @@ HUMAN_CALLER_LEFT = (
 HUMAN_CANCELLED = "Sorry to trouble you: the caller no longer needs the transfer. Goodbye."
 HUMAN_CALL_ENDS = "I'm sorry, this call has to end now. Goodbye."
 HUMAN_MAX_HOLD = "I'm sorry, I have to take the caller back now. Goodbye."
-HUMAN_MOVE_REFUSED = (
-    "I'm sorry, I can't put the call through from here. I'll let the caller know. Goodbye."
-)
 
 # -- to the model: its instructions, the brief's prompt, and the notes its tools return ------------
 CALLER_INSTRUCTIONS = """\
@@ -344,9 +341,27 @@ PROVIDER_KEYS = {
 
 
 class HandoffMode(str, Enum):
-    AUTO = "auto"  # consult on LiveKit Cloud, conference elsewhere
-    CONSULT = "consult"  # private briefing room, then MoveParticipant (LiveKit Cloud only)
-    CONFERENCE = "conference"  # the human is dialled into the caller's room (the seed's way)
+    """What the human hears before meeting the caller. In every mode they are dialled into a
+    private consult room and screened there (a mailbox, a menu or a PBX never hears about the
+    caller, and the caller never hears them); then they are joined (``JoinWay``)."""
+
+    AUTO = "auto"  # consult, on every LiveKit
+    CONSULT = "consult"  # briefed in private and asked; joined only if they say yes
+    CONFERENCE = "conference"  # joined at once, introduced in front of the caller (the seed's)
+
+
+class JoinWay(str, Enum):
+    """How a human in the consult room reaches the caller, decided by the server."""
+
+    MOVE = "move"  # MoveParticipant into the caller's room: LiveKit Cloud
+    BRIDGE = "bridge"  # the worker relays audio between the two rooms: any LiveKit
+
+
+def on_livekit_cloud(url: str) -> bool:
+    """Whether ``url`` is LiveKit Cloud, counted as the framework counts it (livekit-agents
+    ``utils/misc.py`` ``is_cloud``: ``*.livekit.cloud`` and ``*.livekit.run``)."""
+    host = urllib.parse.urlparse(url).hostname or ""
+    return host.endswith((".livekit.cloud", ".livekit.run"))
 
 
 class SimulatedHuman(str, Enum):
@@ -523,12 +538,19 @@ class Settings:
 
     @property
     def mode(self) -> HandoffMode:
-        """The mode in force: ``auto`` resolves by where LiveKit runs (MoveParticipant is
-        LiveKit Cloud only)."""
+        """The mode in force: ``auto`` is consult, since the brief is private on every LiveKit
+        (moved on Cloud, bridged elsewhere: ``join_way``)."""
         if self.handoff_mode is not HandoffMode.AUTO:
             return self.handoff_mode
-        on_cloud = re.search(r"\.livekit\.cloud(:\d+)?/?$", self.livekit_url or "")
-        return HandoffMode.CONSULT if on_cloud else HandoffMode.CONFERENCE
+        return HandoffMode.CONSULT
+
+    @property
+    def join_way(self) -> JoinWay:
+        """How the human is joined to the caller, as far as the URL tells: LiveKit Cloud moves
+        them (MoveParticipant); self-hosted LiveKit has no MoveParticipant (its RoomManager
+        answers "not implemented", livekit/livekit pkg/service/roommanager.go), so the worker
+        bridges. A server that refuses a move anyway is remembered (``MoveRefusals``)."""
+        return JoinWay.MOVE if on_livekit_cloud(self.livekit_url) else JoinWay.BRIDGE
 
 
 DEFAULT_SETTINGS = Settings()  # every variable's default, read by its row in VARIABLES
@@ -975,7 +997,7 @@ def _caller_id_shown(value: str, settings: Settings) -> str:
 
 
 def _mode_shown(mode: HandoffMode, settings: Settings) -> str:
-    return f"{mode.value} (in force: {settings.mode.value})"
+    return f"{mode.value} (in force: {settings.mode.value}, joined by {settings.join_way.value})"
 
 
 def _in_seconds(value: float, settings: Settings) -> str:
@@ -1003,7 +1025,8 @@ def _folder_shown(folder: str, settings: Settings) -> str:
 # fmt: off
 VARIABLES: tuple[Variable[Any], ...] = (
     # LiveKit and SIP: start, dev and connect need them; console does not.
-    # The LiveKit server; a *.livekit.cloud URL makes HANDOFF_MODE=auto consult.
+    # The LiveKit server; on LiveKit Cloud (*.livekit.cloud, *.livekit.run) the human is moved
+    # to the caller, elsewhere the worker bridges them.
     Variable("LIVEKIT_URL", "livekit_url", _livekit_url, required=True, show=_or_not_set),
     # LiveKit API key.
     Variable("LIVEKIT_API_KEY", "livekit_api_key", _text, required=True, show=_or_not_set),
@@ -1021,7 +1044,8 @@ VARIABLES: tuple[Variable[Any], ...] = (
     Variable("HANDOFF_DESTINATIONS", "destinations", _parse_destinations),
     # Opt-in: a regular expression for numbers a caller may ask to be put through to.
     Variable("HANDOFF_ALLOW_DIAL_PATTERN", "allow_dial_pattern", _dial_pattern),
-    # consult, conference, or auto: consult on LiveKit Cloud, conference elsewhere.
+    # consult (briefed in private, then asked), conference (introduced in front of the
+    # caller), or auto (consult). Every mode screens who answers first.
     Variable("HANDOFF_MODE", "handoff_mode", _one_of, show=_mode_shown),
     # How long a destination rings (a destination's own ring_timeout wins).
     Variable("HANDOFF_RING_TIMEOUT", "ring_timeout", _seconds, RING_SECONDS, show=_in_seconds),
@@ -1395,6 +1419,7 @@ class HandoffResult:
     phase: Phase = Phase.ANNOUNCING  # how far it got
     brief: str = ""
     amd: dict[str, Any] = field(default_factory=dict)  # who answered: category, reason, delay
+    joined_by: JoinWay | None = None  # how the human was brought to the caller
 
     @property
     def connected(self) -> bool:
@@ -1418,7 +1443,8 @@ class CallbackRequest:
 # What a record's fields may hold: these are names and codes, never said by anyone; every
 # other text field is redacted (and ``number``, the callback number, is masked in logs).
 RECORD_CODES = frozenset(
-    {"type", "id", "room", "job_id", "attempt", "destination", "mode", "outcome", "phase"}
+    {"type", "id", "room", "job_id", "attempt", "destination", "mode", "joined_by", "outcome"}
+    | {"phase"}
     | {"source", "number", "attempts", "destinations"}  # ids and names: never redacted
 )
 RECORD_TEXT_LIMIT = 2000  # characters of any one text field (a summary, a brief)
@@ -1893,6 +1919,7 @@ class CallRecords:
                 "attempt": result.attempt,
                 "destination": result.destination,
                 "mode": result.mode.value,
+                "joined_by": result.joined_by.value if result.joined_by else "",
                 "outcome": result.outcome.value,
                 "sip_status": result.sip_status,
                 "phase": result.phase.value,
@@ -1973,11 +2000,21 @@ class DialFailed(Exception):
 
 class MoveRefused(Exception):
     """The human is not in the caller's room after a move: the server refused it (self-hosted
-    LiveKit has no MoveParticipant) or it failed and they are still where they were."""
+    LiveKit has no MoveParticipant: ``unsupported``) or it failed and they are still where
+    they were. Either way they can still be bridged."""
+
+    def __init__(self, detail: str, *, unsupported: bool = False) -> None:
+        super().__init__(detail)
+        self.unsupported = unsupported
 
 
 class LegLost(Exception):
-    """The human's leg is gone: they hung up, or their connection dropped, mid-way."""
+    """A leg is gone mid-way, the human's (they hung up, their connection dropped) or, with
+    ``caller``, the caller's."""
+
+    def __init__(self, detail: str, *, caller: bool = False) -> None:
+        super().__init__(detail)
+        self.caller = caller
 
 
 @dataclass(frozen=True)
@@ -2254,6 +2291,64 @@ class OwnTrack:
         await close_quietly(self._unpublish, self.source.aclose)
 
 
+class Relay:
+    """One direction of a bridge: a participant's microphone in one room, replayed frame by
+    frame as the worker's own track in another (livekit-sip mixes every audio track of a room
+    into what its phone hears: shared/reference/livekit-real-stack.md). Nothing is mixed or
+    resampled: 48 kHz mono in, the same frames out, through ``OwnTrack``'s 200 ms queue."""
+
+    def __init__(self, speaker: rtc.RemoteParticipant, name: str) -> None:
+        self.speaker = speaker
+        self.track = OwnTrack(name)
+        self._stream: rtc.AudioStream | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, into: rtc.Room) -> None:
+        await self.track.publish(into)
+        self._stream = rtc.AudioStream.from_participant(
+            participant=self.speaker,
+            track_source=rtc.TrackSource.SOURCE_MICROPHONE,  # livekit-sip's phone track
+            sample_rate=OwnTrack.SAMPLE_RATE,
+            num_channels=1,
+        )
+        self._task = asyncio.ensure_future(self._relay(self._stream))
+
+    async def _relay(self, stream: rtc.AudioStream) -> None:
+        async for event in stream:
+            await self.track.source.capture_frame(event.frame)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            await utils.aio.cancel_and_wait(self._task)
+        await close_quietly(self._stream.aclose if self._stream else None, self.track.aclose)
+
+
+class MoveRefusals:
+    """The LiveKit servers that refused a move as unsupported, remembered for the worker's
+    life: every job runs in a process of its own (livekit-agents ``ipc/proc_pool.py``), so the
+    memory is a marker file per server and worker (the job processes' parent, the worker's
+    forkserver, lives as long as the worker), and later calls bridge at once."""
+
+    def __init__(self, folder: str | None = None, worker: int | None = None) -> None:
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+        self.folder = Path(folder or tempfile.gettempdir()) / f"warm-handoff-{uid}-no-move"
+        self.worker = os.getppid() if worker is None else worker
+
+    def _marker(self, url: str) -> Path:
+        key = hashlib.sha256(f"{self.worker} {url_origin(url)}".encode()).hexdigest()[:24]
+        return self.folder / key
+
+    def refused(self, url: str) -> bool:
+        return self._marker(url).exists()
+
+    def remember(self, url: str) -> None:
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._marker(url).touch()
+        except OSError as e:  # then every call learns it again: one refused request each
+            logger.warning("could not remember that the server refuses moves: %r", e)
+
+
 class PhoneLine(abc.ABC):
     """Everything the handoff needs that only a media server can do. The handoff logic talks
     to nothing else, so the same flow runs on LiveKit and on the simulated line."""
@@ -2306,6 +2401,22 @@ class PhoneLine(abc.ABC):
     async def move(self, leg: Leg, room: str) -> None:
         """Move the human's leg into ``room``; raise ``MoveRefused`` if the server won't."""
 
+    @property
+    @abc.abstractmethod
+    def join_way(self) -> JoinWay:
+        """How the next human is joined to the caller: by a move where the server has
+        MoveParticipant, else by a bridge."""
+
+    @abc.abstractmethod
+    def move_unsupported(self) -> None:
+        """The server refused a move as unsupported: later attempts bridge at once."""
+
+    @abc.abstractmethod
+    async def bridge(self, leg: Leg, room: str) -> None:
+        """Join the human, staying in their consult room, to the people in ``room`` by
+        relaying audio both ways until ``close_consult`` of the human's room; raise
+        ``LegLost`` if either of them is gone."""
+
     @abc.abstractmethod
     async def delete_room(self, room: str) -> None:
         """Delete a room, ending every leg in it. Idempotent; never raises."""
@@ -2326,8 +2437,10 @@ class PhoneLine(abc.ABC):
         in ``room``, outside the consult session, and return when it has played."""
 
     @abc.abstractmethod
-    async def close_consult(self, room: str) -> None:
-        """Stop the consult session and delete its room. Idempotent; never raises."""
+    async def close_consult(self, room: str, *, keep_room: bool = False) -> None:
+        """Stop the consult session and delete its room (with its bridge, if any); with
+        ``keep_room``, stop only the session: a bridged human stays. Idempotent; never
+        raises."""
 
     @abc.abstractmethod
     async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
@@ -2362,7 +2475,13 @@ def job_server_url(ctx: JobContext, fallback: str) -> str:
 class LiveKitPhoneLine(PhoneLine):
     """The phone line on a real LiveKit call, through the server API and the job's room."""
 
-    def __init__(self, ctx: JobContext, settings: Settings, bounds: Bounds | None = None) -> None:
+    def __init__(
+        self,
+        ctx: JobContext,
+        settings: Settings,
+        bounds: Bounds | None = None,
+        refusals: MoveRefusals | None = None,
+    ) -> None:
         super().__init__(bounds)
         self._ctx = ctx
         self._settings = settings
@@ -2371,6 +2490,42 @@ class LiveKitPhoneLine(PhoneLine):
         self._rooms: dict[str, rtc.Room] = {self.caller_room: ctx.room}
         self._consults: dict[str, AgentSession] = {}
         self._tracks: dict[str, OwnTrack] = {}
+        self._bridges: dict[str, list[Relay]] = {}  # by the human's (consult) room
+        self._refusals = refusals or MoveRefusals()
+
+    @property
+    def server_url(self) -> str:
+        return job_server_url(self._ctx, self._settings.livekit_url)
+
+    @property
+    def join_way(self) -> JoinWay:
+        if self._refusals.refused(self.server_url):
+            return JoinWay.BRIDGE
+        return JoinWay.MOVE if on_livekit_cloud(self.server_url) else self._settings.join_way
+
+    def move_unsupported(self) -> None:
+        logger.warning(
+            "LiveKit at %s has no MoveParticipant: this worker bridges humans from now on",
+            url_origin(self.server_url),
+        )
+        self._refusals.remember(self.server_url)
+
+    async def bridge(self, leg: Leg, room: str) -> None:
+        """Two relays through the worker: the caller's voice into the human's room, the
+        human's into the caller's. Self-hosted LiveKit cannot keep a brief private in one room:
+        livekit-sip subscribes every SIP participant to every audio track (itself, again on
+        each new track), and track permissions bind only what the worker publishes, not the
+        two phones' own tracks (shared/reference/livekit-real-stack.md)."""
+        caller_side, human_side = self._rooms.get(room), self._rooms.get(leg.room)
+        caller = caller_side and caller_side.remote_participants.get(self.caller_identity)
+        human = human_side and human_side.remote_participants.get(leg.identity)
+        if not (caller_side and caller):
+            raise LegLost("the caller left before the bridge", caller=True)
+        if not (human_side and human):
+            raise LegLost("the human left before the bridge")
+        relays = [Relay(caller, "caller"), Relay(human, "human")]
+        self._bridges[leg.room] = relays
+        await asyncio.gather(relays[0].start(human_side), relays[1].start(caller_side))
 
     def _sip_without_retries(self) -> SipService:
         """CreateSIPParticipant with no hidden retry. On ``*.livekit.cloud`` the client retries
@@ -2481,7 +2636,7 @@ class LiveKitPhoneLine(PhoneLine):
             # Self-hosted LiveKit has no MoveParticipant: its RoomManager answers "not
             # implemented" (livekit/livekit pkg/service/roommanager.go), a Twirp "unknown".
             if e.code == "unimplemented" or "not implemented" in (e.message or ""):
-                raise MoveRefused(f"{e.code}: {e.message}") from e
+                raise MoveRefused(f"{e.code}: {e.message}", unsupported=True) from e
             problem = f"{e.code}: {e.message}"
         except asyncio.TimeoutError:
             problem = f"no answer in {self.bounds.move:g}s"
@@ -2580,13 +2735,14 @@ class LiveKitPhoneLine(PhoneLine):
             return
         await track.play(audio)
 
-    async def close_consult(self, room: str) -> None:
+    async def close_consult(self, room: str, *, keep_room: bool = False) -> None:
         session, track = self._consults.pop(room, None), self._tracks.pop(room, None)
-        connection = self._rooms.pop(room, None)
+        await close_quietly(session.aclose if session else None, track.aclose if track else None)
+        if keep_room:
+            return
+        relays, connection = self._bridges.pop(room, []), self._rooms.pop(room, None)
         await close_quietly(
-            session.aclose if session else None,
-            track.aclose if track else None,
-            connection.disconnect if connection else None,
+            *(relay.aclose for relay in relays), connection.disconnect if connection else None
         )
         await self.delete_room(room)
 
@@ -2677,6 +2833,7 @@ class SimulatedPhoneLine(PhoneLine):
         caller_identity: str = "caller",
         caller_number: str = "+15550100999",
         move_supported: bool = True,
+        join_way: JoinWay = JoinWay.MOVE,
         announce: Callable[[str], None] | None = None,
         humans: Mapping[str, SimulatedHuman | None] | None = None,
         bounds: Bounds | None = None,
@@ -2690,6 +2847,9 @@ class SimulatedPhoneLine(PhoneLine):
         self.caller_identity = caller_identity
         self.caller_number = caller_number
         self.move_supported = move_supported
+        self.first_way = join_way  # until a move is refused as unsupported
+        self.move_refused = False
+        self.bridged: dict[str, str] = {}  # the human's room -> the caller's, while bridged
         self.rooms: dict[str, set[str]] = {caller_room: {caller_identity}}
         self.events: list[LineEvent] = []
         self.consults: dict[str, AgentSession] = {}
@@ -2758,10 +2918,25 @@ class SimulatedPhoneLine(PhoneLine):
                 self._log(f"hanging up {leg.destination.name}'s leg")
                 self.participant_left(room, leg.identity)
 
+    @property
+    def join_way(self) -> JoinWay:
+        return JoinWay.BRIDGE if self.move_refused else self.first_way
+
+    def move_unsupported(self) -> None:
+        self.move_refused = True
+
+    async def bridge(self, leg: Leg, room: str) -> None:
+        if self.caller_identity not in self.rooms.get(room, ()):
+            raise LegLost("the caller left before the bridge", caller=True)
+        if leg.identity not in self.rooms.get(leg.room, ()):
+            raise LegLost("the human left before the bridge")
+        self.bridged[leg.room] = room
+        self._log(f"{leg.destination.name} bridged to {room}")
+
     async def move(self, leg: Leg, room: str) -> None:
         if not self.move_supported:
             self._log("move refused by the server")
-            raise MoveRefused("unimplemented: MoveParticipant is not available")
+            raise MoveRefused("not implemented", unsupported=True)
         self.participant_left(leg.room, leg.identity)
         self.participant_joined(room, leg.identity)
         self._log(f"{leg.destination.name} moved into {room}")
@@ -2818,10 +2993,13 @@ class SimulatedPhoneLine(PhoneLine):
     def _heard_in(self, room: str) -> asyncio.Queue[str]:
         return self._heard.setdefault(room, asyncio.Queue())
 
-    async def close_consult(self, room: str) -> None:
+    async def close_consult(self, room: str, *, keep_room: bool = False) -> None:
         session = self.consults.pop(room, None)
         await close_quietly(session.aclose if session else None)
-        await self.delete_room(room)
+        if not keep_room:
+            if self.bridged.pop(room, None) is not None:
+                self._log("bridge closed")
+            await self.delete_room(room)
 
     async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
         for identity in identities:
@@ -3706,9 +3884,10 @@ class ConsultRoom:
         if self.brief and self.is_open:
             self.handoff.publish({"handoff.brief": redact(self.brief)}, room=self.name)
 
-    async def decision(self, tasks: utils.aio.TaskSet) -> Decision:
+    async def decision(self, tasks: utils.aio.TaskSet, *, brief: bool = True) -> Decision:
         """Nothing about the caller until a person is confirmed (``Screening``); then the
-        brief, in full; then their decision."""
+        brief, in full; then their decision. Without ``brief`` (conference mode) a confirmed
+        person is joined at once and introduced in front of the caller."""
         h, agent = self.handoff, self.agent
         assert agent is not None
         human_left = self.human_left = tasks.create_task(
@@ -3716,6 +3895,8 @@ class ConsultRoom:
         )
         hears = h.models.stt is not None and h.models.vad is not None
         if h.destination.screening == "none" or not hears:
+            if not brief:
+                return Decision(HandoffOutcome.CONNECTED)
             return await agent.brief_on_hello(human_left, h.settings.hello_grace)
         screening = Screening(agent, h, ring_deadline=h.timings["dial_start"] + h.ring_timeout)
         gone = Decision(HandoffOutcome.DECLINED, "the human hung up during the briefing")
@@ -3729,6 +3910,8 @@ class ConsultRoom:
                 return Decision(verdict.outcome, verdict.reason)
             if screening.opener is not None:
                 await screening.opener  # the details start when the opener has ended
+            if not brief:
+                return Decision(HandoffOutcome.CONNECTED)
             details = agent.speak_details(screening.human_stopped)
             if await _finished_before(details, human_left) is None:
                 return gone
@@ -3744,10 +3927,13 @@ class ConsultRoom:
                 speech = self.agent.session.say(text, allow_interruptions=False)
                 await asyncio.wait_for(speech.wait_for_playout(), 8)
 
-    def close(self) -> None:
+    def close(self, *, keep_room: bool = False) -> None:
+        """Close the room; ``keep_room``: only its session, a bridged human stays in it."""
         if self.is_open:
             self.is_open = False
-            self.line.clean_up_later(self.line.close_consult(self.name), "close the consult room")
+            self.line.clean_up_later(
+                self.line.close_consult(self.name, keep_room=keep_room), "close the consult room"
+            )
 
 
 class Handoff:
@@ -3800,6 +3986,7 @@ class Handoff:
         self.publish({"handoff.state": Phase.ANNOUNCING.value, "handoff.outcome": ""})
         self.room = ConsultRoom(self)  # consult mode: where the human is briefed
         self.amd: dict[str, Any] = {}  # the answering-machine detection's verdict
+        self.joined_by: JoinWay | None = None  # once the human is on the way to the caller
         self._caller_left: asyncio.Future[str] | None = None
         self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
             asyncio.get_running_loop().create_future()
@@ -3847,9 +4034,7 @@ class Handoff:
     # -- the attempt ----------------------------------------------------------------------------
 
     async def run(self) -> HandoffResult:
-        flow = asyncio.ensure_future(
-            self._consult() if self.mode is HandoffMode.CONSULT else self._conference()
-        )
+        flow = asyncio.ensure_future(self._screened())
         caller_left = self._caller_left = asyncio.ensure_future(
             self.line.wait_for_hangup(self.line.caller_room, (self.line.caller_identity,))
         )
@@ -3926,6 +4111,7 @@ class Handoff:
             phase=self.phase,
             brief=self.room.brief,
             amd=self.amd,
+            joined_by=self.joined_by,
         )
 
     async def _clean_up(self) -> None:
@@ -3939,7 +4125,8 @@ class Handoff:
         leg = self.call.leg
         if leg is not None and (self.phase is not Phase.MERGED or caller_gone):
             self.line.clean_up_later(self.line.hang_up(leg), "hang up the human's leg")
-        self.room.close()
+        bridged = self.phase is Phase.MERGED and self.joined_by is JoinWay.BRIDGE
+        self.room.close(keep_room=bridged and not caller_gone)  # a bridged human stays
         if caller_gone:  # a leg moved in at the last moment must not ring on alone
             self.line.clean_up_later(
                 self.line.delete_room(self.line.caller_room), "delete the caller's room"
@@ -3995,26 +4182,10 @@ class Handoff:
         self.timings["answered"] = time.monotonic()
         return None
 
-    async def _conference(self) -> HandoffResult:
-        """The seed's three-way call, made warm: hold while ringing, then an introduction."""
-        dial = self.call.start(self.line.caller_room)
-        try:
-            await self.hold.announce_and_hold()
-            if (failed := await self._ring(dial)) is not None:
-                return failed
-        finally:
-            dial.cancel()
-        return await self._connected(
-            CONFERENCE_INTRODUCTION.format(
-                business=self.settings.business_name,
-                reason=self.reason,
-                team=self.destination.said_as,
-            )
-        )
-
-    async def _consult(self) -> HandoffResult:
-        """Brief the human privately, then move them in: the caller never hears the brief and
-        the human never picks up to silence."""
+    async def _screened(self) -> HandoffResult:
+        """Every mode: the human is dialled into a private room and screened there, so the
+        caller never hears who answers and a mailbox never hears about the caller; in consult
+        mode they are briefed and asked too. Then they are joined to the caller."""
         room = self.room
         opening, composing = room.open()
         dial = self.call.start(room.name)
@@ -4034,11 +4205,11 @@ class Handoff:
             if not composing.done() and self.call.leg is None:
                 composing.cancel()
         self._enter(Phase.BRIEFING)
-        decision = await room.decision(self.tasks)
+        decision = await room.decision(self.tasks, brief=self.mode is HandoffMode.CONSULT)
         await announce  # the caller is on hold before anything else is said to them
         self.timings["accepted" if decision.accepted else "declined"] = time.monotonic()
         if decision.accepted:
-            return await self._merge()
+            return await self._join()
         await room.tell(decision.farewell)
         return self._result(decision.outcome, detail=decision.reason)
 
@@ -4046,35 +4217,72 @@ class Handoff:
         """The agent that briefs the human (the benchmark's reference orderings override it)."""
         return ConsultAgent(brief=brief, transcript=transcript, handoff=self)
 
-    async def _merge(self) -> HandoffResult:
+    async def _join(self) -> HandoffResult:
+        """Bring the human to the caller: by a move where the server has MoveParticipant, else
+        (and after any refused move, the human still in the consult room) by a bridge."""
         assert self.call.leg is not None
         self._enter(Phase.MERGING)
         try:
-            await self.line.move(self.call.leg, self.line.caller_room)
-            self.call.leg = replace(self.call.leg, room=self.line.caller_room)
-            # Only once the human is really in the caller's room is the call merged: the move
-            # takes time, and watching for hang-ups before they arrive would read as one.
-            if not await self.line.wait_for_arrival(
-                self.line.caller_room, self.call.leg.identity, self.line.bounds.move
-            ):
-                raise LegLost("the human did not arrive in the caller's room")
-        except MoveRefused as e:
-            logger.error("move refused in room %s: %s", self.line.caller_room, e)
-            await self.room.tell(HUMAN_MOVE_REFUSED)
-            return self._result(HandoffOutcome.FAILED, detail=f"move refused ({e})")
+            if self.line.join_way is JoinWay.MOVE:
+                self.joined_by = JoinWay.MOVE
+                try:
+                    return await self._move()
+                except MoveRefused as e:
+                    logger.warning(
+                        "move refused in room %s (%s): bridging instead", self.line.caller_room, e
+                    )
+                    if e.unsupported:
+                        self.line.move_unsupported()
+            self.joined_by = JoinWay.BRIDGE
+            await self.line.bridge(self.call.leg, self.line.caller_room)
         except LegLost as e:
-            logger.warning("human lost during the move in room %s: %s", self.line.caller_room, e)
+            if e.caller or self._caller_gone():
+                await self.room.tell(HUMAN_CALLER_LEFT)
+                return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
+            logger.warning("human lost while joining in room %s: %s", self.line.caller_room, e)
             return self._result(HandoffOutcome.FAILED, detail=str(e))
-        if self._caller_left is not None and self._caller_left.done():
+        if self._caller_gone():
+            await self.room.tell(HUMAN_CALLER_LEFT)
+            return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
+        return await self._connected()
+
+    def _caller_gone(self) -> bool:
+        return self._caller_left is not None and self._caller_left.done()
+
+    async def _move(self) -> HandoffResult:
+        assert self.call.leg is not None
+        await self.line.move(self.call.leg, self.line.caller_room)
+        self.call.leg = replace(self.call.leg, room=self.line.caller_room)
+        # Only once the human is really in the caller's room is the call merged: the move
+        # takes time, and watching for hang-ups before they arrive would read as one.
+        if not await self.line.wait_for_arrival(
+            self.line.caller_room, self.call.leg.identity, self.line.bounds.move
+        ):
+            raise LegLost("the human did not arrive in the caller's room")
+        if self._caller_gone():
             # they arrive to nobody: the caller's room is deleted (see _clean_up)
             return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
-        return await self._connected(NOW_CONNECTED.format(team=self.destination.said_as))
+        return await self._connected()
 
-    async def _connected(self, words: str) -> HandoffResult:
-        """Both modes end here: merged, hold audio off, and the agent's last words."""
+    async def _connected(self) -> HandoffResult:
+        """Merged, hold audio off, and the agent's last words: "you're now connected", or in
+        conference mode the introduction; a bridged human hears them from the consult room,
+        at the same time as the caller."""
+        if self.mode is HandoffMode.CONFERENCE:
+            words = CONFERENCE_INTRODUCTION.format(
+                business=self.settings.business_name,
+                reason=self.reason,
+                team=self.destination.said_as,
+            )
+        else:
+            words = NOW_CONNECTED.format(team=self.destination.said_as)
         self._enter(Phase.MERGED)  # times "merged" too
         await self.hold.end()
-        await self.session.say(words, allow_interruptions=False)
+        to_caller = self.session.say(words, allow_interruptions=False)
+        if self.joined_by is JoinWay.BRIDGE:
+            await asyncio.gather(to_caller.wait_for_playout(), self.room.tell(words))
+        else:
+            await to_caller
         return self._result(HandoffOutcome.CONNECTED)
 
 
@@ -4470,9 +4678,7 @@ class SafetyNet:
         if leg is None:
             session.shutdown()
             return
-        hangup = asyncio.ensure_future(
-            self.line.wait_for_hangup(room, (self.line.caller_identity, leg.identity))
-        )
+        hangup = asyncio.ensure_future(self._first_to_hang_up(leg))
         ending = asyncio.ensure_future(self.job_ending.wait())
         try:
             window = self.agent.settings.rejoin_window
@@ -4486,14 +4692,37 @@ class SafetyNet:
                 )
                 if human_left and not ending.done():
                     if await self.line.wait_for_arrival(room, self.line.caller_identity, 0):
+                        await self._unbridge(leg)
                         await self.rejoin(destination, result)
                         return
             session.shutdown()
             await asyncio.wait({hangup, ending}, return_when=asyncio.FIRST_COMPLETED)
-            await self.line.delete_room(room)
+            await asyncio.gather(self.line.delete_room(room), self._unbridge(leg))
         finally:
             hangup.cancel()
             ending.cancel()
+
+    async def _first_to_hang_up(self, leg: Leg) -> str:
+        """The identity of whoever leaves first: the caller, or the human wherever they are
+        (in the caller's room once moved, in their own room when bridged)."""
+        caller_room, caller = self.line.caller_room, self.line.caller_identity
+        if leg.room == caller_room:
+            return await self.line.wait_for_hangup(caller_room, (caller, leg.identity))
+        waits = [
+            asyncio.ensure_future(self.line.wait_for_hangup(caller_room, (caller,))),
+            asyncio.ensure_future(self.line.wait_for_hangup(leg.room, (leg.identity,))),
+        ]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            return next(iter(done)).result()
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    async def _unbridge(self, leg: Leg) -> None:
+        """A bridged human's room goes with the bridge: its relays stop, their leg ends."""
+        if leg.room != self.line.caller_room:
+            await self.line.close_consult(leg.room)
 
     def park(self, parked: bool) -> None:
         """Parked, the caller's session stays connected but hears and says nothing: its audio
@@ -5125,8 +5354,6 @@ async def run_call(
 ) -> AgentSession:
     """Answer one call: start the session, wait until the caller is really there, greet once."""
     console = ctx.is_fake_job()
-    if console and settings.handoff_mode is HandoffMode.AUTO:
-        settings = replace(settings, handoff_mode=HandoffMode.CONSULT)  # the simulated line moves
     if console and not settings.destinations:
         settings = replace(settings, destinations=DEMO_DESTINATIONS)
     if line is None:
@@ -5319,7 +5546,33 @@ async def check(settings: Settings, env: Mapping[str, str] | None = None) -> boo
         print(f"LiveKit API: FAILED ({describe_failure(e)})", file=sys.stderr)
         return False
     print(f"LiveKit API: OK, the credentials work ({len(rooms.rooms)} rooms open)")
+    print(f"Joining the human: {await joining_way_of(settings)}")
     return ok
+
+
+async def joining_way_of(settings: Settings) -> str:
+    """Which way this server joins a human to the caller, found by asking it to move nobody
+    out of a room that does not exist: self-hosted LiveKit answers "not implemented" before it
+    looks (livekit/livekit pkg/service/roommanager.go), LiveKit Cloud looks and finds nothing."""
+    probe = f"warm-handoff-check-{uuid.uuid4().hex[:8]}"
+    request = api.MoveParticipantRequest(
+        room=probe, identity="nobody", destination_room=f"{probe}-to"
+    )
+    try:
+        with _without_jwt_key_length_warning():
+            async with api.LiveKitAPI(
+                settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
+            ) as lk:
+                await asyncio.wait_for(lk.room.move_participant(request), 15)
+    except api.ServerError as e:
+        if e.code == "unimplemented" or "not implemented" in (e.message or ""):
+            return (
+                "bridge (this server has no MoveParticipant: the worker relays the audio "
+                "between the human's room and the caller's)"
+            )
+    except Exception as e:
+        return f"unknown ({describe_failure(e)}); {settings.join_way.value} by the URL"
+    return "move (this server has MoveParticipant)"
 
 
 @contextlib.contextmanager

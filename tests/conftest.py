@@ -355,9 +355,20 @@ class LiveKitBackedLine(RecordingLine):
     async def hang_up(self, leg):
         await self.lk.hang_up(leg)
 
+    def move_unsupported(self) -> None:
+        """Remembered by both: the test's way (``first_way``, since the fake's local URL
+        would always bridge on the LiveKit line) and the LiveKit line's marker file."""
+        super().move_unsupported()
+        self.lk.move_unsupported()
+
     async def move(self, leg, room):
         await self._hook("move")
         await self.lk.move(leg, room)
+
+    async def bridge(self, leg, room):
+        """The relays are media, simulated here; who is where is the server's."""
+        await self._hook("bridge")
+        await super().bridge(leg, room)
 
     async def delete_room(self, room):
         await self.lk.delete_room(room)
@@ -410,7 +421,7 @@ def livekit_settings(server: FakeLiveKitServer, **overrides: Any) -> wh.Settings
 
 
 @pytest.fixture
-async def livekit_call(livekit):
+async def livekit_call(livekit, tmp_path):
     """Start a caller's session on the LiveKit-backed line, through the fake server; every call
     started is closed when the test ends. ``caller_room``: a room of its own (other calls share
     the server); ``models``: instead of the scripted ``respond``; ``caller_audio``: where the
@@ -429,14 +440,17 @@ async def livekit_call(livekit):
         line_type: Callable[[wh.LiveKitPhoneLine, FakeLiveKitServer], LiveKitBackedLine] = (
             LiveKitBackedLine
         ),
+        join_way: wh.JoinWay = wh.JoinWay.MOVE,
         **settings: Any,
     ) -> LiveKitCall:
         config = livekit_settings(server, **settings)
-        lk = wh.LiveKitPhoneLine(ctx, config, bounds=TEST_BOUNDS)
+        refusals = wh.MoveRefusals(folder=str(tmp_path), worker=os.getpid())
+        lk = wh.LiveKitPhoneLine(ctx, config, bounds=TEST_BOUNDS, refusals=refusals)
         if caller_room is not None:
             server.add_participant(caller_room, "caller")
             lk.caller_room = caller_room
         line = line_type(lk, server)
+        line.first_way = join_way
         if caller_number is not None:
             line.caller_number = caller_number
         model = ScriptedLLM(respond or receptionist())

@@ -89,7 +89,8 @@ CONSULT = [
     Cell("briefing", "voicemail", Out.VOICEMAIL, MAILBOX, None),
     Cell("briefing", SHUTDOWN, Out.FAILED, ENDING, "I'm sorry, this call has to end now."),
     Cell("briefing", "max_hold", Out.NO_ANSWER, NOBODY, TAKEN_BACK),
-    Cell("merging", "move_refused", Out.FAILED, WRONG, "I'm sorry, I can't put the call through"),
+    # a server with no MoveParticipant: the human, still in the consult room, is bridged
+    Cell("merging", "move_refused", Out.CONNECTED, CONNECTED, CONNECTED),
     # the move is never abandoned half way: it completes, the human arrives to nobody and the
     # caller's room is deleted (their leg ends); the last words they heard were the brief
     Cell("merging", "caller_hangs_up", Out.CALLER_LEFT, HOLD, BRIEF),
@@ -102,18 +103,32 @@ CONFERENCE = [
     Cell("merged", "caller_hangs_up", Out.CONNECTED, INTRO, INTRO),
     Cell("merged", "human_hangs_up", Out.CONNECTED, INTRO, INTRO),
 ]
-MATRIX = [("consult", c) for c in COMMON + CONSULT] + [
-    ("conference", c) for c in COMMON + CONFERENCE
+# Bridged (self-hosted LiveKit): the human stays in the consult room and hears the last words
+# there, at the same time as the caller; both rooms go when either hangs up.
+BRIDGED_CONSULT = [
+    Cell("merging", "caller_hangs_up", Out.CALLER_LEFT, HOLD, CALLER_GONE),
+    Cell("merging", "human_hangs_up", Out.FAILED, WRONG, BRIEF),
+    Cell("merged", "caller_hangs_up", Out.CONNECTED, CONNECTED, CONNECTED),
+    Cell("merged", "human_hangs_up", Out.CONNECTED, CONNECTED, CONNECTED),
 ]
+MATRIX = (
+    [("consult", "move", c) for c in COMMON + CONSULT]
+    + [("consult", "bridge", c) for c in BRIDGED_CONSULT]
+    + [("conference", "move", c) for c in COMMON + CONFERENCE]
+    + [("conference", "bridge", c) for c in CONFERENCE]
+)
 
 
-@pytest.mark.parametrize("mode,cell", MATRIX, ids=[f"{m}-{c.phase}-{c.fault}" for m, c in MATRIX])
-async def test_cell(livekit, livekit_call, monkeypatch, mode, cell):
+@pytest.mark.parametrize(
+    "mode,way,cell", MATRIX, ids=[f"{m}-{w}-{c.phase}-{c.fault}" for m, w, c in MATRIX]
+)
+async def test_cell(livekit, livekit_call, monkeypatch, mode, way, cell):
     server, _ = livekit
     if cell.script is not None:
         server.script_dial(cell.script)
     session, agent, line = await livekit_call(
         handoff_mode=wh.HandoffMode(mode),
+        join_way=wh.JoinWay(way),
         max_hold={"api_timeout": 1.0, "max_hold": 2.0}.get(cell.fault, 20.0),
     )
     await session.run(user_input="a person please")
@@ -122,7 +137,7 @@ async def test_cell(livekit, livekit_call, monkeypatch, mode, cell):
     if cell.phase == "announcing":
         line.hooks["dial"] = lambda: inject(cell.fault, line, agent, server)
     if cell.phase == "merging":
-        line.hooks["move"] = lambda: inject(cell.fault, line, agent, server)
+        line.hooks[way] = lambda: inject(cell.fault, line, agent, server)
     if cell.fault == "move_refused":
         server.move_supported = False
     turn = asyncio.ensure_future(session.run(user_input="yes"))
@@ -132,7 +147,7 @@ async def test_cell(livekit, livekit_call, monkeypatch, mode, cell):
         await inject(cell.fault, line, agent, server)
     if cell.phase in ("briefing", "merging", "merged"):
         await wait_for(line.answered.is_set)
-        if mode == "consult":
+        if mode == "consult":  # conference: unscreened here (no ears), joined on answer
             if cell.fault == "voicemail":
                 line.human_says("Hi, you've reached Sam. Please leave a message.")
             else:
@@ -144,11 +159,16 @@ async def test_cell(livekit, livekit_call, monkeypatch, mode, cell):
     await asyncio.wait_for(turn, 8)
     if cell.phase == "merged":
         await inject(cell.fault, line, agent, server)
+    if cell.outcome is Out.CONNECTED:
+        if cell.phase == "merging":  # bridged after the refusal: the call ends as it would
+            line.hang_up_caller()
         await server.wait_for(lambda: CALLER_ROOM in server.deleted_rooms, 2)
 
     [result] = agent.results
     assert result.outcome is cell.outcome, result
-    if (cell.phase, cell.fault) == ("merging", "human_hangs_up"):
+    if cell.fault == "move_refused":  # remembered: the next attempt bridges at once
+        assert line.join_way is wh.JoinWay.BRIDGE and line.lk.join_way is wh.JoinWay.BRIDGE
+    if (way, cell.phase, cell.fault) == ("move", "merging", "human_hangs_up"):
         # the move failed; the human was looked for in both rooms as long as the line allows
         assert "left during the move" in result.detail, result
         looked = result.timings["ended"] - result.timings["merging"]
@@ -157,11 +177,16 @@ async def test_cell(livekit, livekit_call, monkeypatch, mode, cell):
     assert caller_heard[-1].startswith(cell.caller_hears), caller_heard
     human_heard = (
         line.human_heard()
-        if mode == "consult"
-        else caller_heard[caller_heard.index(HOLD) + 1 :]
+        if mode == "consult" or way == "bridge"
+        else caller_heard[caller_heard.index(HOLD) + 1 :]  # moved: in the caller's room
         if result.connected
         else []
     )
+    assert result.joined_by is (
+        None if cell.phase not in ("merging", "merged") else
+        wh.JoinWay.BRIDGE if "bridge" in (way, cell.fault.replace("move_refused", "bridge"))
+        else wh.JoinWay.MOVE
+    ), result
     if cell.human_hears is None:
         assert human_heard == []
     else:
@@ -229,7 +254,7 @@ def as_in_the_table(said: str) -> str:
 def test_every_cell_is_a_row_of_the_readme_outcome_table_and_every_row_a_cell():
     rows = outcome_table()
     assert {outcome for outcome, _ in rows} == set(Out)  # every outcome has its row
-    cells = {(c.outcome, as_in_the_table(c.caller_hears)) for _, c in MATRIX}
+    cells = {(c.outcome, as_in_the_table(c.caller_hears)) for _, _, c in MATRIX}
     for outcome, said in cells:  # the caller hears what the table says (or has left)
         heard = [h for o, h in rows if o is outcome]
         gone = outcome is Out.CALLER_LEFT and "(gone)" in heard
@@ -267,7 +292,7 @@ async def inject(fault, line, agent, server) -> None:
 REAL_LINE = [
     "consult-merging-move_slow",
     "consult-merging-move_response_lost",
-    "consult-merging-cleanup_hangs",
+    "consult-briefing-cleanup_hangs",
     "conference-announcing-fast_answer_never_mind",
     "consult-ringing-dial_timeout_retry",
     "consult-ringing-late_cancel",
@@ -307,8 +332,7 @@ async def test_real_line_cell(livekit, livekit_call, cell):
         overrides["max_hold"] = 4.0
     elif fault == "move_response_lost":  # moved, but the answer never arrives: the client
         server.script_method("MoveParticipant", MethodFault.lose_response())  # retries
-    elif fault == "cleanup_hangs":  # the refused move is cleaned up by a slow server
-        server.move_supported = False
+    elif fault == "cleanup_hangs":  # a declined attempt is cleaned up by a slow server
         server.script_method("DeleteRoom", MethodFault.slow(1.0))
         server.script_method("RemoveParticipant", MethodFault.slow(1.0))
     elif fault == "dial_timeout_retry":  # answered, but the dial's response is lost
@@ -333,6 +357,9 @@ async def test_real_line_cell(livekit, livekit_call, cell):
     elif fault == "late_cancel":
         await wait_for(lambda: server.calls_to("CreateSIPParticipant"))
         line.hang_up_caller()
+    elif fault == "cleanup_hangs":
+        await line.human_answers()
+        line.human_presses("2")
     elif fault == "consult_connection_drop":
         await line.human_answers()
         line.drop_connection(line.dials[0].room)
@@ -351,7 +378,7 @@ async def test_real_line_cell(livekit, livekit_call, cell):
     if fault == "move_response_lost":
         assert [c.response_lost for c in server.calls_to("MoveParticipant")][0]
     if fault == "cleanup_hangs":
-        assert result.outcome is Out.FAILED and said[-1].startswith(WRONG)
+        assert result.outcome is Out.DECLINED and said[-1].startswith(CANT)
         told = next(m for m in session.history.messages() if m.text_content == said[-1])
         await server.wait_for(lambda: any(e.kind == "room_deleted" for e in server.events))
         deleted = next(e for e in server.events if e.kind == "room_deleted")  # monotonic
