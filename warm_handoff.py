@@ -2202,13 +2202,16 @@ class HoldMusic:
                 await decoding.aclose()
 
 
-async def close_quietly(*closers: Callable[[], Awaitable[object]] | None) -> None:
-    """Call each of ``closers`` (None: nothing to close), whatever the others do: a consult room
-    on its way out must not keep its session or connection open because one step failed."""
+async def close_quietly(
+    *closers: Callable[[], Awaitable[object]] | None, timeout: float | None = None
+) -> None:
+    """Call each of ``closers`` (None: nothing to close), whatever the others do, each for at
+    most ``timeout`` s: a consult room on its way out must not keep its session or connection
+    open because one step failed or hangs."""
     for close in closers:
         if close is not None:
             with contextlib.suppress(Exception):
-                await close()
+                await asyncio.wait_for(close(), timeout)
 
 
 # What is played to the human outside the consult session: frames prepared while the phone
@@ -2741,10 +2744,13 @@ class LiveKitPhoneLine(PhoneLine):
         if keep_room:
             return
         relays, connection = self._bridges.pop(room, []), self._rooms.pop(room, None)
+        await self.delete_room(room)  # first: the human's leg ends now, whatever follows
+        # a relay whose speaker has gone may never see its stream end
         await close_quietly(
-            *(relay.aclose for relay in relays), connection.disconnect if connection else None
+            *(relay.aclose for relay in relays),
+            connection.disconnect if connection else None,
+            timeout=self.bounds.server_call,
         )
-        await self.delete_room(room)
 
     async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
         lk_room = self._rooms[room]

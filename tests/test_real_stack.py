@@ -186,11 +186,12 @@ def test_the_caller_hears_the_greeting_once_answered(call: Call) -> None:
 
 
 def test_conference_handoff_end_to_end(call: Call, stack: Stack) -> None:
-    """The self-hosted default (HANDOFF_MODE=auto picks conference off LiveKit Cloud): the human's
-    phone rings while the caller hears hold audio; once answered the two hear the introduction,
-    then each other; when the caller hangs up, the human gets BYE and the room is gone."""
+    """Conference mode on self-hosted LiveKit: the human's phone rings while the caller hears hold
+    audio; once answered the human is screened in private (the opener), then bridged: the two hear
+    the introduction, then each other, through the worker; when the caller hangs up, the human
+    gets BYE and both rooms are gone."""
     call.standins.stt_says(ASKS_FOR_A_PERSON)
-    call.start_worker()
+    call.start_worker(HANDOFF_MODE="conference")
     human_audio = audio_file(call.folder, "human", Say("Hello, support, Sam speaking."),
                              Quiet(16), Tone(HUMAN_TONE, 1.5))  # fmt: skip
     human = call.human(HumanPhone(ring=12, audio=human_audio, hang_up_after=70))
