@@ -233,11 +233,58 @@ def test_conference_handoff_end_to_end(call: Call, stack: Stack) -> None:
     _no_rooms_left(stack)
 
 
-def _tone_heard(heard: Heard, hz: float) -> float | None:
-    """When a tone at ``hz`` was first heard (0.25 s windows), or None."""
+def test_the_self_hosted_default_briefs_in_private_then_bridges(call: Call, stack: Stack) -> None:
+    """HANDOFF_MODE=auto on self-hosted LiveKit (no MoveParticipant): consult, bridged. While the
+    human is screened and briefed in their own room, neither phone hears the other (each sends a
+    tone then); once they press 1 the worker relays each one's audio into the other's room and
+    they hear each other's next tone; when the caller hangs up the human gets BYE and both rooms
+    go. Nothing is ever moved: the worker bridges without asking the server first."""
+    call.standins.stt_says(ASKS_FOR_A_PERSON)
+    call.start_worker()
+    human_audio = audio_file(call.folder, "human", Tone(HUMAN_TONE, 0.6), Quiet(0.3),
+                             Say("Hello, this is Sam."), Quiet(20), Tone(HUMAN_TONE, 1.5))  # fmt: skip
+    human = call.human(HumanPhone(ring=3, audio=human_audio, keys=((17.0, "1"),),
+                                  hang_up_after=70))  # fmt: skip
+    caller_audio = asks_for_a_person(call.folder, Quiet(10), Tone(CALLER_TONE, 1.0), Quiet(19),
+                                     Tone(CALLER_TONE, 1.5))  # fmt: skip
+    call.caller(caller_audio, hang_up_after=48)
+    call.wait(90)
+    assert human.process is not None
+    heard = call.heard()
+    caller, person = heard["caller"], heard["human"]
+    caller_heard, person_heard = caller.heard(), person.heard()
+    (answer,) = person.sent(200, "INVITE")
+    record = handoff_record(call)
+    assert (record["mode"], record["joined_by"], record["outcome"]) == (
+        "consult", "bridge", "connected"
+    ), record
+    accepted = record["decided_at"] + record["timings"]["accepted"]  # the 1 reached the worker
+    # before the key: each phone's own tone went out, and the other never heard it
+    sent_by_human = _tone_heard(person.said(), HUMAN_TONE)
+    sent_by_caller = _tone_heard(caller.said(), CALLER_TONE)
+    assert sent_by_human is not None and sent_by_human < accepted
+    assert sent_by_caller is not None and answer.at < sent_by_caller < accepted, (
+        sent_by_caller - answer.at
+    )
+    assert _tone_heard(caller_heard, HUMAN_TONE, until=accepted) is None
+    assert _tone_heard(person_heard, CALLER_TONE, until=accepted) is None
+    # after it: through the bridge, each hears the other's next tone
+    assert _tone_heard(caller_heard, HUMAN_TONE, after=accepted) is not None
+    assert _tone_heard(person_heard, CALLER_TONE, after=accepted) is not None
+    (bye,) = caller.sent("BYE")
+    (human_bye,) = person.received("BYE")
+    assert 0 <= human_bye.at - bye.at < 5.0
+    _no_rooms_left(stack)
+
+
+def _tone_heard(
+    heard: Heard, hz: float, *, after: float = 0.0, until: float = float("inf")
+) -> float | None:
+    """When a tone at ``hz`` was first heard (0.25 s windows) between ``after`` and ``until``,
+    or None."""
     step = 0.25
-    t = heard.start
-    end = heard.start + len(heard.samples) / 8000
+    t = max(heard.start, after)
+    end = min(heard.start + len(heard.samples) / 8000, until)
     while t < end:
         if heard.tone_level(hz, t, t + step) > 0.5:
             return t
