@@ -2501,8 +2501,13 @@ class LiveKitPhoneLine(PhoneLine):
         return job_server_url(self._ctx, self._settings.livekit_url)
 
     @property
+    def move_refused(self) -> bool:
+        """Whether this worker has seen this server refuse a move as unsupported."""
+        return self._refusals.refused(self.server_url)
+
+    @property
     def join_way(self) -> JoinWay:
-        if self._refusals.refused(self.server_url):
+        if self.move_refused:
             return JoinWay.BRIDGE
         return JoinWay.MOVE if on_livekit_cloud(self.server_url) else self._settings.join_way
 
@@ -5557,28 +5562,53 @@ async def check(settings: Settings, env: Mapping[str, str] | None = None) -> boo
 
 
 async def joining_way_of(settings: Settings) -> str:
-    """Which way this server joins a human to the caller, found by asking it to move nobody
-    out of a room that does not exist: self-hosted LiveKit answers "not implemented" before it
-    looks (livekit/livekit pkg/service/roommanager.go), LiveKit Cloud looks and finds nothing."""
+    """Which way this server joins a human to the caller, found by asking it: the check joins a
+    room of its own for a moment and asks to be moved out of it. Self-hosted LiveKit answers
+    "not implemented" (livekit/livekit pkg/service/roommanager.go, reached only for a
+    participant that exists: roomservice.go routes the request to its node); LiveKit Cloud
+    moves it. Both rooms are deleted at once."""
     probe = f"warm-handoff-check-{uuid.uuid4().hex[:8]}"
-    request = api.MoveParticipantRequest(
-        room=probe, identity="nobody", destination_room=f"{probe}-to"
-    )
+    with _without_jwt_key_length_warning():
+        token = (
+            api.AccessToken(settings.livekit_api_key, settings.livekit_api_secret)
+            .with_identity(probe)
+            .with_grants(api.VideoGrants(room_join=True, room=probe, can_publish=False))
+            .to_jwt()
+        )
+    room = rtc.Room()
+    media_log = logging.getLogger("livekit")  # the media SDK's own retries: the answer says it
+    level = media_log.level
+    media_log.setLevel(logging.CRITICAL)
     try:
+        await asyncio.wait_for(room.connect(settings.livekit_url, token), 15)
         with _without_jwt_key_length_warning():
             async with api.LiveKitAPI(
                 settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
             ) as lk:
-                await asyncio.wait_for(lk.room.move_participant(request), 15)
+                try:
+                    move = api.MoveParticipantRequest(
+                        room=probe, identity=probe, destination_room=f"{probe}-moved"
+                    )
+                    await asyncio.wait_for(lk.room.move_participant(move), 15)
+                    return "move (this server has MoveParticipant)"
+                finally:
+                    await close_quietly(room.disconnect, timeout=5)
+                    for name in (probe, f"{probe}-moved"):
+                        with contextlib.suppress(Exception):
+                            await lk.room.delete_room(api.DeleteRoomRequest(room=name))
     except api.ServerError as e:
         if e.code == "unimplemented" or "not implemented" in (e.message or ""):
             return (
                 "bridge (this server has no MoveParticipant: the worker relays the audio "
                 "between the human's room and the caller's)"
             )
-    except Exception as e:
-        return f"unknown ({describe_failure(e)}); {settings.join_way.value} by the URL"
-    return "move (this server has MoveParticipant)"
+        problem = describe_failure(e)
+    except Exception as e:  # the room could not be joined: no media connection from here
+        problem = describe_failure(e)
+    finally:
+        media_log.setLevel(level)
+    await close_quietly(room.disconnect, timeout=5)
+    return f"unknown ({problem}); by the URL, {settings.join_way.value}"
 
 
 @contextlib.contextmanager

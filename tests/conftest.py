@@ -355,9 +355,15 @@ class LiveKitBackedLine(RecordingLine):
     async def hang_up(self, leg):
         await self.lk.hang_up(leg)
 
+    @property
+    def join_way(self) -> wh.JoinWay:
+        """The LiveKit line's memory of a refusal (its marker file), else the test's
+        ``first_way``: the fake's local URL would always bridge on the LiveKit line."""
+        if self.move_refused or self.lk.move_refused:
+            return wh.JoinWay.BRIDGE
+        return self.first_way
+
     def move_unsupported(self) -> None:
-        """Remembered by both: the test's way (``first_way``, since the fake's local URL
-        would always bridge on the LiveKit line) and the LiveKit line's marker file."""
         super().move_unsupported()
         self.lk.move_unsupported()
 

@@ -67,14 +67,19 @@ def test_seed_variable_name_wins_over_alias():
 
 
 @pytest.mark.parametrize(
-    "url,mode",
+    "url,way",
     [
-        ("wss://acme.livekit.cloud", wh.HandoffMode.CONSULT),
-        ("ws://livekit.internal:7880", wh.HandoffMode.CONFERENCE),
+        ("wss://acme.livekit.cloud", wh.JoinWay.MOVE),
+        ("wss://acme-x1y2.livekit.run:443/", wh.JoinWay.MOVE),  # the framework counts it too
+        ("ws://livekit.internal:7880", wh.JoinWay.BRIDGE),
+        ("wss://livekit.cloud.example.com", wh.JoinWay.BRIDGE),
+        ("wss://evil-livekit.cloud", wh.JoinWay.BRIDGE),
     ],
 )
-def test_auto_mode_follows_where_livekit_runs(url, mode):
-    assert wh.load_settings({**GOOD, "LIVEKIT_URL": url}).mode is mode
+def test_auto_mode_is_consult_everywhere_and_the_url_decides_how_the_human_is_joined(url, way):
+    settings = wh.load_settings({**GOOD, "LIVEKIT_URL": url})
+    assert settings.mode is wh.HandoffMode.CONSULT
+    assert settings.join_way is way
 
 
 def test_every_problem_is_named_in_one_message_without_secrets():

@@ -179,17 +179,25 @@ async def test_dial_failures_reach_the_caller(start_call, human, outcome, heard,
     await assert_line_clean(line)
 
 
-async def test_move_refused_ends_the_humans_leg_and_returns_the_caller(start_call):
+async def test_a_refused_move_bridges_the_human_and_is_remembered(start_call):
+    """A server with no MoveParticipant (self-hosted LiveKit) refuses the move: the human, still
+    in the consult room, is bridged at once and both hear that they are connected; the next
+    attempt on this line bridges without asking."""
     line = RecordingLine(None, ring_time=0.05, move_supported=False)
     call = await start_call(receptionist(), line=line)
     turn = await ask_for_transfer(call)
     await line.human_accepts()
     await asyncio.wait_for(turn, 5)
     result = call.agent.results[0]
-    assert result.outcome is Out.FAILED and "move refused" in result.detail
-    assert "can't put the call through" in call.human_heard()[-1]
-    assert call.caller_heard()[-1].startswith("I'm sorry, something went wrong")
-    await assert_line_clean(line)
+    assert result.outcome is Out.CONNECTED and result.joined_by is wh.JoinWay.BRIDGE
+    assert call.human_heard()[-1] == call.caller_heard()[-1] == (
+        "You're now connected with our support team."
+    )
+    assert line.bridged == {result.leg.room: "console-room"}
+    assert [e.text for e in line.events].count("move refused by the server") == 1
+    assert line.join_way is wh.JoinWay.BRIDGE
+    line.hang_up_caller()  # the call ends: the bridge and the human's room go with it
+    await wait_for(lambda: line.bridged == {} and line.legs() == [])
 
 
 async def test_human_hanging_up_during_the_brief_returns_the_caller(start_call):
@@ -247,11 +255,15 @@ async def test_conference_introduces_the_caller_to_both_and_leaves(start_call):
     turn = await ask_for_transfer(call)
     await asyncio.wait_for(turn, 5)
     [dial] = call.line.dials
-    assert dial.room == "console-room"  # the seed's way: straight into the caller's room
+    # screened in a room of their own first (here unscreened: the text line has no ears), then
+    # moved into the caller's room
+    assert dial.room.startswith("console-room-consult-")
     intro = call.caller_heard()[-1]
     assert "a refund for order 88" in intro and "now connected with our support team" in intro
     assert call.line.holds and not call.line.on_hold  # held while ringing, then released
-    assert call.agent.results[0].outcome is Out.CONNECTED
+    [result] = call.agent.results
+    assert result.outcome is Out.CONNECTED and result.joined_by is wh.JoinWay.MOVE
+    assert dial.identity in call.line.rooms["console-room"]
     await asyncio.wait_for(closed.wait(), 2)  # the agent has left
 
 

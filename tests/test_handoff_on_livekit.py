@@ -55,7 +55,7 @@ async def test_the_exact_create_sip_participant_request(
     assert r.trunk.hostname == host
     assert r.sip_call_to == call_to
     assert r.sip_number == "+15105550999"  # the caller ID the human's phone shows
-    assert r.room_name == CALLER_ROOM
+    assert r.room_name.startswith(f"{CALLER_ROOM}-consult-")  # screened there first
     assert re.fullmatch(r"transfer_[0-9a-f]{8}", r.participant_identity)
     assert r.participant_name == "Human Agent"
     assert r.krisp_enabled is True
@@ -205,19 +205,33 @@ async def test_consult_accept_moves_the_human_and_deletes_rooms(livekit, livekit
     assert CALLER_ROOM not in server.rooms
 
 
-async def test_move_refused_removes_the_human_and_returns_the_caller(livekit, livekit_call):
+async def test_a_refused_move_bridges_and_the_worker_remembers_it(livekit, livekit_call):
+    """Self-hosted LiveKit answers MoveParticipant "not implemented" (a Twirp unknown): the
+    human, still in the consult room, is bridged; the refusal is remembered for the worker (a
+    marker file, since each job is a process of its own), so the next call bridges without a
+    move; both calls end with no human anywhere."""
     server, _ = livekit
     server.move_supported = False
     session, agent, line = await livekit_call(receptionist())
     turn = await agree_to_transfer(session)
     await line.human_accepts()
     await asyncio.wait_for(turn, 5)
-    assert agent.results[0].outcome is Out.FAILED
-    identity = server.calls_to("CreateSIPParticipant")[0].request.participant_identity
-    await line.settle()
-    assert [c.request.identity for c in server.calls_to("RemoveParticipant")] == [identity]
-    assert humans(server) == []
-    assert "something went wrong" in last_said(session)
+    [first] = agent.results
+    assert (first.outcome, first.joined_by) == (Out.CONNECTED, wh.JoinWay.BRIDGE)
+    assert first.leg is not None and first.leg.room != CALLER_ROOM  # never moved
+    asked = len(server.calls_to("MoveParticipant"))  # the client tries a 5xx 3 times on Cloud
+    assert asked >= 1 and line.lk.move_refused
+
+    session2, agent2, line2 = await livekit_call(receptionist(), caller_room="second-call")
+    assert line2.lk.move_refused and line2.join_way is wh.JoinWay.BRIDGE
+    turn = await agree_to_transfer(session2)
+    await line2.human_accepts()
+    await asyncio.wait_for(turn, 5)
+    assert agent2.results[0].joined_by is wh.JoinWay.BRIDGE
+    assert len(server.calls_to("MoveParticipant")) == asked  # not asked again
+    line.hang_up_caller()
+    line2.hang_up_caller()
+    await server.wait_for(lambda: humans(server) == [])
 
 
 async def test_caller_hanging_up_while_ringing_aborts_the_dial(livekit, livekit_call):

@@ -295,6 +295,9 @@ async def test_check_prints_the_configuration_masked_and_proves_the_credentials(
     for secret in (API_SECRET, SECRET, "+15105550100", "+15105550999"):
         assert secret not in out + err
     assert [c.method for c in server.calls] == ["ListRooms"]  # a harmless read, nothing else
+    # the fake has no media server to join, so which way it joins is unknown; the real
+    # server's answer: tests/test_real_stack.py test_check_proves_the_credentials_...
+    assert "Joining the human: unknown (" in out and "by the URL, bridge" in out
 
 
 async def test_check_fails_clearly_on_bad_credentials(livekit, tmp_path):

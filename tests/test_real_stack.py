@@ -545,6 +545,8 @@ def test_check_proves_the_credentials_against_the_real_server(stack: Stack, tmp_
                        ELEVEN_API_KEY="k")  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "LiveKit API: OK, the credentials work" in done.stdout
+    # livekit-server has no MoveParticipant: check finds it out, as the worker would
+    assert "Joining the human: bridge (this server has no MoveParticipant" in done.stdout
     wrong = run_command(stack, tmp_path, "check", LIVEKIT_API_SECRET="x" * 40,
                         DEEPGRAM_API_KEY="k", OPENAI_API_KEY="k", ELEVEN_API_KEY="k")  # fmt: skip
     assert wrong.returncode == 1
