@@ -241,8 +241,10 @@ def test_the_self_hosted_default_briefs_in_private_then_bridges(call: Call, stac
     go. Nothing is ever moved: the worker bridges without asking the server first."""
     call.standins.stt_says(ASKS_FOR_A_PERSON)
     call.start_worker()
-    human_audio = audio_file(call.folder, "human", Tone(HUMAN_TONE, 0.6), Quiet(0.3),
-                             Say("Hello, this is Sam."), Quiet(20), Tone(HUMAN_TONE, 1.5))  # fmt: skip
+    human_audio = audio_file(
+        call.folder, "human", Tone(HUMAN_TONE, 0.6), Quiet(0.3), Say("Hello, this is Sam."),
+        Quiet(20), Tone(HUMAN_TONE, 1.5),
+    )  # fmt: skip
     human = call.human(HumanPhone(ring=3, audio=human_audio, keys=((17.0, "1"),),
                                   hang_up_after=70))  # fmt: skip
     caller_audio = asks_for_a_person(call.folder, Quiet(10), Tone(CALLER_TONE, 1.0), Quiet(19),
