@@ -7,13 +7,15 @@ moment of the transfer decision (the handoff record's ``decided_at``, on the sam
 It runs in a network namespace of its own (it re-runs itself under ``unshare -n``), starts the
 stack (tests/real_stack.py), and places two kinds of call with the provider stand-ins:
 
-- conference (the self-hosted default): caller answered → first greeting audio; transfer
-  decision → first "please hold" audio; the longest silence the caller hears from the decision
-  to the human's answer; caller → human and human → caller audio latency after the merge (a tone
-  each phone sends: first packet that carries it out, first that carries it in);
-- consult (HANDOFF_MODE=consult, briefed before the move, which self-hosted LiveKit refuses):
-  the end of the human's hello (the last of its sound as it left the phone) → first audio of
-  the opener, → first audio of the details.
+- conference (screened in private, then bridged: self-hosted LiveKit has no MoveParticipant):
+  caller answered → first greeting audio; transfer decision → first "please hold" audio; the
+  longest silence the caller hears from the decision to the human's answer; caller → human and
+  human → caller audio latency through the bridge (a tone each phone sends: first packet that
+  carries it out, first that carries it in); the job process's CPU (% of one core) while the
+  two talk and the memory it added since the caller was on hold;
+- consult (briefed in private; the human here never accepts): the end of the human's hello (the
+  last of its sound as it left the phone) → first audio of the opener, → first audio of the
+  details.
 
 Figures go to stdout and bench/out/real_stack.json; bench/README.md sets them beside the
 in-process benchmark's. Run it on an otherwise idle machine.
@@ -26,7 +28,9 @@ import json
 import os
 import statistics
 import sys
+import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +76,46 @@ def first_sound_after_quiet(heard: Heard, after: float) -> float | None:
     return None
 
 
+class JobUsage(threading.Thread):
+    """Samples the call's job process (its pid from the worker's log) every 0.25 s: CPU seconds
+    used so far and resident memory, with the wall clock the capture uses."""
+
+    def __init__(self, worker: real_stack.Worker) -> None:
+        super().__init__(daemon=True)
+        self.worker = worker
+        self.samples: list[tuple[float, float, float]] = []  # (time, cpu s, rss MB)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        pid = None
+        while not self.done.wait(0.25):
+            if pid is None:
+                found = re.search(r'initializing process .*?"pid": (\d+)', self.worker.log())
+                pid = int(found[1]) if found else None
+                continue
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                return
+            cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+            rss = int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024
+            self.samples.append((time.time(), cpu, rss))
+
+    def between(self, start: float, end: float) -> tuple[float, float] | None:
+        """CPU (% of one core) over ``start``..``end``, and the memory at ``end`` (MB)."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return None
+        (t0, cpu0, _), (t1, cpu1, rss1) = inside[0], inside[-1]
+        return 100 * (cpu1 - cpu0) / (t1 - t0), rss1
+
+    def at(self, moment: float) -> float | None:
+        """Memory (MB) at the last sample before ``moment``."""
+        before = [s for s in self.samples if s[0] <= moment]
+        return before[-1][2] if before else None
+
+
 def run_call(stack: real_stack.Stack, folder: Path, mode: str) -> dict[str, float]:
     folder.mkdir(parents=True)
     with ProviderStandIns.in_thread() as standins:
@@ -83,6 +127,8 @@ def run_call(stack: real_stack.Stack, folder: Path, mode: str) -> dict[str, floa
         }  # fmt: skip
         capture = real_stack.Capture(folder / "phones.pcap")
         worker = real_stack.Worker(folder, env)
+        usage = JobUsage(worker)
+        usage.start()
         sipps: list[phones.Sipp] = []
         try:
             if mode == "conference":
@@ -106,6 +152,7 @@ def run_call(stack: real_stack.Stack, folder: Path, mode: str) -> dict[str, floa
             for sipp in sipps:
                 sipp.stop()
             capture.stop()
+            usage.done.set()
             worker.stop()
         records = worker.records()
     seen = read_phones(capture.path, caller=(real_stack.CALLER_SIP, real_stack.CALLER_RTP),
@@ -135,6 +182,13 @@ def run_call(stack: real_stack.Stack, folder: Path, mode: str) -> dict[str, floa
         came = first_sound(heard_by_caller, human_answered.at, HUMAN_TONE)
         if sent is not None and came is not None:
             out["human_to_caller_ms"] = (came - sent) * 1000
+        # the bridge's cost: the job process while the two talk (the introduction said, the
+        # agent silent; only the relays work), against the caller on hold before the dial
+        (bye,) = caller.sent("BYE")
+        if sent is not None and (bridged := usage.between(sent - 1.0, bye.at - 0.5)):
+            out["bridged_job_cpu_percent"], rss = bridged
+            if (held := usage.at(human_answered.at - 2.0)) is not None:
+                out["bridged_job_memory_added_mb"] = rss - held
     else:
         hello = human.said().sound(LOUD)
         opener = first_sound(heard_by_human, hello[0][1]) if hello else None
@@ -174,7 +228,7 @@ def main() -> int:
                 calls[mode].append(run_call(stack, Path(tmp) / f"{mode}-{i}", mode))
                 print(mode, i, calls[mode][-1], flush=True)
     medians = {
-        f"{mode}.{key}": round(statistics.median(c[key] for c in runs if key in c))
+        f"{mode}.{key}": round(statistics.median(c[key] for c in runs if key in c), 1)
         for mode, runs in calls.items()
         for key in sorted({k for c in runs for k in c})
     }
@@ -182,7 +236,7 @@ def main() -> int:
     args.out.write_text(json.dumps({"medians_ms": medians, "calls": calls,
                                     "load_average_1min_at_start": load,
                                     "versions": real_stack.versions()}, indent=2))  # fmt: skip
-    print(f"\nmedians of {args.calls} calls (ms), load average at start {load:.2f}:")
+    print(f"\nmedians of {args.calls} calls (ms, %, MB), load average at start {load:.2f}:")
     for key, value in medians.items():
         print(f"  {key:42} {value:>7,}")
     return 0

@@ -373,3 +373,90 @@ async def _consult_agent(agent: wh.WarmHandoffAgent) -> wh.ConsultAgent:
     consult = agent.handoff.consult
     assert consult is not None
     return consult
+
+
+# ── every mode screens, on every server (issue: only a person hears the caller) ─────────────
+
+
+def ivr_menu() -> AnswerScenario:
+    """An automated menu answers: the voicemail's voice, a menu's words."""
+    greeting = voicemail().sounds[0]
+    words = "Thanks for calling Acme. Press 1 for sales, press 2 for support."
+    return AnswerScenario(
+        "ivr", 0.5, (Sound(0.5, greeting.pcm, words),), "an automated menu, no person"
+    )
+
+
+def amd_by_words_and_menus(req) -> Call:
+    """The classifier's model, menus too: "press 1 for" -> machine-ivr."""
+    if re.search(r"\bpress \d for\b", req.last_user_text(), re.I):
+        return Call("save_prediction", {"label": "machine-ivr"})
+    return amd_by_words(req)
+
+
+ANSWERS = {  # who answers -> the outcome, and what the human does once briefed
+    "person": (lambda: scenario("person"), Out.CONNECTED),
+    "voicemail": (lambda: dataclasses.replace(voicemail(), ring=0.5), Out.VOICEMAIL),
+    "ivr": (ivr_menu, Out.UNREACHABLE),
+    "silent": (lambda: dataclasses.replace(scenario("silent"), ring=0.5), Out.VOICEMAIL),
+    "decline": (lambda: scenario("person"), Out.DECLINED),
+}
+# (mode, how the server joins): self-hosted bridges, Cloud moves; consult-move is the rest of
+# this file. The conference-bridge row runs always; the others with the slow set.
+EVERYWHERE = [
+    pytest.param(mode, way, who, marks=[] if (mode, way) == ("conference", "bridge") else [
+        pytest.mark.slow
+    ], id=f"{mode}-{way}-{who}")
+    for mode, way in [("conference", "bridge"), ("conference", "move"), ("auto", "bridge"),
+                      ("consult", "bridge")]
+    for who in ANSWERS
+    if not (mode == "conference" and who == "decline")  # conference asks nothing to decline
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode,way,who", EVERYWHERE)
+async def test_every_mode_on_every_server_screens_who_answers(
+    screened_call, monkeypatch, mode, way, who
+):
+    """Whatever the mode and the server: a machine never hears about the caller and is never
+    joined; a person hears nothing about the caller before the verdict, and is joined (moved or
+    bridged) only after it; the caller's room has nobody else in it until then."""
+    make, outcome = ANSWERS[who]
+    agent, line, turn, llm = await screened_call(
+        make(), handoff_mode=wh.HandoffMode(mode), join_way=wh.JoinWay(way), max_hold=30.0
+    )
+    llm.respond = _with_menus(llm.respond)
+    joined_at: list[float] = []
+    line.hooks["bridge" if way == "bridge" else "move"] = lambda: joined_at.append(
+        time.monotonic()
+    )
+    briefed = mode != "conference"
+    if who in ("person", "decline") and briefed:
+        await wait_for(lambda: any(BRIEF in t for t in line.human_heard()), 10)
+        assert joined_at == []  # not before they decide
+        line.human_presses("1" if who == "person" else "2")
+    await asyncio.wait_for(turn, 25)
+    [result] = agent.results
+    assert result.outcome is outcome, result
+    caller_room = line.server.rooms.get(line.caller_room, {})
+    if outcome is not Out.CONNECTED:
+        assert joined_at == [] and result.joined_by is None
+        assert about_the_caller(line) == [] or who == "decline"
+        assert set(caller_room) <= {"caller"}
+    else:
+        assert result.joined_by is wh.JoinWay(way)
+        timings = result.timings
+        assert timings["verdict"] <= joined_at[0]  # screened first
+        heard = line.human_heard()
+        assert heard[0].startswith("Hi, this is the Acme assistant")  # the opener first
+        if way == "bridge":  # the human hears the last words in their own room
+            last = "I have a caller on the line" if mode == "conference" else "now connected"
+            assert last in heard[-1], heard
+    await line.settle()
+
+
+def _with_menus(respond):
+    def model(req):
+        return amd_by_words_and_menus(req) if req.purpose == "amd" else respond(req)
+
+    return model
