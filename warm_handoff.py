@@ -1968,6 +1968,20 @@ class CallRecords:
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
 
+# A SIP leg's ``sip.callStatus`` attribute (livekit/protocol livekit.AttrSIPCallStatus), as
+# livekit-sip sets it on the participant it dials (livekit/sip pkg/sip/outbound.go; the words:
+# participant.go ``CallStatus.Attribute``): "dialing" from the room join before the INVITE
+# (connectToRoom), "ringing" at the first 18x (sipSignal), "automation" while the extension's
+# keys are sent, "active" after them (dialSIP). "hangup" when a call ends cleanly (the phone's
+# BYE, one of livekit-sip's own; on the caller's inbound leg too, inbound.go): ``close`` sets it
+# first, then ends the SIP dialog and the media, and only then leaves the room, so the leg is
+# gone from "hangup" on. A failed INVITE leaves the room with its status as it was ("dialing"
+# or "ringing"): the error alone does not say whether the phone rang.
+SIP_CALL_STATUS = "sip.callStatus"
+RANG = frozenset({"ringing", "automation", "active"})  # the far end's phone rang (or answered)
+HUNG_UP = "hangup"
+
+
 @dataclass(frozen=True)
 class Dial:
     """One outbound leg to a human."""
@@ -2030,6 +2044,10 @@ class Bounds:
     move: float = 10.0
     # looking in both rooms this long: a moving participant leaves one before joining the other.
     locate: float = 3.0
+    # While a dial has not rung, how often its status is asked of the server when the worker
+    # is not in the dial's room (one GetParticipant each time; in the room it reads its own
+    # view): a no-answer that never rang is "couldn't get through" (``classify_dial_error``).
+    ring_check: float = 1.0
     # After a failed or cancelled dial the identity is removed, retrying this long while the
     # server answers not_found: livekit/sip joins the participant to the room just before the
     # INVITE (pkg/sip/outbound.go, newCall -> connectToRoom), so a remove sent earlier finds
@@ -2065,18 +2083,25 @@ def dial_request_timeout(dial: Dial) -> float:
     return dial.ring_timeout + 0.52 * len(dial.destination.extension) + 5.0
 
 
-def classify_dial_error(error: Exception) -> DialFailed:
-    """Map what ``create_sip_participant`` raised to what the caller is told."""
+def classify_dial_error(error: Exception, *, rang: bool = True) -> DialFailed:
+    """Map what ``create_sip_participant`` raised to what the caller is told. ``rang``: whether
+    the leg ever reached "ringing" (``LiveKitPhoneLine.dial`` watches its status). A ring
+    timeout, a cancel or a timeout with no SIP status, a 408, 480 or 487 all say nobody
+    answered; LiveKit gives the same error whether the phone rang or not (livekit/sip
+    pkg/sip/errors.go classifyInviteError: a ring timeout is ErrSIPRequestTimeout either way).
+    If it never rang, nobody could have picked up: the number could not be reached."""
     if isinstance(error, DialFailed):
         return error
     status = getattr(error, "sip_status_code", None)
     code = getattr(error, "code", "")
+    no_answer = status in (408, 480, 487) or (
+        status is None
+        and (code in ("canceled", "deadline_exceeded") or isinstance(error, asyncio.TimeoutError))
+    )
     if status in (486, 600):  # busy here, busy everywhere
         outcome = HandoffOutcome.BUSY
-    elif status in (408, 480, 487) or (
-        status is None and code in ("canceled", "deadline_exceeded")
-    ):
-        outcome = HandoffOutcome.NO_ANSWER
+    elif no_answer:
+        outcome = HandoffOutcome.NO_ANSWER if rang else HandoffOutcome.UNREACHABLE
     elif status in (603, 607):
         outcome = HandoffOutcome.DECLINED
     elif status is not None and (status in (403, 404, 410, 484, 485) or status >= 500):
@@ -2084,12 +2109,13 @@ def classify_dial_error(error: Exception) -> DialFailed:
         # it may not dial), never from a person: nobody there refused, the number could not
         # be reached, and trying it again would meet the same wall.
         outcome = HandoffOutcome.UNREACHABLE
-    elif isinstance(error, asyncio.TimeoutError):
-        outcome = HandoffOutcome.NO_ANSWER
     else:
         outcome = HandoffOutcome.FAILED
     reason = getattr(error, "sip_status", None) or getattr(error, "message", "") or str(error)
-    return DialFailed(outcome, status, f"{status or code or type(error).__name__}: {reason}")
+    never_rang = " (it never rang)" if no_answer and not rang else ""
+    return DialFailed(
+        outcome, status, f"{status or code or type(error).__name__}: {reason}{never_rang}"
+    )
 
 
 class Hold:
@@ -2447,12 +2473,14 @@ class PhoneLine(abc.ABC):
 
     @abc.abstractmethod
     async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
-        """Return the identity of the first of ``identities`` to leave ``room``. If our own
-        connection to ``room`` drops, they are all gone for us: return the first."""
+        """Return the identity of the first of ``identities`` to leave ``room``, or to hang up
+        (a SIP leg is gone from "hangup" on, before it leaves). If our own connection to
+        ``room`` drops, they are all gone for us: return the first."""
 
     @abc.abstractmethod
     async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
-        """Whether ``identity`` is (or arrives within ``timeout``) in ``room``."""
+        """Whether ``identity`` is (or arrives within ``timeout``) in ``room``, and has not
+        hung up."""
 
     @abc.abstractmethod
     def on_dtmf(self, room: str, callback: Callable[[str], None]) -> None:
@@ -2462,6 +2490,13 @@ class PhoneLine(abc.ABC):
     async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
         """Set the agent participant's attributes in ``room`` (for dashboards and softphones).
         Never raises: a dashboard must not break a call."""
+
+
+def on_the_line(room: rtc.Room, identity: str) -> bool:
+    """Whether ``identity`` is in ``room`` (as our connection to it sees it) and still on the
+    line: a SIP leg whose status is "hangup" has ended its call and is only on its way out."""
+    participant = room.remote_participants.get(identity)
+    return participant is not None and participant.attributes.get(SIP_CALL_STATUS) != HUNG_UP
 
 
 def job_server_url(ctx: JobContext, fallback: str) -> str:
@@ -2559,6 +2594,8 @@ class LiveKitPhoneLine(PhoneLine):
         )
         request.ringing_timeout.FromNanoseconds(int(dial.ring_timeout * 1e9))
         leg = Leg(identity=dial.identity, room=dial.room, destination=dial.destination)
+        rang = asyncio.Event()
+        watching = asyncio.ensure_future(self._watch_ringing(dial, rang))
         try:
             await self._sip_without_retries().create_sip_participant(
                 request, timeout=dial_request_timeout(dial)
@@ -2573,12 +2610,36 @@ class LiveKitPhoneLine(PhoneLine):
                 # No final answer reached us (lost response, timeout, 5xx): the call may have
                 # been answered all the same. A SIP status or a ring timeout is final: the
                 # server has already ended the call (livekit/sip pkg/sip/outbound.go).
-                if await self._call_status(dial.room, dial.identity) == "active":
+                status = await self._call_status(dial.room, dial.identity)
+                if status == "active":
                     logger.info("dial reported %s, but the call is up", failed.detail)
                     return leg
+                if status in RANG:
+                    rang.set()
                 self._stop_ringing(dial)
-            raise failed from e
+            raise classify_dial_error(e, rang=rang.is_set()) from e
+        finally:
+            watching.cancel()
         return leg
+
+    async def _watch_ringing(self, dial: Dial, rang: asyncio.Event) -> None:
+        """Set ``rang`` once the leg's status shows its phone rang. A failed INVITE leaves the
+        room before the dial's answer comes back, so it is watched while it rings: in our own
+        view of the dial's room when we are in it (the caller's room; a consult room once it
+        is open), else asked of the server every ``Bounds.ring_check``."""
+        while True:
+            lk_room = self._rooms.get(dial.room)
+            if lk_room is not None and lk_room.isconnected():
+                seen = lk_room.remote_participants.get(dial.identity)
+                status = seen.attributes.get(SIP_CALL_STATUS, "") if seen is not None else ""
+                pause = 0.05  # a look at our own copy: no server call
+            else:
+                status = await self._call_status(dial.room, dial.identity)
+                pause = self.bounds.ring_check
+            if status in RANG:
+                rang.set()
+                return
+            await asyncio.sleep(pause)
 
     def _stop_ringing(self, dial: Dial) -> None:
         self.clean_up_later(
@@ -2588,7 +2649,8 @@ class LiveKitPhoneLine(PhoneLine):
         )
 
     async def _call_status(self, room: str, identity: str) -> str:
-        """The leg's ``sip.callStatus`` (dialing, ringing, automation, active), or ""."""
+        """The leg's ``sip.callStatus`` in ``room`` as the server has it (dialing, ringing,
+        automation, active, hangup), or "" if it is not there (or the server did not say)."""
         try:
             info = await asyncio.wait_for(
                 self._ctx.api.room.get_participant(
@@ -2598,7 +2660,7 @@ class LiveKitPhoneLine(PhoneLine):
             )
         except Exception:
             return ""
-        return info.attributes.get("sip.callStatus", "")
+        return info.attributes.get(SIP_CALL_STATUS, "")
 
     async def _remove_until_gone(self, room: str, identity: str) -> None:
         """Remove ``identity`` from ``room``; while the server says not_found, keep trying for
@@ -2659,12 +2721,13 @@ class LiveKitPhoneLine(PhoneLine):
         raise LegLost(f"the human left during the move ({problem})")
 
     async def _locate(self, identity: str, rooms: tuple[str, ...]) -> str:
-        """The room ``identity`` is in, or "". A moving participant leaves one room before
-        it joins the other, so look again for a moment before concluding they are gone."""
+        """The room ``identity`` is in, on the line, or "". A moving participant leaves one
+        room before it joins the other, so look again for a moment before concluding they are
+        gone; one whose status is "hangup" has hung up, and is only on its way out."""
         deadline = time.monotonic() + self.bounds.locate
         while True:
             for room in rooms:
-                if await self._call_status(room, identity):
+                if await self._call_status(room, identity) not in ("", HUNG_UP):
                     return room
             if time.monotonic() >= deadline:
                 return ""
@@ -2759,7 +2822,7 @@ class LiveKitPhoneLine(PhoneLine):
 
     async def wait_for_hangup(self, room: str, identities: tuple[str, ...]) -> str:
         lk_room = self._rooms[room]
-        gone = next((i for i in identities if i not in lk_room.remote_participants), None)
+        gone = next((i for i in identities if not on_the_line(lk_room, i)), None)
         if gone is not None or not lk_room.isconnected():
             return gone or identities[0]
         left: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -2767,6 +2830,11 @@ class LiveKitPhoneLine(PhoneLine):
         def on_left(p: rtc.RemoteParticipant) -> None:
             if p.identity in identities and not left.done():
                 left.set_result(p.identity)
+
+        def on_hung_up(changed: Mapping[str, str], p: rtc.RemoteParticipant) -> None:
+            # "hangup" comes before the leave (``SIP_CALL_STATUS``)
+            if changed.get(SIP_CALL_STATUS) == HUNG_UP:
+                on_left(p)
 
         def on_dropped(*_: Any) -> None:
             # Our connection dropped: no participant-left event follows, and nobody in the
@@ -2776,22 +2844,24 @@ class LiveKitPhoneLine(PhoneLine):
                 left.set_result(identities[0])
 
         lk_room.on("participant_disconnected", on_left)
+        lk_room.on("participant_attributes_changed", on_hung_up)
         lk_room.on("disconnected", on_dropped)
         try:
             return await left
         finally:
             lk_room.off("participant_disconnected", on_left)
+            lk_room.off("participant_attributes_changed", on_hung_up)
             lk_room.off("disconnected", on_dropped)
 
     async def wait_for_arrival(self, room: str, identity: str, timeout: float) -> bool:
         lk_room = self._rooms[room]
-        if identity in lk_room.remote_participants:
-            return True
+        if identity in lk_room.remote_participants:  # here, or hung up and on its way out
+            return on_the_line(lk_room, identity)
         arrived: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
         def on_joined(p: rtc.RemoteParticipant) -> None:
             if p.identity == identity and not arrived.done():
-                arrived.set_result(True)
+                arrived.set_result(on_the_line(lk_room, identity))
 
         lk_room.on("participant_connected", on_joined)
         try:

@@ -42,19 +42,25 @@ Public API (stable; the worker's tests build on it):
   ``sip.callStatus``), ``participant_disconnected`` (``reason``: a ``DisconnectReason`` name),
   ``room_deleted``.
 * Drivers: ``add_participant(room, identity, **attributes)``, ``remove_participant(room,
-  identity)``, ``far_end_hangs_up(room, identity)`` (the phone sends BYE).
+  identity)``, ``far_end_hangs_up(room, identity)`` (the phone sends BYE: "hangup", then the
+  participant leaves ``leaves_after_hangup`` s later, 0 by default).
+* A connection of one's own: ``connect(room, identity="agent")`` joins the room and returns a
+  ``RoomConnection``, the room as ``livekit.rtc.Room`` shows it (``remote_participants``, their
+  attributes, its events), for code that reads the rooms it is in.
 
 A dial, as LiveKit runs it: a request LiveKit refuses (``_validate_dial``: invalid_argument; an
 inline trunk without ``sip_number``: failed_precondition) dials nobody. The SIP participant
-joins the room ``join_delay`` after the request (``sip.callStatus`` "dialing"), "ringing" at
-the 180, and on the answer "automation" while the request's DTMF is sent (0.5 s a character)
-then "active". Without ``wait_until_answered`` the response comes once the participant has
-joined; with it, once "active". A ring timeout or the participant leaving while it rings
-(RemoveParticipant, DeleteRoom, a same-identity join) cancels the INVITE: Twirp ``canceled``,
-no SIP status. A RemoveParticipant before the join is ``not_found`` and the INVITE still goes
-out. A client that gives up (timeout, cancelled task) does not stop the call. Each request try
-is a new INVITE (the server does not de-duplicate ``X-Livekit-Request-Id``); the newest
-participant of an identity replaces the older one, whose call is hung up.
+joins the room ``join_delay`` after the request (``sip.callStatus`` "dialing"), "ringing" at the
+180 (``ringing_delay`` after the INVITE, unless the far end sends none), and on the answer
+"automation" while the request's DTMF is sent (0.5 s a character) then "active". A far end that
+sends nothing at all ends the dial at sipgo's Timer B (``invite_timer_b``, 32 s) if the ring
+timeout has not come first. Without ``wait_until_answered`` the response comes once the
+participant has joined; with it, once "active". A ring timeout or the participant leaving while
+it rings (RemoveParticipant, DeleteRoom, a same-identity join) cancels the INVITE: Twirp
+``canceled``, no SIP status. A RemoveParticipant before the join is ``not_found`` and the INVITE
+still goes out. A client that gives up (timeout, cancelled task) does not stop the call. Each
+request try is a new INVITE (the server does not de-duplicate ``X-Livekit-Request-Id``); the
+newest participant of an identity replaces the older one, whose call is hung up.
 
 What the real client (livekit-api 1.2.2 on aiohttp 3.14) does with it: a dial with
 ``wait_until_answered`` times out after ring timeout + 2 s; on ``*.livekit.cloud`` transport
@@ -69,11 +75,14 @@ Dials (``DialScript``; ``ring`` is seconds from the INVITE to the far end's fina
   ``voicemail(ring=25)``, ``pbx()``, ``silent(ring=2)``: answered; ``who`` says who picked up
   (``Participant.who``/``SipCall.who``) for the audio model to key off. ``drop_response``: the
   connection drops instead of the response, after the outcome (the call stays up).
-* ``sip_error(code, reason=None, delay=0)`` -> ``api.SipCallError`` with that status.
-* ``canceled(delay=0)`` -> the INVITE transaction ends with no final response: Twirp
-  ``canceled`` with no SIP status.
+* ``sip_error(code, reason=None, delay=0, rings=True)`` -> ``api.SipCallError`` with that
+  status (``rings=False``: no 180 before it, only 100 Trying).
+* ``canceled(delay=0, rings=True)`` -> the INVITE transaction ends with no final response:
+  Twirp ``canceled`` with no SIP status.
 * ``server_error(delay=0)`` -> Twirp ``internal`` before anyone joins (the client retries it).
-* ``hang()`` -> rings until the ring timeout (or until the participant leaves).
+* ``hang(rings=True)`` -> rings until the ring timeout (or until the participant leaves);
+  ``rings=False``: only 100 Trying, "dialing" to the end.
+* ``no_response()`` -> the INVITE is never answered at all: the ring timeout or Timer B.
 
 Method faults (``MethodFault``, any method): ``hang()`` (never answered; nothing happens, but a
 dial's call goes on), ``slow(delay)`` (acts and answers after ``delay``), ``lose_response()``
@@ -97,6 +106,7 @@ from typing import Any
 import jwt
 from aiohttp import web
 from google.protobuf.message import DecodeError, Message
+from livekit import rtc
 from livekit.api import TokenVerifier
 from livekit.api.access_token import Claims
 from livekit.protocol import agent as agent_pb
@@ -161,13 +171,18 @@ def sip_twirp_code(status: int) -> str:
 
 
 def _sip_failure_reason(status: int) -> str:
-    """How the SIP participant leaves after a failed INVITE: the disconnect reason livekit/sip
-    pkg/sip/outbound.go ``classifyInviteError`` picks for the far end's final status."""
-    if status in (401, 403, 407, 486, 488) or 600 <= status < 700:
-        return "USER_REJECTED"  # auth, forbidden, busy, not acceptable; 6xx global decline
-    if 500 <= status < 600:
-        return "SIP_TRUNK_FAILURE"  # a carrier-side 5xx
-    return "USER_UNAVAILABLE"  # 404, 408, 480 and every other 4xx
+    """How the SIP participant leaves the room after a failed INVITE, as the room's members see
+    it. livekit/sip pkg/sip/errors.go ``classifyInviteError`` gives the call a status for the far
+    end's final code; outbound.go ``close`` leaves the room with that status's
+    ``DisconnectReason()`` (participant.go: callUnavailable -> USER_UNAVAILABLE, callRejected ->
+    USER_REJECTED, callDropped -> UNKNOWN_REASON); livekit-server keeps only USER_UNAVAILABLE and
+    USER_REJECTED from a leave and takes any other as CLIENT_INITIATED
+    (pkg/rtc/signalling/signalhandler.go, ``SignalRequest_Leave``)."""
+    if status in (404, 408, 480):
+        return "USER_UNAVAILABLE"  # callUnavailable
+    if 400 <= status < 500 or 600 <= status < 700:
+        return "USER_REJECTED"  # callRejected: auth, forbidden, busy, any other 4xx; 6xx
+    return "CLIENT_INITIATED"  # callDropped: a carrier's 5xx, a 3xx
 
 
 NO_NUMBERS_ON_INLINE_TRUNK = "twirp error unknown: no numbers on outbound trunk"
@@ -244,6 +259,21 @@ def _cancelled_invite_error() -> TwirpError:
     return TwirpError("canceled", "sip request timed out")
 
 
+# sipgo (github.com/livekit/sipgo, as livekit-sip v1.8.0 pins it) transaction/transaction.go:
+# Timer_B = 64 * T1 = 32 s. An INVITE client transaction that has had no response at all by then
+# ends (client_tx.go ``Init``); any 1xx, 100 Trying included, stops the timer
+# (client_tx_fsm.go ``actInviteProceeding``), and the ring timeout alone bounds the wait.
+INVITE_TIMER_B = 32.0
+
+
+# errors.go ``transactionTimeoutError``: the transaction ended with no final response, after
+# ``responses`` provisional ones; ``ClassifyInvite`` returns it as psrpc.Canceled.
+def _no_final_response_error(responses: int) -> TwirpError:
+    return TwirpError(
+        "canceled", f"transaction failed to complete ({responses} intermediate responses)"
+    )
+
+
 @dataclass(frozen=True)
 class DialScript:
     """What the far end of one INVITE does; build it with the classmethods."""
@@ -255,6 +285,14 @@ class DialScript:
     who: str = ""  # who picks up: "person" | "voicemail" | "pbx" | "silent"
     drop_response: bool = False  # the HTTP response is lost once the outcome is known
     hangs_up_after: float | None = None  # the far end hangs up this long after answering
+    # What the far end sends before its final response: "180" (Ringing; a 183 is the same to
+    # livekit-sip), "100" (Trying, and never rings: a phone switched off, a dead route behind
+    # a proxy), or "" (nothing at all: a host that is down, a firewall dropping SIP).
+    provisional: str = "180"
+
+    @property
+    def rings(self) -> bool:
+        return self.provisional == "180"
 
     @property
     def ring(self) -> float:
@@ -297,14 +335,20 @@ class DialScript:
         return cls.answer(ring, who="silent", **kw)
 
     @classmethod
-    def sip_error(cls, code: int, reason: str | None = None, delay: float = 0.0) -> DialScript:
-        """Call failed with SIP ``code`` (reason defaults to the standard phrase)."""
-        return cls("sip_error", delay, code, reason or SIP_REASONS.get(code, f"SIP {code}"))
+    def sip_error(
+        cls, code: int, reason: str | None = None, delay: float = 0.0, *, rings: bool = True
+    ) -> DialScript:
+        """Call failed with SIP ``code`` (reason defaults to the standard phrase), after
+        ringing if ``delay`` is longer than the server's ``ringing_delay``; ``rings=False``:
+        no 180 before it, only 100 Trying."""
+        reason = reason or SIP_REASONS.get(code, f"SIP {code}")
+        return cls("sip_error", delay, code, reason, provisional="180" if rings else "100")
 
     @classmethod
-    def canceled(cls, delay: float = 0.0) -> DialScript:
-        """The INVITE transaction ends without a final response: Twirp ``canceled`` (408)."""
-        return cls("canceled", delay)
+    def canceled(cls, delay: float = 0.0, *, rings: bool = True) -> DialScript:
+        """The INVITE transaction ends without a final response: Twirp ``canceled`` (408);
+        ``rings=False``: nothing came before (sipgo's Timer B, early; see ``no_response``)."""
+        return cls("canceled", delay, provisional="180" if rings else "")
 
     @classmethod
     def server_error(cls, delay: float = 0.0) -> DialScript:
@@ -312,9 +356,17 @@ class DialScript:
         return cls("server_error", delay)
 
     @classmethod
-    def hang(cls) -> DialScript:
-        """Rings and is never answered: ends at the ring timeout or when cancelled."""
-        return cls("hang", math.inf)
+    def hang(cls, *, rings: bool = True) -> DialScript:
+        """Rings and is never answered: ends at the ring timeout or when cancelled.
+        ``rings=False``: only 100 Trying comes, so ``sip.callStatus`` stays "dialing"."""
+        return cls("hang", math.inf, provisional="180" if rings else "100")
+
+    @classmethod
+    def no_response(cls) -> DialScript:
+        """The far end never answers the INVITE at all, not even 100 Trying: the dial ends at
+        the ring timeout, or at sipgo's Timer B (``FakeLiveKitServer.invite_timer_b``, 32 s)
+        if that comes first, still "dialing"."""
+        return cls("hang", math.inf, provisional="")
 
 
 @dataclass(frozen=True)
@@ -466,6 +518,75 @@ class RoomEvent:
     reason: str = ""  # participant_disconnected: a livekit.DisconnectReason name
 
 
+@dataclass
+class SeenParticipant:
+    """A member of a room as a connection to it shows them (``livekit.rtc.RemoteParticipant``:
+    the fields the worker reads)."""
+
+    identity: str
+    sid: str
+    kind: int  # rtc.ParticipantKind has models.ParticipantInfo.Kind's values
+    attributes: dict[str, str]
+    name: str = ""
+    disconnect_reason: int = 0  # models.DisconnectReason, set as they leave
+
+
+class RoomConnection(rtc.EventEmitter[str]):
+    """A participant's own connection to one of the fake's rooms, shown the way
+    ``livekit.rtc.Room`` shows it to its owner (livekit/python-sdks rtc/room.py
+    ``_on_room_event``): ``remote_participants`` by identity, the others' attributes kept
+    current, and the same events, emitted after the state has changed:
+    ``participant_connected(p)``, ``participant_disconnected(p)`` (``p.disconnect_reason``),
+    ``participant_attributes_changed(changed, p)``; and ``disconnected(reason)`` when this
+    participant leaves or is removed, or the room is deleted (the server ends every
+    participant's session, ROOM_DELETED). ``FakeLiveKitServer.connect`` makes one; it joins the
+    room as an agent, so the room's other members see it."""
+
+    def __init__(self, server: FakeLiveKitServer, room: str, identity: str) -> None:
+        super().__init__()
+        self.name, self.identity, self._server = room, identity, server
+        server._join(Participant(identity, room, server._next_id("PA"),
+                                 models.ParticipantInfo.Kind.AGENT))  # fmt: skip
+        self.remote_participants: dict[str, SeenParticipant] = {
+            i: self._seen(p) for i, p in server.rooms[room].items() if i != identity
+        }
+        self._connected = True
+        self._unsubscribe = server.subscribe(room, self._on_event)
+
+    def isconnected(self) -> bool:
+        return self._connected
+
+    async def disconnect(self) -> None:
+        if self._connected:
+            self._server._leave(self.name, self.identity, "CLIENT_INITIATED")
+
+    @staticmethod
+    def _seen(p: Participant) -> SeenParticipant:
+        return SeenParticipant(p.identity, p.sid, p.kind, dict(p.attributes), p.name)
+
+    def _on_event(self, ev: RoomEvent) -> None:
+        if not self._connected:
+            return
+        if ev.kind == "participant_connected" and ev.identity != self.identity:
+            if (p := self._server.participant(ev.room, ev.identity)) is not None:
+                seen = self.remote_participants[ev.identity] = self._seen(p)
+                self.emit("participant_connected", seen)
+        elif ev.kind == "participant_attributes_changed":
+            if (seen := self.remote_participants.get(ev.identity)) is not None:
+                seen.attributes = dict(ev.attributes)
+                self.emit("participant_attributes_changed", dict(ev.changed), seen)
+        elif ev.kind == "participant_disconnected" and ev.identity != self.identity:
+            if (seen := self.remote_participants.pop(ev.identity, None)) is not None:
+                reason = ev.reason or "UNKNOWN_REASON"
+                seen.disconnect_reason = models.DisconnectReason.Value(reason)
+                self.emit("participant_disconnected", seen)
+        elif ev.kind in ("participant_disconnected", "room_deleted"):  # our own session ended
+            self._connected = False
+            self._unsubscribe()
+            reason = ev.reason or "ROOM_DELETED"
+            self.emit("disconnected", models.DisconnectReason.Value(reason))
+
+
 @contextlib.contextmanager
 def resolve_livekit_cloud_locally() -> Iterator[None]:
     """While active, this process resolves every ``*.livekit.cloud`` name to 127.0.0.1.
@@ -588,6 +709,12 @@ class FakeLiveKitServer:
         #                                       dtmf.go names 250 ms + 250 ms,
         #                                       and 'w' = a 500 ms pause
         self.move_delay = move_delay  # left the source room -> joined the destination
+        self.invite_timer_b = INVITE_TIMER_B  # an INVITE nobody answers at all ends here
+        # A SIP participant's "hangup" -> its leaving the room. livekit/sip outbound.go
+        # ``close``: setStatus(CallHangup), then stopSIP (a BYE of its own waits for the
+        # answer: up to sipgo's Timer F, 32 s over UDP), media.Close, and only then the room
+        # (CloseWithReason). After the phone's BYE the leave follows within milliseconds.
+        self.leaves_after_hangup = 0.0
         self.regions = regions
         self.url = self.local_url = ""
         self.port = 0
@@ -712,6 +839,11 @@ class FakeLiveKitServer:
         self._join(p)
         return p
 
+    def connect(self, room: str, identity: str = "agent") -> RoomConnection:
+        """Join ``room`` as ``identity`` (an agent) and see it as ``livekit.rtc.Room`` would:
+        a ``RoomConnection``, for the worker's code that reads its own rooms."""
+        return RoomConnection(self, room, identity)
+
     def remove_participant(self, room: str, identity: str) -> None:
         """As RemoveParticipant: the participant leaves (a ringing INVITE is cancelled)."""
         self._require(room, identity)
@@ -719,10 +851,20 @@ class FakeLiveKitServer:
 
     def far_end_hangs_up(self, room: str, identity: str) -> None:
         """The phone behind a SIP participant hangs up (BYE): livekit/sip client.go `onBye` ->
-        outbound.go `close(CallHangup)`: sip.callStatus "hangup", then the participant leaves."""
+        outbound.go `close(CallHangup)`: sip.callStatus "hangup", then the participant leaves
+        (``leaves_after_hangup`` later)."""
         p = self._require(room, identity)
         self._set_status(p, "hangup")
-        self._leave(room, identity, "CLIENT_INITIATED")
+        if self.leaves_after_hangup <= 0:
+            self._leave(room, identity, "CLIENT_INITIATED")
+            return
+
+        async def leave() -> None:
+            await asyncio.sleep(self.leaves_after_hangup)
+            if self.participant(p.room, identity) is p:
+                self._leave(p.room, identity, "CLIENT_INITIATED")
+
+        self._spawn(leave())
 
     def subscribe(
         self, room: str | None, callback: Callable[[RoomEvent], Any]
@@ -1052,25 +1194,35 @@ class FakeLiveKitServer:
         call.invite_at = start = time.monotonic()
         final_at = start + script.delay
         limit_at = start + ring_limit
-        # 180 Ringing (outbound.go sipSignal setState: first 1xx >= 180 -> CallRinging).
+        # No response at all: the transaction ends at Timer B (INVITE_TIMER_B).
+        timer_b_at = start + self.invite_timer_b if not script.provisional else math.inf
+        # 180 Ringing (outbound.go sipSignal setState: first 1xx >= 180 -> CallRinging); with
+        # only 100 Trying, or nothing, the status stays "dialing" to the end.
         ringing_at = start + self.ringing_delay
-        if final_at > ringing_at and limit_at > ringing_at:
+        if script.rings and final_at > ringing_at and limit_at > ringing_at:
             if await until(ringing_at):
                 self._invite_cancelled(call, end)
                 return
             self._set_status(p, "ringing")
-        if await until(min(final_at, limit_at)):
+        if await until(min(final_at, limit_at, timer_b_at)):
             self._invite_cancelled(call, end)
             return
-        if final_at > limit_at:  # ring timeout: CANCEL; no SIP status (outbound.go sipResponse)
+        if min(final_at, timer_b_at) > limit_at:
+            # ring timeout: CANCEL; no SIP status (outbound.go sipResponse); errors.go
+            # classifyInviteError: ErrSIPRequestTimeout -> callUnavailable, whether it rang or not
             end("ring_timeout", "USER_UNAVAILABLE", _cancelled_invite_error())
+            return
+        if timer_b_at < final_at:
+            end("no_final_response", "USER_UNAVAILABLE", _no_final_response_error(0))
             return
         if script.kind == "sip_error":
             # outbound.go Invite -> SIPStatus; errors.go classifyInviteError keeps it (the
             # psrpc error carries SIPStatus details -> Twirp meta, livekit/protocol sip.go).
             code, reason = script.sip_status_code, script.sip_status
-            # the words the real stack sent (livekit-sip 1.8.0 outbound.go, through psrpc)
-            said = "unexpected status from INVITE response" if code == 603 else "INVITE failed"
+            # the words the real stack sent (livekit-sip 1.8.0 outbound.go Invite, through
+            # psrpc): "INVITE failed" for the codes it names, else "unexpected status"
+            named = (400, 404, 480, 486, 488)
+            said = "INVITE failed" if code in named else "unexpected status from INVITE response"
             error = TwirpError(
                 sip_twirp_code(code),
                 f"twirp error unknown: {said}: sip status: {code}: {reason}",
@@ -1079,12 +1231,11 @@ class FakeLiveKitServer:
             end("sip_error", _sip_failure_reason(code), error)
             return
         if script.kind == "canceled":
-            # errors.go transactionTimeoutError: no final response -> psrpc.Canceled.
-            responses = int(call.status == "ringing")
-            error = TwirpError(
-                "canceled", f"transaction failed to complete ({responses} intermediate responses)"
-            )
-            end("no_final_response", "SIP_TRUNK_FAILURE", error)  # ClassifyInvite: trunk failure
+            # errors.go transactionTimeoutError: no final response -> psrpc.Canceled; its
+            # ClassifyInvite: callUnavailable, so the room sees USER_UNAVAILABLE
+            # (``_sip_failure_reason``; SIP_TRUNK_FAILURE is only the call record's reason).
+            responses = int(call.status == "ringing" or script.provisional == "100")
+            end("no_final_response", "USER_UNAVAILABLE", _no_final_response_error(responses))
             return
         # 200 OK. outbound.go dialSIP: with DTMF, "automation" while media-sdk dtmf.Write sends
         # it (0.5 s a character, 'w' a 0.5 s pause); then "active". The DTMF is sent on the
@@ -1106,8 +1257,10 @@ class FakeLiveKitServer:
         )
         if not await until(hangup_at):
             self._set_status(p, "hangup")
-            end("answered", "CLIENT_INITIATED", None)
-            return
+            lingers = self.leaves_after_hangup > 0
+            if not lingers or not await until(time.monotonic() + self.leaves_after_hangup):
+                end("answered", "CLIENT_INITIATED", None)
+                return
         end("answered", "", None)
 
     def _invite_cancelled(self, call: SipCall, end: Callable[..., None]) -> None:

@@ -204,18 +204,27 @@ class HumanPhone:
     """How the human's phone behaves: rings ``ring`` seconds, then ``answer`` (a SIP final
     code: 200 answers; 486, 603, 480 refuse; None never answers and waits for the CANCEL);
     once answered plays ``audio``, presses ``keys`` (seconds after the answer) and hangs up
-    ``hang_up_after`` seconds after the answer unless the other side did first."""
+    ``hang_up_after`` seconds after the answer unless the other side did first.
+    ``responds=False``: a phone that is off, or a host that is down: it takes the INVITE (and
+    its retransmissions, and a CANCEL) and sends nothing back at all, not even 100 Trying."""
 
     ring: float = 2.0
     answer: int | None = 200
     audio: Path | None = None
     keys: tuple[tuple[float, str], ...] = ()
     hang_up_after: float = 60.0
+    responds: bool = True
 
     def scenario(self) -> str:
         tag = ";tag=[pid]SIPpTag01[call_number]"
         contact = "Contact: <sip:human@[local_ip]:[local_port];transport=[transport]>"
         xml = _HEAD.format(name="human")
+        if not self.responds:
+            return xml + (
+                '<recv request="INVITE"/>\n'
+                '<recv request="CANCEL" timeout="120000" ontimeout="end"/>\n'
+                '<label id="end"/>\n</scenario>\n'
+            )
         # SIPp refuses a scenario with a variable it sets and never uses
         dialog = ('<ereg regexp=".*" search_in="hdr" header="From:" assign_to="remote"/>'
                   '<ereg regexp=".*" search_in="hdr" header="To:" assign_to="local"/>')

@@ -24,6 +24,7 @@ from fake_livekit import (
 )
 from livekit import api
 from livekit.agents import Agent, AgentSession
+from livekit.protocol import models
 from livekit.protocol import room as room_pb
 from livekit.protocol import sip as sip_pb
 
@@ -218,9 +219,12 @@ async def test_ring_timeout_ends_as_canceled_without_sip_status(lk, lkapi) -> No
     [
         (486, "resource_exhausted", "USER_REJECTED"),  # as livekit-sip 1.8.0 answered
         (480, "resource_exhausted", "USER_UNAVAILABLE"),
-        (410, "not_found", "USER_UNAVAILABLE"),  # any other 4xx
+        # the room sees the call status's reason (outbound.go close -> CloseWithReason):
+        # any other 4xx is callRejected; a 5xx callDropped, whose UNKNOWN_REASON the server
+        # takes as CLIENT_INITIATED (livekit-server pkg/rtc/signalling/signalhandler.go)
+        (410, "not_found", "USER_REJECTED"),
         (603, "permission_denied", "USER_REJECTED"),
-        (503, "failed_precondition", "SIP_TRUNK_FAILURE"),
+        (503, "failed_precondition", "CLIENT_INITIATED"),
     ],
 )
 async def test_sip_failure_is_a_sip_call_error_and_the_participant_leaves(
@@ -246,7 +250,112 @@ async def test_no_final_response_is_canceled_without_sip_status(lk, lkapi) -> No
         await lkapi.sip.create_sip_participant(dial(wait=True))
     assert not isinstance(exc.value, api.SipCallError)
     assert (exc.value.code, exc.value.status) == ("canceled", 408)
-    assert lk.events[-1].reason == "SIP_TRUNK_FAILURE"
+    assert exc.value.message == "transaction failed to complete (1 intermediate responses)"
+    assert lk.events[-1].reason == "USER_UNAVAILABLE"  # transactionTimeoutError: callUnavailable
+
+
+async def test_a_far_end_that_never_rings_stays_dialing_to_the_ring_timeout(lk, lkapi) -> None:
+    """Only 100 Trying (a phone switched off, a dead route behind a proxy): livekit-sip sets
+    "ringing" only on a 18x (outbound.go sipSignal), so the leg is "dialing" until the ring
+    timeout ends it, with the same error as a phone that rang out."""
+    lk.script_dial(DialScript.hang(rings=False))
+    started = time.monotonic()
+    with pytest.raises(api.ServerError) as exc:
+        await lkapi.sip.create_sip_participant(dial(wait=True, ring_timeout=1))
+    assert 1.0 <= time.monotonic() - started < 1.5
+    assert (exc.value.code, exc.value.message, exc.value.metadata) == (
+        "canceled",
+        "sip request timed out",
+        {},
+    )
+    assert statuses(lk) == [
+        ("participant_connected", "dialing"),
+        ("participant_disconnected", "dialing"),
+    ]
+    assert lk.events[-1].reason == "USER_UNAVAILABLE"
+    assert lk.sip_calls[0].outcome == "ring_timeout"
+
+
+async def test_an_invite_nobody_answers_at_all_ends_at_timer_b(lk, lkapi) -> None:
+    """Not even 100 Trying (a host that is down): sipgo ends the INVITE transaction at Timer B,
+    32 s (shortened here), before a longer ring timeout; errors.go transactionTimeoutError."""
+    lk.invite_timer_b = 0.5
+    lk.script_dial(DialScript.no_response())
+    started = time.monotonic()
+    with pytest.raises(api.ServerError) as exc:
+        await lkapi.sip.create_sip_participant(dial(wait=True, ring_timeout=5))
+    assert 0.5 <= time.monotonic() - started < 1.0
+    assert (exc.value.code, exc.value.message) == (
+        "canceled",
+        "transaction failed to complete (0 intermediate responses)",
+    )
+    assert [s for _, s in statuses(lk)] == ["dialing", "dialing"]
+    assert lk.events[-1].reason == "USER_UNAVAILABLE"
+    assert lk.sip_calls[0].outcome == "no_final_response"
+    # a 100 Trying stops Timer B: the ring timeout alone ends that one
+    lk.script_dial(DialScript.hang(rings=False))
+    with pytest.raises(api.ServerError) as exc:
+        await lkapi.sip.create_sip_participant(dial("c2", wait=True, ring_timeout=1))
+    assert exc.value.message == "sip request timed out"
+    assert lk.sip_calls[1].outcome == "ring_timeout"
+
+
+async def test_a_refusal_without_ringing_sets_no_ringing_status(lk, lkapi) -> None:
+    lk.script_dial(DialScript.sip_error(480, delay=0.2, rings=False))
+    with pytest.raises(api.SipCallError) as exc:
+        await lkapi.sip.create_sip_participant(dial(wait=True))
+    assert exc.value.sip_status_code == 480
+    assert [s for _, s in statuses(lk)] == ["dialing", "dialing"]
+
+
+async def test_a_far_end_hang_up_shows_as_hangup_before_the_participant_leaves(lk, lkapi) -> None:
+    """livekit/sip outbound.go close: "hangup" first, the room closed after stopSIP and
+    media.Close (``leaves_after_hangup``); the leave follows."""
+    lk.leaves_after_hangup = 0.3
+    await lkapi.sip.create_sip_participant(dial(wait=True))
+    lk.far_end_hangs_up(ROOM, "callee")
+    assert lk.attributes(ROOM, "callee")[CALL_STATUS] == "hangup"
+    await lk.wait_for(lambda: "callee" not in lk.rooms[ROOM], 2)
+    hung_up = at(lk, "participant_attributes_changed", "hangup")
+    assert at(lk, "participant_disconnected", "hangup") - hung_up >= 0.3
+    assert lk.events[-1].reason == "CLIENT_INITIATED"
+    await lk.wait_for(lambda: lk.sip_calls[0].ended, 1)
+
+
+async def test_a_connection_of_ones_own_sees_the_room_as_rtc_room_does(lk, lkapi) -> None:
+    """``connect``: the members already there, then each join, attribute change and leave, in
+    the order and with the arguments ``livekit.rtc.Room`` emits them; deleting the room ends
+    the connection itself."""
+    lk.add_participant(ROOM, "caller")
+    room = lk.connect(ROOM)
+    assert room.isconnected() and set(room.remote_participants) == {"caller"}
+    assert "agent" in lk.rooms[ROOM]  # the others see it
+    seen: list[tuple] = []
+    room.on("participant_connected", lambda p: seen.append(("joined", p.identity)))
+    room.on(
+        "participant_attributes_changed",
+        lambda changed, p: seen.append(("changed", p.identity, changed, dict(p.attributes))),
+    )
+    room.on("participant_disconnected", lambda p: seen.append(("left", p.identity)))
+    room.on("disconnected", lambda reason: seen.append(("disconnected", reason)))
+    lk.script_dial(DialScript.answer(ring=0.1))
+    await lkapi.sip.create_sip_participant(dial(wait=True))
+    assert room.remote_participants["callee"].attributes[CALL_STATUS] == "active"
+    lk.far_end_hangs_up(ROOM, "callee")
+    await lkapi.room.delete_room(room_pb.DeleteRoomRequest(room=ROOM))
+    assert seen[0] == ("joined", "callee")
+    changes = [(e[2], e[3][CALL_STATUS]) for e in seen if e[0] == "changed"]
+    assert changes == [
+        ({CALL_STATUS: "ringing"}, "ringing"),
+        ({CALL_STATUS: "active"}, "active"),
+        ({CALL_STATUS: "hangup"}, "hangup"),
+    ]
+    assert seen[-3:] == [
+        ("left", "callee"),
+        ("left", "caller"),
+        ("disconnected", models.DisconnectReason.ROOM_DELETED),
+    ]
+    assert not room.isconnected() and "callee" not in room.remote_participants
 
 
 # --- 3. removing the participant ---------------------------------------------------------

@@ -2,6 +2,7 @@
 fake of the LiveKit server (Twirp over HTTP, JWT checked)."""
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import re
@@ -12,12 +13,14 @@ from conftest import (
     TEST_BOUNDS,
     agree_to_transfer,
     assistant_said,
+    livekit_settings,
     receptionist,
     settings_for,
     wait_for,
 )
-from fake_livekit import DialScript
+from fake_livekit import DialScript, MethodFault
 from livekit.agents import AgentSession
+from livekit.agents.testing import fake_job_context
 
 import warm_handoff as wh
 
@@ -90,19 +93,29 @@ async def test_an_extension_is_dialled_as_dtmf_and_the_leg_counts_once_it_is_sen
     assert result.timings["answered"] >= call.active_at
 
 
+NOBODY = "nobody from our support team picked up"
+NOT_THROUGH = "couldn't get through to our support team"
+RINGS = 0.3  # how long the phone rings before the far end's answer
+
+
 @pytest.mark.parametrize(
     "script,outcome,heard",
     [
         (DialScript.sip_error(486), Out.BUSY, "is on another call right now"),
         (DialScript.sip_error(600), Out.BUSY, "is on another call right now"),
-        (DialScript.sip_error(480), Out.NO_ANSWER, "nobody from our support team picked up"),
-        (DialScript.sip_error(408), Out.NO_ANSWER, "nobody from our support team picked up"),
-        (DialScript.sip_error(487), Out.NO_ANSWER, "nobody from our support team picked up"),
-        (DialScript.canceled(), Out.NO_ANSWER, "nobody from our support team picked up"),
+        (DialScript.sip_error(480, delay=RINGS), Out.NO_ANSWER, NOBODY),
+        (DialScript.sip_error(408, delay=RINGS), Out.NO_ANSWER, NOBODY),
+        (DialScript.sip_error(487, delay=RINGS), Out.NO_ANSWER, NOBODY),
+        (DialScript.canceled(delay=RINGS), Out.NO_ANSWER, NOBODY),
+        # the same answers from a phone that never rang: nobody could have picked up
+        (DialScript.sip_error(480, delay=RINGS, rings=False), Out.UNREACHABLE, NOT_THROUGH),
+        (DialScript.sip_error(408, delay=RINGS, rings=False), Out.UNREACHABLE, NOT_THROUGH),
+        (DialScript.sip_error(487, delay=RINGS, rings=False), Out.UNREACHABLE, NOT_THROUGH),
+        (DialScript.canceled(delay=RINGS, rings=False), Out.UNREACHABLE, NOT_THROUGH),
         (DialScript.sip_error(603), Out.DECLINED, "can't take your call right now"),
-        (DialScript.sip_error(404), Out.UNREACHABLE, "couldn't get through to our support team"),
-        (DialScript.sip_error(403), Out.UNREACHABLE, "couldn't get through to our support team"),
-        (DialScript.sip_error(503), Out.UNREACHABLE, "couldn't get through to our support team"),
+        (DialScript.sip_error(404), Out.UNREACHABLE, NOT_THROUGH),
+        (DialScript.sip_error(403), Out.UNREACHABLE, NOT_THROUGH),
+        (DialScript.sip_error(503), Out.UNREACHABLE, NOT_THROUGH),
         # on *.livekit.cloud the client tries a 5xx three times before it gives up
         (
             (DialScript.server_error(),) * 3,
@@ -117,6 +130,10 @@ async def test_an_extension_is_dialled_as_dtmf_and_the_leg_counts_once_it_is_sen
         "408",
         "487",
         "cancel-no-status",
+        "480-never-rang",
+        "408-never-rang",
+        "487-never-rang",
+        "cancel-no-status-never-rang",
         "603",
         "404",
         "403-trunk",
@@ -161,7 +178,13 @@ async def test_a_dial_that_never_joined_is_removed_for_as_long_as_the_line_allow
 
 def test_the_bounds_are_productions_unless_a_line_is_given_others():
     production = wh.Bounds(
-        server_call=4.0, move=10.0, locate=3.0, remove_retry=4.0, confirm=8.0, last_words=2.0
+        server_call=4.0,
+        move=10.0,
+        locate=3.0,
+        ring_check=1.0,
+        remove_retry=4.0,
+        confirm=8.0,
+        last_words=2.0,
     )
     framework = inspect.signature(AgentSession.__init__).parameters
     assert production.last_words == framework["session_close_transcript_timeout"].default
@@ -247,3 +270,115 @@ async def test_caller_hanging_up_while_ringing_aborts_the_dial(livekit, livekit_
     await wait_for(lambda: identity in server.cancelled_dials)  # the phone stops ringing
     await line.settle()
     assert humans(server) == []
+
+
+@pytest.mark.parametrize(
+    "script,outcome,heard",
+    [
+        (DialScript.hang(), Out.NO_ANSWER, NOBODY),
+        # only 100 Trying: "dialing" until the ring timeout, which LiveKit reports as it
+        # reports a phone that rang out (livekit/sip errors.go: ErrSIPRequestTimeout)
+        (DialScript.hang(rings=False), Out.UNREACHABLE, NOT_THROUGH),
+        # nothing at all: sipgo's Timer B (shortened here) ends it before the ring timeout
+        (DialScript.no_response(), Out.UNREACHABLE, NOT_THROUGH),
+    ],
+    ids=["rang-out", "never-rang", "no-response"],
+)
+@pytest.mark.parametrize("mode", [wh.HandoffMode.CONSULT, wh.HandoffMode.CONFERENCE])
+async def test_a_dial_that_times_out_is_no_answer_only_if_the_phone_rang(
+    livekit, livekit_call, script, outcome, heard, mode
+):
+    server, _ = livekit
+    server.invite_timer_b = 0.5
+    server.script_dial(script)
+    session, agent, line = await livekit_call(receptionist(), handoff_mode=mode, ring_timeout=1.0)
+    await asyncio.wait_for(await agree_to_transfer(session), 5)
+    [result] = agent.results
+    assert result.outcome is outcome and result.sip_status is None
+    assert ("never rang" in result.detail) is (outcome is Out.UNREACHABLE), result.detail
+    assert heard in last_said(session)
+    await line.settle()
+    assert humans(server) == [] and not line.on_hold
+    # not in the dial's room (the fake job's room is not connected; a consult room opens as
+    # it rings), the worker asked the server every ``Bounds.ring_check`` until it rang
+    looks = len(server.calls_to("GetParticipant"))
+    assert looks <= 3 if outcome is Out.NO_ANSWER else looks >= 5, looks
+
+
+# ── the line's own view of a room: how a leg's sip.callStatus reads there ─────────────────────
+
+
+def support() -> wh.Destination:
+    return settings_for().destinations[0]
+
+
+def dial_into(room: str, ring_timeout: float = 1.0) -> wh.Dial:
+    return wh.Dial(
+        room=room, identity="transfer_1", destination=support(), ring_timeout=ring_timeout
+    )
+
+
+@contextlib.contextmanager
+def line_in(server, room: str = CALLER_ROOM):
+    """A ``LiveKitPhoneLine`` whose job is connected to ``room`` on the fake server (its own
+    view: ``FakeLiveKitServer.connect``), as a real job is to the caller's room."""
+    with fake_job_context(room=server.connect(room)) as ctx:  # type: ignore[arg-type]
+        yield wh.LiveKitPhoneLine(ctx, livekit_settings(server), bounds=TEST_BOUNDS)
+
+
+@pytest.mark.parametrize(
+    "script,outcome",
+    [(DialScript.hang(), Out.NO_ANSWER), (DialScript.hang(rings=False), Out.UNREACHABLE)],
+    ids=["rang", "never-rang"],
+)
+async def test_a_dial_into_a_room_the_worker_is_in_is_watched_in_its_own_view(
+    livekit, script, outcome
+):
+    """Conference mode dials into the caller's room, where the job is: whether the phone rang
+    is read there, with no server call."""
+    server, _ = livekit
+    server.script_dial(script)
+    with line_in(server) as line:
+        with pytest.raises(wh.DialFailed) as failed:
+            await line.dial(dial_into(CALLER_ROOM))
+        await line.settle()
+    assert failed.value.outcome is outcome and failed.value.sip_status is None
+    assert server.calls_to("GetParticipant") == []
+
+
+async def test_a_leg_that_shows_hangup_has_hung_up_before_it_leaves_the_room(livekit):
+    """livekit-sip marks a leg "hangup" as it ends the call, then closes its media and leaves
+    the room (outbound.go close; ``leaves_after_hangup`` here): the line counts it gone at
+    once, waiting for a hang-up or checking whether it is still there."""
+    server, _ = livekit
+    server.leaves_after_hangup = 3.0
+    with line_in(server) as line:
+        leg = await line.dial(dial_into(CALLER_ROOM))
+        assert await line.wait_for_arrival(CALLER_ROOM, leg.identity, 0)
+        waiting = asyncio.ensure_future(line.wait_for_hangup(CALLER_ROOM, ("caller", leg.identity)))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        server.far_end_hangs_up(CALLER_ROOM, leg.identity)
+        assert await asyncio.wait_for(waiting, 1) == leg.identity
+        assert leg.identity in server.rooms[CALLER_ROOM]  # still in the room, on its way out
+        # and from then on: gone at once, not arrived
+        again = line.wait_for_hangup(CALLER_ROOM, ("caller", leg.identity))
+        assert await asyncio.wait_for(again, 0.1) == leg.identity
+        arrival = line.wait_for_arrival(CALLER_ROOM, leg.identity, 5)
+        assert not await asyncio.wait_for(arrival, 0.5)  # nor waits for them to come
+        await line.hang_up(leg)
+
+
+async def test_a_human_who_hung_up_as_a_move_failed_is_lost_not_refused(livekit):
+    """After a failed move the line looks for the human (``_locate``): one still in the consult
+    room whose status is "hangup" has hung up; the move is not "refused" with them there."""
+    server, _ = livekit
+    server.leaves_after_hangup = 5.0
+    consult = f"{CALLER_ROOM}-consult-1"
+    with line_in(server) as line:
+        leg = await line.dial(dial_into(consult))
+        server.far_end_hangs_up(consult, leg.identity)
+        server.script_method("MoveParticipant", MethodFault.refuse("failed_precondition"))
+        with pytest.raises(wh.LegLost):
+            await line.move(leg, CALLER_ROOM)
+        await line.hang_up(leg)

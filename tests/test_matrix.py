@@ -58,16 +58,24 @@ TAKEN_BACK = "I'm sorry, I have to take the caller back now."
 HANG = DialScript.hang  # rings until the dial is cancelled or times out
 
 
-def sip(status: int) -> DialScript:
-    return DialScript.sip_error(status, delay=0.05)
+RINGS = 0.3  # the phone rings this long before the far end's answer
+
+
+def sip(status: int, rings: bool = True) -> DialScript:
+    return DialScript.sip_error(status, delay=RINGS, rings=rings)
+
+
+def cancel(rings: bool = True) -> DialScript:
+    return DialScript.canceled(delay=RINGS, rings=rings)
 
 
 RINGING_FAILURES = [
     Cell("ringing", "busy", Out.BUSY, BUSY, None, sip(486)),
     Cell("ringing", "no_answer", Out.NO_ANSWER, NOBODY, None, sip(480)),
-    Cell(
-        "ringing", "no_answer_cancel", Out.NO_ANSWER, NOBODY, None, DialScript.canceled(delay=0.05)
-    ),
+    Cell("ringing", "no_answer_cancel", Out.NO_ANSWER, NOBODY, None, cancel()),
+    # the same from a phone that never rang (no 18x): nobody could have picked up
+    Cell("ringing", "never_rang", Out.UNREACHABLE, NOT_THROUGH, None, sip(480, rings=False)),
+    Cell("ringing", "never_rang_cancel", Out.UNREACHABLE, NOT_THROUGH, None, cancel(False)),
     Cell("ringing", "declined", Out.DECLINED, CANT, None, sip(603)),
     Cell("ringing", "unreachable", Out.UNREACHABLE, NOT_THROUGH, None, sip(404)),
     Cell("ringing", "api_5xx", Out.FAILED, WRONG, None, DialScript.server_error(delay=0.05)),

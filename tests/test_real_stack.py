@@ -338,6 +338,43 @@ def test_a_phone_that_refuses_or_never_answers(
     assert (record["outcome"], record["sip_status"]) == (outcome, status)
 
 
+@pytest.mark.parametrize("mode", ["conference", "consult"])
+def test_a_phone_that_never_answers_the_invite_could_not_be_reached(
+    call: Call, stack: Stack, mode: str
+) -> None:
+    """The human's phone is off: the INVITE gets nothing back, not even 100 Trying, so the leg is
+    "dialing" to the end. livekit-sip gives up at the ring timeout with the error it gives for a
+    phone that rang out ("sip request timed out", no SIP status); the worker saw the leg never
+    ring, and tells the caller it couldn't get through, not that nobody picked up. Conference
+    dials into the caller's room, consult into its consult room, opened as the phone rings."""
+    call.standins.stt_says(ASKS_FOR_A_PERSON)
+    call.start_worker(HANDOFF_RING_TIMEOUT="6", HANDOFF_MODE=mode)
+    call.human(HumanPhone(answer=None, responds=False))
+    call.caller(asks_for_a_person(call.folder), hang_up_after=32)
+    call.wait(60)
+    heard = call.heard()
+    caller, person = heard["caller"], heard["human"]
+    invites = person.received("INVITE")  # and its retransmissions (sipgo's Timer A)
+    assert invites, "no INVITE reached the phone"
+    assert [m for m in person.sip() if m.sent] == [], "the phone answered something"
+    # the CANCEL at the ring timeout, with no provisional answer either (sipgo's ClientTx
+    # sends it from its Calling state)
+    (cancel,) = person.received("CANCEL")
+    assert 5.5 < cancel.at - invites[0].at < 8.5, cancel.at - invites[0].at
+    record = handoff_record(call)
+    assert (record["outcome"], record["sip_status"]) == ("unreachable", None), record
+    assert "sip request timed out" in record["detail"] and "never rang" in record["detail"]
+    # about when the ring timeout (6 s) ended it: told at once, and told the right thing
+    gave_up = record["timings"]["ended"] - record["timings"]["dial_start"]
+    assert 5.5 < gave_up < 9.0, gave_up
+    said = [t.text for t in call.standins.tts_texts]
+    assert any("I couldn't get through to our support team" in t for t in said), said
+    assert not any("picked up" in t for t in said), said
+    told = agent_seconds(caller.heard(), cancel.at, cancel.at + 15)
+    assert told > 4.0, f"the caller heard {told:.1f} s from the agent after the dial gave up"
+    _no_rooms_left(stack, within=30.0)
+
+
 def test_the_caller_hangs_up_while_the_phone_rings(call: Call, stack: Stack) -> None:
     call.standins.stt_says(ASKS_FOR_A_PERSON)
     call.start_worker()
