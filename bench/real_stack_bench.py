@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
-import re
 import tempfile
 import threading
 import time
