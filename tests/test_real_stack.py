@@ -452,21 +452,25 @@ MAILBOX_WORDS = "you have reached Sam please leave a message after the tone"
 OPENER_SECONDS = 63 * 0.065
 
 
-def test_a_voicemail_answers_and_hears_nothing_about_the_caller(call: Call) -> None:
-    """Consult mode screens the leg (``Screening``): a voicemail greeting with a mailbox's words
-    hears at most the neutral opener, never the question or the brief; the worker hangs up on it
-    and tells the caller it reached voicemail."""
+@pytest.mark.parametrize("mode", ["consult", "conference"])
+def test_a_voicemail_answers_and_hears_nothing_about_the_caller(call: Call, mode: str) -> None:
+    """Every mode screens the leg in private (``Screening``): a voicemail greeting with a
+    mailbox's words hears at most the neutral opener, never the question, the brief or the
+    introduction, and never the caller; the caller never hears the greeting; the worker hangs up
+    on it and tells the caller it reached voicemail."""
     # the caller's words, then the greeting (an utterance a sentence, should espeak's pause
     # between them end one), then the beep; the default ("hello") after that
     call.standins.stt_says(ASKS_FOR_A_PERSON, MAILBOX_WORDS, MAILBOX_WORDS, MAILBOX_WORDS)
-    call.start_worker(HANDOFF_MODE="consult")
+    call.start_worker(HANDOFF_MODE=mode)
     greeting = audio_file(
         call.folder, "voicemail",
         Say("Hi, you have reached Sam. Please leave a message after the tone."),
-        Quiet(0.5), Tone(1000, 1.0),
+        Quiet(0.5), Tone(HUMAN_TONE, 1.0),
     )  # fmt: skip
     call.human(HumanPhone(ring=2, audio=greeting, hang_up_after=25))
-    call.caller(asks_for_a_person(call.folder), hang_up_after=30)
+    # the caller on hold makes a sound while the mailbox plays: it must not reach the mailbox
+    call.caller(asks_for_a_person(call.folder, Quiet(5), Tone(CALLER_TONE, 2.0)),
+                hang_up_after=30)  # fmt: skip
     call.wait(60)
     heard = call.heard()
     caller, person = heard["caller"], heard["human"]
@@ -479,6 +483,9 @@ def test_a_voicemail_answers_and_hears_nothing_about_the_caller(call: Call) -> N
     assert told > 3.0, f"the caller heard {told:.1f} s from the agent after the hang-up"
     record = handoff_record(call)
     assert record["outcome"] == "voicemail", record
+    assert _tone_heard(caller.heard(), HUMAN_TONE) is None  # the mailbox's beep
+    assert _tone_heard(person.heard(), CALLER_TONE) is None
+    assert _tone_heard(caller.said(), CALLER_TONE) is not None  # it was sent
 
 
 def test_a_pbx_answers_and_the_extension_is_dialled(call: Call) -> None:
