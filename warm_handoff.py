@@ -1993,8 +1993,10 @@ class Bounds:
     move: float = 10.0
     # looking in both rooms this long: a moving participant leaves one before joining the other.
     locate: float = 3.0
-    # After a failed or cancelled dial the identity is removed, retrying this long while the
-    # server answers not_found: livekit/sip joins the participant to the room just before the
+    # A clean-up's RemoveParticipant or DeleteRoom that failed (a 5xx through all of the
+    # client's own tries, a dropped connection, no answer) is tried again this long. After a
+    # failed or cancelled dial the identity is removed, retrying this long while the server
+    # answers not_found too: livekit/sip joins the participant to the room just before the
     # INVITE (pkg/sip/outbound.go, newCall -> connectToRoom), so a remove sent earlier finds
     # nobody and the phone would still ring.
     remove_retry: float = 4.0
@@ -2003,6 +2005,11 @@ class Bounds:
     # A closing session's wait for the last words of whoever it listened to (the framework's
     # ``session_close_transcript_timeout``): the consult room's and the caller's.
     last_words: float = 2.0
+
+    @property
+    def clean_up(self) -> float:
+        """A clean-up step's bound: a server call, tried again for ``remove_retry``."""
+        return self.remove_retry + self.server_call
 
 
 def dial_target(target: str, trunk_id: str) -> dict[str, Any]:
@@ -2269,12 +2276,13 @@ class PhoneLine(abc.ABC):
         self._clean_ups: set[asyncio.Task[None]] = set()
 
     def clean_up_later(self, step: Awaitable[Any], what: str, bound: float | None = None) -> None:
-        """Run a clean-up step in the background, bounded (by default, as one server call), so
-        the caller is spoken to before slow server calls finish. A failure is logged once."""
+        """Run a clean-up step in the background, bounded (by default, as one server call with
+        its retries: ``Bounds.clean_up``), so the caller is spoken to before slow server calls
+        finish. A failure is logged once."""
 
         async def bounded() -> None:
             try:
-                await asyncio.wait_for(step, self.bounds.server_call if bound is None else bound)
+                await asyncio.wait_for(step, self.bounds.clean_up if bound is None else bound)
             except Exception as e:
                 logger.warning(
                     "clean-up step '%s' failed in room %s: %r", what, self.caller_room, e
@@ -2286,9 +2294,10 @@ class PhoneLine(abc.ABC):
 
     async def settle(self, timeout: float | None = None) -> None:
         """Wait for background clean-up (job shutdown, tests), including steps it starts; by
-        default for as long as two server calls may take."""
+        default for as long as the longest step may take (closing a consult room: its session's
+        last words, then deleting the room)."""
         if timeout is None:
-            timeout = 2 * self.bounds.server_call
+            timeout = self.bounds.last_words + self.bounds.clean_up
         deadline = time.monotonic() + timeout
         while self._clean_ups and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._clean_ups), timeout=left)
@@ -2418,11 +2427,8 @@ class LiveKitPhoneLine(PhoneLine):
         return leg
 
     def _stop_ringing(self, dial: Dial) -> None:
-        self.clean_up_later(
-            self._remove_until_gone(dial.room, dial.identity),
-            "stop ringing",
-            bound=self.bounds.remove_retry + self.bounds.server_call,
-        )
+        remove = self._remove(dial.room, dial.identity)
+        self.clean_up_later(self._retried(remove, until_found=True), "stop ringing")
 
     async def _call_status(self, room: str, identity: str) -> str:
         """The leg's ``sip.callStatus`` (dialing, ringing, automation, active), or ""."""
@@ -2437,34 +2443,43 @@ class LiveKitPhoneLine(PhoneLine):
             return ""
         return info.attributes.get("sip.callStatus", "")
 
-    async def _remove_until_gone(self, room: str, identity: str) -> None:
-        """Remove ``identity`` from ``room``; while the server says not_found, keep trying for
-        ``Bounds.remove_retry`` seconds, since the participant may not have joined yet."""
+    def _remove(self, room: str, identity: str) -> Callable[[], Awaitable[object]]:
+        request = api.RoomParticipantIdentity(room=room, identity=identity)
+        return lambda: self._ctx.api.room.remove_participant(request)
+
+    async def _retried(
+        self, server_call: Callable[[], Awaitable[object]], *, until_found: bool = False
+    ) -> None:
+        """A clean-up's server call, tried again for ``Bounds.remove_retry`` while it fails as
+        the client itself would try again (livekit-api ``twirp_client.py``: a transport error,
+        no answer, a 5xx; on ``*.livekit.cloud`` each of our tries is up to three of its own).
+        Another 4xx is final and raised. not_found means done (the leg or the room is gone),
+        unless ``until_found``: a dial's participant may not have joined yet. Each try is
+        bounded by ``Bounds.server_call`` and the last starts within the window, so the whole
+        takes at most ``Bounds.clean_up``."""
+        pause = 0.2
         deadline = time.monotonic() + self.bounds.remove_retry
         while True:
             try:
-                await asyncio.wait_for(
-                    self._ctx.api.room.remove_participant(
-                        api.RoomParticipantIdentity(room=room, identity=identity)
-                    ),
-                    self.bounds.server_call,
-                )
+                await asyncio.wait_for(server_call(), self.bounds.server_call)
                 return
             except Exception as e:
-                if time.monotonic() >= deadline:
-                    if getattr(e, "code", "") != "not_found":
-                        raise
+                gone = getattr(e, "code", "") == "not_found"
+                if gone and not until_found:
                     return
-            await asyncio.sleep(0.2)
+                if isinstance(e, api.ServerError) and e.status < 500 and not gone:
+                    raise
+                if time.monotonic() + pause >= deadline:
+                    if gone:
+                        return
+                    raise
+            await asyncio.sleep(pause)
 
     async def hang_up(self, leg: Leg) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self._ctx.api.room.remove_participant(
-                    api.RoomParticipantIdentity(room=leg.room, identity=leg.identity)
-                ),
-                self.bounds.server_call,
-            )
+        try:
+            await self._retried(self._remove(leg.room, leg.identity))
+        except Exception as e:
+            logger.warning("could not hang up the human's leg in room %s: %r", leg.room, e)
 
     async def move(self, leg: Leg, room: str) -> None:
         """Move the human into ``room``, never leaving it half done: after an error, a timeout
@@ -2508,14 +2523,11 @@ class LiveKitPhoneLine(PhoneLine):
             await asyncio.sleep(0.2)
 
     async def delete_room(self, room: str) -> None:
-        try:
-            await asyncio.wait_for(
-                self._ctx.api.room.delete_room(api.DeleteRoomRequest(room=room)),
-                self.bounds.server_call,
-            )
-        except Exception as e:  # already gone is fine; anything else is worth a line
-            if getattr(e, "code", "") != "not_found":
-                logger.warning("could not delete room %s: %r", room, e)
+        request = api.DeleteRoomRequest(room=room)
+        try:  # already gone is fine (not_found); anything else is tried again, then logged
+            await self._retried(lambda: self._ctx.api.room.delete_room(request))
+        except Exception as e:
+            logger.warning("could not delete room %s: %r", room, e)
 
     async def start_hold(self) -> Hold:
         track = OwnTrack("hold-music")
@@ -3747,7 +3759,11 @@ class ConsultRoom:
     def close(self) -> None:
         if self.is_open:
             self.is_open = False
-            self.line.clean_up_later(self.line.close_consult(self.name), "close the consult room")
+            self.line.clean_up_later(
+                self.line.close_consult(self.name),
+                "close the consult room",
+                bound=self.line.bounds.last_words + self.line.bounds.clean_up,
+            )
 
 
 class Handoff:
