@@ -1787,7 +1787,7 @@ class RecordDelivery:
         )
 
     async def _send_all(self) -> None:
-
+        """The sender: sends what is queued until nothing is, then closes its HTTP session."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
             while not self._queue.empty():
                 record_id, record, stored = self._queue.get_nowait()
@@ -1801,6 +1801,10 @@ class RecordDelivery:
                             await landed(on_records_disk(self.outbox.remove, path))
                 finally:
                     self._queue.task_done()
+            # Done taking records before the session closes (which takes a moment): one
+            # submitted meanwhile starts a new sender at once.
+            if self._sender is asyncio.current_task():
+                self._sender = None
 
     @contextlib.asynccontextmanager
     async def _claimed(self, path: Path) -> AsyncIterator[bool]:
