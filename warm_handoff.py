@@ -2096,7 +2096,7 @@ class Bounds:
     # looking in both rooms this long: a moving participant leaves one before joining the other.
     locate: float = 3.0
     # A clean-up's RemoveParticipant or DeleteRoom that failed (a 5xx through all of the
-    # client's own tries, a dropped connection, no answer) is tried again this long. After a
+    # client's own tries, a dropped connection) is tried again this long. After a
     # failed or cancelled dial the identity is removed, retrying this long while the server
     # answers not_found too: livekit/sip joins the participant to the room just before the
     # INVITE (pkg/sip/outbound.go, newCall -> connectToRoom), so a remove sent earlier finds

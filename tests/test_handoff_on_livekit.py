@@ -315,7 +315,7 @@ async def test_a_clean_up_call_that_keeps_failing_gives_up_within_the_bound(
     started = time.monotonic()
     await END_THE_LEG[method](line, leg)
     took = time.monotonic() - started
-    assert TEST_BOUNDS.remove_retry <= took <= TEST_BOUNDS.clean_up, took
+    assert TEST_BOUNDS.remove_retry - 0.2 <= took <= TEST_BOUNDS.clean_up, took  # 0.2: a pause
     assert len(server.calls_to(method)) > CLIENT_TRIES  # ours, beyond the client's own
     [failed] = [r for r in caplog.records if r.name == "warm-handoff"]
     assert CONSULT_ROOM in failed.getMessage() and "unavailable" in failed.getMessage()
