@@ -48,6 +48,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -1214,10 +1215,9 @@ def mask_number(target: str) -> str:
     return f"{target[:5]}•••{target[-2:]}" if len(target) > 7 else "•••"
 
 
-DIGIT_RUN = re.compile(r"(?<![0-9])\+?[0-9](?:[ -]?[0-9])*")  # ASCII digits, spaced or dashed
-
-# Digits as a speech-to-text service writes what a caller reads out: numerals, words ("four",
-# "oh" for zero), "double four" and "triple oh", separated by spaces, commas, dots or dashes.
+# Digits as a speech-to-text service or a model writes what a caller reads out: numerals, words
+# ("four", "oh" for zero), "double four" and "triple oh", in groups joined by spaces, commas,
+# dots, dashes, parentheses or a filler ("uh"): what joins them into one number is ``redact``'s.
 DIGIT_WORDS = {
     "zero": "0", "oh": "0", "nought": "0", "one": "1", "two": "2", "three": "3", "four": "4",
     "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9",
@@ -1225,12 +1225,17 @@ DIGIT_WORDS = {
 _WORD = r"\b(?:" + "|".join(DIGIT_WORDS) + r")\b"
 _DIGIT_TOKEN = rf"(?:[0-9]+|(?:double|triple)[ \t]+(?:[0-9](?![0-9])|{_WORD})|{_WORD})"
 DIGIT_TOKEN = re.compile(_DIGIT_TOKEN, re.IGNORECASE)
-_BETWEEN = r"(?:[ \t]*[,.\-–][ \t]*|[ \t]+)"
+_FILLER = r"\b(?:uh|um|erm?)\b"
+_BETWEEN = rf"(?:(?:[ \t]*(?:[,.\-–()]|{_FILLER}))+[ \t]*|[ \t]+)"
 _STARTS = "".join(sorted({w[0] for w in [*DIGIT_WORDS, "double", "triple"]}))
 NUMBER_RUN = re.compile(  # the lookahead first: a quick skip past letters that start no number
-    rf"(?=[0-9+{_STARTS}])(?<![0-9])\+?{_DIGIT_TOKEN}(?:{_BETWEEN}{_DIGIT_TOKEN})*",
+    rf"(?=[0-9+(){_STARTS}])(?<![0-9])(?:\+[ \t]*)?(?:\([ \t]*)?{_DIGIT_TOKEN}"
+    rf"(?:{_BETWEEN}{_DIGIT_TOKEN})*\)?",
     re.IGNORECASE,
 )
+NUMBER_LENGTH = 7  # the fewest digits masked: a local phone number
+WHOLE_NUMERAL = 5  # the fewest digits of one numeral that is a number of its own ("123456")
+BARE = (",", ".", "-", "–")  # between numerals with no space: a chain (``_written_as_a_number``)
 _DOUBLED = str.maketrans("0123456789", "0246813579")  # each digit doubled, its digits summed
 
 
@@ -1279,56 +1284,149 @@ def _card_spans(digits: list[str], cuts: set[int]) -> list[tuple[int, int]]:
     return spans
 
 
-def _masked_digits(run: str) -> str:
-    """Today's masking of a long run without a card: written digits run by run (``DIGIT_RUN``);
-    spoken ones, once there are seven or more, as one number."""
+def _is_date(groups: list[str], marks: set[str]) -> bool:
+    """2024-03-01, 1.3.2024: a year from 1900 to 2099 first or last, one mark between."""
+    if len(groups) != 3 or len(marks) != 1 or marks == {","}:
+        return False
+    if len(groups[0]) == 4:
+        groups = groups[::-1]
+    day_month, year = [int(g) for g in groups[:2] if len(g) <= 2], groups[2]
+    return (
+        len(day_month) == 2
+        and len(year) == 4
+        and year[:2] in ("19", "20")
+        and all(1 <= n <= 31 for n in day_month)
+        and min(day_month) <= 12
+    )
 
-    def mask(m: re.Match[str]) -> str:
-        digits = re.sub(r"[^0-9]", "", m.group(0))
-        if len(digits) < 7:
-            return m.group(0)
-        return mask_number(("+" if m.group(0).startswith("+") else "") + digits)
 
-    if not re.search(r"[a-z]", run, re.IGNORECASE):
-        return DIGIT_RUN.sub(mask, run)
-    tokens = list(DIGIT_TOKEN.finditer(run))
-    digits = "".join(_token_digits(t.group(0)) for t in tokens)
-    if len(digits) < 7:
-        return run
-    return run[: tokens[0].start()] + mask_number(digits) + run[tokens[-1].end() :]
+def _written_as_a_number(chain: str) -> bool:
+    """Whether numerals joined by single commas, dots or dashes with no space around them are
+    one number as a phone or card number is written. Dashes are ("510-555-0142", "5-1-0"),
+    unless a date. Commas and dots are only in groups as a phone number's: three or more of
+    2 to 4 digits (the first may be 1: a country code), or 3 then 4 ("510.555.0142",
+    "01.23.45.67.89", "555.0142"); not an amount ("1,234,567.50", "3.5"), a time ("9.30-17.30"),
+    a version ("1.2.3.4.5.6.7", "10.0.19045"), an IPv4 address ("192.168.100.200") or a date."""
+    groups, marks = re.split(r"[^0-9]", chain), set(re.findall(r"[^0-9]", chain))
+    if _is_date(groups, marks):
+        return False
+    if marks <= {"-", "–"}:
+        return True
+    if marks & {"-", "–"}:
+        parts = re.split("[-–]", chain)
+        return all(part.isdigit() or _written_as_a_number(part) for part in parts)
+    sizes = [len(g) for g in groups]
+    ipv4 = marks == {"."} and len(groups) == 4 and all(int(g) <= 255 for g in groups)
+    amount = re.fullmatch(r"[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?", chain) is not None
+    phone = sizes == [3, 4] or (
+        len(sizes) >= 3 and 1 <= sizes[0] <= 4 and all(2 <= n <= 4 for n in sizes[1:])
+    )
+    return phone and not ipv4 and not amount
+
+
+def _numbers(run: str, tokens: list[re.Match[str]]) -> list[tuple[int, int]]:
+    """Where ``tokens`` (of ``run``) are one number, as token index ranges (``redact``): not
+    across a chain of numerals that is written as something else, nor across a pause (a
+    comma, a dot, a filler) after or before a whole number: one numeral of ``WHOLE_NUMERAL``
+    digits or more ("order 123456, 3 items"), or a phone number's digits in all ("+1 510 555
+    0142, 2 people")."""
+    breaks: set[int] = set()  # i: tokens i-1 and i are not in one number
+    numeral = [t.group(0).isdigit() for t in tokens]
+    gaps = [""] + [run[a.end() : b.start()] for a, b in itertools.pairwise(tokens)]
+    pauses = [0] + [
+        i
+        for i in range(1, len(tokens))
+        if gaps[i] not in BARE and re.search(rf"[,.]|{_FILLER}", gaps[i], re.IGNORECASE)
+    ]
+    ends = [*pauses[1:], len(tokens)]  # the groups between pauses: pauses[k] to ends[k]
+    for k in range(1, len(pauses)):
+        for group in (range(pauses[k - 1], pauses[k]), range(pauses[k], ends[k])):
+            count = sum(len(_token_digits(tokens[t].group(0))) for t in group)
+            one_numeral = len(group) == 1 and numeral[group[0]]
+            if count >= NUMBER_LENGTH or (one_numeral and count >= WHOLE_NUMERAL):
+                breaks.add(pauses[k])
+    i = 0
+    while i < len(tokens):
+        j = i  # the chain: numerals joined by one comma, dot or dash and no space
+        while j + 1 < len(tokens) and numeral[j] and numeral[j + 1] and gaps[j + 1] in BARE:
+            j += 1
+        if j > i and not _written_as_a_number(run[tokens[i].start() : tokens[j].end()]):
+            breaks |= set(range(i, j + 2))  # nothing joins it, inside or to either side
+        i = j + 1
+    starts = [0] + [b for b in sorted(breaks) if 0 < b < len(tokens)]
+    return list(zip(starts, [*starts[1:], len(tokens)], strict=True))
+
+
+def _card_spans_in(
+    run: str, tokens: list[re.Match[str]], digits: list[str]
+) -> list[tuple[int, int]]:
+    """The cards among a run's tokens (``_card_spans``). A card may start or end between
+    groups ("4242 4242", "four two, four two"), but not inside a string of single digits read
+    one by one: its parts would pass the Luhn check by chance, one time in ten each."""
+    if sum(map(len, digits)) < 13:
+        return []
+    single = [len(digits[k]) == 1 or not t.group(0)[0].isdigit() for k, t in enumerate(tokens)]
+    cuts = {0, len(tokens)} | {
+        i
+        for i in range(1, len(tokens))
+        if not (single[i - 1] and single[i]) or run[tokens[i - 1].end() : tokens[i].start()].strip()
+    }
+    return _card_spans(digits, cuts)
+
+
+def _masked(run: str, tokens: list[re.Match[str]], digits: str) -> tuple[int, int, str]:
+    """A number's place in ``run`` (with a "+" or "(" before it and the ")" that closes one)
+    and its mask, as ``mask_number`` shows a phone number."""
+    start, end = tokens[0].start(), tokens[-1].end()
+    lead = re.search(r"(?:\+[ \t]*)?(?:\([ \t]*)?\Z", run[:start])
+    start = lead.start() if lead else start
+    if run.count("(", start, end) > run.count(")", start, end):
+        close = re.match(r"[ \t]*\)", run[end:])
+        end += close.end() if close else 0
+    return start, end, mask_number(("+" if run[start] == "+" else "") + digits)
 
 
 def redact(text: str) -> str:
     """Applied to every text that leaves the call (logs, records, attributes, headers, and
-    the brief the human hears): a card number, written or spoken ("4242-4242-…", "four two
-    four two …", "double four"), 13 to 19 digits that pass the Luhn check, becomes "a card
-    ending 4242"; any other run of 7 or more digits is masked like ``mask_number``."""
+    the brief the human hears).
+
+    A number is digits in groups, written or spoken ("510", "five one oh", "double five",
+    "triple oh"), joined by spaces, dashes, parentheses, a comma or a dot, or a filler ("uh",
+    "um"): "5 1 0, 5 5 5, 0 1 4 2", "(510) 555-0142", "five one oh. five five five",
+    "510.555.0142" are each one number. A card in a run of digits, 13 to 19 that pass the Luhn
+    check, becomes "a card ending 4242"; any other number of 7 or more digits is masked like
+    ``mask_number``.
+
+    Left as they are: numbers of fewer than 7 digits ("2 people", "at 3 pm", "room 101",
+    "2024"); times, since a colon joins nothing ("10:30"); numerals joined by a comma, dot or
+    dash with no space that are written as something else: a date, an amount, a time, a
+    version, an IPv4 address ("2024-03-01", "1,234,567.50", "9.30-17.30", "1.2.3.4.5.6.7",
+    "192.168.100.200": ``_written_as_a_number``); and what follows a pause after a whole
+    number ("order 123456, 3 items", "+1 510 555 0142, 2 people": ``_numbers``). Short
+    numbers listed with commas ("rooms 101, 102, 103") are one number once they reach 7
+    digits: nothing tells them from a phone number read in groups. Numbers said as amounts
+    ("four thousand") are not digits."""
 
     def replace_run(m: re.Match[str]) -> str:
         run = m.group(0)
         tokens = list(DIGIT_TOKEN.finditer(run))
         digits = [_token_digits(t.group(0)) for t in tokens]
-        count = sum(map(len, digits))
-        if count < 7:
-            return run
-        # A card may start or end between groups ("4242 4242", "four two, four two"), but
-        # not inside a string of single digits read one by one: its parts would pass the
-        # Luhn check by chance, one time in ten each.
-        single = [
-            len(d) == 1 or not t.group(0)[0].isdigit() for t, d in zip(tokens, digits, strict=True)
-        ]
-        cuts = {0, len(tokens)} | {
-            i
-            for i in range(1, len(tokens))
-            if not (single[i - 1] and single[i])
-            or run[tokens[i - 1].end() : tokens[i].start()].strip()
-        }
-        out, done = [], 0
-        for start, end in _card_spans(digits, cuts) if count >= 13 else []:
-            out.append(_masked_digits(run[done : tokens[start].start()]))
-            out.append(f"a card ending {''.join(digits[start:end])[-4:]}")
-            done = tokens[end - 1].end()
-        return "".join(out) + _masked_digits(run[done:])
+        replaced: list[tuple[int, int, str]] = []  # (start, end, what is said instead)
+        done = 0
+        for start, end in [*_card_spans_in(run, tokens, digits), (len(tokens), len(tokens))]:
+            for first, last in _numbers(run, tokens[done:start]):
+                number = "".join(digits[done + first : done + last])
+                if len(number) >= NUMBER_LENGTH:
+                    replaced.append(_masked(run, tokens[done + first : done + last], number))
+            if start < end:
+                card = f"a card ending {''.join(digits[start:end])[-4:]}"
+                replaced.append((tokens[start].start(), tokens[end - 1].end(), card))
+            done = end
+        out, at = [], 0
+        for start, end, instead in replaced:
+            out += [run[at:start], instead]
+            at = end
+        return "".join(out) + run[at:]
 
     return NUMBER_RUN.sub(replace_run, text)
 
@@ -1715,7 +1813,7 @@ class RecordDelivery:
         )
 
     async def _send_all(self) -> None:
-
+        """The sender: sends what is queued until nothing is, then closes its HTTP session."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
             while not self._queue.empty():
                 record_id, record, stored = self._queue.get_nowait()
@@ -1729,6 +1827,10 @@ class RecordDelivery:
                             await landed(on_records_disk(self.outbox.remove, path))
                 finally:
                     self._queue.task_done()
+            # Done taking records before the session closes (which takes a moment): one
+            # submitted meanwhile starts a new sender at once.
+            if self._sender is asyncio.current_task():
+                self._sender = None
 
     @contextlib.asynccontextmanager
     async def _claimed(self, path: Path) -> AsyncIterator[bool]:
@@ -2048,8 +2150,10 @@ class Bounds:
     # is not in the dial's room (one GetParticipant each time; in the room it reads its own
     # view): a no-answer that never rang is "couldn't get through" (``classify_dial_error``).
     ring_check: float = 1.0
-    # After a failed or cancelled dial the identity is removed, retrying this long while the
-    # server answers not_found: livekit/sip joins the participant to the room just before the
+    # A clean-up's RemoveParticipant or DeleteRoom that failed (a 5xx through all of the
+    # client's own tries, a dropped connection) is tried again this long. After a
+    # failed or cancelled dial the identity is removed, retrying this long while the server
+    # answers not_found too: livekit/sip joins the participant to the room just before the
     # INVITE (pkg/sip/outbound.go, newCall -> connectToRoom), so a remove sent earlier finds
     # nobody and the phone would still ring.
     remove_retry: float = 4.0
@@ -2058,6 +2162,11 @@ class Bounds:
     # A closing session's wait for the last words of whoever it listened to (the framework's
     # ``session_close_transcript_timeout``): the consult room's and the caller's.
     last_words: float = 2.0
+
+    @property
+    def clean_up(self) -> float:
+        """A clean-up step's bound: a server call, tried again for ``remove_retry``."""
+        return self.remove_retry + self.server_call
 
 
 def dial_target(target: str, trunk_id: str) -> dict[str, Any]:
@@ -2393,12 +2502,13 @@ class PhoneLine(abc.ABC):
         self._clean_ups: set[asyncio.Task[None]] = set()
 
     def clean_up_later(self, step: Awaitable[Any], what: str, bound: float | None = None) -> None:
-        """Run a clean-up step in the background, bounded (by default, as one server call), so
-        the caller is spoken to before slow server calls finish. A failure is logged once."""
+        """Run a clean-up step in the background, bounded (by default, as one server call with
+        its retries: ``Bounds.clean_up``), so the caller is spoken to before slow server calls
+        finish. A failure is logged once."""
 
         async def bounded() -> None:
             try:
-                await asyncio.wait_for(step, self.bounds.server_call if bound is None else bound)
+                await asyncio.wait_for(step, self.bounds.clean_up if bound is None else bound)
             except Exception as e:
                 logger.warning(
                     "clean-up step '%s' failed in room %s: %r", what, self.caller_room, e
@@ -2410,9 +2520,10 @@ class PhoneLine(abc.ABC):
 
     async def settle(self, timeout: float | None = None) -> None:
         """Wait for background clean-up (job shutdown, tests), including steps it starts; by
-        default for as long as two server calls may take."""
+        default for as long as the longest step may take (closing a consult room: its session's
+        last words, then deleting the room)."""
         if timeout is None:
-            timeout = 2 * self.bounds.server_call
+            timeout = self.bounds.last_words + self.bounds.clean_up
         deadline = time.monotonic() + timeout
         while self._clean_ups and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._clean_ups), timeout=left)
@@ -2642,11 +2753,8 @@ class LiveKitPhoneLine(PhoneLine):
             await asyncio.sleep(pause)
 
     def _stop_ringing(self, dial: Dial) -> None:
-        self.clean_up_later(
-            self._remove_until_gone(dial.room, dial.identity),
-            "stop ringing",
-            bound=self.bounds.remove_retry + self.bounds.server_call,
-        )
+        remove = self._remove(dial.room, dial.identity)
+        self.clean_up_later(self._retried(remove, until_found=True), "stop ringing")
 
     async def _call_status(self, room: str, identity: str) -> str:
         """The leg's ``sip.callStatus`` in ``room`` as the server has it (dialing, ringing,
@@ -2662,34 +2770,43 @@ class LiveKitPhoneLine(PhoneLine):
             return ""
         return info.attributes.get(SIP_CALL_STATUS, "")
 
-    async def _remove_until_gone(self, room: str, identity: str) -> None:
-        """Remove ``identity`` from ``room``; while the server says not_found, keep trying for
-        ``Bounds.remove_retry`` seconds, since the participant may not have joined yet."""
+    def _remove(self, room: str, identity: str) -> Callable[[], Awaitable[object]]:
+        request = api.RoomParticipantIdentity(room=room, identity=identity)
+        return lambda: self._ctx.api.room.remove_participant(request)
+
+    async def _retried(
+        self, server_call: Callable[[], Awaitable[object]], *, until_found: bool = False
+    ) -> None:
+        """A clean-up's server call, tried again for ``Bounds.remove_retry`` while it fails as
+        the client itself would try again (livekit-api ``twirp_client.py``: a transport error,
+        no answer, a 5xx; on ``*.livekit.cloud`` each of our tries is up to three of its own).
+        Another 4xx is final and raised. not_found means done (the leg or the room is gone),
+        unless ``until_found``: a dial's participant may not have joined yet. Each try is
+        bounded by ``Bounds.server_call`` and the last starts within the window, so the whole
+        takes at most ``Bounds.clean_up``."""
+        pause = 0.2
         deadline = time.monotonic() + self.bounds.remove_retry
         while True:
             try:
-                await asyncio.wait_for(
-                    self._ctx.api.room.remove_participant(
-                        api.RoomParticipantIdentity(room=room, identity=identity)
-                    ),
-                    self.bounds.server_call,
-                )
+                await asyncio.wait_for(server_call(), self.bounds.server_call)
                 return
             except Exception as e:
-                if time.monotonic() >= deadline:
-                    if getattr(e, "code", "") != "not_found":
-                        raise
+                gone = getattr(e, "code", "") == "not_found"
+                if gone and not until_found:
                     return
-            await asyncio.sleep(0.2)
+                if isinstance(e, api.ServerError) and e.status < 500 and not gone:
+                    raise
+                if time.monotonic() + pause >= deadline:
+                    if gone:
+                        return
+                    raise
+            await asyncio.sleep(pause)
 
     async def hang_up(self, leg: Leg) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self._ctx.api.room.remove_participant(
-                    api.RoomParticipantIdentity(room=leg.room, identity=leg.identity)
-                ),
-                self.bounds.server_call,
-            )
+        try:
+            await self._retried(self._remove(leg.room, leg.identity))
+        except Exception as e:
+            logger.warning("could not hang up the human's leg in room %s: %r", leg.room, e)
 
     async def move(self, leg: Leg, room: str) -> None:
         """Move the human into ``room``, never leaving it half done: after an error, a timeout
@@ -2734,14 +2851,11 @@ class LiveKitPhoneLine(PhoneLine):
             await asyncio.sleep(0.2)
 
     async def delete_room(self, room: str) -> None:
-        try:
-            await asyncio.wait_for(
-                self._ctx.api.room.delete_room(api.DeleteRoomRequest(room=room)),
-                self.bounds.server_call,
-            )
-        except Exception as e:  # already gone is fine; anything else is worth a line
-            if getattr(e, "code", "") != "not_found":
-                logger.warning("could not delete room %s: %r", room, e)
+        request = api.DeleteRoomRequest(room=room)
+        try:  # already gone is fine (not_found); anything else is tried again, then logged
+            await self._retried(lambda: self._ctx.api.room.delete_room(request))
+        except Exception as e:
+            logger.warning("could not delete room %s: %r", room, e)
 
     async def start_hold(self) -> Hold:
         track = OwnTrack("hold-music")
@@ -4013,7 +4127,12 @@ class ConsultRoom:
         if self.is_open:
             self.is_open = False
             self.line.clean_up_later(
-                self.line.close_consult(self.name, keep_room=keep_room), "close the consult room"
+                self.line.close_consult(self.name, keep_room=keep_room),
+                "close the consult room",
+                # the session's last words, the room's deletion, then its relays
+                bound=self.line.bounds.last_words
+                + self.line.bounds.clean_up
+                + self.line.bounds.server_call,
             )
 
 

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import inspect
 import re
+import time
 
 import pytest
 from conftest import (
@@ -382,3 +383,99 @@ async def test_a_human_who_hung_up_as_a_move_failed_is_lost_not_refused(livekit)
         with pytest.raises(wh.LegLost):
             await line.move(leg, CALLER_ROOM)
         await line.hang_up(leg)
+
+
+# ── clean-up that fails once ───────────────────────────────────────────────────────────────────
+# On *.livekit.cloud the client itself tries a 5xx three times (livekit-api twirp_client.py,
+# _failover.py FAILOVER_MAX_ATTEMPTS); "a 500 once" is a 500 on each of those tries.
+CLIENT_TRIES = 3
+
+
+def fails_once(server, method, code="internal"):
+    server.script_method(method, *[MethodFault.refuse(code, "injected")] * CLIENT_TRIES)
+
+
+async def test_a_clean_up_that_fails_once_after_a_decline_is_tried_again(livekit, livekit_call):
+    """The human declines; RemoveParticipant (their leg) and DeleteRoom (the consult room) each
+    answer 500 through all of the client's tries: both are tried again, and in the end the
+    human's leg and the consult room are gone."""
+    server, _ = livekit
+    session, agent, line = await livekit_call(receptionist())
+    turn = await agree_to_transfer(session)
+    await line.human_answers()
+    fails_once(server, "RemoveParticipant")
+    fails_once(server, "DeleteRoom")
+    line.human_presses("2")
+    await asyncio.wait_for(turn, 5)
+    assert agent.results[0].outcome is Out.DECLINED
+    [dial] = server.calls_to("CreateSIPParticipant")
+    consult_room, identity = dial.request.room_name, dial.request.participant_identity
+    await line.settle()
+    assert humans(server) == []
+    assert consult_room not in server.rooms
+    deletes = [c.answer for c in server.calls_to("DeleteRoom") if c.request.room == consult_room]
+    assert deletes[:CLIENT_TRIES] == ["internal"] * CLIENT_TRIES and deletes[-1] == "ok"
+    removes = [c.answer for c in server.calls_to("RemoveParticipant")]
+    assert [c.request.identity for c in server.calls_to("RemoveParticipant")] == [identity] * len(
+        removes
+    )
+    assert removes[:CLIENT_TRIES] == ["internal"] * CLIENT_TRIES
+    assert removes[-1] in ("ok", "not_found")  # not_found: the room's deletion took the leg
+
+
+CONSULT_ROOM = f"{CALLER_ROOM}-consult-0001"
+HUMAN = "transfer_0001"
+
+
+def human_in_consult_room(server, ctx):
+    """A LiveKit line (the tests' bounds) and a human's leg in a consult room of its own."""
+    server.add_participant(CONSULT_ROOM, HUMAN, **{"sip.callStatus": "active"})
+    line = wh.LiveKitPhoneLine(ctx, livekit_settings(server), bounds=TEST_BOUNDS)
+    leg = wh.Leg(HUMAN, CONSULT_ROOM, settings_for().destinations[0])
+    return line, leg
+
+
+END_THE_LEG = {  # each clean-up server call, and how the line makes it
+    "RemoveParticipant": lambda line, leg: line.hang_up(leg),
+    "DeleteRoom": lambda line, leg: line.delete_room(leg.room),
+}
+
+
+@pytest.mark.parametrize("method", END_THE_LEG)
+async def test_a_clean_up_call_that_fails_once_is_tried_again(livekit, method):
+    server, ctx = livekit
+    line, leg = human_in_consult_room(server, ctx)
+    fails_once(server, method)
+    await END_THE_LEG[method](line, leg)
+    assert [c.answer for c in server.calls_to(method)] == ["internal"] * CLIENT_TRIES + ["ok"]
+    assert server.participant(CONSULT_ROOM, HUMAN) is None
+
+
+@pytest.mark.parametrize("method", END_THE_LEG)
+async def test_a_clean_up_call_that_keeps_failing_gives_up_within_the_bound(
+    livekit, method, caplog
+):
+    """Tried again for ``Bounds.remove_retry``, each try bounded by ``server_call``: within
+    ``Bounds.clean_up`` the line gives up, says so once, and does not raise."""
+    server, ctx = livekit
+    line, leg = human_in_consult_room(server, ctx)
+    server.script_method(method, *[MethodFault.refuse("unavailable", "down")] * 100)
+    started = time.monotonic()
+    await END_THE_LEG[method](line, leg)
+    took = time.monotonic() - started
+    assert TEST_BOUNDS.remove_retry - 0.2 <= took <= TEST_BOUNDS.clean_up, took  # 0.2: a pause
+    assert len(server.calls_to(method)) > CLIENT_TRIES  # ours, beyond the client's own
+    [failed] = [r for r in caplog.records if r.name == "warm-handoff"]
+    assert CONSULT_ROOM in failed.getMessage() and "unavailable" in failed.getMessage()
+
+
+@pytest.mark.parametrize("method", END_THE_LEG)
+@pytest.mark.parametrize("code", ["not_found", "permission_denied"])
+async def test_not_found_is_done_and_another_4xx_is_final(livekit, method, code):
+    """not_found: the leg or the room is already gone; another 4xx will not change on a retry
+    (and the client, too, never retries a 4xx: livekit-api twirp_client.py)."""
+    server, ctx = livekit
+    line, leg = human_in_consult_room(server, ctx)
+    server.script_method(method, MethodFault.refuse(code))
+    await END_THE_LEG[method](line, leg)
+    assert [c.answer for c in server.calls_to(method)] == [code]

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from conftest import (
@@ -570,6 +571,35 @@ async def test_a_record_being_sent_is_not_sent_twice(receiver, tmp_path):
     assert await worker.resend(min_age=0) == (0, 0)  # the job holds it: skipped
     await delivery.drain()
     assert r.attempts == 1 and list(r.by_id) == ["rec-1"]
+
+
+async def test_a_record_submitted_while_the_sender_closes_its_session_is_sent_at_once(
+    receiver, tmp_path, monkeypatch
+):
+    """The sender has sent what it had and is closing its HTTP session when the next record
+    comes: a new sender takes it at once, not the worker's resend a minute later."""
+    r, url = await receiver()
+    delivery = wh.RecordDelivery(url, SECRET, str(tmp_path / "cb.jsonl"))
+    closing, closed = asyncio.Event(), asyncio.Event()
+    close = aiohttp.ClientSession.close
+
+    async def slow_close(session):
+        if not closing.is_set():  # the first sender's session: hold it open a moment
+            closing.set()
+            await closed.wait()
+        await close(session)
+
+    monkeypatch.setattr(aiohttp.ClientSession, "close", slow_close)
+    delivery.submit({"type": "call", "id": "rec-1", "room": "r1"})
+    await asyncio.wait_for(closing.wait(), 5)  # rec-1 sent; its sender closes the session
+    delivery.submit({"type": "call", "id": "rec-2", "room": "r2"})
+    try:
+        await wait_for(lambda: "rec-2" in r.by_id, 2)  # while the first sender still closes
+    finally:
+        closed.set()
+    await delivery.drain()
+    assert list(r.by_id) == ["rec-1", "rec-2"]
+    assert list((tmp_path / "outbox").glob("*.json")) == []
 
 
 async def test_the_worker_resends_the_outbox_from_its_main_process(receiver, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import (
+    Call,
     RecordingLine,
     brief_model_down,
     callback_request,
@@ -91,6 +92,59 @@ def test_everyday_words_and_short_numbers_are_left_alone():
         "Two weeks ago, at 10:30, the 4th time",
     ):
         assert wh.redact(text) == text
+
+
+# A callback number as people read it out and as speech-to-text or a model writes it; each is
+# one number, masked whole (the read-back itself says "5 1 0, 5 5 5, 0 1 9 9": issue 22).
+@pytest.mark.parametrize(
+    "said,masked",
+    [
+        ("5 1 0, 5 5 5, 0 1 4 2", "51055•••42"),  # single digits, grouped by commas
+        ("5 1 0 5 5 5 0 1 4 2", "51055•••42"),
+        ("510, 555, 0142", "51055•••42"),
+        ("510 555, 0142", "51055•••42"),
+        ("5 1 0 - 5 5 5 - 0 1 4 2", "51055•••42"),  # dashes with spaces around
+        ("5. 1. 0. 5. 5. 5. 0. 1. 4. 2", "51055•••42"),  # a pause after each digit
+        ("510.555.0142", "51055•••42"),
+        ("01.23.45.67.89", "01234•••89"),
+        ("(510) 555-0142", "51055•••42"),
+        ("+1 (510) 555-0142", "+1510•••42"),
+        ("+1-510.555.0142", "+1510•••42"),
+        ("five one oh five five five oh one four two", "51055•••42"),
+        ("five one zero, five five five, zero one four two", "51055•••42"),
+        ("five one oh, double five five, oh one four two", "51055•••42"),
+        ("five one oh, uh, five five five, um, oh one four two", "51055•••42"),  # fillers
+        ("five 1 oh, 555, oh one 4 two", "51055•••42"),  # numerals and words mixed
+        ("5 5 5, 0 1 4 2", "•••"),  # seven digits: a local number
+    ],
+)
+def test_a_phone_number_in_any_grouping_is_one_number_and_masked(said, masked):
+    assert wh.redact(f"Call me back on {said} please.") == f"Call me back on {masked} please."
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "We are 2 people, at 3 pm, in room 101.",
+        "It broke in 2024 at 10:30, then 2, 3 times more.",
+        "Between 9 and 5, 5 days a week; open 9.30-17.30.",
+        "Ordered on 2024-03-01, shipped 1.3.2024, due 12.05.2024, 03/01/2024.",
+        "They charged $1,234,567.50 and 12,500.00 and 3.5 percent.",
+        "Order 123456, 3 items. Order 123456. 3 items.",
+        "Build 10.0.19045.3803 and version 1.2.3.4.5.6.7 on 192.168.100.200.",
+    ],
+)
+def test_ordinary_numbers_stay_as_they_are(text):
+    assert wh.redact(text) == text
+
+
+def test_a_whole_number_ends_at_a_pause_and_what_follows_stays():
+    """A comma or dot after 7 digits, or after one numeral of 5 or more, ends the number."""
+    assert wh.redact("+1 510 555 0142, 2 people") == "+1510•••42, 2 people"
+    assert wh.redact("5105550142. Two printers") == "51055•••42. Two printers"
+    assert wh.redact("two printers, 5105550142") == "two printers, 51055•••42"
+    # short numbers read with commas cannot be told from a phone number read in groups
+    assert wh.redact("rooms 101, 102, 103") == "rooms 10110•••03"
 
 
 def test_redaction_stays_fast_on_a_long_line():
@@ -277,3 +331,53 @@ async def test_records_and_their_log_lines_are_redacted(start_call, tmp_path, ca
     assert "a card ending 1111" in line  # the record's own log line, redacted
     assert "4111" not in caplog.text and "5550142" not in caplog.text
     assert "+15105550199" not in caplog.text  # masked in the log line
+
+
+def digits_read_out(text: str) -> str:
+    """Every digit in ``text``, numerals and digit words, in order, nothing between them."""
+    return "".join(wh._token_digits(t.group(0)) for t in wh.DIGIT_TOKEN.finditer(text))
+
+
+async def test_a_callback_number_read_back_reaches_no_log_line_but_the_record_keeps_it(
+    start_call, tmp_path, caplog
+):
+    """The read-back says the number digit by digit ("5 1 0, 5 5 5, 0 1 9 9"), and the caller
+    gives another in words: the summary carries neither, in the record or in any log line;
+    the record's ``number`` is the callback number in full, for whoever calls back."""
+    caplog.set_level(logging.DEBUG)
+    details = {"name": "Dana", "best_time": "tomorrow morning"}
+    steps = iter(
+        [
+            Call("request_callback", details),
+            Call("request_callback", {**details, "confirmed": True}),
+        ]
+    )
+
+    def respond(req):
+        if req.purpose == "caller" and req.last_user_text().startswith("yes"):
+            return next(steps)
+        return "Okay."
+
+    path = tmp_path / "callbacks.jsonl"
+    line = RecordingLine(None, caller_number="+15105550199")
+    call = await start_call(respond, line=line)
+    call.agent.records = wh.CallRecords(
+        line.caller_room, "job-1", wh.RecordDelivery("", "", str(path))
+    )
+    await call.session.run(
+        user_input="my other phone is five one oh, five five five, oh one four two"
+    )
+    await call.session.run(user_input="yes, call me back: Dana, tomorrow morning")
+    assert "on 5 1 0, 5 5 5, 0 1 9 9," in call.caller_heard()[-1]  # the read-back
+    await call.session.run(user_input="yes that's right")
+    await call.agent.records.written()
+    [record] = saved(path)
+    assert record["number"] == "+15105550199"  # in full, where it must be
+    assert "on 51055•••99, tomorrow morning" in record["summary"]
+    assert "my other phone is 51055•••42" in record["summary"]
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    [line] = [r.getMessage() for r in caplog.records if "callback_request record" in r.getMessage()]
+    assert json.loads(line.split(" record ", 1)[1])["number"] == "+1510•••99"  # masked in logs
+    for number in ("5105550199", "5105550142"):
+        assert number not in digits_read_out(logged)
+        assert number not in digits_read_out(json.dumps(record["summary"]))
