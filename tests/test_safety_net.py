@@ -90,11 +90,21 @@ def records(caplog, kind: str) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("mode", ["consult", "conference"])
-async def test_a_human_who_drops_in_the_window_brings_the_agent_back(livekit, start, caplog, mode):
+MODES_AND_WAYS = pytest.mark.parametrize(
+    "mode,way", [(m, w) for m in ("consult", "conference") for w in ("move", "bridge")]
+)
+
+
+@MODES_AND_WAYS
+async def test_a_human_who_drops_in_the_window_brings_the_agent_back(
+    livekit, start, caplog, mode, way
+):
+    """Moved or bridged (then the human's room goes with the bridge), the agent is back."""
     caplog.set_level(logging.INFO, logger="warm-handoff")
     server, _ = livekit
-    session, agent, line, model = await start(handoff_mode=wh.HandoffMode(mode))
+    session, agent, line, model = await start(
+        handoff_mode=wh.HandoffMode(mode), join_way=wh.JoinWay(way)
+    )
     await connect(session, line, mode)
     assert caller_heard(session)[-1].startswith(CONNECTED[mode])
     assert agent.results[0].outcome is Out.CONNECTED
@@ -109,6 +119,9 @@ async def test_a_human_who_drops_in_the_window_brings_the_agent_back(livekit, st
 
     assert CALLER_ROOM in server.rooms and CALLER_ROOM not in server.deleted_rooms
     assert humans(server) == [] and set(server.rooms[CALLER_ROOM]) == {"caller"}
+    if way == "bridge":
+        await line.settle()
+        assert line.bridged == {} and not any("-consult-" in r for r in server.rooms)
     [result] = agent.results
     assert result.outcome is Out.REJOINED and not agent.connected
     assert result.detail.startswith("the human left 0.") and "after the merge" in result.detail
@@ -158,11 +171,15 @@ async def test_no_attempt_left_offers_only_a_callback(livekit, start):
     assert len(server.calls_to("CreateSIPParticipant")) == 1  # HANDOFF_MAX_ATTEMPTS holds
 
 
-@pytest.mark.parametrize("mode", ["consult", "conference"])
-async def test_a_human_who_drops_after_the_window_ends_the_call(livekit, start, caplog, mode):
+@MODES_AND_WAYS
+async def test_a_human_who_drops_after_the_window_ends_the_call(
+    livekit, start, caplog, mode, way
+):
     caplog.set_level(logging.INFO, logger="warm-handoff")
     server, _ = livekit
-    session, agent, line, _ = await start(handoff_mode=wh.HandoffMode(mode))
+    session, agent, line, _ = await start(
+        handoff_mode=wh.HandoffMode(mode), join_way=wh.JoinWay(way)
+    )
     closed = asyncio.Event()
     session.on("close", lambda _: closed.set())
     await connect(session, line, mode)
@@ -170,7 +187,7 @@ async def test_a_human_who_drops_after_the_window_ends_the_call(livekit, start, 
     assert closed.is_set()  # the window is over: the agent has left
     line.hang_up_human()
     await server.wait_for(lambda: CALLER_ROOM in server.deleted_rooms, 5)
-    assert CALLER_ROOM not in server.rooms
+    assert CALLER_ROOM not in server.rooms and humans(server) == []
     assert caller_heard(session)[-1].startswith(CONNECTED[mode])
     assert [r.outcome for r in agent.results] == [Out.CONNECTED]
     assert [h["outcome"] for h in records(caplog, "handoff")] == ["connected"]
@@ -197,15 +214,16 @@ async def test_a_window_of_zero_leaves_at_once(livekit, start):
     assert [r.outcome for r in agent.results] == [Out.CONNECTED]
 
 
-async def test_a_job_shutdown_while_parked_deletes_the_room(livekit, start):
+@pytest.mark.parametrize("way", ["move", "bridge"])
+async def test_a_job_shutdown_while_parked_deletes_the_room(livekit, start, way):
     server, _ = livekit
-    session, agent, line, _ = await start()
+    session, agent, line, _ = await start(join_way=wh.JoinWay(way))
     await connect(session, line, "consult")
     assert not session.input.audio_enabled  # parked
     # the framework closes the caller's session first: the room is gone when it returns,
     # before the room connection drops
     await asyncio.wait_for(session.aclose(), 5)
-    assert CALLER_ROOM in server.deleted_rooms and humans(server) == []
+    assert CALLER_ROOM in server.deleted_rooms and humans(server) == []  # a bridge's room too
     await shut_down_like_the_framework(session, line, [agent.shutdown_handoff])
     await line.settle()
     assert humans(server) == [] and not server.calls_to("CreateSIPParticipant")[1:]
