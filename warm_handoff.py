@@ -3054,6 +3054,7 @@ class SimulatedPhoneLine(PhoneLine):
         self._left: dict[str, asyncio.Event] = {}
         self._dropped: dict[str, asyncio.Event] = {}  # room -> our connection to it dropped
         self._scripts: set[asyncio.Task[None]] = set()
+        self._with_caller: dict[str, asyncio.Event] = {}  # a human, once moved in or bridged
 
     def _log(self, text: str) -> None:
         self.events.append(LineEvent(time.monotonic(), text))
@@ -3067,6 +3068,8 @@ class SimulatedPhoneLine(PhoneLine):
         """``identity`` is in ``room`` now, as a server's participant-joined event says."""
         self.rooms.setdefault(room, set()).add(identity)
         self._left.pop(identity, None)
+        if room == self.caller_room and identity != self.caller_identity:
+            self._with_caller_event(identity).set()
 
     def participant_left(self, room: str, identity: str) -> None:
         """``identity`` has left ``room``: whoever waits for their hang-up is told."""
@@ -3126,6 +3129,7 @@ class SimulatedPhoneLine(PhoneLine):
         if leg.identity not in self.rooms.get(leg.room, ()):
             raise LegLost("the human left before the bridge")
         self.bridged[leg.room] = room
+        self._with_caller_event(leg.identity).set()
         self._log(f"{leg.destination.name} bridged to {room}")
 
     async def move(self, leg: Leg, room: str) -> None:
@@ -3290,8 +3294,9 @@ class SimulatedPhoneLine(PhoneLine):
             return
         self.human_says(SIMULATED_HELLO)
         takes_it = outcome in (SimulatedHuman.ANSWER, SimulatedHuman.DROP_AFTER_MERGE)
-        human = [i for i in self.rooms.get(room, set()) if i.startswith("transfer_")]
-        if room in self.consults:  # consult: the decision is theirs
+        human = next((i for i in self.rooms.get(room, set()) if i.startswith("transfer_")), "")
+
+        async def answer_what_is_asked() -> None:
             heard = self._heard_in(room)
             while not ASKED_TO_DECIDE.search(text := await heard.get()):
                 if ASKED_IF_TEAM.search(text):
@@ -3299,10 +3304,21 @@ class SimulatedPhoneLine(PhoneLine):
                     self.human_presses("1")
             await asyncio.sleep(self.decide_after)
             self.human_presses("1" if takes_it else "2")
+
+        # consult: the decision is theirs; conference: they are joined once confirmed
+        await _first(answer_what_is_asked(), self._joined(human))
         if outcome is SimulatedHuman.DROP_AFTER_MERGE and human:
-            if await self.wait_for_arrival(self.caller_room, human[0], timeout=10):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._joined(human), 10)
                 await asyncio.sleep(self.drop_after)
                 self.hang_up_human()  # a bad line, a wrong button
+
+    async def _joined(self, human: str) -> None:
+        """Until ``human`` is with the caller: moved into their room, or bridged."""
+        await self._with_caller_event(human).wait()
+
+    def _with_caller_event(self, identity: str) -> asyncio.Event:
+        return self._with_caller.setdefault(identity, asyncio.Event())
 
     async def aclose(self) -> None:
         for task in list(self._scripts):

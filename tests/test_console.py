@@ -88,13 +88,21 @@ CONSULT = {
     ),
 }
 INTRODUCED = "caller hears: Hello, this is the Example Dental assistant. I have a caller"
-CONFERENCE = {  # a three-way call: whoever answers is introduced, nobody is asked
-    human: Promise(("support answered", "hold music off"), "connected", INTRODUCED, RING)
-    for human in ("answer", "decline", "voicemail")
-}
-CONFERENCE["drop_after_merge"] = Promise(
-    ("support answered", "the human hangs up", f"caller hears: {LOST}"), "rejoined", "", RING + 3
-)
+CONFERENCE = {  # screened as in consult, then joined and introduced in front of the caller
+    "answer": Promise(
+        (*SCREENED, *ASKED, "support moved into console-room", "hold music off"),
+        "connected",
+        INTRODUCED,
+        RING + GRACE + OPENER + 2,
+    ),
+    "voicemail": CONSULT["voicemail"],  # never introduced: screened as in consult
+    "drop_after_merge": Promise(
+        (*ASKED, "moved into console-room", "the human hangs up", f"caller hears: {LOST}"),
+        "rejoined",
+        "",
+        RING + GRACE + OPENER + 2 + 3,
+    ),
+}  # no "decline": conference asks nothing to decline
 EITHER = {
     "busy": failed("support: SIP 486 Busy Here", "busy", "on another call right now."),
     "no_answer": failed(
