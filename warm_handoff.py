@@ -4444,11 +4444,14 @@ class Handoff:
                 try:
                     return await self._move()
                 except MoveRefused as e:
-                    logger.warning(
-                        "move refused in room %s (%s): bridging instead", self.line.caller_room, e
-                    )
-                    if e.unsupported:
+                    if e.unsupported:  # logged once, by the line, for the worker's life
                         self.line.move_unsupported()
+                    else:
+                        logger.warning(
+                            "move refused in room %s (%s): bridging instead",
+                            self.line.caller_room,
+                            e,
+                        )
             self.joined_by = JoinWay.BRIDGE
             await self.line.bridge(self.call.leg, self.line.caller_room)
         except LegLost as e:
