@@ -2659,8 +2659,10 @@ class LiveKitPhoneLine(PhoneLine):
 
     def move_unsupported(self) -> None:
         logger.warning(
-            "LiveKit at %s has no MoveParticipant: this worker bridges humans from now on",
+            "LiveKit at %s has no MoveParticipant (refused in room %s): this worker bridges "
+            "humans from now on",
             url_origin(self.server_url),
+            self.caller_room,
         )
         self._refusals.remember(self.server_url)
 
