@@ -3525,8 +3525,11 @@ class Screening:
                 self.mailbox_words.set()
 
     async def human_stopped(self) -> None:
+        """Returns when the leg stops speaking; at once if it is not speaking (what interrupted
+        was a late transcript of words already finished, not speech)."""
         self.speech_ended.clear()
-        await self.speech_ended.wait()
+        if self.session.user_state == "speaking":
+            await self.speech_ended.wait()
 
     async def run(self, grace: float) -> Verdict:
         amd_seen: dict[str, Any] = {}
@@ -3579,13 +3582,14 @@ class Screening:
         """Whether the leg spoke again after a verdict from timing alone, through the opener
         and until ``MACHINE_SILENCE_THRESHOLD`` after its speech ended: a "Hello! … you've
         reached …" mailbox pauses, then goes on. The watch does not depend on the opener's
-        length (a short business name makes a short opener)."""
+        length (a short business name makes a short opener); a key press ends it."""
         heard = self.speech_starts  # the greeting the verdict is about, and what came before
         watch_ends = self.handoff.timings["verdict"] - result.delay + MACHINE_SILENCE_THRESHOLD
         if self.opener is not None:
             await self.opener
-        await asyncio.sleep(max(0.0, watch_ends - time.monotonic()))
-        return self.speech_starts > heard
+        watch = asyncio.sleep(max(0.0, watch_ends - time.monotonic()))
+        await _first(watch, self.consult.person_confirmed.wait())
+        return self.speech_starts > heard and not self.consult.person_confirmed.is_set()
 
     def _detection_options(self) -> DetectionOptions:
         if not self.extension:

@@ -265,6 +265,27 @@ async def test_a_person_known_by_timing_alone_is_briefed_after_a_silence_not_an_
     assert agent.results[0].outcome is Out.CONNECTED
 
 
+async def test_a_key_press_after_a_verdict_from_timing_alone_brings_the_details_at_once(
+    screened_call,
+):
+    """The watch after a short_greeting is for a mailbox that goes on; a key press is a person,
+    so the details need not wait for the rest of it. The hello's transcript, late, then
+    interrupts the details: nobody is speaking, so they are said again at once (waiting for
+    the human to stop would wait for ever)."""
+    agent, line, turn, _ = await screened_call(scenario("person"), stt_delay=0.8)
+    await wait_for(lambda: agent.handoff and "verdict" in agent.handoff.timings, 10)
+    line.human_presses("5")
+    await wait_for(lambda: "brief_start" in agent.handoff.timings, 5)
+    t, hello = agent.handoff.timings, line.far_end.spoken[-1]
+    assert agent.handoff.amd["reason"] == "short_greeting", agent.handoff.amd
+    assert hello.ended_at is not None
+    assert t["brief_start"] - hello.ended_at < MACHINE_SILENCE_THRESHOLD - 0.3
+    await wait_for(lambda: agent.handoff.consult.details_heard, 10)
+    line.human_presses("1")
+    await asyncio.wait_for(turn, 5)
+    assert agent.results[0].outcome is Out.CONNECTED
+
+
 async def test_a_long_greeting_is_not_talked_over_and_hears_the_whole_brief_once(screened_call):
     agent, line, turn, _ = await screened_call(scenario("long_greeting"))
     await wait_for(lambda: any(BRIEF in t for t in line.human_heard()), 12)
