@@ -256,7 +256,7 @@ async def test_a_person_known_by_timing_alone_is_briefed_after_a_silence_not_an_
     t, hello = agent.handoff.timings, line.far_end.spoken[-1]
     assert agent.handoff.amd["reason"] == "short_greeting", agent.handoff.amd
     assert hello.ended_at is not None
-    assert t["brief_start"] - hello.ended_at >= MACHINE_SILENCE_THRESHOLD
+    assert t["brief_start"] - hello.ended_at >= MACHINE_SILENCE_THRESHOLD - 0.1  # VAD's estimate
     assert t["brief_start"] - hello.ended_at <= MACHINE_SILENCE_THRESHOLD + 0.3 + LOADED
     assert _question() not in line.human_heard()
     await wait_for(lambda: agent.handoff.consult.details_heard, 10)
