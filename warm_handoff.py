@@ -111,6 +111,7 @@ from livekit.agents.utils.audio import audio_frames_from_file
 from livekit.agents.vad import VAD
 from livekit.agents.voice import SpeechHandle
 from livekit.agents.voice.amd import AMD, AMDCategory, AMDPredictionEvent
+from livekit.agents.voice.amd.classifier import MACHINE_SILENCE_THRESHOLD
 from livekit.agents.voice.amd.detector import DetectionOptions
 from livekit.agents.voice.background_audio import BuiltinAudioClip
 from livekit.api.sip_service import SipService
@@ -166,9 +167,12 @@ GOODBYE = "Thank you for calling {business}. Goodbye!"
 REJOINED = "It looks like we lost {team}. I can {offer}."
 
 # -- to the human ----------------------------------------------------------------------------------
-# Before a person is confirmed only OPENER and ASK_PERSON: safe on any recording.
-OPENER = "Hi, this is the {business} assistant with a caller for you."
+# Before a person is confirmed only OPENER and ASK_PERSON: safe on any recording. The opener
+# names the business and nothing else, and is short: the details wait for its end, so every
+# character of it (the business name's too) is about 70 ms more before the human hears why.
+OPENER = "It's {business}."
 ASK_PERSON = "Is this {team}? Press 1 or say yes to take a call."
+DETAILS_INTRO = "I'm the assistant, with a caller for {team}. "  # the details, after OPENER
 BRIEF_INTRO = "Hi, this is the {business} assistant with a caller for {team}. "  # unscreened
 BRIEF_ASK = "Say put them through, or press 1, to take the call; press 2 if you can't."
 CONFERENCE_INTRODUCTION = (
@@ -3867,11 +3871,13 @@ class Screening:
     The leg first hears a neutral opener, played outside the session (AMD holds the session's
     speech until its verdict), once the human stops speaking (the VAD's end of speech) or
     after ``grace`` seconds of silence. A person is confirmed by AMD's ``human``, a key press or
-    a yes; a verdict from timing alone (``short_greeting``) counts only if the leg stayed silent
-    through the opener. Uncertain: ask once, unless the transcript already had a mailbox's
-    words (then voicemail at once). A voicemail hears the opener, nothing more. On an
-    extension the PBX answers first: ``machine-ivr`` and silence are not final before the ring
-    timeout, and detection starts again with the ring time left."""
+    a yes; a verdict from timing alone (``short_greeting``) counts only if the leg then stays
+    silent through the opener and for as long after its speech as the detector waits before
+    its model's verdicts (``MACHINE_SILENCE_THRESHOLD``, 1.5 s), however short the opener.
+    Uncertain: ask once, unless the transcript already had a mailbox's words (then voicemail at
+    once). A voicemail hears the opener, nothing more. On an extension the PBX answers first:
+    ``machine-ivr`` and silence are not final before the ring timeout, and detection starts
+    again with the ring time left."""
 
     def __init__(self, consult: ConsultAgent, handoff: Handoff, ring_deadline: float) -> None:
         self.consult = consult
@@ -3882,8 +3888,7 @@ class Screening:
         self.speech_ended = asyncio.Event()
         self.mailbox_words = asyncio.Event()  # "leave a message after the tone" transcribed
         self.opener: asyncio.Future[None] | None = None
-        self.spoke_over_opener = False
-        self.heard_speech = False
+        self.speech_starts = 0  # how many times the leg has started speaking
         self.session.on("user_state_changed", self._on_user_state)
         self.session.on("user_input_transcribed", self._on_transcript)
 
@@ -3893,9 +3898,7 @@ class Screening:
 
     def _on_user_state(self, ev: UserStateChangedEvent) -> None:
         if ev.new_state == "speaking":
-            self.heard_speech = True
-        if ev.new_state == "speaking" and self.opener is not None and not self.opener.done():
-            self.spoke_over_opener = True
+            self.speech_starts += 1
         elif ev.old_state == "speaking" and ev.new_state == "listening":
             self.speech_ended.set()
             self.handoff.timings.setdefault("hello_end", time.monotonic())
@@ -3913,8 +3916,11 @@ class Screening:
                 self.mailbox_words.set()
 
     async def human_stopped(self) -> None:
+        """Returns when the leg stops speaking; at once if it is not speaking (what interrupted
+        was a late transcript of words already finished, not speech)."""
         self.speech_ended.clear()
-        await self.speech_ended.wait()
+        if self.session.user_state == "speaking":
+            await self.speech_ended.wait()
 
     async def run(self, grace: float) -> Verdict:
         amd_seen: dict[str, Any] = {}
@@ -3950,10 +3956,8 @@ class Screening:
             }
             category = result.category
             if category is AMDCategory.HUMAN:
-                if result.reason == "short_greeting" and self.opener is not None:
-                    await self.opener  # timing alone counts only if the leg stays silent
-                if result.reason == "short_greeting" and self.spoke_over_opener:
-                    return await self._ask(amd_seen, "spoke over the opener")
+                if result.reason == "short_greeting" and await self._spoke_again(result):
+                    return await self._ask(amd_seen, "spoke again after a short greeting")
                 return Verdict(None, f"amd {result.reason}", amd_seen)
             if self.extension and category in (AMDCategory.MACHINE_IVR, AMDCategory.UNCERTAIN):
                 if time.monotonic() < self.ring_deadline - 1.0:
@@ -3964,6 +3968,19 @@ class Screening:
             if category in MACHINE_OUTCOMES:
                 return Verdict(MACHINE_OUTCOMES[category], f"amd {category.value}", amd_seen)
             return await self._ask(amd_seen, f"amd uncertain ({result.reason})")
+
+    async def _spoke_again(self, result: AMDPredictionEvent) -> bool:
+        """Whether the leg spoke again after a verdict from timing alone, through the opener
+        and until ``MACHINE_SILENCE_THRESHOLD`` after its speech ended: a "Hello! … you've
+        reached …" mailbox pauses, then goes on. The watch does not depend on the opener's
+        length (a short business name makes a short opener); a key press ends it."""
+        heard = self.speech_starts  # the greeting the verdict is about, and what came before
+        watch_ends = self.handoff.timings["verdict"] - result.delay + MACHINE_SILENCE_THRESHOLD
+        if self.opener is not None:
+            await self.opener
+        watch = asyncio.sleep(max(0.0, watch_ends - time.monotonic()))
+        await _first(watch, self.consult.person_confirmed.wait())
+        return self.speech_starts > heard and not self.consult.person_confirmed.is_set()
 
     def _detection_options(self) -> DetectionOptions:
         if not self.extension:
@@ -3994,7 +4011,7 @@ class Screening:
         """Returns after ``grace`` s from the answer if nobody has started speaking; a human
         who has started is waited for (their end of speech starts the opener instead)."""
         await asyncio.sleep(grace)
-        if self.heard_speech:
+        if self.speech_starts:
             await asyncio.get_running_loop().create_future()  # never: speech_ended decides
 
     def play_opener(self) -> None:
@@ -4596,11 +4613,12 @@ class ConsultAgent(Agent):
         return _replay(prepared) if prepared else NOT_GIVEN
 
     async def details(self) -> str:
-        """The brief as said after the opener: without its introduction, already heard."""
-        intro = BRIEF_INTRO.format(
-            business=self._handoff.settings.business_name, team=self._handoff.destination.said_as
-        )
-        return (await asyncio.shield(self._brief)).removeprefix(intro)
+        """The brief as said after the opener, once a person is confirmed: the opener has
+        named the business, so its introduction is ``DETAILS_INTRO`` (who speaks, for whom)."""
+        h = self._handoff
+        intro = BRIEF_INTRO.format(business=h.settings.business_name, team=h.destination.said_as)
+        brief = (await asyncio.shield(self._brief)).removeprefix(intro)
+        return DETAILS_INTRO.format(team=h.destination.said_as) + brief
 
     def decide(self, decision: Decision) -> None:
         if not self._decision.done():

@@ -48,6 +48,7 @@ ANSWERS = ("person", "long_greeting", "voicemail", "pbx", "silent")
 MACHINES = ("voicemail",)  # what never presses a key nor says yes
 EXTENSION = "123"  # the PBX scenario's destination is dialled with an extension
 TARGET = 0.1  # s: the opener after the cue, the details after the later of opener end and confirm
+DETAILS_AFTER_HELLO = 2.2  # s: a person's details after the end of their hello (issue 19)
 
 
 class TimedEar(Ear):

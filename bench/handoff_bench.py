@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 
 from bench.answers import (  # noqa: E402
     ANSWERS,
+    DETAILS_AFTER_HELLO,
     FIGURE_TITLES,
     FIGURES,
     TARGET,
@@ -307,6 +308,15 @@ def summarise_answers(calls: list[AnswerCall]) -> dict[str, Any]:
                 "met": details is not None and details <= TARGET + 1e-9,
                 "rule": f"details <= {TARGET * 1000:.0f} ms after the later of opener end "
                 "and confirmation",
+            }
+        if name == "person":
+            soon = figures["details"]["median"]
+            targets["details_after_hello"] = {
+                "value": soon,
+                "limit": DETAILS_AFTER_HELLO,
+                "met": soon is not None and soon <= DETAILS_AFTER_HELLO + 1e-9,
+                "rule": f"details <= {DETAILS_AFTER_HELLO * 1000:,.0f} ms after the end of "
+                "the hello",
             }
         targets["never_before_confirmation"] = {
             "value": sum(e or 0 for e in early),

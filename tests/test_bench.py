@@ -91,3 +91,4 @@ def test_bench_measures_every_figure_for_every_ordering(tmp_path):
                 "human" if outcome != "voicemail" else "machine-vm"
             )
         assert set(measured["targets"]) >= {"opener", "never_before_confirmation"}
+    assert "details_after_hello" in answers["person"]["targets"]  # issue 19's, for a person

@@ -37,7 +37,8 @@ LOST = "It looks like we lost our support team."
 # a handoff record as logged (rich wraps it at the terminal's width, between words)
 RECORD = r'handoff record \{[^{}]*?"outcome":\s+"{outcome}"'
 # the opener is played from its synthesised audio, as long as the stand-in makes it
-OPENER = len("Hi, this is the Example Dental assistant with a caller for you.") * MS_PER_CHAR / 1000
+SAID_OPENER = wh.OPENER.format(business="Example Dental")
+OPENER = len(SAID_OPENER) * MS_PER_CHAR / 1000
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,10 @@ def failed(step: str, outcome: str, why: str, within: float = RING) -> Promise:
     )
 
 
-SCREENED = ("support answered", "human says: Hello?", "human hears: Hi, this is the Example")
+SCREENED = ("support answered", "human says: Hello?", f"human hears: {SAID_OPENER}")
 ASKED = ("human hears: Is this our support team?", "human presses 1")
-BRIEFED = ("human hears: The caller wants help with their account. Say put them through",)
+DETAILS = wh.DETAILS_INTRO.format(team="our support team")
+BRIEFED = (f"human hears: {DETAILS}The caller wants help with their account. Say put them",)
 CONSULT = {
     "answer": Promise(
         (*SCREENED, *ASKED, *BRIEFED, "human presses 1", "support moved into console-room"),
@@ -75,7 +77,7 @@ CONSULT = {
         RING + GRACE + OPENER + 2,
     ),
     "voicemail": Promise(  # heard the opener, then its words answered the question
-        ("support answered", "human says: Hi, you've reached", "human hears: Hi, this is the"),
+        ("support answered", "human says: Hi, you've reached", f"human hears: {SAID_OPENER}"),
         "voicemail",
         "I'm sorry, I reached our support team's voicemail rather than a person.",
         RING + GRACE + OPENER + 1,
@@ -219,12 +221,12 @@ def test_when_synthesis_fails_the_human_hears_the_opener_without_a_silence(
         term.type(ASK)
         term.wait_for("📞 support answered", 30)
         answered = time.monotonic()
-        term.wait_for("📞 human hears: Hi, this is the Example Dental assistant", 30)
+        term.wait_for(re.escape(f"📞 human hears: {SAID_OPENER}"), 30)
         assert time.monotonic() - answered <= GRACE + 1.0  # due after the silent line's grace
         term.wait_for(RECORD.replace("{outcome}", "connected"), 30)
     finally:
         term.close()
-    opener = [t for t in providers.tts_texts if t.text.startswith("Hi, this is the Example")]
+    opener = [t for t in providers.tts_texts if t.text == SAID_OPENER]
     assert [t.protocol for t in opener] == ["http", "ws"]  # one try prepared, then said live
 
 

@@ -352,8 +352,9 @@ def slow_reads(monkeypatch):
 
 async def test_a_cached_sentence_is_read_and_checked_off_the_loop(tmp_path, slow_reads):
     """Playing a sentence from the cache on a slow disk never holds the call's loop (the
-    caller's audio, the hold music): its file is read and its hash checked on a worker thread."""
-    opener = wh.OPENER.format(business="Acme")
+    caller's audio, the hold music): its file is read and its hash checked on a worker thread.
+    (The question to the human: its audio is larger than the key that ``slow_reads`` skips.)"""
+    opener = wh.ASK_PERSON.format(team="our support team")
     heard: list[list] = []
     voices = [CountingTTS(), CountingTTS()]
     for voice in voices:  # two calls on the host: the first saves, the second plays the file
@@ -398,7 +399,8 @@ async def test_the_humans_phrases_are_read_from_the_cache_off_the_loop(tmp_path,
         async with LoopLag() as lag:
             await consult.prepare_voice(voice)
         assert set(consult.voice) == {"opener", "question", "brief"}
-    assert voices[1].synthesized == ["Dana's router keeps rebooting."]  # the rest: cached
+    details = wh.DETAILS_INTRO.format(team=support.said_as) + "Dana's router keeps rebooting."
+    assert voices[1].synthesized == [details]  # the rest: cached
     assert lag.worst < MAX_LAG, f"the loop was held for {lag.worst * 1000:.0f} ms"
     loop_thread = threading.get_ident()
     assert slow_reads["read"] and loop_thread not in slow_reads["read"]

@@ -32,7 +32,7 @@ from fake_livekit import API_SECRET as FAKE_SECRET
 from fake_livekit import FakeLiveKitServer
 from livekit import api
 from phones import HumanPhone, Quiet, Say, Tone, audio_file
-from providers import TONE_HZ, ProviderStandIns
+from providers import MS_PER_CHAR, TONE_HZ, ProviderStandIns
 from real_stack import (
     API_SECRET,
     CALLER_RTP,
@@ -46,6 +46,8 @@ from real_stack import (
 )
 from recordings import Heard, Phone
 from recordings import phones as read_phones
+
+import warm_handoff as wh
 
 pytestmark = [pytest.mark.real_stack, pytest.mark.timeout(300)]
 
@@ -446,10 +448,10 @@ def _human_state(stack: Stack, number: str = SUPPORT["number"]) -> str:
 # ── Who answers the human's phone, and where it is ────────────────────────────────────────────
 
 MAILBOX_WORDS = "you have reached Sam please leave a message after the tone"
-# warm_handoff.OPENER for "Example Dental": "Hi, this is the Example Dental assistant with a
-# caller for you." 63 characters at 65 ms (tests/providers.py MS_PER_CHAR): 4.1 s. ASK_PERSON
-# ("Is this our support team? Press 1 or say yes to take a call.", 60 characters) would add 3.9 s.
-OPENER_SECONDS = 63 * 0.065
+# warm_handoff.OPENER for "Example Dental" at 65 ms a character (tests/providers.py
+# MS_PER_CHAR): 1.3 s. ASK_PERSON ("Is this our support team? Press 1 or say yes to take a
+# call.", 60 characters) would add 3.9 s; the details, DETAILS_INTRO alone, 3.6 s.
+OPENER_SECONDS = len(wh.OPENER.format(business="Example Dental")) * MS_PER_CHAR / 1000
 
 
 @pytest.mark.parametrize("mode", ["consult", "conference"])
