@@ -517,7 +517,7 @@ async def test_every_mode_on_every_server_screens_who_answers(
         timings = result.timings
         assert timings["verdict"] <= joined_at[0]  # screened first
         heard = line.human_heard()
-        assert heard[0].startswith("Hi, this is the Acme assistant")  # the opener first
+        assert heard[0] == wh.OPENER.format(business="Acme")  # the opener first
         if way == "bridge":  # the human hears the last words in their own room
             last = "I have a caller on the line" if mode == "conference" else "now connected"
             assert last in heard[-1], heard
