@@ -110,6 +110,7 @@ from livekit.agents.types import NOT_GIVEN, FlushSentinel, NotGiven
 from livekit.agents.utils.audio import audio_frames_from_file
 from livekit.agents.vad import VAD
 from livekit.agents.voice import SpeechHandle
+from livekit.agents.voice.agent_session import SessionConnectOptions
 from livekit.agents.voice.amd import AMD, AMDCategory, AMDPredictionEvent
 from livekit.agents.voice.amd.classifier import MACHINE_SILENCE_THRESHOLD
 from livekit.agents.voice.amd.detector import DetectionOptions
@@ -3852,6 +3853,11 @@ MACHINE_OUTCOMES = {
     AMDCategory.MACHINE_UNAVAILABLE: HandoffOutcome.VOICEMAIL,
     AMDCategory.MACHINE_IVR: HandoffOutcome.UNREACHABLE,
 }
+# A greeting that opens like a person ("Hi, this is Sam Jones at Acme support.") goes on with a
+# mailbox's words after a pause; a person who said hello waits. Nothing about the caller is said
+# until the leg has been quiet this long after its speech (and through the opener and the
+# details' introduction, which say nothing about the caller).
+GREETING_GOES_ON = 3.0  # s
 
 
 @dataclass(frozen=True)
@@ -3870,14 +3876,18 @@ class Screening:
 
     The leg first hears a neutral opener, played outside the session (AMD holds the session's
     speech until its verdict), once the human stops speaking (the VAD's end of speech) or
-    after ``grace`` seconds of silence. A person is confirmed by AMD's ``human``, a key press or
-    a yes; a verdict from timing alone (``short_greeting``) counts only if the leg then stays
-    silent through the opener and for as long after its speech as the detector waits before
-    its model's verdicts (``MACHINE_SILENCE_THRESHOLD``, 1.5 s), however short the opener.
-    Uncertain: ask once, unless the transcript already had a mailbox's words (then voicemail at
-    once). A voicemail hears the opener, nothing more. On an extension the PBX answers first:
-    ``machine-ivr`` and silence are not final before the ring timeout, and detection starts
-    again with the ring time left."""
+    after ``grace`` seconds of silence. A person is confirmed by a key press or a yes, or by
+    AMD's ``human`` (whatever its reason: the model hears only the greeting's first sentence)
+    followed by what a person does: quiet through the opener and for as long after its speech
+    as the detector waits before its model's verdicts (``MACHINE_SILENCE_THRESHOLD``, 1.5 s),
+    then, in consult mode, quiet through the details' introduction (who speaks, for whom;
+    nothing about the caller) and until ``GREETING_GOES_ON`` after its speech, in conference
+    mode quiet until then. A leg that speaks again is judged again once it stops (or at the
+    ring clock): its mailbox words make it a voicemail, else it is asked. Uncertain: ask once,
+    unless the transcript already had a mailbox's words (then voicemail at once). A voicemail
+    hears the opener (and at most the introduction, or the question), nothing more. On an
+    extension the PBX answers first: ``machine-ivr`` and silence are not final before the ring
+    timeout, and detection starts again with the ring time left."""
 
     def __init__(self, consult: ConsultAgent, handoff: Handoff, ring_deadline: float) -> None:
         self.consult = consult
@@ -3889,6 +3899,7 @@ class Screening:
         self.mailbox_words = asyncio.Event()  # "leave a message after the tone" transcribed
         self.opener: asyncio.Future[None] | None = None
         self.speech_starts = 0  # how many times the leg has started speaking
+        self.speech_started = asyncio.Event()  # set at each start of the leg's speech
         self.session.on("user_state_changed", self._on_user_state)
         self.session.on("user_input_transcribed", self._on_transcript)
 
@@ -3899,6 +3910,7 @@ class Screening:
     def _on_user_state(self, ev: UserStateChangedEvent) -> None:
         if ev.new_state == "speaking":
             self.speech_starts += 1
+            self.speech_started.set()
         elif ev.old_state == "speaking" and ev.new_state == "listening":
             self.speech_ended.set()
             self.handoff.timings.setdefault("hello_end", time.monotonic())
@@ -3954,10 +3966,11 @@ class Screening:
                 "reason": result.reason,
                 "delay": round(result.delay, 3),
             }
+            self.handoff.amd = amd_seen
             category = result.category
             if category is AMDCategory.HUMAN:
-                if result.reason == "short_greeting" and await self._spoke_again(result):
-                    return await self._ask(amd_seen, "spoke again after a short greeting")
+                if await self._spoke_again(result) or not await self._quiet_after(result):
+                    return await self._judge_again(amd_seen, f"spoke again ({result.reason})")
                 return Verdict(None, f"amd {result.reason}", amd_seen)
             if self.extension and category in (AMDCategory.MACHINE_IVR, AMDCategory.UNCERTAIN):
                 if time.monotonic() < self.ring_deadline - 1.0:
@@ -3970,17 +3983,68 @@ class Screening:
             return await self._ask(amd_seen, f"amd uncertain ({result.reason})")
 
     async def _spoke_again(self, result: AMDPredictionEvent) -> bool:
-        """Whether the leg spoke again after a verdict from timing alone, through the opener
-        and until ``MACHINE_SILENCE_THRESHOLD`` after its speech ended: a "Hello! … you've
-        reached …" mailbox pauses, then goes on. The watch does not depend on the opener's
-        length (a short business name makes a short opener); a key press ends it."""
+        """Whether the leg spoke again after a ``human`` verdict, through the opener and until
+        ``MACHINE_SILENCE_THRESHOLD`` after its speech ended: a "Hello! … you've reached …"
+        mailbox pauses, then goes on. The watch does not depend on the opener's length (a short
+        business name makes a short opener); a key press ends it."""
         heard = self.speech_starts  # the greeting the verdict is about, and what came before
-        watch_ends = self.handoff.timings["verdict"] - result.delay + MACHINE_SILENCE_THRESHOLD
+        watch_ends = self._speech_end(result) + MACHINE_SILENCE_THRESHOLD
         if self.opener is not None:
             await self.opener
         watch = asyncio.sleep(max(0.0, watch_ends - time.monotonic()))
         await _first(watch, self.consult.person_confirmed.wait())
         return self.speech_starts > heard and not self.consult.person_confirmed.is_set()
+
+    def _speech_end(self, result: AMDPredictionEvent) -> float:
+        """When the speech a verdict is about ended, or a little later: a verdict from timing
+        alone says how long ago (its ``delay``, counted when it is given); the model's counts
+        its delay when the model answered, but is given only after the detector's silence
+        (``MACHINE_SILENCE_THRESHOLD``) after the speech."""
+        delay = result.delay
+        if result.reason == "llm":
+            delay = max(delay, MACHINE_SILENCE_THRESHOLD)
+        return self.handoff.timings["verdict"] - delay
+
+    async def _quiet_after(self, result: AMDPredictionEvent) -> bool:
+        """Whether the leg stays quiet until ``GREETING_GOES_ON`` after its speech ended and, in
+        consult mode, through the details' introduction, said meanwhile (nothing about the
+        caller: a person hears the details start with the verdict). Speech cuts the
+        introduction short; a key press ends the watch (a person), the introduction goes on."""
+        watch_ends = self._speech_end(result) + GREETING_GOES_ON
+        self.speech_started.clear()
+        if self.session.user_state == "speaking":
+            return False
+        introduction = None
+        if self.handoff.mode is HandoffMode.CONSULT:
+            introduction = self.consult.introduce()
+        watch: list[Awaitable[Any]] = [asyncio.sleep(max(0.0, watch_ends - time.monotonic()))]
+        if introduction is not None:
+            watch.append(introduction.wait_for_playout())
+        watching = asyncio.ensure_future(asyncio.gather(*watch))
+        try:
+            await _first(
+                watching, self.speech_started.wait(), self.consult.person_confirmed.wait()
+            )
+        finally:
+            watching.cancel()
+        if self.consult.person_confirmed.is_set() or not self.speech_started.is_set():
+            return True
+        if introduction is not None:
+            introduction.interrupt(force=True)
+        return False
+
+    async def _judge_again(self, amd_seen: dict[str, Any], why: str) -> Verdict:
+        """The leg spoke again after a ``human`` verdict: once it stops (at the latest by the
+        ring clock, or the confirmation window if that has passed), its mailbox words make it
+        a voicemail; else it is asked. A key press meanwhile is a person."""
+        left = max(self.ring_deadline - time.monotonic(), self.handoff.line.bounds.confirm)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                _first(self.human_stopped(), self.consult.person_confirmed.wait()), left
+            )
+        if self.consult.person_confirmed.is_set():
+            return Verdict(None, f"{why}: key press", amd_seen)
+        return await self._ask(amd_seen, why)
 
     def _detection_options(self) -> DetectionOptions:
         if not self.extension:
@@ -4101,6 +4165,13 @@ class ConsultRoom:
         models = self.handoff.models
         options = models.options()
         options["session_close_transcript_timeout"] = self.line.bounds.last_words
+        # the phrases prepared while the phone rings (``ConsultAgent.prepare_voice``) may each
+        # fail, and are then said live: their failures must not close the session (the
+        # framework closes it after 3 in a row)
+        options["conn_options"] = SessionConnectOptions(
+            max_unrecoverable_errors=SessionConnectOptions.max_unrecoverable_errors
+            + len(ConsultAgent.PREPARED)
+        )
         if models.vad is not None:
             options["turn_handling"] = {**(models.turn_handling or {}), "turn_detection": "vad"}
         return options
@@ -4551,6 +4622,8 @@ class ConsultAgent(Agent):
         self._handoff = handoff
         self.opener = OPENER.format(business=handoff.settings.business_name)
         self.question = ASK_PERSON.format(team=handoff.destination.said_as)
+        self.introduction = DETAILS_INTRO.format(team=handoff.destination.said_as).strip()
+        self.introduced: SpeechHandle | None = None  # the introduction, once said
         self.voice: dict[str, list[rtc.AudioFrame]] = {}  # pre-synthesised, by line
         self.details_heard = False
         self.unscreened = False
@@ -4559,12 +4632,14 @@ class ConsultAgent(Agent):
         self._decision: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self.brief_started = asyncio.Event()
 
+    PREPARED = ("opener", "question", "introduction", "brief")  # what ``prepare_voice`` prepares
+
     async def prepare_voice(self, tts: TTS) -> None:
         """Synthesise what the human may hear while the phone rings (the neutral opener, the
-        question, the brief), so none of it waits for speech synthesis once they answer. Each
-        is prepared on its own, at once (the brief once composed), with one try and within
-        ``spoken_seconds``; one not ready when it is due is said live (``audio_for``,
-        ``said_for``)."""
+        question, the details' introduction, the brief), so none of it waits for speech
+        synthesis once they answer. Each is prepared on its own, at once (the brief once
+        composed), with one try and within ``spoken_seconds``; one not ready when it is due is
+        said live (``audio_for``, ``said_for``)."""
 
         async def brief() -> None:
             await self._prepare("brief", await self.details(), tts)
@@ -4572,6 +4647,7 @@ class ConsultAgent(Agent):
         await asyncio.gather(
             self._prepare("opener", self.opener, tts, keep=True),  # the same on every call
             self._prepare("question", self.question, tts, keep=True),
+            self._prepare("introduction", self.introduction, tts, keep=True),
             brief(),
         )
 
@@ -4613,12 +4689,22 @@ class ConsultAgent(Agent):
         return _replay(prepared) if prepared else NOT_GIVEN
 
     async def details(self) -> str:
-        """The brief as said after the opener, once a person is confirmed: the opener has
-        named the business, so its introduction is ``DETAILS_INTRO`` (who speaks, for whom)."""
+        """The brief as said after the opener and the details' introduction
+        (``DETAILS_INTRO``: who speaks, for whom), once a person is confirmed: what is about
+        the caller, without the brief's own introduction."""
         h = self._handoff
         intro = BRIEF_INTRO.format(business=h.settings.business_name, team=h.destination.said_as)
-        brief = (await asyncio.shield(self._brief)).removeprefix(intro)
-        return DETAILS_INTRO.format(team=h.destination.said_as) + brief
+        return (await asyncio.shield(self._brief)).removeprefix(intro)
+
+    def introduce(self) -> SpeechHandle:
+        """Start the details with their introduction, which says nothing about the caller (a
+        screening may still cut it short: ``Screening._quiet_after``)."""
+        if self.introduced is None:
+            self._handoff.timings.setdefault("brief_start", time.monotonic())
+            self.introduced = self.session.say(
+                self.introduction, audio=self.said_for("introduction"), allow_interruptions=False
+            )
+        return self.introduced
 
     def decide(self, decision: Decision) -> None:
         if not self._decision.done():
@@ -4633,18 +4719,23 @@ class ConsultAgent(Agent):
             self.decide(Decision(HandoffOutcome.DECLINED, "declined on the keypad"))
 
     async def speak_details(self, human_stopped: Callable[[], Awaitable[Any]]) -> None:
-        """The brief, in full: if the human talks over it before it was heard, it is said
-        again once they stop; it is never replaced by a model reply."""
-        text = await self.details()
-        while not self._decision.done():
-            self._handoff.timings.setdefault("brief_start", time.monotonic())
-            handle = self.session.say(text, audio=self.said_for("brief"), allow_interruptions=True)
-            await handle.wait_for_playout()
-            if not handle.interrupted:
-                self.details_heard = True
-                self._handoff.timings.setdefault("brief_end", time.monotonic())
-                return
-            await human_stopped()
+        """The details: their introduction unless screening said it, then the brief, in full:
+        if the human talks over either before it was heard, it is said again once they stop;
+        it is never replaced by a model reply."""
+        parts = [("brief", await self.details())]
+        if self.introduced is None or self.introduced.interrupted:
+            parts.insert(0, ("introduction", self.introduction))
+        for name, text in parts:
+            while not self._decision.done():
+                self._handoff.timings.setdefault("brief_start", time.monotonic())
+                handle = self.session.say(text, audio=self.said_for(name), allow_interruptions=True)
+                await handle.wait_for_playout()
+                if not handle.interrupted:
+                    break
+                await human_stopped()
+        if not self._decision.done():
+            self.details_heard = True
+            self._handoff.timings.setdefault("brief_end", time.monotonic())
 
     async def wait_for_decision(self, human_left: asyncio.Future[str]) -> Decision:
         waits: set[asyncio.Future[Any]] = {self._decision, human_left}

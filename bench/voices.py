@@ -373,12 +373,57 @@ def silent() -> AnswerScenario:
     return AnswerScenario("silent", ring=4.0, sounds=(), about="a person who says nothing")
 
 
+def sam_speaking() -> AnswerScenario:
+    """A person picks up after 4 s and says "Sam speaking" (0.8 s: the start of caller.wav's
+    first sentence), ending 1.3 s after the answer; then listens in silence."""
+    first, _ = _sentences()
+    return AnswerScenario(
+        "sam_speaking",
+        ring=4.0,
+        sounds=(_spoken(0.5, first.cut(0.0, 0.8, "Sam speaking"), "Sam speaking"),),
+        about="a person: 'Sam speaking' ending 1.3 s after the answer",
+    )
+
+
+MAILBOX_PAUSES = (0.5, 1.0, 1.5, 2.0)  # s: a mailbox that opens like a person, then its words
+MAILBOX_OPENING = "Hi, this is Sam Jones at Acme support."
+MAILBOX_WORDS = "Please leave a message after the tone."
+
+
+def mailbox_like_a_person(pause: float) -> AnswerScenario:
+    """A mailbox whose greeting opens like a person: the voicemail server answers after 4 s and,
+    from 0.5 s, says "Hi, this is Sam Jones at Acme support." (1.53 s: caller.wav's first
+    sentence, no mailbox words), pauses ``pause`` s, says "Please leave a message after the
+    tone." (1.25 s: its second); then 0.5 s of silence, the beep, and silence while it
+    records. A pause from 0.55 s (the VAD's silence) ends the VAD's turn after the first
+    sentence; from 1.5 s (the detector's silence after speech) the detector may say "human"
+    on the first sentence alone."""
+    first, second = _sentences()
+    words_at = 0.5 + first.duration + pause
+    beep_at = words_at + second.duration + 0.5
+    return AnswerScenario(
+        f"mailbox_pause_{pause:g}",
+        ring=4.0,
+        sounds=(
+            _spoken(0.5, first, MAILBOX_OPENING),
+            _spoken(words_at, second, MAILBOX_WORDS),
+            Sound(beep_at, tone((BEEP_HZ,), BEEP_SECONDS, BEEP_LEVEL), None),
+        ),
+        about=f"a mailbox opening like a person, {pause:g} s before its mailbox words",
+    )
+
+
 SCENARIOS: dict[str, Callable[[], AnswerScenario]] = {
     "person": person,
+    "sam_speaking": sam_speaking,
     "long_greeting": long_greeting,
     "voicemail": voicemail,
     "pbx": pbx,
     "silent": silent,
+    **{
+        f"mailbox_pause_{pause:g}": functools.partial(mailbox_like_a_person, pause)
+        for pause in MAILBOX_PAUSES
+    },
 }
 
 

@@ -62,7 +62,10 @@ def failed(step: str, outcome: str, why: str, within: float = RING) -> Promise:
 SCREENED = ("support answered", "human says: Hello?", f"human hears: {SAID_OPENER}")
 ASKED = ("human hears: Is this our support team?", "human presses 1")
 DETAILS = wh.DETAILS_INTRO.format(team="our support team")
-BRIEFED = (f"human hears: {DETAILS}The caller wants help with their account. Say put them",)
+BRIEFED = (
+    f"human hears: {DETAILS.strip()}",
+    "human hears: The caller wants help with their account. Say put them",
+)
 CONSULT = {
     "answer": Promise(
         (*SCREENED, *ASKED, *BRIEFED, "human presses 1", "support moved into console-room"),

@@ -378,13 +378,13 @@ async def test_a_cached_sentence_is_read_and_checked_off_the_loop(tmp_path, slow
 
 
 async def test_the_humans_phrases_are_read_from_the_cache_off_the_loop(tmp_path, slow_reads):
-    """``ConsultAgent.prepare_voice`` takes the opener and the question from the cache while
-    the phone rings; on a slow disk that never holds the call's loop."""
+    """``ConsultAgent.prepare_voice`` takes the opener, the question and the introduction from
+    the cache while the phone rings; on a slow disk that never holds the call's loop."""
     settings = settings_for(phrase_cache=str(tmp_path))
     support = settings.destination("support")
     assert support is not None
     voices = [CountingTTS(), CountingTTS()]
-    for voice in voices:  # two calls: the first saves the opener and the question
+    for voice in voices:  # two calls: the first saves the opener, question and introduction
         handoff = wh.Handoff(
             settings=settings,
             line=wh.SimulatedPhoneLine(None),
@@ -398,9 +398,8 @@ async def test_the_humans_phrases_are_read_from_the_cache_off_the_loop(tmp_path,
         consult = handoff.consult_agent(brief, "")
         async with LoopLag() as lag:
             await consult.prepare_voice(voice)
-        assert set(consult.voice) == {"opener", "question", "brief"}
-    details = wh.DETAILS_INTRO.format(team=support.said_as) + "Dana's router keeps rebooting."
-    assert voices[1].synthesized == [details]  # the rest: cached
+        assert set(consult.voice) == {"opener", "question", "introduction", "brief"}
+    assert voices[1].synthesized == ["Dana's router keeps rebooting."]  # the rest: cached
     assert lag.worst < MAX_LAG, f"the loop was held for {lag.worst * 1000:.0f} ms"
     loop_thread = threading.get_ident()
     assert slow_reads["read"] and loop_thread not in slow_reads["read"]

@@ -25,6 +25,9 @@ from livekit.plugins import silero
 from bench.models import FINAL_DELAY, LineSTT
 from bench.voices import (
     LONG_GREETING_PAUSE,
+    MAILBOX_OPENING,
+    MAILBOX_PAUSES,
+    MAILBOX_WORDS,
     MIC_FRAME,
     MIC_RATE,
     PBX_PICKUP,
@@ -53,6 +56,8 @@ def test_each_scenario_says_when_it_answers_and_what_is_said():
         "voicemail": 22.0,
         "pbx": 0.0,
         "silent": 4.0,
+        "sam_speaking": 4.0,
+        **{f"mailbox_pause_{pause:g}": 4.0 for pause in MAILBOX_PAUSES},
     }
     assert scenario("person").speech() == [pytest.approx((0.35, 0.8, "Hello?"), abs=0.01)]
     (a0, a1, first), (b0, b1, second) = scenario("long_greeting").speech()
@@ -65,6 +70,13 @@ def test_each_scenario_says_when_it_answers_and_what_is_said():
     assert greeting[-1][1] - greeting[0][0] == pytest.approx(8.0, abs=0.1)
     assert scenario("pbx").speech() == [pytest.approx((6.35, 6.8, "Hello?"), abs=0.01)]
     assert scenario("silent").sounds == ()
+    assert scenario("sam_speaking").speech() == [pytest.approx((0.5, 1.3, "Sam speaking"))]
+    for pause in MAILBOX_PAUSES:  # the same opening as a person's, then a mailbox's words
+        mailbox = scenario(f"mailbox_pause_{pause:g}")
+        (a0, a1, opening), (b0, b1, words) = mailbox.speech()
+        assert (opening, words) == (MAILBOX_OPENING, MAILBOX_WORDS)
+        assert b0 - a1 == pytest.approx(pause, abs=0.001)
+        assert mailbox.sounds[-1].text is None and mailbox.sounds[-1].at == pytest.approx(b1 + 0.5)
 
 
 def _loudest_hz(pcm: np.ndarray, count: int) -> set[float]:
