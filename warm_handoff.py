@@ -4030,7 +4030,7 @@ class Screening:
         if self.consult.person_confirmed.is_set() or not self.speech_started.is_set():
             return True
         if introduction is not None:
-            introduction.interrupt(force=True)
+            introduction.interrupt()
         return False
 
     async def _judge_again(self, amd_seen: dict[str, Any], why: str) -> Verdict:
@@ -4698,11 +4698,13 @@ class ConsultAgent(Agent):
 
     def introduce(self) -> SpeechHandle:
         """Start the details with their introduction, which says nothing about the caller (a
-        screening may still cut it short: ``Screening._quiet_after``)."""
+        screening may still cut it short: ``Screening._quiet_after``). Interruptible, so what
+        the leg says over it is transcribed (the session hears silence under speech it cannot
+        interrupt); one cut short is said again before the brief (``speak_details``)."""
         if self.introduced is None:
             self._handoff.timings.setdefault("brief_start", time.monotonic())
             self.introduced = self.session.say(
-                self.introduction, audio=self.said_for("introduction"), allow_interruptions=False
+                self.introduction, audio=self.said_for("introduction"), allow_interruptions=True
             )
         return self.introduced
 
