@@ -5382,8 +5382,10 @@ class WarmHandoffAgent(Agent):
         handoff = self.handoff
         if handoff is not None:
             handoff.shut_down(reason, clock.words_until)
-            with contextlib.suppress(Exception):  # the caller is spoken to next
-                await asyncio.wait_for(handoff.hold.end(), clock.left(for_words=True))
+            # the caller is spoken to next: the music stops at once, its track may take longer
+            # to leave the room (a server request), which is not waited for past ``legs``
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(handoff.hold.end(), clock.legs)
         if not self._ending and await self._caller_here():
             await self._tell_the_call_ends(clock)
         if handoff is not None:  # its human told, its clean-up on its way
