@@ -2801,12 +2801,15 @@ class LiveKitPhoneLine(PhoneLine):
         the client itself would try again (livekit-api ``twirp_client.py``: a transport error,
         no answer, a 5xx; on ``*.livekit.cloud`` each of our tries is up to three of its own).
         Another 4xx is final and raised. not_found means done (the leg or the room is gone),
-        unless ``until_found``: a dial's participant may not have joined yet. A try not
-        answered within half the window is sent again (nobody retries a hanging request for
-        us: RoomService calls have no HTTP timeout, livekit-api ``twirp_client.py``), and the
-        last starts within the window, so the whole takes at most ``Bounds.clean_up``."""
+        unless ``until_found``: a dial's participant may not have joined yet, and a phone may
+        be ringing, so a try not answered within half the window is sent again (nobody retries
+        a hanging request for us: RoomService calls have no HTTP timeout, livekit-api
+        ``twirp_client.py``). Each try is bounded by ``Bounds.server_call`` and the last starts
+        within the window, so the whole takes at most ``Bounds.clean_up``."""
         pause = 0.2
-        each = min(self.bounds.server_call, self.bounds.remove_retry / 2)
+        each = self.bounds.server_call
+        if until_found:
+            each = min(each, self.bounds.remove_retry / 2)
         deadline = time.monotonic() + self.bounds.remove_retry
         while True:
             try:
