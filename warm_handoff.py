@@ -1552,9 +1552,13 @@ RECORD_CODES = frozenset(
 )
 RECORD_TEXT_LIMIT = 2000  # characters of any one text field (a summary, a brief)
 
-# livekit-agents: ServerOptions.shutdown_process_timeout = 10.0 (livekit/agents/worker.py); a
-# job process that has not exited that long after its shutdown was acknowledged is killed
-# (livekit/agents/ipc/supervised_proc.py, SupervisedProc.aclose).
+# livekit-agents 1.8.9 ends a job in this order (ipc/job_proc_lazy_main.py ``_shutdown_job``): the
+# caller's session is closed (``CallerSession.aclose``; the framework waits up to 60 s for it,
+# ``_SESSION_ACLOSE_TIMEOUT``), then the job reports ShuttingDown, leaves the room and runs the
+# shutdown callbacks (``finish_call``) together. The worker's supervisor kills the process if it
+# has not exited ``shutdown_process_timeout`` (ServerOptions, worker.py: 10 s) after ShuttingDown
+# (ipc/supervised_proc.py, ``SupervisedProc.aclose``). Every bound at shutdown is derived from
+# it: the call's own ending (``ShutdownClock``) and the records' sending (``finish_call``).
 JOB_SHUTDOWN_TIMEOUT = 10.0
 OUTBOX_RESEND_EVERY = 60.0  # the worker's main process sweeps the outbox this often
 OUTBOX_RESEND_MAX_EVERY = 900.0  # backing off to this while the receiver keeps failing
@@ -2167,6 +2171,10 @@ class Bounds:
     # A closing session's wait for the last words of whoever it listened to (the framework's
     # ``session_close_transcript_timeout``): the consult room's and the caller's.
     last_words: float = 2.0
+    # The framework's shutdown timeout (JOB_SHUTDOWN_TIMEOUT), which the call's ending at job
+    # shutdown fits in (``ShutdownClock``): a move or a dial in flight is given up rather than
+    # waited for, and a server call that hangs is sent again.
+    shutdown: float = JOB_SHUTDOWN_TIMEOUT
 
     @property
     def clean_up(self) -> float:
@@ -2582,6 +2590,12 @@ class PhoneLine(abc.ABC):
         in ``room``, outside the consult session, and return when it has played."""
 
     @abc.abstractmethod
+    async def announce(self, room: str, text: str, audio: PhraseAudio) -> None:
+        """Play ``audio`` (saying ``text``) to everyone in ``room`` on a track of its own,
+        outside any session (after the merge the caller's has closed, or is parked, and a
+        bridged human's consult session is gone), and return when it has played."""
+
+    @abc.abstractmethod
     async def close_consult(self, room: str, *, keep_room: bool = False) -> None:
         """Stop the consult session and delete its room (with its bridge, if any); with
         ``keep_room``, stop only the session: a bridged human stays. Idempotent; never
@@ -2788,14 +2802,19 @@ class LiveKitPhoneLine(PhoneLine):
         the client itself would try again (livekit-api ``twirp_client.py``: a transport error,
         no answer, a 5xx; on ``*.livekit.cloud`` each of our tries is up to three of its own).
         Another 4xx is final and raised. not_found means done (the leg or the room is gone),
-        unless ``until_found``: a dial's participant may not have joined yet. Each try is
-        bounded by ``Bounds.server_call`` and the last starts within the window, so the whole
-        takes at most ``Bounds.clean_up``."""
+        unless ``until_found``: a dial's participant may not have joined yet, and a phone may
+        be ringing, so a try not answered within half the window is sent again (nobody retries
+        a hanging request for us: RoomService calls have no HTTP timeout, livekit-api
+        ``twirp_client.py``). Each try is bounded by ``Bounds.server_call`` and the last starts
+        within the window, so the whole takes at most ``Bounds.clean_up``."""
         pause = 0.2
+        each = self.bounds.server_call
+        if until_found:
+            each = min(each, self.bounds.remove_retry / 2)
         deadline = time.monotonic() + self.bounds.remove_retry
         while True:
             try:
-                await asyncio.wait_for(server_call(), self.bounds.server_call)
+                await asyncio.wait_for(server_call(), each)
                 return
             except Exception as e:
                 gone = getattr(e, "code", "") == "not_found"
@@ -2927,6 +2946,17 @@ class LiveKitPhoneLine(PhoneLine):
             return
         await track.play(audio)
 
+    async def announce(self, room: str, text: str, audio: PhraseAudio) -> None:
+        lk_room = self._rooms.get(room)
+        if lk_room is None or not lk_room.isconnected() or (isinstance(audio, list) and not audio):
+            return
+        track = OwnTrack("announcement")
+        try:
+            await track.publish(lk_room)
+            await track.play(audio)
+        finally:
+            await track.aclose()
+
     async def close_consult(self, room: str, *, keep_room: bool = False) -> None:
         session, track = self._consults.pop(room, None), self._tracks.pop(room, None)
         await close_quietly(session.aclose if session else None, track.aclose if track else None)
@@ -2999,8 +3029,11 @@ class LiveKitPhoneLine(PhoneLine):
         lk_room = self._rooms.get(room)
         if lk_room is None or not lk_room.isconnected():
             return
-        try:
-            await lk_room.local_participant.set_attributes(dict(attributes))
+        try:  # the SDK waits for the server's answer with no timeout of its own
+            await asyncio.wait_for(
+                lk_room.local_participant.set_attributes(dict(attributes)),
+                self.bounds.server_call,
+            )
         except Exception as e:
             logger.warning("could not set attributes in room %s: %r", room, e)
 
@@ -3191,6 +3224,15 @@ class SimulatedPhoneLine(PhoneLine):
                     self._human_hears(room, text)
                 await asyncio.sleep(frame.duration)
         self._log("played to the human" if heard else f"no audio for the human: {text}")
+
+    async def announce(self, room: str, text: str, audio: PhraseAudio) -> None:
+        if room != self.caller_room:  # a bridged human's room
+            await self.play_to_human(room, text, audio)
+            return
+        self._log(f"caller hears: {text}")
+        async with contextlib.aclosing(frames_of(audio)) as frames:
+            async for frame in frames:
+                await asyncio.sleep(frame.duration)
 
     def _human_hears(self, room: str, text: str) -> None:
         self._log(f"human hears: {text}")
@@ -3797,6 +3839,7 @@ class CallerHold:
         self.phrases = handoff.models.phrases
         self.audio: Hold | None = None
         self.tasks = utils.aio.TaskSet()
+        self.ended = False  # ``end``: no hold audio starts after it (a shutdown ends it early)
 
     async def announce_and_hold(self) -> None:
         """ "Please hold", then hold audio, while the dial already rings."""
@@ -3806,8 +3849,13 @@ class CallerHold:
             self.phrases,
             allow_interruptions=False,
         )
+        if self.ended:
+            return
         self.handoff.caller_now_on_hold()
         self.audio = await self.handoff.line.start_hold()
+        if self.ended:  # ended while the hold audio was starting
+            await self.audio.stop()
+            return
         self.session.on("user_state_changed", self._sync)
         self.session.on("agent_state_changed", self._sync)
         self.tasks.create_task(self._check_in())
@@ -3839,7 +3887,8 @@ class CallerHold:
                     )
 
     async def end(self) -> None:
-        """Hold audio off and nothing more said about holding."""
+        """Hold audio off and nothing more said about holding. Idempotent."""
+        self.ended = True
         for task in self.tasks.tasks:
             task.cancel()
         self.session.off("user_state_changed", self._sync)
@@ -4220,13 +4269,13 @@ class ConsultRoom:
         finally:
             screening.close()
 
-    async def tell(self, text: str) -> None:
-        """Speak to the human in the room, if they are still there."""
+    async def tell(self, text: str, within: float = 8.0) -> None:
+        """Speak to the human in the room, if they are still there, for at most ``within`` s."""
         human_there = self.human_left is not None and not self.human_left.done()
         if text and human_there and self.is_open and self.agent is not None:
             with contextlib.suppress(Exception):
                 speech = self.agent.session.say(text, allow_interruptions=False)
-                await asyncio.wait_for(speech.wait_for_playout(), 8)
+                await asyncio.wait_for(speech.wait_for_playout(), within)
 
     def close(self, *, keep_room: bool = False) -> None:
         """Close the room; ``keep_room``: only its session, a bridged human stays in it."""
@@ -4297,6 +4346,9 @@ class Handoff:
         self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
             asyncio.get_running_loop().create_future()
         )
+        # the job is shutting down (``shut_down``): nothing is waited for past ``_words_until``
+        self._shutting_down: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._words_until = math.inf
 
     @property
     def ring_timeout(self) -> float:
@@ -4323,6 +4375,23 @@ class Handoff:
         """End the attempt from outside the flow (before the merge); ``run()`` cleans up."""
         if not self._stopped.done() and self.phase in BEFORE_MERGE:
             self._stopped.set_result((outcome, detail))
+
+    def shut_down(self, reason: str, words_until: float) -> None:
+        """The job is shutting down: the attempt ends at once, whatever its phase before the
+        merge, a move or a bridge in flight too. Neither is waited for: a move's own bound
+        (``Bounds.move``, then the look for the human) is longer than the shutdown, and either
+        may hang; ``WarmHandoffAgent.shutdown_handoff`` ends every leg wherever the human is.
+        The human, if still in the consult room, is told, until ``words_until``
+        (``time.monotonic()``); nothing else is waited for past it."""
+        self._words_until = words_until
+        if not self._shutting_down.done():
+            self._shutting_down.set_result(None)
+        if not self._stopped.done() and self.phase is not Phase.MERGED:
+            self._stopped.set_result((HandoffOutcome.FAILED, reason))
+
+    def _words_left(self, usual: float) -> float:
+        """``usual``, or less at shutdown: what is left until ``_words_until``."""
+        return max(0.0, min(usual, self._words_until - time.monotonic()))
 
     def answer_on_hold(self, said: str) -> str:
         """What the caller hears when they speak on hold: a request to stop the transfer
@@ -4353,8 +4422,10 @@ class Handoff:
             )
             if flow not in done and self.phase is Phase.MERGING:
                 # A move in flight is never abandoned half way: the line bounds it and finds
-                # where the human is, so wait for it rather than cancel it.
-                await asyncio.wait({flow})
+                # where the human is, so wait for it rather than cancel it. Except at shutdown
+                # (``shut_down``): then every leg is ended wherever the human is.
+                merging: set[asyncio.Future[Any]] = {flow, self._shutting_down}
+                await asyncio.wait(merging, return_when=asyncio.FIRST_COMPLETED)
             if flow.done():
                 return flow.result()
             await utils.aio.cancel_and_wait(flow)
@@ -4376,15 +4447,16 @@ class Handoff:
         shutdown) or ``HANDOFF_MAX_HOLD``. The human, if on the line, is told why."""
         if self.phase is Phase.MERGED:  # only "You're now connected" was left to say
             return self._result(HandoffOutcome.CONNECTED)
+        within = self._words_left(8.0)
         if caller_left_first:
-            await self.room.tell(HUMAN_CALLER_LEFT)
+            await self.room.tell(HUMAN_CALLER_LEFT, within)
             return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
         if self._stopped.done():
             outcome, detail = self._stopped.result()
             cancelled = outcome is HandoffOutcome.CANCELLED_BY_CALLER
-            await self.room.tell(HUMAN_CANCELLED if cancelled else HUMAN_CALL_ENDS)
+            await self.room.tell(HUMAN_CANCELLED if cancelled else HUMAN_CALL_ENDS, within)
             return self._result(outcome, detail=detail)
-        await self.room.tell(HUMAN_MAX_HOLD)
+        await self.room.tell(HUMAN_MAX_HOLD, within)
         return self._result(HandoffOutcome.NO_ANSWER, detail="maximum hold time reached")
 
     def _result(
@@ -4438,7 +4510,7 @@ class Handoff:
                 self.line.delete_room(self.line.caller_room), "delete the caller's room"
             )
         if self._attributes_sent is not None:
-            await self._quietly(asyncio.wait_for(self._attributes_sent, 2))
+            await self._quietly(asyncio.wait_for(self._attributes_sent, self._words_left(2.0)))
 
     async def _quietly(self, step: Awaitable[Any]) -> None:
         try:
@@ -4994,7 +5066,8 @@ class CallbackDesk:
 
 class SafetyNet:
     """After the merge the agent steps out; the caller's room stays open for the two people and
-    is deleted as soon as either hangs up (or the job ends), so no leg lingers.
+    is deleted as soon as either hangs up, so no leg lingers (when the job ends,
+    ``WarmHandoffAgent.shutdown_handoff`` tells them why, then deletes it).
 
     For ``HANDOFF_REJOIN_WINDOW`` seconds after the merge the agent first stays in the room,
     parked (``park``): it hears and says nothing. If the human leaves in that window while the
@@ -5027,8 +5100,11 @@ class SafetyNet:
                         await self._unbridge(leg)
                         await self.rejoin(destination, result)
                         return
-            session.shutdown()
+            if not self.job_ending.is_set():  # at shutdown the framework closes it
+                session.shutdown()
             await asyncio.wait({hangup, ending}, return_when=asyncio.FIRST_COMPLETED)
+            if not hangup.done():
+                return  # the job is ending: the caller is told why, then every leg is ended
             await asyncio.gather(self.line.delete_room(room), self._unbridge(leg))
         finally:
             hangup.cancel()
@@ -5123,6 +5199,37 @@ class SafetyNet:
         return told, note
 
 
+class ShutdownClock:
+    """The call's ending at job shutdown, timed from its start (``shutdown_handoff``).
+
+    The framework's kill clock (JOB_SHUTDOWN_TIMEOUT, ``Bounds.shutdown``) starts only once the
+    caller's session has closed; the call's ending fits in that same time counted from the
+    shutdown's start, so it never meets the kill whichever moment the clock counts from:
+
+    - until ``words_until`` the caller and the human are told why the call ends, at the same
+      time, each in their room (both sentences, at a voice's unhurried pace, fit);
+    - then, for ``legs``, every leg is ended, until ``deadline``;
+    - what is left of the framework's time is its own: closing the caller's session (its wait
+      for the caller's last words, ``Bounds.last_words``) and leaving the room
+      (``FRAMEWORK_STEPS``).
+
+    Nothing at shutdown is waited for past its step: not a move in flight (``Bounds.move`` is
+    longer than all of it), not a hanging server call."""
+
+    FRAMEWORK_STEPS = 1.0  # the session's close besides its last words, and leaving the room
+
+    def __init__(self, bounds: Bounds) -> None:
+        self.start = time.monotonic()
+        self.legs = bounds.shutdown / 10  # a DeleteRoom answers in well under a second
+        self.deadline = self.start + bounds.shutdown - bounds.last_words - self.FRAMEWORK_STEPS
+        self.words_until = self.deadline - self.legs
+
+    def left(self, *, for_words: bool = False) -> float:
+        """Seconds left until ``deadline`` (``for_words``: until ``words_until``)."""
+        until = self.words_until if for_words else self.deadline
+        return max(0.0, until - time.monotonic())
+
+
 class WarmHandoffAgent(Agent):
     """The receptionist the caller talks to. Its one way to reach a person is ``transfer_call``,
     which takes a destination *name* from the operator's directory, never a number."""
@@ -5149,6 +5256,7 @@ class WarmHandoffAgent(Agent):
         self.handoff_factory = handoff_factory or Handoff
         self._handoff_done = asyncio.Event()
         self.job_ending = asyncio.Event()  # shutdown_handoff: the agent stays for nothing more
+        self.shutdown_clock: ShutdownClock | None = None  # once the job is shutting down
         self.safety_net = SafetyNet(self)
         self.leaving: asyncio.Future[None] | None = None  # stepping out, or hanging up
         self._reply = ModelReply()
@@ -5274,7 +5382,7 @@ class WarmHandoffAgent(Agent):
     async def _hand_off(self, destination: Destination, reason: str) -> ToolResult:
         if self.handoff is not None:
             return ToolResult("A transfer is already in progress.", reply_required=False)
-        if self._ending:
+        if self._ending or self.job_ending.is_set():
             return ToolResult("The call is ending.", reply_required=False)
         if not self.teams.is_open(destination):
             return await self._closed(destination, reason)
@@ -5331,14 +5439,13 @@ class WarmHandoffAgent(Agent):
             if result.phase in ON_HOLD:
                 self.callbacks.record_abandoned(result, self._summary())
             return ToolResult("The caller hung up during the transfer.", reply_required=False)
+        if self.job_ending.is_set():  # the caller hears why from ``shutdown_handoff``
+            return ToolResult("The call is ending.", reply_required=False)
         if result.outcome is HandoffOutcome.CANCELLED_BY_CALLER:
             await self.session.say(TRANSFER_STOPPED)
             return ToolResult(
                 MODEL_CANCELLED_ON_HOLD.format(name=destination.name), reply_required=False
             )
-        if self.job_ending.is_set():
-            await self.session.say(CALL_ENDING)
-            return ToolResult("The call is ending.", reply_required=False)
         told = CALLER_HEARS[result.outcome.value].format(team=destination.said_as)
         await self.session.say(f"{told} {self.teams.what_next_for_caller()}")
         return ToolResult(
@@ -5510,35 +5617,103 @@ class WarmHandoffAgent(Agent):
         await self.line.delete_room(self.line.caller_room)
 
     async def shutdown_handoff(self, reason: str = "the worker is shutting down") -> None:
-        """Called when the job is told to shut down: a transfer in progress ends cleanly (the
-        human's phone stops ringing or they are told, rooms are deleted) before the process
-        goes."""
+        """The job is shutting down: called by ``CallerSession.aclose`` before the framework
+        closes the caller's session (the last moment it can speak), and again by
+        ``finish_call`` (then it only waits for what the first call left running). Within
+        ``ShutdownClock``: a transfer in progress ends at once, whatever its phase before the
+        merge (the human's phone stops ringing, a move in flight is given up); the caller and
+        the human, if on the line, are told why, each in their room, at the same time; then
+        every leg of the call is ended, each room's deletion sent again if it hangs."""
+        if self.shutdown_clock is not None:
+            await self.line.settle(timeout=self.shutdown_clock.left())
+            return
+        clock = self.shutdown_clock = ShutdownClock(self.line.bounds)
         self.job_ending.set()
-        if self.leaving is not None and not self.leaving.done():
-            # parked after a merge (or waiting for a hang-up): the caller's room is deleted now,
-            # while the server can still be reached, so no leg is left in it
+        handoff = self.handoff
+        if handoff is not None:
+            handoff.shut_down(reason, clock.words_until)
+            # the caller is spoken to next: the music stops at once, its track may take longer
+            # to leave the room (a server request), which is not waited for past ``legs``
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.leaving), self.line.bounds.server_call)
-        if self.handoff is not None:
-            self.handoff.stop(HandoffOutcome.FAILED, reason)
-            # bounded: the whole job shutdown must end before the framework kills the process
+                await asyncio.wait_for(handoff.hold.end(), clock.legs)
+        if not self._ending and await self._caller_here():
+            await self._tell_the_call_ends(clock)
+        if handoff is not None:  # its human told, its clean-up on its way
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._handoff_done.wait(), JOB_SHUTDOWN_TIMEOUT / 2)
-        elif self.leaving is None and not self._ending and await self._caller_here():
-            # talking with the receptionist: told before the line goes (the transfer tells
-            # the caller itself); the session may be closed already (a second call)
-            with contextlib.suppress(Exception):
-                speech = self.session.say(CALL_ENDING, allow_interruptions=False)
-                await asyncio.wait_for(speech.wait_for_playout(), JOB_SHUTDOWN_TIMEOUT / 2)
-        if self.leaving is None and not self._ending:
-            # The agent leaving ends nothing for the caller: livekit-sip keeps their leg in the
-            # room until it is deleted (seen on the real stack: no BYE after the job ended).
-            self._ending = True
-            self.line.clean_up_later(
-                self.line.delete_room(self.line.caller_room), "end the caller's leg at shutdown"
-            )
-        await self.line.settle(timeout=JOB_SHUTDOWN_TIMEOUT / 4)
+                await asyncio.wait_for(self._handoff_done.wait(), clock.left(for_words=True))
+        self._ending = True
+        await self._end_every_leg(clock, handoff.consult_room if handoff is not None else "")
+        await self.line.settle(timeout=clock.left())
 
+    def _merged_leg(self) -> Leg | None:
+        """The human's leg once the caller was handed to them (and not rejoined since)."""
+        merged = next((r for r in reversed(self.results) if r.connected), None)
+        return merged.leg if merged is not None else None
+
+    async def _tell_the_call_ends(self, clock: ShutdownClock) -> None:
+        """``CALL_ENDING`` to the caller, by their session while it can speak; once it cannot
+        (after the merge it is parked or closed; or it is closing) played in their room by
+        the line, with ``HUMAN_CALL_ENDS`` to a bridged human in theirs at the same time (a
+        moved human hears the caller's, with them)."""
+        merged = self._merged_leg()
+        if merged is None:
+            try:
+                speech = say_fixed(
+                    self.session, CALL_ENDING, self.models.phrases, allow_interruptions=False
+                )
+            except RuntimeError as e:  # the session is closing: the line says it
+                room = self.line.caller_room
+                logger.info("the caller's session is closing in room %s: %s", room, e)
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(speech.wait_for_playout(), clock.left(for_words=True))
+                return
+        ending = await self._spoken(CALL_ENDING)
+        told = [self.line.announce(self.line.caller_room, CALL_ENDING, ending)]
+        if merged is not None and merged.room != self.line.caller_room:  # bridged
+            human = await self._spoken(HUMAN_CALL_ENDS)
+            told.append(self.line.announce(merged.room, HUMAN_CALL_ENDS, human))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*told), clock.left(for_words=True))
+
+    async def _spoken(self, text: str) -> PhraseAudio:
+        """A fixed sentence's audio for the line to play: from the phrase cache when it has it,
+        else synthesised as it plays (none without a voice: the words alone)."""
+        phrases = self.models.phrases
+        if phrases is not None and phrases.usable:
+            saved = await phrases.load(phrases.path_for(text))
+            if saved is not None:
+                return saved
+        return live_speech(self.models.tts, text) if self.models.tts is not None else []
+
+    async def _end_every_leg(self, clock: ShutdownClock, consult_room: str) -> None:
+        """Delete the caller's room (their leg, and a moved human's, end with it), the consult
+        room of a transfer that was in progress, and a bridged human's room with its bridge,
+        all at once, within what is left of ``clock``."""
+        steps = [self._delete(self.line.caller_room, clock)]
+        if consult_room:
+            steps.append(self._delete(consult_room, clock))
+        merged = self._merged_leg()
+        if merged is not None and merged.room != self.line.caller_room:  # bridged
+            steps += [self.line.close_consult(merged.room), self._delete(merged.room, clock)]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*steps), clock.left())
+
+    async def _delete(self, room: str, clock: ShutdownClock) -> None:
+        """Delete ``room``; a request not answered within half of ``ShutdownClock.legs`` is
+        sent again beside it: a DeleteRoom that hangs must not leave a leg (nobody retries a
+        hanging request for us: RoomService calls have no HTTP timeout, livekit-api
+        ``twirp_client.py``)."""
+        tries = [asyncio.ensure_future(self.line.delete_room(room))]
+        try:
+            done, _ = await asyncio.wait(tries, timeout=clock.legs / 2)
+            if not done:
+                tries.append(asyncio.ensure_future(self.line.delete_room(room)))
+                left = clock.left()
+                await asyncio.wait(tries, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for attempt in tries:
+                attempt.cancel()
 
     async def _caller_here(self) -> bool:
         """Whether the caller is still on the line (a session closed because they hung up has
@@ -5555,9 +5730,10 @@ class WarmHandoffAgent(Agent):
 class CallerSession(AgentSession):
     """The caller's session. At job shutdown the framework closes it first, then disconnects
     the room, and only then runs shutdown callbacks (livekit-agents ``ipc/job_proc_lazy_main.py``,
-    ``_shutdown_job``); closing it waits up to 60 s for a running tool (``voice/agent_activity.py``
-    ``aclose`` -> ``tool_executor.drain``). A transfer in progress is that tool, so it is ended
-    first, while the caller can still be told and the human's phone still be stopped."""
+    ``_shutdown_job``). Its close drains the activity first (``voice/agent_activity.py`` ``drain``:
+    scheduling paused, every running tool awaited), and from then on ``say`` raises "AgentSession
+    is closing". So the call's ending (``WarmHandoffAgent.shutdown_handoff``) runs before it:
+    the transfer in progress (that running tool) is ended, the caller told, every leg ended."""
 
     async def aclose(self) -> None:
         with contextlib.suppress(RuntimeError):  # never started: no agent
@@ -5728,10 +5904,12 @@ def sip_caller_number(attributes: Mapping[str, str]) -> str:
 async def finish_call(
     agent: WarmHandoffAgent, records: CallRecords, budget: float = JOB_SHUTDOWN_TIMEOUT - 3
 ) -> None:
-    """The job's last steps: end a transfer in progress, record how the call ended, send the
-    records. Bounded by ``budget`` so the process exits before the framework kills it
-    (``JOB_SHUTDOWN_TIMEOUT``, less what the framework itself needs to close the session and
-    leave the room); records not sent by then wait in the outbox for the worker."""
+    """The job's last steps (its shutdown callback, run after ShuttingDown): what is left of the
+    call's ending (``shutdown_handoff``, already run by ``CallerSession.aclose``), record how the
+    call ended, send the records. Bounded by ``budget`` so the process exits before the
+    framework kills it (``JOB_SHUTDOWN_TIMEOUT`` after ShuttingDown, less what the framework
+    itself needs to leave the room and end the job); records not sent by then wait in the
+    outbox for the worker."""
     deadline = time.monotonic() + budget
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(agent.shutdown_handoff(), budget / 2)

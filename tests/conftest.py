@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import wave
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -435,7 +436,7 @@ async def livekit_call(livekit, tmp_path):
     started is closed when the test ends. ``caller_room``: a room of its own (other calls share
     the server); ``models``: instead of the scripted ``respond``; ``caller_audio``: where the
     caller's audio goes (set before the session starts); ``line_type``: a ``LiveKitBackedLine``
-    that does more."""
+    that does more; ``bounds``: the line's, instead of ``TEST_BOUNDS``."""
     server, ctx = livekit
     opened: list[LiveKitCall] = []
 
@@ -450,11 +451,12 @@ async def livekit_call(livekit, tmp_path):
             LiveKitBackedLine
         ),
         join_way: wh.JoinWay = wh.JoinWay.MOVE,
+        bounds: wh.Bounds = TEST_BOUNDS,
         **settings: Any,
     ) -> LiveKitCall:
         config = livekit_settings(server, **settings)
         refusals = wh.MoveRefusals(folder=str(tmp_path), worker=os.getpid())
-        lk = wh.LiveKitPhoneLine(ctx, config, bounds=TEST_BOUNDS, refusals=refusals)
+        lk = wh.LiveKitPhoneLine(ctx, config, bounds=bounds, refusals=refusals)
         if caller_room is not None:
             server.add_participant(caller_room, "caller")
             lk.caller_room = caller_room
@@ -512,17 +514,52 @@ def tasks_still_running(*prefixes: str) -> list[asyncio.Task[Any]]:
     ]
 
 
-async def shut_down_like_the_framework(session: AgentSession, line: wh.PhoneLine, callbacks=()):
-    """A job shutdown in livekit-agents' order (``ipc/job_proc_lazy_main.py``,
+@dataclass
+class FrameworkShutdown:
+    """When a job shutdown in the framework's order got where (``time.monotonic()``):
+    ``started`` (the shutdown request), ``closed`` (the caller's session closed: the job
+    reports ShuttingDown and the supervisor's kill clock starts), ``ended`` (the process ends:
+    its shutdown callbacks returned, or it was killed: ``killed``)."""
+
+    started: float
+    closed: float = 0.0
+    ended: float = 0.0
+    killed: bool = False
+
+
+async def shut_down_like_the_framework(
+    session: AgentSession,
+    line: wh.PhoneLine,
+    callbacks=(),
+    *,
+    kill_after: float = wh.JOB_SHUTDOWN_TIMEOUT,
+) -> FrameworkShutdown:
+    """A job shutdown in livekit-agents 1.8.9's order (``ipc/job_proc_lazy_main.py``,
     ``_shutdown_job``): the primary session is closed first (``session.aclose()``, given up to
-    60 s), then the room is disconnected (no participant-left events follow), then the
-    shutdown callbacks run."""
+    60 s, ``_SESSION_ACLOSE_TIMEOUT``), then the job reports ShuttingDown and the room is
+    disconnected (no participant-left events follow), then the shutdown callbacks run, all at
+    once (``asyncio.gather``). The worker's supervisor kills the process ``kill_after``
+    (``shutdown_process_timeout``) after ShuttingDown (``ipc/supervised_proc.py``,
+    ``SupervisedProc.aclose``): callbacks still running then are cancelled. It returns when the
+    process ends; nothing of the job runs after that, so what is left of the call on the
+    server then is what the test reads."""
+    shutdown = FrameworkShutdown(time.monotonic())
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(session.aclose(), 60)
+    shutdown.closed = time.monotonic()
     if isinstance(line, wh.SimulatedPhoneLine):
         line.drop_connection(line.caller_room)
-    for callback in callbacks:
-        await callback("shutdown")
+    running = [asyncio.ensure_future(callback("shutdown")) for callback in callbacks]
+    if running:
+        _, killed = await asyncio.wait(running, timeout=kill_after)
+        shutdown.killed = bool(killed)
+        for task in killed:
+            task.cancel()
+        for task in running:
+            if not task.cancelled() and task.done():
+                task.result()  # a callback that raised fails the test
+    shutdown.ended = time.monotonic()
+    return shutdown
 
 
 def run_worker(command: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

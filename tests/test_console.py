@@ -117,15 +117,12 @@ EITHER = {
         "support: SIP 404 Not Found", "unreachable", "couldn't get through to our support team."
     ),
 }
-FAST = ("consult", "answer")  # the one case in the fast set (-m "not slow"): the rest are slow
+# A console run to an outcome takes 15 s or more in real time (start-up, ring, grace, the
+# screening's words): all are in the slow set. The fast set keeps a console run end to end in
+# test_the_greeting_is_shown_once_before_any_model_request, and the handoff's outcomes in
+# process (test_matrix.py, test_screening.py).
 CASES = [
-    pytest.param(
-        mode,
-        human,
-        promise,
-        id=f"{mode}-{human}",
-        marks=() if (mode, human) == FAST else pytest.mark.slow,
-    )
+    pytest.param(mode, human, promise, id=f"{mode}-{human}", marks=pytest.mark.slow)
     for mode, promises in (("consult", {**CONSULT, **EITHER}), ("conference", CONFERENCE | EITHER))
     for human, promise in promises.items()
 ]

@@ -151,3 +151,28 @@ async def test_paused_hold_music_stops_at_once_and_resumes(loud_clip):
     assert not after_pause or after_pause[-1] - paused < 0.05, after_pause[-1] - paused
     assert ear.sounds(after=resumed)[0] - resumed < 0.1  # and it comes back at once
     assert room.unpublished == [f"TR_{track.name}"]  # a call may hold again: no stale track
+
+
+async def test_an_announcement_is_heard_to_its_end_on_a_track_of_its_own():
+    """At shutdown after the merge the caller's session can say nothing (parked or closed): the
+    ending is played in the caller's room on a track of its own, heard in full in real time
+    before ``announce`` returns, and the track leaves the room after it."""
+    room = LocalRoom()
+    with fake_job_context(room=room) as ctx:  # type: ignore[arg-type]
+        line = wh.LiveKitPhoneLine(ctx, wh.Settings(), TEST_BOUNDS)
+        played = asyncio.ensure_future(line.announce(line.caller_room, wh.CALL_ENDING, tone(1.0)))
+        await asyncio.sleep(0)
+        [track] = room.tracks.values()
+        ear = Ear(track)
+        try:
+            started = time.monotonic()
+            await asyncio.wait_for(played, 3)
+            returned = time.monotonic()
+            await asyncio.sleep(0.5)
+        finally:
+            await ear.aclose()
+    heard = ear.sounds()
+    assert heard[0] - started < 0.1
+    assert heard[-1] - heard[0] == pytest.approx(1.0, abs=0.05)  # all of it, in real time
+    assert heard[-1] <= returned + 0.02
+    assert room.unpublished == [f"TR_{track.name}"]  # off the room once said

@@ -431,6 +431,43 @@ def test_a_worker_stopped_during_a_handoff_leaves_nobody_ringing_or_waiting(
     _no_rooms_left(stack)
 
 
+def test_a_worker_stopped_during_a_bridged_call_tells_both_and_ends_both_legs(
+    call: Call, stack: Stack
+) -> None:
+    """Self-hosted LiveKit: the two people talk through the worker's bridge, the agent gone
+    from the call (HANDOFF_REJOIN_WINDOW=0: its session closed, it can say nothing). The worker
+    is stopped and the framework shuts the job down: the bridge cannot go on, so each phone
+    hears the agent's voice again, why the call ends (played in each room on a track of the
+    worker's own), then gets BYE, and both rooms go."""
+    call.standins.stt_says(ASKS_FOR_A_PERSON)
+    worker = call.start_worker(HANDOFF_REJOIN_WINDOW="0")
+    human_audio = audio_file(call.folder, "human", Quiet(0.3), Say("Hello, this is Sam."))
+    human = call.human(
+        HumanPhone(ring=3, audio=human_audio, keys=((17.0, "1"),), hang_up_after=80)
+    )
+    call.caller(asks_for_a_person(call.folder), hang_up_after=80)
+    deadline = time.monotonic() + 60
+    while not worker.records() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    record = handoff_record(call)
+    assert (record["joined_by"], record["outcome"]) == ("bridge", "connected"), record
+    time.sleep(3)  # talking through the bridge; the agent's session has closed
+    stopped_at = time.time()
+    worker.stop()
+    call.wait(30)
+    assert human.process is not None
+    heard = call.heard()
+    caller, person = heard["caller"], heard["human"]
+    told = agent_seconds(caller.heard(), stopped_at, stopped_at + 10)
+    assert told > 2.0, f"the caller heard {told:.1f} s from the agent after the worker stopped"
+    told = agent_seconds(person.heard(), stopped_at, stopped_at + 10)
+    assert told > 1.5, f"the human heard {told:.1f} s from the agent after the worker stopped"
+    for phone in (caller, person):
+        byes = phone.received("BYE") + phone.sent("BYE")
+        assert byes and byes[0].at - stopped_at < 15.0, "a leg was left open"
+    _no_rooms_left(stack)
+
+
 def _human_state(stack: Stack, number: str = SUPPORT["number"]) -> str:
     """The ``sip.callStatus`` of the leg dialled to ``number`` (livekit-sip: dialing, ringing,
     active, hangup), or "" while there is none."""
