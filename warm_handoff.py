@@ -1822,24 +1822,27 @@ class RecordDelivery:
         )
 
     async def _send_all(self) -> None:
-        """The sender: sends what is queued until nothing is, then closes its HTTP session."""
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as http:
-            while not self._queue.empty():
-                record_id, record, stored = self._queue.get_nowait()
-                try:
-                    if not await landed(stored):  # it could not be written: send from memory
-                        await self._post(http, record, record_id)
-                        continue
-                    path = self.outbox.folder / f"{record_id}.json"
-                    async with self._claimed(path) as mine:
-                        if mine and await self._post(http, record, record_id):
-                            await landed(on_records_disk(self.outbox.remove, path))
-                finally:
-                    self._queue.task_done()
-            # Done taking records before the session closes (which takes a moment): one
-            # submitted meanwhile starts a new sender at once.
-            if self._sender is asyncio.current_task():
-                self._sender = None
+        """The sender: sends what is queued until nothing is, then closes its HTTP session; a
+        record submitted while it closed is sent by it at once, in a new session. One sender
+        at a time: two would each take an outbox file's lock on the one records thread, where
+        a lock held by the other blocks every write after it (and the process's exit)."""
+        while True:
+            timeout = aiohttp.ClientTimeout(total=self.timeout)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                while not self._queue.empty():
+                    record_id, record, stored = self._queue.get_nowait()
+                    try:
+                        if not await landed(stored):  # not written: send it from memory
+                            await self._post(http, record, record_id)
+                            continue
+                        path = self.outbox.folder / f"{record_id}.json"
+                        async with self._claimed(path) as mine:
+                            if mine and await self._post(http, record, record_id):
+                                await landed(on_records_disk(self.outbox.remove, path))
+                    finally:
+                        self._queue.task_done()
+            if self._queue.empty():
+                return
 
     @contextlib.asynccontextmanager
     async def _claimed(self, path: Path) -> AsyncIterator[bool]:
