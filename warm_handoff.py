@@ -58,6 +58,7 @@ import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import uuid
@@ -1597,8 +1598,26 @@ def records_disk() -> concurrent.futures.ThreadPoolExecutor:
     return disk
 
 
+_SUBMITTING = threading.local()  # this thread is inside the records' executor's ``submit``
+
+
 def on_records_disk(work: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
-    """Queue ``work`` on the records' thread now, when called, not when awaited."""
+    """Queue ``work`` on the records' thread now, when called, not when awaited.
+
+    ``ThreadPoolExecutor.submit`` holds a lock that is not re-entrant while it may start a
+    thread, and the garbage collector can run there: a coroutine it finalizes (an unreferenced
+    task's ``finally`` that records the call) would ask for the lock again and hang the thread.
+    Such a call is handed to a new thread, which queues it once the first ``submit`` is done."""
+    if getattr(_SUBMITTING, "now", False):
+        handed: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def hand_over() -> None:
+            queued = on_records_disk(work, *args)
+            queued.add_done_callback(partial(_copy_outcome, into=handed))
+
+        threading.Thread(target=hand_over, name="records-hand-over").start()
+        return handed
+    _SUBMITTING.now = True
     try:
         return records_disk().submit(work, *args)
     except RuntimeError:  # the interpreter is exiting and starts no thread: do it here, now
@@ -1608,6 +1627,17 @@ def on_records_disk(work: Callable[..., T], *args: Any) -> concurrent.futures.Fu
         except Exception as e:
             done.set_exception(e)
         return done
+    finally:
+        _SUBMITTING.now = False
+
+
+def _copy_outcome(
+    done: concurrent.futures.Future[T], *, into: concurrent.futures.Future[T]
+) -> None:
+    if (error := done.exception()) is not None:
+        into.set_exception(error)
+    else:
+        into.set_result(done.result())
 
 
 async def landed(job: concurrent.futures.Future[T]) -> T:

@@ -10,6 +10,7 @@ under ``MAX_LAG``, while every record still reaches the disk before it is sent, 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import socket
@@ -264,3 +265,34 @@ async def test_the_caller_is_told_of_their_callback_once_it_is_on_disk(tmp_path,
     caller = Caller()
     await desk.confirm(caller, callback_request())  # type: ignore[arg-type]
     assert [r["caller_name"] for r in caller.on_disk_when_told or []] == ["Dana"]
+
+
+def test_a_record_asked_for_inside_the_executors_submit_is_handed_over_not_deadlocked(
+    monkeypatch,
+):
+    """The garbage collector may finalize a task while this thread is inside the records'
+    executor's ``submit``, which holds a lock that is not re-entrant (CPython
+    ``concurrent/futures/thread.py``); the finalizer's record asks for that lock again. It is
+    handed to another thread and written once the first ``submit`` is done, not deadlocked
+    (this hung ``test_records_in_flight_when_the_loop_closes_...`` once the GC ran there)."""
+    disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="records-test")
+    monkeypatch.setattr(wh, "records_disk", lambda: disk)
+    original = concurrent.futures.ThreadPoolExecutor.submit
+    inner: list[concurrent.futures.Future[str]] = []
+
+    def submit(self, fn, *args, **kwargs):
+        with self._shutdown_lock:  # as the executor's own submit holds it while the GC runs
+            if not inner:
+                inner.append(wh.on_records_disk(lambda: "the finalizer's record"))
+        return original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", submit)
+    outcome: list[str] = []
+    caller = threading.Thread(
+        target=lambda: outcome.append(wh.on_records_disk(lambda: "the record").result(5)),
+        daemon=True,
+    )
+    caller.start()
+    caller.join(5)
+    assert not caller.is_alive(), "deadlocked inside submit"
+    assert outcome == ["the record"] and inner[0].result(5) == "the finalizer's record"
