@@ -204,7 +204,10 @@ class BenchLine(wh.SimulatedPhoneLine):
                 self.trace.turn_committed = time.monotonic()
             elif role == "assistant" and ev.item.text_content:
                 self.trace.human_heard_text.append(ev.item.text_content)
-                self.briefed.set()
+                # the details come in two utterances, the introduction then the brief: the
+                # human decides once asked to (BRIEF_ASK), as a person would
+                if wh.ASKED_TO_DECIDE.search(ev.item.text_content):
+                    self.briefed.set()
 
         session.on("conversation_item_added", on_item)
         await super().open_consult(room, human_identity, session, agent)
