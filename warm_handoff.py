@@ -5910,7 +5910,15 @@ async def run_call(
         await finish_call(agent, records)
 
     ctx.add_shutdown_callback(on_shutdown)
-    session = CallerSession(session_close_transcript_timeout=line.bounds.last_words)
+    session = CallerSession(
+        session_close_transcript_timeout=line.bounds.last_words,
+        # the fixed sentences (greeting, please hold, check-ins, connected, ending) are tried
+        # from the phrase cache's synthesis first, then said live: their failures must not
+        # close the caller's session (the framework closes it after 3 in a row)
+        conn_options=SessionConnectOptions(
+            max_unrecoverable_errors=SessionConnectOptions.max_unrecoverable_errors + 5
+        ),
+    )
     session.on("close", lambda _: agent.call_ended())
     if console:  # the console owns the audio; there is no room to join
         session.on("conversation_item_added", _show_what_the_caller_hears)
