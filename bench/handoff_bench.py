@@ -263,6 +263,16 @@ def summarise(by: dict[str, list[Trace]], knobs: Knobs) -> dict[str, Any]:
     return {"orderings": orderings, "ratios": ratios}
 
 
+def at_most(value: float | None, limit: float, what: str, after: str) -> dict[str, Any]:
+    """A target that a median (seconds) must not exceed: "details <= 2,200 ms after ..."."""
+    return {
+        "value": value,
+        "limit": limit,
+        "met": value is not None and value <= limit + 1e-9,
+        "rule": f"{what} <= {limit * 1000:,.0f} ms {after}",
+    }
+
+
 def summarise_answers(calls: list[AnswerCall]) -> dict[str, Any]:
     """Per scenario: the figures (seconds from the end of the utterance that cues the opener),
     what decided who answered, the frames about the caller sent before a person was confirmed,
@@ -285,12 +295,7 @@ def summarise_answers(calls: list[AnswerCall]) -> dict[str, Any]:
         figures = entry["figures"]
         targets: dict[str, Any] = {}
         opener = figures["opener_after_cue"]["median"]
-        targets["opener"] = {
-            "value": opener,
-            "limit": TARGET,
-            "met": opener is not None and opener <= TARGET + 1e-9,
-            "rule": f"opener's first frame <= {TARGET * 1000:.0f} ms after its cue",
-        }
+        targets["opener"] = at_most(opener, TARGET, "opener's first frame", "after its cue")
         if entry["cue"] == "utterance end":
             over = [m.get("opener") for m in measured]
             targets["opener_after_speech"] = {
@@ -302,22 +307,14 @@ def summarise_answers(calls: list[AnswerCall]) -> dict[str, Any]:
             }
         details = figures["details_after_ready"]["median"]
         if details is not None or figures["details"]["median"] is not None:
-            targets["details"] = {
-                "value": details,
-                "limit": TARGET,
-                "met": details is not None and details <= TARGET + 1e-9,
-                "rule": f"details <= {TARGET * 1000:.0f} ms after the later of opener end "
-                "and confirmation",
-            }
+            targets["details"] = at_most(
+                details, TARGET, "details", "after the later of opener end and confirmation"
+            )
         if name == "person":
-            soon = figures["details"]["median"]
-            targets["details_after_hello"] = {
-                "value": soon,
-                "limit": DETAILS_AFTER_HELLO,
-                "met": soon is not None and soon <= DETAILS_AFTER_HELLO + 1e-9,
-                "rule": f"details <= {DETAILS_AFTER_HELLO * 1000:,.0f} ms after the end of "
-                "the hello",
-            }
+            targets["details_after_hello"] = at_most(
+                figures["details"]["median"], DETAILS_AFTER_HELLO, "details",
+                "after the end of the hello",
+            )  # fmt: skip
         targets["never_before_confirmation"] = {
             "value": sum(e or 0 for e in early),
             "limit": 0,

@@ -485,10 +485,11 @@ async def test_stall_of_the_tts_http_stream_outlasts_the_conn_options_timeout(st
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_slow_delays_the_first_output_by_its_seconds(standins, provider):
+    on_time = await timed(provider, standins, PATIENT)
+    assert on_time < 0.3
     standins.fault(provider, "slow", 0.6)
-    assert 0.6 <= await timed(provider, standins, PATIENT) < 0.9
-    standins.fault(provider, "ok")
-    assert await timed(provider, standins, PATIENT) < 0.3
+    # by its 0.6 s once, not twice (a busy machine adds to both runs alike)
+    assert 0.6 <= await timed(provider, standins, PATIENT) < on_time + 0.6 + 0.5
 
 
 async def test_faults_reach_open_sockets(standins):
