@@ -1,7 +1,7 @@
 """Who answers the human's phone: one "warm handoff" call per answer scenario, and what each
 one costs the human and whether anything about the caller reached a machine.
 
-The scenarios are ``bench.voices``'s (spliced from the bench's two recordings, with each
+The scenarios are ``standins.voices``'s (spliced from the bench's two recordings, with each
 scenario's lengths and pauses): a short hello (today's), a long greeting with a 0.4 s pause
 mid-sentence, a voicemail (8 s greeting then the beep), a PBX auto-attendant with the person 6 s
 later (the destination has an extension), and a person who says nothing. The far end's audio
@@ -40,9 +40,9 @@ from livekit.agents import AgentSession
 
 import warm_handoff as wh
 from bench.calls import CALLER_SAYS, MAX_CALL, SETTINGS, WARM, hang_up, models_for, quiet
-from bench.models import UTTERANCES
 from bench.sim import BenchLine, Knobs, Mouth, Trace, wait_until
-from bench.voices import AnswerScenario, Ear, FarEnd, scenario
+from standins.models import UTTERANCES
+from standins.voices import AnswerScenario, Ear, FarEnd, scenario
 
 ANSWERS = ("person", "long_greeting", "voicemail", "pbx", "silent")
 MACHINES = ("voicemail",)  # what never presses a key nor says yes

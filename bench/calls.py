@@ -32,11 +32,11 @@ from typing import Any
 from livekit.agents import AgentSession
 
 import warm_handoff as wh
-from bench.models import UTTERANCES, Call, LineSTT, Request, ScriptedLLM, ToneTTS
 from bench.orderings import SequentialHandoff
 from bench.seed_agent import SeedAgent
 from bench.sim import BenchLine, Knobs, Mouth, Trace, close_quietly, hold_intervals, wait_until
-from bench.voices import Ear, Speech
+from standins.models import UTTERANCES, Call, LineSTT, Request, ScriptedLLM, ToneTTS
+from standins.voices import Ear, Speech
 
 WARM = "warm handoff"
 SEQUENTIAL = "sequential"

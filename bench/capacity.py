@@ -2,7 +2,7 @@
 
 Each call is a full "warm handoff" caller session (the real ``AgentSession``, the shared real
 Silero VAD, the framework's default turn detection, the scripted STT/LLM/TTS) whose caller
-keeps talking: a recording of real speech (``bench/audio/caller.wav``), then a 2 s pause, over
+keeps talking: a recording of real speech (``standins/audio/caller.wav``), then a 2 s pause, over
 and over, at real-time pace, so the VAD, the end-of-turn model and the agent's replies all run
 as in a conversation. Nobody is transferred.
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.calls import WARM, run_call
 from bench.sim import Knobs
-from bench.voices import Speech, caller_request
+from standins.voices import Speech, caller_request
 
 TICK = 0.005
 

@@ -5,7 +5,7 @@ moment of the transfer decision (the handoff record's ``decided_at``, on the sam
     python bench/real_stack_bench.py            # 3 calls of each kind; needs `bash stack/build`
 
 It runs in a network namespace of its own (it re-runs itself under ``unshare -n``), starts the
-stack (tests/real_stack.py), and places two kinds of call with the provider stand-ins:
+stack (standins/real_stack.py), and places two kinds of call with the provider stand-ins:
 
 - conference (screened in private, then bridged: self-hosted LiveKit has no MoveParticipant):
   caller answered → first greeting audio; transfer decision → first "please hold" audio; the
@@ -35,16 +35,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import phones  # noqa: E402
-import real_stack  # noqa: E402
-from phones import HumanPhone, Quiet, Say, Tone, audio_file  # noqa: E402
-from providers import MS_PER_CHAR, TONE_HZ, ProviderStandIns  # noqa: E402
-from recordings import FRAME, Heard  # noqa: E402
-from recordings import phones as read_phones  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 import warm_handoff as wh  # noqa: E402
+from standins import phones, real_stack  # noqa: E402
+from standins.phones import HumanPhone, Quiet, Say, Tone, audio_file  # noqa: E402
+from standins.providers import MS_PER_CHAR, TONE_HZ, ProviderStandIns  # noqa: E402
+from standins.recordings import FRAME, Heard  # noqa: E402
+from standins.recordings import phones as read_phones  # noqa: E402
 
 ASKS = "I would like to talk to a person, please."
 CALLER_TONE, HUMAN_TONE = 1000.0, 1400.0

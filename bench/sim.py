@@ -4,9 +4,9 @@ benchmark's fixed latencies (``Knobs``).
 
 Nothing here replaces the framework: the calls run through the real ``AgentSession`` (with the
 real Silero VAD and the framework's default turn detection) and the real handoff code. Only the
-three network models (``bench/models.py``: STT, LLM, TTS, shared with the tests) and the media
+three network models (``standins/models.py``: STT, LLM, TTS, shared with the tests) and the media
 server (``SimulatedPhoneLine``) are simulated; recorded speech and the ears that timestamp every
-frame they play are ``bench/voices.py``'s.
+frame they play are ``standins/voices.py``'s.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from livekit import rtc
 from livekit.agents.voice import io
 
 import warm_handoff as wh
-from bench.voices import MIC_FRAME, MIC_RATE, SPOKEN_KEY, Ear, Speech, Spoken, human_hello
+from standins.voices import MIC_FRAME, MIC_RATE, SPOKEN_KEY, Ear, Speech, Spoken, human_hello
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 # A phone's microphone

@@ -124,7 +124,7 @@ async def per_call(agent: str, vad: Any, calls: int, quick: bool) -> None:
     process says little, and the first calls' one-time costs cancel out in the slope."""
     from bench.calls import SEED, WARM, run_call
     from bench.sim import Knobs
-    from bench.voices import Speech, caller_request
+    from standins.voices import Speech, caller_request
 
     ordering = WARM if agent == "warm" else SEED
     knobs = Knobs(llm_ttft=0.05, tts_ttfa=0.05, ring=0.3, hello=0.5, chars_per_second=200)

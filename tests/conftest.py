@@ -1,5 +1,5 @@
 """Call fixtures: the real AgentSession, driven offline by the scripted models
-(``bench/models.py``, shared with the benchmark)."""
+(``standins/models.py``, shared with the benchmark)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-from fake_livekit import API_KEY, API_SECRET, FakeLiveKitServer, RoomEvent
 from livekit.agents import AgentSession, utils
 from livekit.agents.testing import fake_job_context
 from livekit.agents.voice.io import AudioOutput, TextOutput
 from livekit.plugins import silero
 
 import warm_handoff as wh
-from bench.models import Call, Reply, Request, ScriptedLLM  # shared with the benchmark
+from standins.fake_livekit import API_KEY, API_SECRET, FakeLiveKitServer, RoomEvent
+from standins.models import Call, Reply, Request, ScriptedLLM  # shared with the benchmark
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
@@ -630,5 +630,5 @@ def name_the_worker_registers(env: Mapping[str, str]) -> str:
 @pytest.fixture(scope="session")
 def silero_vad() -> silero.VAD:
     """The real Silero VAD, loaded once: the ear of a session that hears a far end
-    (``bench.voices.FarEnd``), with its default silence (0.55 s)."""
+    (``standins.voices.FarEnd``), with its default silence (0.55 s)."""
     return silero.VAD.load()

@@ -9,10 +9,10 @@ import json
 
 import pytest
 from conftest import Call, RecordingLine, agree_to_transfer, receptionist, run_worker, wait_for
-from fake_livekit import DialScript
 from test_configuration import GOOD
 
 import warm_handoff as wh
+from standins.fake_livekit import DialScript
 
 CALLER = "+15105550199"
 TRUNK = "+15105550999"

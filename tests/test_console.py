@@ -1,7 +1,7 @@
 """Quick start, as a user runs it: ``python warm_handoff.py console --text`` in a terminal, in a
 copy of the project with ``.env`` copied from ``.env.example``, configured only through the
 environment, the three cloud models replaced by local stand-ins that speak their protocols
-(tests/providers.py). A request for a person is typed; what the README promises for each
+(standins/providers.py). A request for a person is typed; what the README promises for each
 ``SIMULATED_HUMAN`` is read off the screen, within a bound that proves nothing waited for a
 timeout it should not have."""
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from providers import MS_PER_CHAR, ProviderStandIns
 from terminal import Terminal, project_copy
 
 import warm_handoff as wh
+from standins.providers import MS_PER_CHAR, ProviderStandIns
 
 if ctypes.util.find_library("portaudio") is None:  # sounddevice needs it, even in text mode
     missing = "PortAudio is not installed (apt-get install -y libportaudio2): no console"

@@ -13,7 +13,14 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from conftest import shut_down_like_the_framework
-from fake_livekit import (
+from livekit import api
+from livekit.agents import Agent, AgentSession
+from livekit.protocol import models
+from livekit.protocol import room as room_pb
+from livekit.protocol import sip as sip_pb
+
+import warm_handoff as wh
+from standins.fake_livekit import (
     API_KEY,
     API_SECRET,
     CALL_STATUS,
@@ -22,13 +29,6 @@ from fake_livekit import (
     MethodFault,
     RoomEvent,
 )
-from livekit import api
-from livekit.agents import Agent, AgentSession
-from livekit.protocol import models
-from livekit.protocol import room as room_pb
-from livekit.protocol import sip as sip_pb
-
-import warm_handoff as wh
 
 pytestmark = pytest.mark.asyncio
 ROOM = "call-room"

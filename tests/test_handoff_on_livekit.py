@@ -19,11 +19,11 @@ from conftest import (
     settings_for,
     wait_for,
 )
-from fake_livekit import DialScript, MethodFault
 from livekit.agents import AgentSession
 from livekit.agents.testing import fake_job_context
 
 import warm_handoff as wh
+from standins.fake_livekit import DialScript, MethodFault
 
 Out = wh.HandoffOutcome
 

@@ -1,8 +1,8 @@
 """Instant words: the fixed sentences play from a cache folder on the worker host.
 
-Every call here is a real ``AgentSession`` whose TTS is ``ToneTTS`` (bench/models.py: a tone tagged
-per sentence after a fixed time to first audio), counting what it is asked to synthesise, and
-whose caller hears through ``Ear`` (bench/voices.py: real-time playback, each frame
+Every call here is a real ``AgentSession`` whose TTS is ``ToneTTS`` (standins/models.py: a tone
+tagged per sentence after a fixed time to first audio), counting what it is asked to synthesise,
+and whose caller hears through ``Ear`` (standins/voices.py: real-time playback, each frame
 timestamped). A call is one job process: it gets its own ``PhraseCache`` object and its own
 TTS; only the folder is shared between calls, as on a worker host.
 """
@@ -34,8 +34,8 @@ from livekit.plugins import elevenlabs
 from test_records_off_the_loop import MAX_LAG, LoopLag
 
 import warm_handoff as wh
-from bench.models import TTS_RATE, UTTERANCES, ToneTTS
-from bench.voices import Ear
+from standins.models import TTS_RATE, UTTERANCES, ToneTTS
+from standins.voices import Ear
 
 TTFA = 0.15  # the fake TTS's time to first audio
 GREETING = "Thanks for calling Acme. How can I help?"

@@ -21,11 +21,11 @@ from conftest import (
     shut_down_like_the_framework,
     wait_for,
 )
-from fake_livekit import DialScript, MethodFault
 
 import warm_handoff as wh
-from bench.models import ToneTTS
-from bench.voices import Ear
+from standins.fake_livekit import DialScript, MethodFault
+from standins.models import ToneTTS
+from standins.voices import Ear
 
 Out = wh.HandoffOutcome
 NOBODY = "I'm sorry, nobody from our support team picked up."
@@ -294,7 +294,7 @@ async def inject(fault, line, agent, server) -> None:
 
 
 # ── faults only a real line shows (issue: a LiveKit SIP model as faithful as the server) ──────
-# Each cell runs on the faithful model of LiveKit (tests/fake_livekit.py); each fails on the code
+# Each cell runs on the faithful model of LiveKit (standins/fake_livekit.py); each fails on the code
 # that trusted a kinder fake.
 
 REAL_LINE = [

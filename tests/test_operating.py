@@ -34,10 +34,10 @@ from conftest import (
     settings_for,
     wait_for,
 )
-from fake_livekit import API_SECRET, FakeLiveKitServer
 from livekit.agents.worker import ServerOptions
 
 import warm_handoff as wh
+from standins.fake_livekit import API_SECRET, FakeLiveKitServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-webhook-secret-0123456789"

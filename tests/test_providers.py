@@ -1,4 +1,4 @@
-"""The provider stand-ins (``tests/providers.py``) against the REAL clients: livekit-plugins
+"""The provider stand-ins (``standins/providers.py``) against the REAL clients: livekit-plugins
 -openai/-deepgram/-elevenlabs 1.8.9 and the openai SDK, pointed at them by base URL. If a
 stand-in drifted from a provider's wire protocol, the real client would fail here."""
 
@@ -34,7 +34,8 @@ from livekit.agents.llm import (
 from livekit.agents.types import USERDATA_TIMED_TRANSCRIPT
 from livekit.agents.voice.amd.classifier import AMD_PROMPT, AMDCategory
 from livekit.plugins import deepgram, elevenlabs, openai
-from providers import MS_PER_CHAR, PROVIDERS, Provider, ProviderStandIns, Reply
+
+from standins.providers import MS_PER_CHAR, PROVIDERS, Provider, ProviderStandIns, Reply
 
 RATE = 16000
 NO_RETRY = APIConnectOptions(max_retry=0, timeout=0.5)

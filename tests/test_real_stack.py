@@ -4,7 +4,7 @@ is on what the phones heard (their captured RTP) and the SIP they received, or o
 rooms; the worker's log is read only for its records.
 
 Times are from the capture's clock. The receptionist's voice (the ElevenLabs stand-in) is a
-200 Hz tone under each word (tests/providers.py ``speech``), so "the agent spoke" is a span of
+200 Hz tone under each word (standins/providers.py ``speech``), so "the agent spoke" is a span of
 sound that is mostly 200 Hz; hold music is sound that is not; the people send tones of their own.
 """
 
@@ -24,16 +24,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import phones
 import pytest
-import real_stack
-from fake_livekit import API_KEY as FAKE_KEY
-from fake_livekit import API_SECRET as FAKE_SECRET
-from fake_livekit import FakeLiveKitServer
 from livekit import api
-from phones import HumanPhone, Quiet, Say, Tone, audio_file
-from providers import MS_PER_CHAR, TONE_HZ, ProviderStandIns
-from real_stack import (
+
+import warm_handoff as wh
+from standins import phones, real_stack
+from standins.fake_livekit import API_KEY as FAKE_KEY
+from standins.fake_livekit import API_SECRET as FAKE_SECRET
+from standins.fake_livekit import FakeLiveKitServer
+from standins.phones import HumanPhone, Quiet, Say, Tone, audio_file
+from standins.providers import MS_PER_CHAR, TONE_HZ, ProviderStandIns
+from standins.real_stack import (
     API_SECRET,
     CALLER_RTP,
     CALLER_SIP,
@@ -44,10 +45,8 @@ from real_stack import (
     Stack,
     Worker,
 )
-from recordings import Heard, Phone
-from recordings import phones as read_phones
-
-import warm_handoff as wh
+from standins.recordings import Heard, Phone
+from standins.recordings import phones as read_phones
 
 pytestmark = [pytest.mark.real_stack, pytest.mark.timeout(300)]
 
@@ -489,7 +488,7 @@ def _human_state(stack: Stack, number: str = SUPPORT["number"]) -> str:
 # ── Who answers the human's phone, and where it is ────────────────────────────────────────────
 
 MAILBOX_WORDS = "you have reached Sam please leave a message after the tone"
-# warm_handoff.OPENER for "Example Dental" at 65 ms a character (tests/providers.py
+# warm_handoff.OPENER for "Example Dental" at 65 ms a character (standins/providers.py
 # MS_PER_CHAR): 1.3 s. ASK_PERSON ("Is this our support team? Press 1 or say yes to take a
 # call.", 60 characters) would add 3.9 s; the details, DETAILS_INTRO alone, 3.6 s.
 OPENER_SECONDS = len(wh.OPENER.format(business="Example Dental")) * MS_PER_CHAR / 1000
@@ -577,7 +576,8 @@ def test_an_inline_trunk_with_no_number_to_show_is_refused_as_the_fake_refuses(
     stack: Stack, tmp_path: Path
 ) -> None:
     """CreateSIPParticipant through an inline trunk with no ``sip_number``: livekit-server
-    refuses it before any INVITE, and the fake (tests/fake_livekit.py) refuses it the same way."""
+    refuses it before any INVITE, and the fake (standins/fake_livekit.py) refuses it the same
+    way."""
 
     def request() -> api.CreateSIPParticipantRequest:
         return api.CreateSIPParticipantRequest(

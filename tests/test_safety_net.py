@@ -23,11 +23,11 @@ from conftest import (
     tasks_still_running,
     wait_for,
 )
-from fake_livekit import dialled
 
 import warm_handoff as wh
-from bench.models import LineSTT
-from bench.voices import LineAudio, Sound, human_hello
+from standins.fake_livekit import dialled
+from standins.models import LineSTT
+from standins.voices import LineAudio, Sound, human_hello
 
 Out = wh.HandoffOutcome
 WINDOW = 1.0  # HANDOFF_REJOIN_WINDOW, scaled down

@@ -17,9 +17,9 @@ from conftest import (
     tasks_still_running,
     wait_for,
 )
-from fake_livekit import DialScript, FakeLiveKitServer, MethodFault
 
 import warm_handoff as wh
+from standins.fake_livekit import DialScript, FakeLiveKitServer, MethodFault
 
 Out = wh.HandoffOutcome
 CALLS = 50

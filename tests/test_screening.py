@@ -1,7 +1,7 @@
 """The brief reaches a person, only a person, and at once (README "How the handoff works":
 telling a person from a machine).
 
-Who answers is audio (``bench.voices``): real Silero VAD, a Deepgram-timed scripted STT, and the
+Who answers is audio (``standins.voices``): real Silero VAD, a Deepgram-timed scripted STT, and the
 framework's answering-machine detection (``voice.amd.AMD``) on the real consult session. The
 AMD classifier's model is the scripted LLM, which labels a transcript the way a model would:
 words of a mailbox make it ``machine-vm``, anything else ``human``. These tests run in real time.
@@ -24,14 +24,14 @@ from conftest import (
     settings_for,
     wait_for,
 )
-from fake_livekit import DialScript
 from livekit.agents import APIConnectionError, APIConnectOptions, tts
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from livekit.agents.voice.amd.classifier import MACHINE_SILENCE_THRESHOLD
 
 import warm_handoff as wh
-from bench.models import UTTERANCES, LineSTT, ToneTTS
-from bench.voices import (
+from standins.fake_livekit import DialScript
+from standins.models import UTTERANCES, LineSTT, ToneTTS
+from standins.voices import (
     MAILBOX_PAUSES,
     AnswerScenario,
     FarEnd,

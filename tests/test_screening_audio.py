@@ -1,4 +1,4 @@
-"""The audio model of who answers the human's phone (bench/voices.py), checked against the real
+"""The audio model of who answers the human's phone (standins/voices.py), checked against the real
 Silero VAD and a real AgentSession, so the model cannot drift from what the framework hears.
 
 Two kinds of test. The first feeds each scenario's audio through a Silero VAD stream as fast as
@@ -22,8 +22,8 @@ from livekit.agents import Agent, AgentSession, StopResponse, stt
 from livekit.agents import vad as agents_vad
 from livekit.plugins import silero
 
-from bench.models import FINAL_DELAY, LineSTT
-from bench.voices import (
+from standins.models import FINAL_DELAY, LineSTT
+from standins.voices import (
     LONG_GREETING_PAUSE,
     MAILBOX_OPENING,
     MAILBOX_PAUSES,

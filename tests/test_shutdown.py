@@ -5,7 +5,7 @@ close) while a server call hangs still tells the caller why the call ends, at on
 no leg when the process ends.
 
 Each test runs a call on the LiveKit-backed line (every dial, move, remove, delete and look-up
-through livekit-api to the fake server, tests/fake_livekit.py), makes one server call hang
+through livekit-api to the fake server, standins/fake_livekit.py), makes one server call hang
 (``MethodFault.hang``: never answered, nothing done), shuts the job down while it hangs, and
 reads what is left on the server when the process ends."""
 
@@ -24,11 +24,11 @@ from conftest import (
     shut_down_like_the_framework,
     wait_for,
 )
-from fake_livekit import DialScript, MethodFault
 from livekit.agents import llm
 from livekit.agents.worker import ServerOptions
 
 import warm_handoff as wh
+from standins.fake_livekit import DialScript, MethodFault
 
 Out = wh.HandoffOutcome
 # Nothing the caller's ending waits for may hang: it is said within this of the shutdown.

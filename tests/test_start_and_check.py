@@ -1,7 +1,7 @@
 """On a worker host, as a user runs them: ``python warm_handoff.py start`` and ``check`` in a
 copy of the project with ``.env`` from ``.env.example``, configured only through the
-environment, against a LiveKit server that answers (tests/fake_livekit.py) and the providers'
-stand-ins (tests/providers.py)."""
+environment, against a LiveKit server that answers (standins/fake_livekit.py) and the providers'
+stand-ins (standins/providers.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import sys
 import time
 
 import pytest
-from fake_livekit import FakeLiveKitServer
-from providers import ProviderStandIns
 from terminal import project_copy, worker_env
+
+from standins.fake_livekit import FakeLiveKitServer
+from standins.providers import ProviderStandIns
 
 TELEPHONY = {"SIP_TRUNK_ID": "ST_abc"}  # what .env.example leaves for the operator to fill in
 

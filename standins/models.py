@@ -4,11 +4,11 @@ and the benchmark.
 - ``ScriptedLLM``: an ``llm.LLM`` whose answer to each request (text, a tool call, several, or
   nothing) is chosen by a ``respond(request)`` function, ``delay`` seconds after the request.
 - ``ToneTTS``: a non-streaming TTS that renders each sentence as a quiet square wave whose
-  amplitude is a tag unique to that sentence (``UTTERANCES``), so an ear (``bench.voices.Ear``)
+  amplitude is a tag unique to that sentence (``UTTERANCES``), so an ear (``standins.voices.Ear``)
   finds "the first frame of the brief" in the audio the listener actually received.
 - ``LineSTT``: a streaming STT timed like Deepgram's live API. It knows what was said from the
   frames themselves: every frame a simulated phone sends carries, in its ``userdata``, the
-  spoken part it belongs to (``bench.voices.SPOKEN_KEY``), so tones, silence and frames the
+  spoken part it belongs to (``standins.voices.SPOKEN_KEY``), so tones, silence and frames the
   framework replaced by silence are never transcribed.
 
 Nothing here replaces the framework: the sessions these models run in are real
@@ -32,7 +32,7 @@ from livekit.agents.language import LanguageCode
 from livekit.agents.llm import ChatChunk, ChoiceDelta, FunctionToolCall
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, NotGivenOr
 
-from bench.voices import MIC_FRAME, MIC_RATE, SPOKEN_KEY, Spoken
+from standins.voices import MIC_FRAME, MIC_RATE, SPOKEN_KEY, Spoken
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 # The language model

@@ -17,7 +17,14 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from real_stack import CALLER_NUMBER, CALLER_RTP, CALLER_SIP, HUMAN_RTP, HUMAN_SIP, SIP_PORT
+from standins.real_stack import (
+    CALLER_NUMBER,
+    CALLER_RTP,
+    CALLER_SIP,
+    HUMAN_RTP,
+    HUMAN_SIP,
+    SIP_PORT,
+)
 
 # ── What the phones say: 8 kHz mu-law, raw (SIPp's rtp_stream plays the bytes as they are) ─────
 
@@ -303,7 +310,7 @@ def human_phone(folder: Path, behaviour: HumanPhone) -> Sipp:
 
 def call_in(folder: Path, audio: Path, *, hang_up_after: float, keys=()) -> Sipp:
     """The caller, dialling the inbound trunk's number at livekit-sip."""
-    from real_stack import INBOUND_NUMBER
+    from standins.real_stack import INBOUND_NUMBER
 
     scenario = caller_scenario(audio, hang_up_after=hang_up_after, keys=keys)
     return Sipp(folder, "caller").start(

@@ -1,7 +1,7 @@
 """The real LiveKit stack on this machine: livekit-server, livekit-sip and Redis, the ``lk`` CLI,
 the worker as deployed (``python warm_handoff.py dev`` in a subprocess), and phones that speak SIP
 and RTP (SIPp, from Debian), whose traffic is captured (tcpdump) and read back by
-``tests/recordings.py``.
+``standins/recordings.py``.
 
 Versions and configs: ``stack/`` (``versions.env``, ``livekit.yaml``, ``sip.yaml``); ``bash
 stack/build`` builds the binaries into ``.stack/``. Facts used here, from the sources and from

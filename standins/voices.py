@@ -1,6 +1,6 @@
 """Who answers the human's phone, as audio: shared by the tests and the benchmark.
 
-- Recorded speech (``Speech``, ``bench/audio``) and an earpiece that plays what a session says
+- Recorded speech (``Speech``, ``standins/audio``) and an earpiece that plays what a session says
   in real time (``Ear``).
 - The answer scenarios (``AnswerScenario``, ``scenario(name)``, ``SCENARIOS``): what the far
   end of the human's leg sends once the call is answered, spliced from the two recordings, with
@@ -16,7 +16,7 @@ Plugging a scenario into a consult session (the phone-line fake does this)::
     ...                       # the fake server waits scenario.ring, then the leg answers
     far_end.active()          # at sip.callStatus == "active" (after the DTMF, if any)
 
-The session needs ``stt=LineSTT()`` (``bench/models.py``, the scripted models) and a real VAD
+The session needs ``stt=LineSTT()`` (``standins/models.py``, the scripted models) and a real VAD
 (``silero.VAD.load()``).
 
 The words and the audio. Only two recordings exist (``hello.wav``: "Hello?", 0.45 s;
@@ -446,7 +446,7 @@ def _pcm16(samples: np.ndarray) -> np.ndarray:
 # The far end of the human's leg
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
-SPOKEN_KEY = "bench.voices.spoken"  # frame.userdata[SPOKEN_KEY] = (Spoken, is its last frame)
+SPOKEN_KEY = "standins.voices.spoken"  # frame.userdata[SPOKEN_KEY] = (Spoken, is its last frame)
 
 
 @dataclass(eq=False)
