@@ -20,3 +20,26 @@ Over the network, for a worker in its own process:
   thing here that is not a stand-in: it lives here because the benchmark at the phones runs on it
   too).
 """
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+Service = TypeVar("Service", bound="Served")
+
+
+class Served:
+    """A local server the tests start and stop, or use as ``async with``."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: Service) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()

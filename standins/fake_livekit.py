@@ -114,6 +114,8 @@ from livekit.protocol import models
 from livekit.protocol import room as room_pb
 from livekit.protocol import sip as sip_pb
 
+from standins import Served
+
 API_KEY = "devkey"
 API_SECRET = "a-very-long-test-secret-at-least-32-chars!!"
 PROJECT_HOST = "test-project.livekit.cloud"
@@ -683,7 +685,7 @@ class _ResponseLost(Exception):
     """The handler must drop the connection instead of answering."""
 
 
-class FakeLiveKitServer:
+class FakeLiveKitServer(Served):
     """In-process LiveKit API server on 127.0.0.1 (random free port). See module docstring."""
 
     def __init__(
@@ -782,13 +784,6 @@ class FakeLiveKitServer:
         if self._dns is not None:
             self._dns.close()
             self._dns = None
-
-    async def __aenter__(self) -> FakeLiveKitServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # --- test helpers ------------------------------------------------------------------------
 

@@ -48,6 +48,8 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from standins import Served
+
 Provider = Literal["llm", "stt", "tts_http", "tts_ws"]
 FaultMode = Literal["ok", "fail", "stall", "slow"]
 PROVIDERS: tuple[Provider, ...] = ("llm", "stt", "tts_http", "tts_ws")
@@ -530,7 +532,7 @@ class Fault:
     seconds: float = 0.0
 
 
-class ProviderStandIns:
+class ProviderStandIns(Served):
     """The three providers on one local server; see the module docstring."""
 
     deepgram_idle_timeout = DEEPGRAM_IDLE_TIMEOUT  # a test may wait less
@@ -585,13 +587,6 @@ class ProviderStandIns:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> ProviderStandIns:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     @classmethod
     @contextlib.contextmanager
     def in_thread(cls, llm_script: Script | None = None, **kw: Any) -> Iterator[ProviderStandIns]:
@@ -614,17 +609,10 @@ class ProviderStandIns:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def openai_base_url(self) -> str:
-        return f"{self.base_url}/openai/v1"
-
-    @property
-    def deepgram_base_url(self) -> str:
-        return f"{self.base_url}/deepgram/v1/listen"
-
-    @property
-    def eleven_base_url(self) -> str:
-        return f"{self.base_url}/elevenlabs/v1"
+    # each provider's API root, as its plugin is given it
+    openai_base_url = property(lambda self: f"{self.base_url}/openai/v1")
+    deepgram_base_url = property(lambda self: f"{self.base_url}/deepgram/v1/listen")
+    eleven_base_url = property(lambda self: f"{self.base_url}/elevenlabs/v1")
 
     def env(self) -> dict[str, str]:
         """What a worker process needs to use the stand-ins: the keys, the base URLs."""

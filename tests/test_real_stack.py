@@ -57,6 +57,9 @@ SUPPORT = {"number": "+15105550101", "description": "Technical support",
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist's -n: workers would share ports
+        pytest.fail("the real-stack tests share one network's addresses and ports: run them "
+                    "in one process (without -n)")  # fmt: skip
     reason = real_stack.missing()
     if reason:
         if os.environ.get("CI"):
@@ -116,6 +119,11 @@ class Call:
         return read_phones(
             self.capture.path, caller=(CALLER_SIP, CALLER_RTP), human=(HUMAN_SIP, HUMAN_RTP)
         )
+
+    def captured(self) -> tuple[Phone, Phone]:
+        """The caller's phone and the human's as the capture saw them."""
+        heard = self.heard()
+        return heard["caller"], heard["human"]
 
     def stop(self) -> None:
         for phone in self.phones:
@@ -200,8 +208,7 @@ def test_conference_handoff_end_to_end(call: Call, stack: Stack) -> None:
     call.caller(caller_audio, hang_up_after=50)
     call.wait(90)
     assert human.process is not None
-    heard = call.heard()
-    caller, person = heard["caller"], heard["human"]
+    caller, person = call.captured()
     caller_audio_heard, person_heard = caller.heard(), person.heard()
 
     (invite,) = person.received("INVITE")
@@ -245,8 +252,7 @@ def test_the_self_hosted_default_briefs_in_private_then_bridges(call: Call, stac
     call.caller(caller_audio, hang_up_after=48)
     call.wait(90)
     assert human.process is not None
-    heard = call.heard()
-    caller, person = heard["caller"], heard["human"]
+    caller, person = call.captured()
     caller_heard, person_heard = caller.heard(), person.heard()
     (answer,) = person.sent(200, "INVITE")
     record = handoff_record(call)
@@ -324,8 +330,7 @@ def test_a_phone_that_refuses_or_never_answers(
     human = call.human(HumanPhone(ring=2, answer=answer))
     call.caller(asks_for_a_person(call.folder), hang_up_after=32)
     call.wait(60)
-    heard = call.heard()
-    caller, person = heard["caller"], heard["human"]
+    caller, person = call.captured()
     (invite,) = person.received("INVITE")
     if answer is None:
         (cancel,) = person.received("CANCEL")
@@ -357,8 +362,7 @@ def test_a_phone_that_never_answers_the_invite_could_not_be_reached(
     call.human(HumanPhone(answer=None, responds=False))
     call.caller(asks_for_a_person(call.folder), hang_up_after=32)
     call.wait(60)
-    heard = call.heard()
-    caller, person = heard["caller"], heard["human"]
+    caller, person = call.captured()
     invites = person.received("INVITE")  # and its retransmissions (sipgo's Timer A)
     assert invites, "no INVITE reached the phone"
     assert [m for m in person.sip() if m.sent] == [], "the phone answered something"
@@ -386,8 +390,7 @@ def test_the_caller_hangs_up_while_the_phone_rings(call: Call, stack: Stack) -> 
     call.human(HumanPhone(answer=None))
     call.caller(asks_for_a_person(call.folder), hang_up_after=20)
     call.wait(40)
-    heard = call.heard()
-    caller, person = heard["caller"], heard["human"]
+    caller, person = call.captured()
     (bye,) = caller.sent("BYE")
     (invite,) = person.received("INVITE")
     assert invite.at < bye.at
@@ -459,8 +462,7 @@ def test_a_worker_stopped_during_a_bridged_call_tells_both_and_ends_both_legs(
     worker.stop()
     call.wait(30)
     assert human.process is not None
-    heard = call.heard()
-    caller, person = heard["caller"], heard["human"]
+    caller, person = call.captured()
     told = agent_seconds(caller.heard(), stopped_at, stopped_at + 10)
     assert told > 2.0, f"the caller heard {told:.1f} s from the agent after the worker stopped"
     told = agent_seconds(person.heard(), stopped_at, stopped_at + 10)
@@ -514,8 +516,7 @@ def test_a_voicemail_answers_and_hears_nothing_about_the_caller(call: Call, mode
     call.caller(asks_for_a_person(call.folder, Quiet(5), Tone(CALLER_TONE, 2.0)),
                 hang_up_after=30)  # fmt: skip
     call.wait(60)
-    heard = call.heard()
-    caller, person = heard["caller"], heard["human"]
+    caller, person = call.captured()
     (answer,) = person.sent(200, "INVITE")
     (bye,) = person.received("BYE")  # the worker hung up on the voicemail
     assert not person.sent("BYE"), "the phone had to hang up itself"

@@ -95,16 +95,24 @@ MODES_AND_WAYS = pytest.mark.parametrize(
 )
 
 
+def in_mode(mode: str, way: str) -> dict:
+    """The settings of a call in ``mode`` whose human is joined ``way`` (moved or bridged)."""
+    return {"handoff_mode": wh.HandoffMode(mode), "join_way": wh.JoinWay(way)}
+
+
+@pytest.fixture(autouse=True)
+def handoff_logs(caplog):
+    """The records are read from the log (``records``)."""
+    caplog.set_level(logging.INFO, logger="warm-handoff")
+
+
 @MODES_AND_WAYS
 async def test_a_human_who_drops_in_the_window_brings_the_agent_back(
     livekit, start, caplog, mode, way
 ):
     """Moved or bridged (then the human's room goes with the bridge), the agent is back."""
-    caplog.set_level(logging.INFO, logger="warm-handoff")
     server, _ = livekit
-    session, agent, line, model = await start(
-        handoff_mode=wh.HandoffMode(mode), join_way=wh.JoinWay(way)
-    )
+    session, agent, line, model = await start(**in_mode(mode, way))
     await connect(session, line, mode)
     assert caller_heard(session)[-1].startswith(CONNECTED[mode])
     assert agent.results[0].outcome is Out.CONNECTED
@@ -175,11 +183,8 @@ async def test_no_attempt_left_offers_only_a_callback(livekit, start):
 async def test_a_human_who_drops_after_the_window_ends_the_call(
     livekit, start, caplog, mode, way
 ):
-    caplog.set_level(logging.INFO, logger="warm-handoff")
     server, _ = livekit
-    session, agent, line, _ = await start(
-        handoff_mode=wh.HandoffMode(mode), join_way=wh.JoinWay(way)
-    )
+    session, agent, line, _ = await start(**in_mode(mode, way))
     closed = asyncio.Event()
     session.on("close", lambda _: closed.set())
     await connect(session, line, mode)
