@@ -75,7 +75,7 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Generic, TypeAlias, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -2545,7 +2545,12 @@ class PhoneLine(abc.ABC):
     def __init__(self, bounds: Bounds | None = None) -> None:
         if bounds is not None:
             self.bounds = bounds
-        self._clean_ups: set[asyncio.Task[None]] = set()
+
+    @cached_property
+    def _clean_ups(self) -> utils.aio.TaskSet:
+        """The clean-up steps still running, on the loop of the call (a line may be made
+        before it runs)."""
+        return utils.aio.TaskSet(asyncio.get_running_loop())
 
     def clean_up_later(self, step: Awaitable[Any], what: str, bound: float | None = None) -> None:
         """Run a clean-up step in the background, bounded (by default, as one server call with
@@ -2560,9 +2565,7 @@ class PhoneLine(abc.ABC):
                     "clean-up step '%s' failed in room %s: %r", what, self.caller_room, e
                 )
 
-        task = asyncio.get_running_loop().create_task(bounded())
-        self._clean_ups.add(task)
-        task.add_done_callback(self._clean_ups.discard)
+        self._clean_ups.create_task(bounded())
 
     async def settle(self, timeout: float | None = None) -> None:
         """Wait for background clean-up (job shutdown, tests), including steps it starts; by
@@ -2571,8 +2574,8 @@ class PhoneLine(abc.ABC):
         if timeout is None:
             timeout = self.bounds.last_words + self.bounds.clean_up
         deadline = time.monotonic() + timeout
-        while self._clean_ups and (left := deadline - time.monotonic()) > 0:
-            await asyncio.wait(set(self._clean_ups), timeout=left)
+        while (steps := self._clean_ups.tasks) and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(steps, timeout=left)
 
     @abc.abstractmethod
     async def dial(self, dial: Dial) -> Leg:
@@ -3126,8 +3129,12 @@ class SimulatedPhoneLine(PhoneLine):
         self._heard: dict[str, asyncio.Queue[str]] = {}  # room -> what the human hears, in order
         self._left: dict[str, asyncio.Event] = {}
         self._dropped: dict[str, asyncio.Event] = {}  # room -> our connection to it dropped
-        self._scripts: set[asyncio.Task[None]] = set()
         self._with_caller: dict[str, asyncio.Event] = {}  # a human, once moved in or bridged
+
+    @cached_property
+    def _scripts(self) -> utils.aio.TaskSet:
+        """The scripted humans' steps, on the loop of the call."""
+        return utils.aio.TaskSet(asyncio.get_running_loop())
 
     def _log(self, text: str) -> None:
         self.events.append(LineEvent(time.monotonic(), text))
@@ -3180,7 +3187,7 @@ class SimulatedPhoneLine(PhoneLine):
         self.participant_joined(dial.room, dial.identity)
         self._log(f"{target.name} answered")
         if outcome is not None:
-            self._start_script(dial.room, outcome)
+            self._scripts.create_task(self._human_script(dial.room, outcome))
         return Leg(identity=dial.identity, room=dial.room, destination=target)
 
     async def hang_up(self, leg: Leg) -> None:
@@ -3360,11 +3367,6 @@ class SimulatedPhoneLine(PhoneLine):
             if self.caller_identity in members:
                 members.discard(self.caller_identity)
 
-    def _start_script(self, room: str, outcome: SimulatedHuman) -> None:
-        task = asyncio.get_running_loop().create_task(self._human_script(room, outcome))
-        self._scripts.add(task)
-        task.add_done_callback(self._scripts.discard)
-
     async def _human_script(self, room: str, outcome: SimulatedHuman) -> None:
         """What the console's simulated human does once they pick up: a mailbox greets and
         then records in silence; a person says hello, then answers what they hear, like a
@@ -3403,9 +3405,10 @@ class SimulatedPhoneLine(PhoneLine):
         return self._with_caller.setdefault(identity, asyncio.Event())
 
     async def aclose(self) -> None:
-        for task in list(self._scripts):
+        scripts = self._scripts.tasks
+        for task in scripts:
             task.cancel()
-        await asyncio.gather(*self._scripts, return_exceptions=True)
+        await asyncio.gather(*scripts, return_exceptions=True)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────

@@ -170,13 +170,8 @@ class BenchLine(wh.SimulatedPhoneLine):
         self.trace.answered = time.monotonic()
         if self.conference:
             self.trace.merged = self.trace.answered
-        self._start(self._human(dial.room))
+        self._scripts.create_task(self._human(dial.room))
         return leg
-
-    def _start(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._scripts.add(task)
-        task.add_done_callback(self._scripts.discard)
 
     async def start_hold(self) -> wh.Hold:
         hold = await super().start_hold()
