@@ -2514,8 +2514,7 @@ class MoveRefusals:
     forkserver, lives as long as the worker), and later calls bridge at once."""
 
     def __init__(self, folder: str | None = None, worker: int | None = None) -> None:
-        uid = os.getuid() if hasattr(os, "getuid") else 0
-        self.folder = Path(folder or tempfile.gettempdir()) / f"warm-handoff-{uid}-no-move"
+        self.folder = Path(folder or tempfile.gettempdir()) / f"warm-handoff-{os.getuid()}-no-move"
         self.worker = os.getppid() if worker is None else worker
 
     def _marker(self, url: str) -> Path:
@@ -3462,8 +3461,7 @@ class PhraseCache:
         except OSError as e:
             logger.warning("phrase cache off: cannot use HANDOFF_PHRASE_CACHE (%r)", e)
             return False
-        mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
-        if not mine or st.st_mode & 0o022:
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
             logger.warning(
                 "phrase cache off: HANDOFF_PHRASE_CACHE %s must belong to this user and be "
                 "writable by nobody else",
