@@ -2513,9 +2513,9 @@ class MoveRefusals:
     memory is a marker file per server and worker (the job processes' parent, the worker's
     forkserver, lives as long as the worker), and later calls bridge at once."""
 
-    def __init__(self, folder: str | None = None, worker: int | None = None) -> None:
-        self.folder = Path(folder or tempfile.gettempdir()) / f"warm-handoff-{os.getuid()}-no-move"
-        self.worker = os.getppid() if worker is None else worker
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.gettempdir()) / f"warm-handoff-{os.getuid()}-no-move"
+        self.worker = os.getppid()
 
     def _marker(self, url: str) -> Path:
         key = hashlib.sha256(f"{self.worker} {url_origin(url)}".encode()).hexdigest()[:24]
@@ -2678,13 +2678,7 @@ def job_server_url(ctx: JobContext, fallback: str) -> str:
 class LiveKitPhoneLine(PhoneLine):
     """The phone line on a real LiveKit call, through the server API and the job's room."""
 
-    def __init__(
-        self,
-        ctx: JobContext,
-        settings: Settings,
-        bounds: Bounds | None = None,
-        refusals: MoveRefusals | None = None,
-    ) -> None:
+    def __init__(self, ctx: JobContext, settings: Settings, bounds: Bounds | None = None) -> None:
         super().__init__(bounds)
         self._ctx = ctx
         self._settings = settings
@@ -2694,7 +2688,7 @@ class LiveKitPhoneLine(PhoneLine):
         self._consults: dict[str, AgentSession] = {}
         self._tracks: dict[str, OwnTrack] = {}
         self._bridges: dict[str, list[Relay]] = {}  # by the human's (consult) room
-        self._refusals = refusals or MoveRefusals()
+        self._refusals = MoveRefusals()
 
     @property
     def server_url(self) -> str:

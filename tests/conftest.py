@@ -431,13 +431,16 @@ def livekit_settings(server: FakeLiveKitServer, **overrides: Any) -> wh.Settings
 
 
 @pytest.fixture
-async def livekit_call(livekit, tmp_path):
+async def livekit_call(livekit, tmp_path, monkeypatch):
     """Start a caller's session on the LiveKit-backed line, through the fake server; every call
     started is closed when the test ends. ``caller_room``: a room of its own (other calls share
     the server); ``models``: instead of the scripted ``respond``; ``caller_audio``: where the
     caller's audio goes (set before the session starts); ``line_type``: a ``LiveKitBackedLine``
-    that does more; ``bounds``: the line's, instead of ``TEST_BOUNDS``."""
+    that does more; ``bounds``: the line's, instead of ``TEST_BOUNDS``. A server's refusal of
+    moves is remembered under the test's own folder (``MoveRefusals``: the system's temporary
+    folder)."""
     server, ctx = livekit
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     opened: list[LiveKitCall] = []
 
     async def start(
@@ -455,8 +458,7 @@ async def livekit_call(livekit, tmp_path):
         **settings: Any,
     ) -> LiveKitCall:
         config = livekit_settings(server, **settings)
-        refusals = wh.MoveRefusals(folder=str(tmp_path), worker=os.getpid())
-        lk = wh.LiveKitPhoneLine(ctx, config, bounds=bounds, refusals=refusals)
+        lk = wh.LiveKitPhoneLine(ctx, config, bounds=bounds)
         if caller_room is not None:
             server.add_participant(caller_room, "caller")
             lk.caller_room = caller_room
