@@ -5379,10 +5379,6 @@ class WarmHandoffAgent(Agent):
         """Where this call's records go (the callback desk writes to the same)."""
         return self.callbacks.records
 
-    @records.setter
-    def records(self, records: CallRecords) -> None:
-        self.callbacks.records = records
-
     @property
     def connected(self) -> bool:
         """The caller was handed to a person: the agent has nothing more to say."""

@@ -253,11 +253,12 @@ async def start_call():
         line: RecordingLine | None = None,
         settings: wh.Settings | None = None,
         delay: float = 0.0,
+        records: wh.CallRecords | None = None,
     ) -> CallUnderTest:
         model = ScriptedLLM(respond, delay=delay)
         models = wh.Models(llm=model, turn_handling={"turn_detection": "manual"})
         line = line or RecordingLine(None, ring_time=0.05)
-        agent = wh.WarmHandoffAgent(settings or settings_for(), line, models)
+        agent = wh.WarmHandoffAgent(settings or settings_for(), line, models, records)
         session = AgentSession()
         call = CallUnderTest(session, agent, line, model)
         session.output.transcription = call.transcript
