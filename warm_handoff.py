@@ -4160,7 +4160,7 @@ class Screening:
             self.handoff.timings["opener_start"] = time.monotonic()
             self.opener = asyncio.ensure_future(
                 self.handoff.line.play_to_human(
-                    self.handoff.consult_room,
+                    self.handoff.consult_room.name,
                     self.consult.opener,
                     self.consult.audio_for("opener", self.consult.opener),
                 )
@@ -4198,7 +4198,7 @@ class ConsultRoom:
     def __init__(self, handoff: Handoff) -> None:
         self.handoff = handoff
         self.line = handoff.line
-        self.name = handoff.consult_room
+        self.name = f"{self.line.caller_room}-consult-{handoff.attempt}"
         self.agent: ConsultAgent | None = None  # once the room is opened
         self.is_open = False
         self.brief = ""  # once composed
@@ -4360,14 +4360,13 @@ class Handoff:
             timings=self.timings,
         )
         self.identity = self.call.identity
-        self.consult_room = f"{line.caller_room}-consult-{self.attempt}"
         self.phase = Phase.ANNOUNCING
         self.outcome: HandoffOutcome | None = None  # once ``run()`` has its result
         self.hold = CallerHold(self)
         self.tasks = utils.aio.TaskSet()
         self._attributes_sent: asyncio.Future[None] | None = None
         self.publish({"handoff.state": Phase.ANNOUNCING.value, "handoff.outcome": ""})
-        self.room = ConsultRoom(self)  # consult mode: where the human is briefed
+        self.consult_room = ConsultRoom(self)  # where the human is screened (and briefed)
         self.amd: dict[str, Any] = {}  # the answering-machine detection's verdict
         self.joined_by: JoinWay | None = None  # once the human is on the way to the caller
         self._caller_left: asyncio.Future[str] | None = None
@@ -4385,7 +4384,7 @@ class Handoff:
     @property
     def consult(self) -> ConsultAgent | None:
         """The agent in the consult room, once it was opened."""
-        return self.room.agent
+        return self.consult_room.agent
 
     @property
     def on_hold(self) -> bool:
@@ -4477,14 +4476,14 @@ class Handoff:
             return self._result(HandoffOutcome.CONNECTED)
         within = self._words_left(8.0)
         if caller_left_first:
-            await self.room.tell(HUMAN_CALLER_LEFT, within)
+            await self.consult_room.tell(HUMAN_CALLER_LEFT, within)
             return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
         if self._stopped.done():
             outcome, detail = self._stopped.result()
             cancelled = outcome is HandoffOutcome.CANCELLED_BY_CALLER
-            await self.room.tell(HUMAN_CANCELLED if cancelled else HUMAN_CALL_ENDS, within)
+            await self.consult_room.tell(HUMAN_CANCELLED if cancelled else HUMAN_CALL_ENDS, within)
             return self._result(outcome, detail=detail)
-        await self.room.tell(HUMAN_MAX_HOLD, within)
+        await self.consult_room.tell(HUMAN_MAX_HOLD, within)
         return self._result(HandoffOutcome.NO_ANSWER, detail="maximum hold time reached")
 
     def _result(
@@ -4515,7 +4514,7 @@ class Handoff:
             attempt=self.attempt,
             reason=self.reason,
             phase=self.phase,
-            brief=self.room.brief,
+            brief=self.consult_room.brief,
             amd=self.amd,
             joined_by=self.joined_by,
         )
@@ -4532,7 +4531,7 @@ class Handoff:
         if leg is not None and (self.phase is not Phase.MERGED or caller_gone):
             self.line.clean_up_later(self.line.hang_up(leg), "hang up the human's leg")
         bridged = self.phase is Phase.MERGED and self.joined_by is JoinWay.BRIDGE
-        self.room.close(keep_room=bridged and not caller_gone)  # a bridged human stays
+        self.consult_room.close(keep_room=bridged and not caller_gone)  # a bridged human stays
         if caller_gone:  # a leg moved in at the last moment must not ring on alone
             self.line.clean_up_later(
                 self.line.delete_room(self.line.caller_room), "delete the caller's room"
@@ -4592,7 +4591,7 @@ class Handoff:
         """Every mode: the human is dialled into a private room and screened there, so the
         caller never hears who answers and a mailbox never hears about the caller; in consult
         mode they are briefed and asked too. Then they are joined to the caller."""
-        room = self.room
+        room = self.consult_room
         opening, composing = room.open()
         dial = self.call.start(room.name)
         # "Please hold" goes on while the phone rings, and while the human is screened if they
@@ -4646,12 +4645,12 @@ class Handoff:
             await self.line.bridge(self.call.leg, self.line.caller_room)
         except LegLost as e:
             if e.caller or self._caller_gone():
-                await self.room.tell(HUMAN_CALLER_LEFT)
+                await self.consult_room.tell(HUMAN_CALLER_LEFT)
                 return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
             logger.warning("human lost while joining in room %s: %s", self.line.caller_room, e)
             return self._result(HandoffOutcome.FAILED, detail=str(e))
         if self._caller_gone():
-            await self.room.tell(HUMAN_CALLER_LEFT)
+            await self.consult_room.tell(HUMAN_CALLER_LEFT)
             return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
         return await self._connected()
 
@@ -4689,7 +4688,7 @@ class Handoff:
         await self.hold.end()
         to_caller = self.session.say(words, allow_interruptions=False)
         if self.joined_by is JoinWay.BRIDGE:
-            await asyncio.gather(to_caller.wait_for_playout(), self.room.tell(words))
+            await asyncio.gather(to_caller.wait_for_playout(), self.consult_room.tell(words))
         else:
             await to_caller
         return self._result(HandoffOutcome.CONNECTED)
@@ -5666,7 +5665,7 @@ class WarmHandoffAgent(Agent):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._handoff_done.wait(), clock.left(for_words=True))
         self._ending = True
-        await self._end_every_leg(clock, handoff.consult_room if handoff is not None else "")
+        await self._end_every_leg(clock, handoff.consult_room.name if handoff is not None else "")
         await self.line.settle(timeout=clock.left())
 
     def _merged_leg(self) -> Leg | None:
@@ -5710,13 +5709,13 @@ class WarmHandoffAgent(Agent):
                 return saved
         return live_speech(self.models.tts, text) if self.models.tts is not None else []
 
-    async def _end_every_leg(self, clock: ShutdownClock, consult_room: str) -> None:
+    async def _end_every_leg(self, clock: ShutdownClock, consult_room_name: str) -> None:
         """Delete the caller's room (their leg, and a moved human's, end with it), the consult
         room of a transfer that was in progress, and a bridged human's room with its bridge,
         all at once, within what is left of ``clock``."""
         steps = [self._delete(self.line.caller_room, clock)]
-        if consult_room:
-            steps.append(self._delete(consult_room, clock))
+        if consult_room_name:
+            steps.append(self._delete(consult_room_name, clock))
         merged = self._merged_leg()
         if merged is not None and merged.room != self.line.caller_room:  # bridged
             steps += [self.line.close_consult(merged.room), self._delete(merged.room, clock)]
