@@ -4019,7 +4019,7 @@ class Screening:
                 llm=None,  # the session's own model and transcripts: no LiveKit Inference
                 stt=None,
                 ivr_detection=False,
-                participant_identity=self.handoff.identity,
+                participant_identity=self.handoff.human_call.identity,
                 suppress_compatibility_warning=True,
                 detection_options=self._detection_options(),
             )
@@ -4225,7 +4225,7 @@ class ConsultRoom:
             h.tasks.create_task(agent.prepare_voice(h.models.tts))
         session: AgentSession = AgentSession(**self.session_options())
         opening = asyncio.ensure_future(
-            self.line.open_consult(self.name, h.identity, session, agent)
+            self.line.open_consult(self.name, h.human_call.identity, session, agent)
         )
         return opening, composing
 
@@ -4269,7 +4269,7 @@ class ConsultRoom:
         h, agent = self.handoff, self.agent
         assert agent is not None
         human_left = self.human_left = tasks.create_task(
-            self.line.wait_for_hangup(self.name, (h.identity,))
+            self.line.wait_for_hangup(self.name, (h.human_call.identity,))
         )
         hears = h.models.stt is not None and h.models.vad is not None
         if h.destination.screening == "none" or not hears:
@@ -4351,7 +4351,7 @@ class Handoff:
         self.mode = settings.mode
         self.attempt = uuid.uuid4().hex[:8]
         self.timings: dict[str, float] = {"decision": time.monotonic()}
-        self.call = HumanCall(
+        self.human_call = HumanCall(
             settings=settings,
             line=line,
             destination=destination,
@@ -4359,7 +4359,6 @@ class Handoff:
             reason=reason,
             timings=self.timings,
         )
-        self.identity = self.call.identity
         self.phase = Phase.ANNOUNCING
         self.outcome: HandoffOutcome | None = None  # once ``run()`` has its result
         self.hold = CallerHold(self)
@@ -4379,7 +4378,7 @@ class Handoff:
 
     @property
     def ring_timeout(self) -> float:
-        return self.call.ring_timeout
+        return self.human_call.ring_timeout
 
     @property
     def consult(self) -> ConsultAgent | None:
@@ -4509,7 +4508,7 @@ class Handoff:
             self.mode,
             sip_status,
             detail,
-            self.call.leg if self.phase is Phase.MERGED else None,
+            self.human_call.leg if self.phase is Phase.MERGED else None,
             self.timings,
             attempt=self.attempt,
             reason=self.reason,
@@ -4527,7 +4526,7 @@ class Handoff:
             task.cancel()
         await self._quietly(asyncio.wait_for(self.hold.end(), self.line.bounds.server_call))
         caller_gone = self.outcome is HandoffOutcome.CALLER_LEFT
-        leg = self.call.leg
+        leg = self.human_call.leg
         if leg is not None and (self.phase is not Phase.MERGED or caller_gone):
             self.line.clean_up_later(self.line.hang_up(leg), "hang up the human's leg")
         bridged = self.phase is Phase.MERGED and self.joined_by is JoinWay.BRIDGE
@@ -4593,7 +4592,7 @@ class Handoff:
         mode they are briefed and asked too. Then they are joined to the caller."""
         room = self.consult_room
         opening, composing = room.open()
-        dial = self.call.start(room.name)
+        dial = self.human_call.start(room.name)
         # "Please hold" goes on while the phone rings, and while the human is screened if they
         # answer before it ends: the two sessions are apart, and screening must hear the leg
         # from the moment it is active.
@@ -4607,7 +4606,7 @@ class Handoff:
         finally:
             dial.cancel()
             opening.cancel()
-            if not composing.done() and self.call.leg is None:
+            if not composing.done() and self.human_call.leg is None:
                 composing.cancel()
         self._enter(Phase.BRIEFING)
         decision = await room.decision(self.tasks, brief=self.mode is HandoffMode.CONSULT)
@@ -4625,7 +4624,7 @@ class Handoff:
     async def _join(self) -> HandoffResult:
         """Bring the human to the caller: by a move where the server has MoveParticipant, else
         (and after any refused move, the human still in the consult room) by a bridge."""
-        assert self.call.leg is not None
+        assert self.human_call.leg is not None
         self._enter(Phase.MERGING)
         try:
             if self.line.join_way is JoinWay.MOVE:
@@ -4642,7 +4641,7 @@ class Handoff:
                             e,
                         )
             self.joined_by = JoinWay.BRIDGE
-            await self.line.bridge(self.call.leg, self.line.caller_room)
+            await self.line.bridge(self.human_call.leg, self.line.caller_room)
         except LegLost as e:
             if e.caller or self._caller_gone():
                 await self.consult_room.tell(HUMAN_CALLER_LEFT)
@@ -4658,13 +4657,13 @@ class Handoff:
         return self._caller_left is not None and self._caller_left.done()
 
     async def _move(self) -> HandoffResult:
-        assert self.call.leg is not None
-        await self.line.move(self.call.leg, self.line.caller_room)
-        self.call.leg = replace(self.call.leg, room=self.line.caller_room)
+        assert self.human_call.leg is not None
+        await self.line.move(self.human_call.leg, self.line.caller_room)
+        self.human_call.leg = replace(self.human_call.leg, room=self.line.caller_room)
         # Only once the human is really in the caller's room is the call merged: the move
         # takes time, and watching for hang-ups before they arrive would read as one.
         if not await self.line.wait_for_arrival(
-            self.line.caller_room, self.call.leg.identity, self.line.bounds.move
+            self.line.caller_room, self.human_call.leg.identity, self.line.bounds.move
         ):
             raise LegLost("the human did not arrive in the caller's room")
         if self._caller_gone():
