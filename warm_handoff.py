@@ -4324,7 +4324,7 @@ class Handoff:
 
     ``run()`` always returns one result and always leaves the line clean: hold off, no ringing
     phone, no stray leg, no consult room. While it runs the caller is on an *interactive* hold
-    (``CallerHold``, ``answer_on_hold``): they may ask how long, or say never mind.
+    (``CallerHold``, ``reply_on_hold``): they may ask how long, or say never mind.
 
     Why not the framework's ``beta.workflows.WarmTransferTask``: it dials only after the
     caller has been put on hold, briefs whoever picks up (a voicemail too), needs a media
@@ -4419,11 +4419,11 @@ class Handoff:
         """``usual``, or less at shutdown: what is left until ``_words_until``."""
         return max(0.0, min(usual, self._words_until - time.monotonic()))
 
-    def answer_on_hold(self, said: str) -> str:
-        """What the caller hears when they speak on hold: a request to stop the transfer
-        ("never mind", "cancel that", ``CANCEL_WORDS``) cancels it (the human's phone stops
-        ringing); anything else, "I want to cancel my subscription" too, gets where things
-        stand."""
+    def reply_on_hold(self, said: str) -> str:
+        """The reply to what the caller ``said`` on hold. A request to stop the transfer
+        ("never mind", "cancel that", ``CANCEL_WORDS``) stops it (the human's phone stops
+        ringing) and gets no reply here: "" (the transfer tool tells the caller). Anything
+        else, "I want to cancel my subscription" too, gets where things stand."""
         if CANCEL_WORDS.search(said):
             self.stop(HandoffOutcome.CANCELLED_BY_CALLER, "the caller said never mind")
             return ""  # the transfer tool tells the caller it is cancelled
@@ -5522,9 +5522,9 @@ class WarmHandoffAgent(Agent):
         model request: where things stand, or, for "never mind", the transfer stops."""
         handoff = self.handoff
         if handoff is not None and handoff.phase in BEFORE_MERGE:
-            answer = handoff.answer_on_hold(last_said_by_user(chat_ctx))
-            if answer:
-                yield answer
+            words = handoff.reply_on_hold(last_said_by_user(chat_ctx))
+            if words:
+                yield words
             return
         self._show_teams_now(chat_ctx)
         reply = self._reply = ModelReply()
