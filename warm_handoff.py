@@ -1502,7 +1502,6 @@ class Phase(str, Enum):
     BRIEFING = "briefing"  # someone answered: screened, briefed and asked, in private (consult)
     MERGING = "merging"  # the human is on the way into the caller's room
     MERGED = "merged"  # caller and human talk; the agent steps out
-    CLOSED = "closed"  # never dialled: the team is outside its opening hours
 
 
 ON_HOLD = (Phase.RINGING, Phase.BRIEFING)
@@ -1520,7 +1519,7 @@ class HandoffResult:
     timings: dict[str, float] = field(default_factory=dict)
     attempt: str = ""
     reason: str = ""
-    phase: Phase = Phase.ANNOUNCING  # how far it got
+    phase: Phase | None = Phase.ANNOUNCING  # how far it got; None: never dialled (closed)
     brief: str = ""
     amd: dict[str, Any] = field(default_factory=dict)  # who answered: category, reason, delay
     joined_by: JoinWay | None = None  # how the human was brought to the caller
@@ -2066,7 +2065,7 @@ class CallRecords:
                 "joined_by": result.joined_by.value if result.joined_by else "",
                 "outcome": result.outcome.value,
                 "sip_status": result.sip_status,
-                "phase": result.phase.value,
+                "phase": result.phase.value if result.phase else None,
                 "detail": result.detail,
                 "decided_at": round(time.time() - (time.monotonic() - start), 3),
                 "timings": {
@@ -5492,7 +5491,7 @@ class WarmHandoffAgent(Agent):
             timings={"decision": time.monotonic()},
             attempt=uuid.uuid4().hex[:8],
             reason=reason or "a request for a person",
-            phase=Phase.CLOSED,
+            phase=None,
         )
         self.record(result)  # never dialled: nothing against the team
         team = destination.said_as[0].upper() + destination.said_as[1:]
