@@ -2272,40 +2272,6 @@ def classify_dial_error(error: Exception, *, rang: bool = True) -> DialFailed:
     )
 
 
-class Hold:
-    """Hold audio playing to the caller. ``pause``/``resume`` let speech through; every
-    method is idempotent."""
-
-    def __init__(
-        self,
-        stop: Callable[[], Awaitable[None]] | None = None,
-        pause: Callable[[bool], Awaitable[None]] | None = None,
-    ) -> None:
-        self._stop = stop
-        self._pause = pause
-        self.started_at = time.monotonic()
-        self.stopped_at: float | None = None
-        self.paused = False
-
-    async def stop(self) -> None:
-        if self.stopped_at is None:
-            self.stopped_at = time.monotonic()
-            if self._stop is not None:
-                await self._stop()
-
-    async def pause(self) -> None:
-        await self._set_paused(True)
-
-    async def resume(self) -> None:
-        await self._set_paused(False)
-
-    async def _set_paused(self, paused: bool) -> None:
-        if self.stopped_at is None and self.paused != paused:
-            self.paused = paused
-            if self._pause is not None:
-                await self._pause(paused)
-
-
 def rms(frame: rtc.AudioFrame) -> float:
     """A frame's level: the RMS of its 16-bit samples."""
     samples = np.frombuffer(frame.data, dtype=np.int16).astype(np.float64)
@@ -2313,8 +2279,10 @@ def rms(frame: rtc.AudioFrame) -> float:
 
 
 class HoldMusic:
-    """Hold music that pauses and resumes where it left off, so the caller never hears the
-    same opening bars again after every check-in.
+    """The hold music a real line plays in the caller's room (``LiveKitPhoneLine``), on a
+    track of its own (``start``, ``stop``), that pauses and resumes where it left off
+    (``pause``), so the caller never hears the same opening bars again after every check-in.
+    When it plays, and when it pauses, is the caller's hold's (``CallerHold``).
 
     It is one endless stream of frames, played once with ``OwnTrack.play``: playing the file
     again would start the clip from the beginning. The file is decoded once, with the
@@ -2330,10 +2298,13 @@ class HoldMusic:
     PAUSE_FRAME = 0.02  # seconds of silence per frame while paused
     LEAD_IN_RMS = 330.0  # int16 RMS (-40 dBFS): an opening frame quieter than this is skipped
     LEAD_IN_MAX = 3.0  # seconds: at most this much of a quiet opening is skipped
+    VOLUME = 0.7
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.paused = False
+        self._track: OwnTrack | None = None  # once started
+        self._playing: asyncio.Future[None] | None = None
         self._frames: list[rtc.AudioFrame] = []  # decoded so far, in order
         # the decoder while the file has not been read to its end
         self._decoding: AsyncGenerator[rtc.AudioFrame, None] | None = None
@@ -2342,6 +2313,28 @@ class HoldMusic:
         self._silence = rtc.AudioFrame.create(
             self.SAMPLE_RATE, 1, int(self.SAMPLE_RATE * self.PAUSE_FRAME)
         )
+
+    async def start(self, room: rtc.Room) -> None:
+        """Play in ``room`` until ``stop``: once, so a pause keeps its place."""
+        self._track = OwnTrack("hold-music")
+        await self._track.publish(room)
+        self._playing = asyncio.ensure_future(self._track.play(self, self.VOLUME))
+
+    def pause(self, paused: bool) -> None:
+        """What is queued would sound over the speech (music) or hold the music back
+        (silence): it is cut. The music skips what was cut, at most the track's queue."""
+        self.paused = paused
+        if self._track is not None:
+            self._track.cut()
+
+    async def stop(self) -> None:
+        """Off the room (a call may hold several times), the decoder closed."""
+        if self._playing is not None:
+            self._playing.cancel()
+            await asyncio.gather(self._playing, return_exceptions=True)
+        if self._track is not None:
+            await self._track.aclose()
+        await self.aclose()
 
     def __aiter__(self) -> HoldMusic:
         return self
@@ -2609,8 +2602,16 @@ class PhoneLine(abc.ABC):
         """Delete a room, ending every leg in it. Idempotent; never raises."""
 
     @abc.abstractmethod
-    async def start_hold(self) -> Hold:
-        """Start hold audio for the caller."""
+    async def start_hold_music(self) -> None:
+        """Hold music on in the caller's room."""
+
+    @abc.abstractmethod
+    def pause_hold_music(self, paused: bool) -> None:
+        """Pause the hold music (speech is heard at once), or resume it where it was."""
+
+    @abc.abstractmethod
+    async def stop_hold_music(self) -> None:
+        """Hold music off: what ``start_hold_music`` started."""
 
     @abc.abstractmethod
     async def open_consult(
@@ -2687,6 +2688,7 @@ class LiveKitPhoneLine(PhoneLine):
         self._consults: dict[str, AgentSession] = {}
         self._tracks: dict[str, OwnTrack] = {}
         self._bridges: dict[str, list[Relay]] = {}  # by the human's (consult) room
+        self._hold_music: HoldMusic | None = None  # while it plays in the caller's room
         self._refusals = MoveRefusals()
 
     @property
@@ -2911,25 +2913,19 @@ class LiveKitPhoneLine(PhoneLine):
         except Exception as e:
             logger.warning("could not delete room %s: %r", room, e)
 
-    async def start_hold(self) -> Hold:
-        track = OwnTrack("hold-music")
-        await track.publish(self._ctx.room)
-        music = HoldMusic(self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC.path())
-        playing = asyncio.ensure_future(track.play(music, 0.7))  # once: a pause keeps its place
+    async def start_hold_music(self) -> None:
+        clip = self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC.path()
+        music = self._hold_music = HoldMusic(clip)
+        await music.start(self._ctx.room)
 
-        async def pause(paused: bool) -> None:
-            # what is queued would sound over the speech (music) or hold the music back
-            # (silence); the music skips what was cut, at most the track's queue
-            music.paused = paused
-            track.cut()
+    def pause_hold_music(self, paused: bool) -> None:
+        if self._hold_music is not None:
+            self._hold_music.pause(paused)
 
-        async def stop() -> None:
-            playing.cancel()
-            await asyncio.gather(playing, return_exceptions=True)
-            await track.aclose()
-            await music.aclose()
-
-        return Hold(stop, pause)
+    async def stop_hold_music(self) -> None:
+        music, self._hold_music = self._hold_music, None
+        if music is not None:
+            await music.stop()
 
     async def open_consult(
         self, room: str, human_identity: str, session: AgentSession, agent: Agent
@@ -3113,6 +3109,7 @@ class SimulatedPhoneLine(PhoneLine):
         self.first_way = join_way  # until a move is refused as unsupported
         self.move_refused = False
         self.bridged: dict[str, str] = {}  # the human's room -> the caller's, while bridged
+        self.hold_music = "off"  # what the caller hears of it: "playing", "paused" or "off"
         self.rooms: dict[str, set[str]] = {caller_room: {caller_identity}}
         self.events: list[LineEvent] = []
         self.consults: dict[str, AgentSession] = {}
@@ -3219,16 +3216,17 @@ class SimulatedPhoneLine(PhoneLine):
             del self.rooms[room]
             self._log(f"room {room} deleted")
 
-    async def start_hold(self) -> Hold:
-        hold = Hold(self._hold_stopped, self._hold_paused)
+    async def start_hold_music(self) -> None:
+        self.hold_music = "playing"
         self._log("hold music on")
-        return hold
 
-    async def _hold_stopped(self) -> None:
-        self._log("hold music off")
-
-    async def _hold_paused(self, paused: bool) -> None:
+    def pause_hold_music(self, paused: bool) -> None:
+        self.hold_music = "paused" if paused else "playing"
         self._log("hold music paused" if paused else "hold music resumed")
+
+    async def stop_hold_music(self) -> None:
+        self.hold_music = "off"
+        self._log("hold music off")
 
     async def open_consult(
         self, room: str, human_identity: str, session: AgentSession, agent: Agent
@@ -3855,21 +3853,22 @@ class HumanCall:
 
 
 class CallerHold:
-    """The caller's side of an attempt: "please hold", then hold audio that pauses whenever
-    the caller or the agent speaks (it must never mask the caller or read as speech), and a
-    check-in every ``HANDOFF_HOLD_REASSURE_EVERY`` seconds while the caller waits."""
+    """The caller's hold, for one attempt: "please hold", then the line's hold music, paused
+    whenever the caller or the agent speaks (it must never mask the caller or read as speech),
+    and a check-in every ``HANDOFF_HOLD_REASSURE_EVERY`` seconds while the caller waits."""
 
     def __init__(self, handoff: Handoff) -> None:
         self.handoff = handoff
         self.session = handoff.session
         self.team = handoff.destination.said_as
         self.phrases = handoff.models.phrases
-        self.audio: Hold | None = None
-        self.tasks = utils.aio.TaskSet()
-        self.ended = False  # ``end``: no hold audio starts after it (a shutdown ends it early)
+        self.music_on = False  # the line plays hold music (paused or not)
+        self.music_paused = False
+        self._checking_in: asyncio.Task[None] | None = None
+        self.ended = False  # ``end``: no hold music starts after it (a shutdown ends it early)
 
     async def announce_and_hold(self) -> None:
-        """ "Please hold", then hold audio, while the dial already rings."""
+        """ "Please hold", then hold music, while the dial already rings."""
         await say_fixed(
             self.session,
             PLEASE_HOLD.format(team=self.team),
@@ -3879,17 +3878,18 @@ class CallerHold:
         if self.ended:
             return
         self.handoff.caller_now_on_hold()
-        self.audio = await self.handoff.line.start_hold()
-        if self.ended:  # ended while the hold audio was starting
-            await self.audio.stop()
+        await self.handoff.line.start_hold_music()
+        if self.ended:  # ended while the hold music was starting
+            await self.handoff.line.stop_hold_music()
             return
+        self.music_on = True
         self.session.on("user_state_changed", self._sync)
         self.session.on("agent_state_changed", self._sync)
-        self.tasks.create_task(self._check_in())
+        self._checking_in = asyncio.ensure_future(self._check_in())
 
     def _sync(self, ev: UserStateChangedEvent | AgentStateChangedEvent) -> None:
         """Paused while either the caller or the agent speaks, playing otherwise."""
-        if self.audio is None or not self.handoff.on_hold:
+        if not self.music_on or not self.handoff.on_hold:
             return
         caller, agent = self.session.user_state, self.session.agent_state
         if isinstance(ev, UserStateChangedEvent):
@@ -3897,7 +3897,9 @@ class CallerHold:
         else:
             agent = ev.new_state
         speaking = "speaking" in (caller, agent)
-        self.tasks.create_task(self.audio.pause() if speaking else self.audio.resume())
+        if speaking != self.music_paused:
+            self.music_paused = speaking
+            self.handoff.line.pause_hold_music(speaking)
 
     async def _check_in(self) -> None:
         every = self.handoff.settings.hold_reassure_every
@@ -3914,14 +3916,15 @@ class CallerHold:
                     )
 
     async def end(self) -> None:
-        """Hold audio off and nothing more said about holding. Idempotent."""
+        """Hold music off and nothing more said about holding. Idempotent."""
         self.ended = True
-        for task in self.tasks.tasks:
-            task.cancel()
+        if self._checking_in is not None:
+            self._checking_in.cancel()
         self.session.off("user_state_changed", self._sync)
         self.session.off("agent_state_changed", self._sync)
-        if self.audio is not None:
-            await self.audio.stop()
+        if self.music_on:
+            self.music_on = False
+            await self.handoff.line.stop_hold_music()
 
 
 MACHINE_OUTCOMES = {
@@ -4389,7 +4392,7 @@ class Handoff:
         return self.phase in ON_HOLD and not self._stopped.done()
 
     def caller_now_on_hold(self) -> None:
-        """Called by ``CallerHold`` once "please hold" has been said and hold audio starts."""
+        """Called by ``CallerHold`` once "please hold" has been said and hold music starts."""
         self.timings["hold"] = time.monotonic()
         if self.phase is Phase.ANNOUNCING:  # a human may already be on the line (briefing)
             self._enter(Phase.RINGING)
@@ -4671,7 +4674,7 @@ class Handoff:
         return await self._connected()
 
     async def _connected(self) -> HandoffResult:
-        """Merged, hold audio off, and the agent's last words: "you're now connected", or in
+        """Merged, hold music off, and the agent's last words: "you're now connected", or in
         conference mode the introduction; a bridged human hears them from the consult room,
         at the same time as the caller."""
         if self.mode is HandoffMode.CONFERENCE:

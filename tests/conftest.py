@@ -156,15 +156,14 @@ class CallerTranscript(TextOutput):
 
 class RecordingLine(wh.SimulatedPhoneLine):
     """The simulated line, keeping what tests read and the console does not need: every dial
-    (and which were cancelled while ringing), deleted room, hold and attribute set, and when
-    the human's phone is answered."""
+    (and which were cancelled while ringing), deleted room and attribute set, and when the
+    human's phone is answered."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dials: list[wh.Dial] = []
         self.cancelled_dials: list[str] = []  # identities whose phone stopped ringing
         self.deleted_rooms: list[str] = []
-        self.holds: list[wh.Hold] = []
         self.attributes: dict[str, dict[str, str]] = {}  # room -> the agent's attributes there
         self.answered = asyncio.Event()
 
@@ -184,16 +183,12 @@ class RecordingLine(wh.SimulatedPhoneLine):
         if existed:
             self.deleted_rooms.append(room)
 
-    async def start_hold(self) -> wh.Hold:
-        self.holds.append(await super().start_hold())
-        return self.holds[-1]
-
     async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
         self.attributes.setdefault(room, {}).update(attributes)
 
     @property
     def on_hold(self) -> bool:
-        return any(h.stopped_at is None for h in self.holds)
+        return self.hold_music != "off"
 
     def human_heard(self) -> list[str]:
         """Everything said to the human so far, in order."""
