@@ -166,7 +166,15 @@ CALL_ENDING = "I'm sorry, I have to end this call now. Please call us back in a 
 CALLBACK_READ_BACK = "Let me read that back: {name}, on {number}, {best_time}. Is that right?"
 CALLBACK_CONFIRMED = "Thank you, {name}. Someone will call you back {when}"
 GOODBYE = "Thank you for calling {business}. Goodbye!"
-REJOINED = "It looks like we lost {team}. I can {offer}."
+REJOINED = "It looks like we lost {team}. I can {offer}."  # the offer: these, joined by commas
+REJOIN_TRY_AGAIN = "try them again"
+REJOIN_TRY_OTHER = "try {team}"
+REJOIN_CALLBACK = "or take your details for a callback"  # the last ("or" dropped when alone)
+CLOSED_NOW = "{team} is closed right now"  # a closed team, then CLOSED_OFFER_*
+CLOSED_UNTIL = "{team} is closed right now and opens {when}"
+CALLBACK_WHEN_OPEN_UNKNOWN = "as soon as they can"  # a callback's time when no opening is known
+DIRECT_NUMBER_SAID_AS = "that number"  # a number the caller gave (transfer_to_number)
+NO_REASON = "a request for a person"  # the transfer's reason when the model gave none
 
 # -- to the human ----------------------------------------------------------------------------------
 # Before a person is confirmed only OPENER and ASK_PERSON: safe on any recording. The opener
@@ -177,6 +185,8 @@ ASK_PERSON = "Is this {team}? Press 1 or say yes to take a call."
 DETAILS_INTRO = "I'm the assistant, with a caller for {team}. "  # the details, after OPENER
 BRIEF_INTRO = "Hi, this is the {business} assistant with a caller for {team}. "  # unscreened
 BRIEF_ASK = "Say put them through, or press 1, to take the call; press 2 if you can't."
+BRIEF_FALLBACK = "They're calling about {reason}."  # the brief when its model has not written it
+BRIEF_FALLBACK_WORDS = " In their words: {words}"  # and the caller's last words, if any
 CONFERENCE_INTRODUCTION = (
     "Hello, this is the {business} assistant. I have a caller on the line about {reason}. "
     "You're now connected with {team}. I'll leave you to it."
@@ -271,6 +281,34 @@ MODEL_NO_CALLBACK_WITH_TRANSFER = (
     "No callback was recorded: a transfer was asked for in the same turn. Offer a callback "
     "only if the transfer does not happen."
 )
+BRIEF_REQUEST = "Reason for transfer: {reason}\n\n{transcript}"  # to the brief's model
+NOTHING_SAID_YET = "(nothing said yet)"  # CONSULT_INSTRUCTIONS' conversation, when empty
+MODEL_NO_TEAMS = "none"  # MODEL_TEAMS_NOW's open or closed teams, when there are none
+MODEL_CLOSED_TEAM = "{name} (opens {when})"  # one of MODEL_TEAMS_NOW's closed teams
+MODEL_OPENS_AT_NO_SET_TIME = "at no set time"
+MODEL_ALREADY_CONNECTED = "The caller is already talking with a person."
+MODEL_ONE_TRANSFER_PER_TURN = "Only one transfer per turn; this one was not made."
+MODEL_TRANSFER_IN_PROGRESS = "A transfer is already in progress."
+MODEL_CALL_ENDING = "The call is ending."
+MODEL_NO_MORE_TRANSFERS = "No more transfers on this call. "  # then what next
+MODEL_CONNECTED = "The caller is now talking with {team}."
+MODEL_CALLER_LEFT = "The caller hung up during the transfer."
+MODEL_NOT_CONNECTED = "The transfer to {name} did not happen: {outcome}"  # then its detail:
+MODEL_DETAIL = " ({detail})"
+MODEL_CALLER_TOLD = ". The caller has been told. "  # then what next
+MODEL_CLOSED = "{name} is closed now and was not dialled"  # then MODEL_CALLER_TOLD
+MODEL_CLOSED_UNTIL = "{name} is closed now and was not dialled; it opens {when}"
+MODEL_REJOINED = (
+    "The person from {team} hung up right after the transfer; the caller is back with you "
+    "and has just heard: {told!r} "
+)
+MODEL_REJOIN_AGAIN = "If they want them again, call {same}. "
+MODEL_REJOIN_SAME_TEAM = "transfer_call with destination {name}"
+MODEL_REJOIN_SAME_NUMBER = "transfer_to_number with the same number"
+MODEL_REJOIN_OTHER = "If they agree to try {name}, call transfer_call with destination {name}. "
+MODEL_NOT_ENDED_IN_TRANSFER = "The caller is being transferred: the call was not ended."
+MODEL_ALREADY_ENDING = "The call is already ending."
+MODEL_CALL_ENDED = "The call has ended."
 
 # -- what the agent listens for --------------------------------------------------------------------
 CANCEL_WORDS = re.compile(  # a request to stop the transfer, not any use of "cancel" or "stop"
@@ -3682,7 +3720,8 @@ async def compose_brief(
     if model is not None and transcript:
         ctx = llm.ChatContext()
         ctx.add_message(role="system", content=BRIEF_PROMPT)
-        ctx.add_message(role="user", content=f"Reason for transfer: {reason}\n\n{transcript}")
+        request = BRIEF_REQUEST.format(reason=reason, transcript=transcript)
+        ctx.add_message(role="user", content=request)
         try:
             response = await asyncio.wait_for(model.chat(chat_ctx=ctx).collect(), timeout)
             summary = response.text.strip()
@@ -3694,9 +3733,9 @@ async def compose_brief(
             for line in transcript.splitlines()
             if line.startswith("Caller: ")
         ]
-        summary = f"They're calling about {reason}."
+        summary = BRIEF_FALLBACK.format(reason=reason)
         if said:
-            summary += " In their words: " + " ".join(said[-3:])
+            summary += BRIEF_FALLBACK_WORDS.format(words=" ".join(said[-3:]))
     summary = redact(summary)
     intro = BRIEF_INTRO.format(business=settings.business_name, team=destination.said_as)
     return f"{intro}{summary} {BRIEF_ASK}"
@@ -4715,7 +4754,7 @@ class ConsultAgent(Agent):
                 business=handoff.settings.business_name,
                 team=handoff.destination.said_as,
                 reason=handoff.reason,
-                transcript=transcript or "(nothing said yet)",
+                transcript=transcript or NOTHING_SAID_YET,
             ),
         )
         self._brief = brief
@@ -4948,12 +4987,14 @@ class TeamChoice:
         now = self.now()
         open_now = [d.name for d in self.destinations if self.is_open(d, now)]
         closed = [
-            f"{d.name} (opens {self.opens(d, now) or 'at no set time'})"
+            MODEL_CLOSED_TEAM.format(
+                name=d.name, when=self.opens(d, now) or MODEL_OPENS_AT_NO_SET_TIME
+            )
             for d in self.destinations
             if not self.is_open(d, now)
         ]
         return MODEL_TEAMS_NOW.format(
-            open=", ".join(open_now) or "none", closed=", ".join(closed) or "none"
+            open=", ".join(open_now) or MODEL_NO_TEAMS, closed=", ".join(closed) or MODEL_NO_TEAMS
         )
 
     def may_offer(self, destination: Destination) -> bool:
@@ -5200,28 +5241,22 @@ class SafetyNet:
         agent = self.agent
         again = agent.teams.can_dial(destination)
         other = agent.teams.next_destination(after=destination)
-        options = (["try them again"] if again else []) + (
-            [f"try {other.said_as}"] if other else []
+        options = ([REJOIN_TRY_AGAIN] if again else []) + (
+            [REJOIN_TRY_OTHER.format(team=other.said_as)] if other else []
         )
-        offer = ", ".join([*options, "or take your details for a callback"])
+        offer = ", ".join([*options, REJOIN_CALLBACK])
         if not options:
             offer = offer.removeprefix("or ")
         told = REJOINED.format(team=destination.said_as, offer=offer)
         same = (
-            f"transfer_call with destination {destination.name}"
+            MODEL_REJOIN_SAME_TEAM.format(name=destination.name)
             if destination in agent.destinations
-            else "transfer_to_number with the same number"
+            else MODEL_REJOIN_SAME_NUMBER
         )
         note = (
-            f"The person from {destination.said_as} hung up right after the transfer; the "
-            f"caller is back with you and has just heard: {told!r} "
-            + (f"If they want them again, call {same}. " if again else "")
-            + (
-                f"If they agree to try {other.name}, call transfer_call with destination "
-                f"{other.name}. "
-                if other
-                else ""
-            )
+            MODEL_REJOINED.format(team=destination.said_as, told=told)
+            + (MODEL_REJOIN_AGAIN.format(same=same) if again else "")
+            + (MODEL_REJOIN_OTHER.format(name=other.name) if other else "")
             + MODEL_CALLBACK_STEPS
         )
         return told, note
@@ -5368,7 +5403,7 @@ class WarmHandoffAgent(Agent):
                 )
                 return ToolResult(MODEL_NUMBER_NOT_ALLOWED)
             direct = Destination(
-                "direct", number, "a number the caller gave", spoken_name="that number"
+                "direct", number, "a number the caller gave", spoken_name=DIRECT_NUMBER_SAID_AS
             )
             return await self._hand_off(direct, reason)
 
@@ -5392,22 +5427,20 @@ class WarmHandoffAgent(Agent):
         """Refuse, silently, a transfer once the caller is connected, or a second transfer
         in the same model reply (tools of one reply run in parallel)."""
         if self.connected:
-            return ToolResult("The caller is already talking with a person.", reply_required=False)
+            return ToolResult(MODEL_ALREADY_CONNECTED, reply_required=False)
         first = self._reply.first_transfer()
         if first is not None and first != context.function_call.call_id:
             logger.warning(
                 "a second transfer in one turn was refused in room %s", self.line.caller_room
             )
-            return ToolResult(
-                "Only one transfer per turn; this one was not made.", reply_required=False
-            )
+            return ToolResult(MODEL_ONE_TRANSFER_PER_TURN, reply_required=False)
         return None
 
     async def _hand_off(self, destination: Destination, reason: str) -> ToolResult:
         if self.handoff is not None:
-            return ToolResult("A transfer is already in progress.", reply_required=False)
+            return ToolResult(MODEL_TRANSFER_IN_PROGRESS, reply_required=False)
         if self._ending or self.job_ending.is_set():
-            return ToolResult("The call is ending.", reply_required=False)
+            return ToolResult(MODEL_CALL_ENDING, reply_required=False)
         if not self.teams.is_open(destination):
             return await self._closed(destination, reason)
         if not self.teams.may_offer(destination):
@@ -5415,7 +5448,7 @@ class WarmHandoffAgent(Agent):
                 MODEL_ALREADY_TRIED.format(name=destination.name) + self.teams.what_next_for_model()
             )
         if not self.teams.dials_left:
-            return ToolResult("No more transfers on this call. " + self.teams.what_next_for_model())
+            return ToolResult(MODEL_NO_MORE_TRANSFERS + self.teams.what_next_for_model())
         self.teams.tried.append(destination)
         self.teams.ended[destination] = HandoffOutcome.FAILED  # until the attempt says otherwise
         self.handoff = self.handoff_factory(
@@ -5423,7 +5456,7 @@ class WarmHandoffAgent(Agent):
             line=self.line,
             session=self.session,
             destination=destination,
-            reason=capped(redact(reason)) or "a request for a person",
+            reason=capped(redact(reason)) or NO_REASON,
             models=self.models,
         )
         self._handoff_done.clear()
@@ -5457,14 +5490,14 @@ class WarmHandoffAgent(Agent):
         if result.connected:
             self.leaving = asyncio.ensure_future(self.safety_net.step_out(destination, result))
             return ToolResult(
-                f"The caller is now talking with {destination.said_as}.", reply_required=False
+                MODEL_CONNECTED.format(team=destination.said_as), reply_required=False
             )
         if result.outcome is HandoffOutcome.CALLER_LEFT:
             if result.phase in ON_HOLD:
                 self.callbacks.record_abandoned(result, self._summary())
-            return ToolResult("The caller hung up during the transfer.", reply_required=False)
+            return ToolResult(MODEL_CALLER_LEFT, reply_required=False)
         if self.job_ending.is_set():  # the caller hears why from ``shutdown_handoff``
-            return ToolResult("The call is ending.", reply_required=False)
+            return ToolResult(MODEL_CALL_ENDING, reply_required=False)
         if result.outcome is HandoffOutcome.CANCELLED_BY_CALLER:
             await self.session.say(TRANSFER_STOPPED)
             return ToolResult(
@@ -5473,9 +5506,9 @@ class WarmHandoffAgent(Agent):
         told = CALLER_HEARS[result.outcome.value].format(team=destination.said_as)
         await self.session.say(f"{told} {self.teams.what_next_for_caller()}")
         return ToolResult(
-            f"The transfer to {destination.name} did not happen: {result.outcome.value}"
-            + (f" ({result.detail})" if result.detail else "")
-            + ". The caller has been told. "
+            MODEL_NOT_CONNECTED.format(name=destination.name, outcome=result.outcome.value)
+            + (MODEL_DETAIL.format(detail=result.detail) if result.detail else "")
+            + MODEL_CALLER_TOLD
             + self.teams.what_next_for_model(),
             reply_required=False,
         )
@@ -5493,13 +5526,13 @@ class WarmHandoffAgent(Agent):
             detail=f"outside opening hours; opens {when}" if when else "outside opening hours",
             timings={"decision": time.monotonic()},
             attempt=uuid.uuid4().hex[:8],
-            reason=reason or "a request for a person",
+            reason=reason or NO_REASON,
             phase=None,
         )
         self.record(result)  # never dialled: nothing against the team
         team = destination.said_as[0].upper() + destination.said_as[1:]
-        told = sentence(f"{team} is closed right now" + (f" and opens {when}" if when else ""))
-        callback_at = when or "as soon as they can"
+        told = sentence((CLOSED_UNTIL if when else CLOSED_NOW).format(team=team, when=when))
+        callback_at = when or CALLBACK_WHEN_OPEN_UNKNOWN
         following = self.teams.next_destination(after=destination)
         if following is not None:
             offer = CLOSED_OFFER_TEAM.format(team=following.said_as, when=sentence(callback_at))
@@ -5507,9 +5540,8 @@ class WarmHandoffAgent(Agent):
             offer = CLOSED_OFFER_CALLBACK.format(when=sentence(callback_at))
         await self.session.say(f"{told} {offer}")
         return ToolResult(
-            f"{destination.name} is closed now and was not dialled"
-            + (f"; it opens {when}" if when else "")
-            + ". The caller has been told. "
+            (MODEL_CLOSED_UNTIL if when else MODEL_CLOSED).format(name=destination.name, when=when)
+            + MODEL_CALLER_TOLD
             + (MODEL_TRY_NEXT.format(name=following.name) if following else "")
             + MODEL_CLOSED_CALLBACK.format(when=callback_at),
             reply_required=False,
@@ -5620,11 +5652,9 @@ class WarmHandoffAgent(Agent):
             logger.info(
                 "end_call refused in room %s: a transfer is in progress", self.line.caller_room
             )
-            return ToolResult(
-                "The caller is being transferred: the call was not ended.", reply_required=False
-            )
+            return ToolResult(MODEL_NOT_ENDED_IN_TRANSFER, reply_required=False)
         if self._ending:
-            return ToolResult("The call is already ending.", reply_required=False)
+            return ToolResult(MODEL_ALREADY_ENDING, reply_required=False)
         self._ending = True
         await self.session.say(
             GOODBYE.format(business=self.settings.business_name), allow_interruptions=False
@@ -5632,7 +5662,7 @@ class WarmHandoffAgent(Agent):
         self.callbacks.record_unconfirmed()
         self.records.call_ended(outcome="completed")
         self.leaving = asyncio.ensure_future(self._hang_up())
-        return ToolResult("The call has ended.", reply_required=False)
+        return ToolResult(MODEL_CALL_ENDED, reply_required=False)
 
     async def _hang_up(self) -> None:
         """The agent ends the call: its session closes and the caller's room is deleted, which
