@@ -4007,12 +4007,28 @@ class Screening:
     extension the PBX answers first: ``machine-ivr`` and silence are not final before the ring
     timeout, and detection starts again with the ring time left."""
 
-    def __init__(self, consult: ConsultAgent, handoff: Handoff, ring_deadline: float) -> None:
+    def __init__(
+        self,
+        consult: ConsultAgent,
+        *,
+        line: PhoneLine,
+        room: str,
+        human: str,
+        extension: bool,
+        briefing: bool,
+        timings: dict[str, float],
+        ring_deadline: float,
+    ) -> None:
         self.consult = consult
-        self.handoff = handoff
         self.session = consult.session
+        self.line = line
+        self.room = room  # the consult room, where the opener plays
+        self.human = human  # the leg's identity
+        self.extension = extension  # dialled with an extension: a PBX answers first
+        self.briefing = briefing  # consult mode: the details' introduction is said meanwhile
+        self.timings = timings
         self.ring_deadline = ring_deadline
-        self.extension = bool(handoff.destination.extension)
+        self.amd: dict[str, Any] = {}  # the detector's latest verdict: category, reason, delay
         self.speech_ended = asyncio.Event()
         self.mailbox_words = asyncio.Event()  # "leave a message after the tone" transcribed
         self.opener: asyncio.Future[None] | None = None
@@ -4031,7 +4047,7 @@ class Screening:
             self.speech_started.set()
         elif ev.old_state == "speaking" and ev.new_state == "listening":
             self.speech_ended.set()
-            self.handoff.timings.setdefault("hello_end", time.monotonic())
+            self.timings.setdefault("hello_end", time.monotonic())
 
     def _on_transcript(self, ev: UserInputTranscribedEvent) -> None:
         """A yes to the question confirms a person. A mailbox's words (a PBX's menu only off an
@@ -4060,7 +4076,7 @@ class Screening:
                 llm=None,  # the session's own model and transcripts: no LiveKit Inference
                 stt=None,
                 ivr_detection=False,
-                participant_identity=self.handoff.human_call.identity,
+                participant_identity=self.human,
                 suppress_compatibility_warning=True,
                 detection_options=self._detection_options(),
             )
@@ -4078,13 +4094,13 @@ class Screening:
             if self.consult.person_confirmed.is_set():
                 return Verdict(None, "key press or yes", amd_seen)
             result: AMDPredictionEvent = verdict.result()
-            self.handoff.timings["verdict"] = time.monotonic()
+            self.timings["verdict"] = time.monotonic()
             amd_seen = {
                 "category": result.category.value,
                 "reason": result.reason,
                 "delay": round(result.delay, 3),
             }
-            self.handoff.amd = amd_seen
+            self.amd = amd_seen
             category = result.category
             if category is AMDCategory.HUMAN:
                 if await self._spoke_again(result) or not await self._quiet_after(result):
@@ -4121,7 +4137,7 @@ class Screening:
         delay = result.delay
         if result.reason == "llm":
             delay = max(delay, MACHINE_SILENCE_THRESHOLD)
-        return self.handoff.timings["verdict"] - delay
+        return self.timings["verdict"] - delay
 
     async def _quiet_after(self, result: AMDPredictionEvent) -> bool:
         """Whether the leg stays quiet until ``GREETING_GOES_ON`` after its speech ended and, in
@@ -4133,7 +4149,7 @@ class Screening:
         if self.session.user_state == "speaking":
             return False
         introduction = None
-        if self.handoff.mode is HandoffMode.CONSULT:
+        if self.briefing:
             introduction = self.consult.introduce()
         watch: list[Awaitable[Any]] = [asyncio.sleep(max(0.0, watch_ends - time.monotonic()))]
         if introduction is not None:
@@ -4155,7 +4171,7 @@ class Screening:
         """The leg spoke again after a ``human`` verdict: once it stops (at the latest by the
         ring clock, or the confirmation window if that has passed), its mailbox words make it
         a voicemail; else it is asked. A key press meanwhile is a person."""
-        left = max(self.ring_deadline - time.monotonic(), self.handoff.line.bounds.confirm)
+        left = max(self.ring_deadline - time.monotonic(), self.line.bounds.confirm)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(
                 _first(self.human_stopped(), self.consult.person_confirmed.wait()), left
@@ -4198,10 +4214,10 @@ class Screening:
 
     def play_opener(self) -> None:
         if self.opener is None:
-            self.handoff.timings["opener_start"] = time.monotonic()
+            self.timings["opener_start"] = time.monotonic()
             self.opener = asyncio.ensure_future(
-                self.handoff.line.play_to_human(
-                    self.handoff.consult_room.name,
+                self.line.play_to_human(
+                    self.room,
                     self.consult.opener,
                     self.consult.audio_for("opener", self.consult.opener),
                 )
@@ -4221,7 +4237,7 @@ class Screening:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     _first(self.consult.person_confirmed.wait(), self.mailbox_words.wait()),
-                    self.handoff.line.bounds.confirm,
+                    self.line.bounds.confirm,
                 )
         if self.consult.person_confirmed.is_set():
             return Verdict(None, f"{why}: confirmed", amd_seen)
@@ -4244,6 +4260,8 @@ class ConsultRoom:
         self.is_open = False
         self.brief = ""  # once composed
         self.human_left: asyncio.Future[str] | None = None  # once the human answered
+        self.screening: Screening | None = None  # a person or a machine? (once answered)
+        self.verdict: Verdict | None = None  # and its answer, once given
 
     def open(self) -> tuple[asyncio.Future[None], asyncio.Future[str]]:
         """Start the room's session and the brief's composition, at once."""
@@ -4294,6 +4312,14 @@ class ConsultRoom:
             options["turn_handling"] = {**(models.turn_handling or {}), "turn_detection": "vad"}
         return options
 
+    @property
+    def amd(self) -> dict[str, Any]:
+        """What answering-machine detection said: its verdict's, once screening gave one,
+        else the latest it heard (the human hung up first), or nothing (unscreened)."""
+        if self.verdict is not None:
+            return self.verdict.amd
+        return self.screening.amd if self.screening is not None else {}
+
     def _keep_brief(self, composing: asyncio.Future[str]) -> None:
         if not composing.cancelled() and composing.exception() is None:
             self.brief = composing.result()
@@ -4317,14 +4343,22 @@ class ConsultRoom:
             if not brief:
                 return Decision(HandoffOutcome.CONNECTED)
             return await agent.brief_on_hello(human_left, h.settings.hello_grace)
-        screening = Screening(agent, h, ring_deadline=h.timings["dial_start"] + h.ring_timeout)
+        screening = self.screening = Screening(
+            agent,
+            line=self.line,
+            room=self.name,
+            human=h.human_call.identity,
+            extension=bool(h.destination.extension),
+            briefing=brief,
+            timings=h.timings,
+            ring_deadline=h.timings["dial_start"] + h.ring_timeout,
+        )
         gone = Decision(HandoffOutcome.DECLINED, "the human hung up during the briefing")
         try:
             run = await _finished_before(screening.run(h.settings.hello_grace), human_left)
             if run is None:
                 return gone
-            verdict = run.result()
-            h.amd = verdict.amd
+            verdict = self.verdict = run.result()
             if verdict.outcome is not None:
                 return Decision(verdict.outcome, verdict.reason)
             if screening.opener is not None:
@@ -4407,7 +4441,6 @@ class Handoff:
         self._attributes_sent: asyncio.Future[None] | None = None
         self.publish({"handoff.state": Phase.ANNOUNCING.value, "handoff.outcome": ""})
         self.consult_room = ConsultRoom(self)  # where the human is screened (and briefed)
-        self.amd: dict[str, Any] = {}  # the answering-machine detection's verdict
         self.joined_by: JoinWay | None = None  # once the human is on the way to the caller
         self._caller_left: asyncio.Future[str] | None = None
         self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
@@ -4555,7 +4588,7 @@ class Handoff:
             reason=self.reason,
             phase=self.phase,
             brief=self.consult_room.brief,
-            amd=self.amd,
+            amd=self.consult_room.amd,
             joined_by=self.joined_by,
         )
 
