@@ -4693,7 +4693,15 @@ class Handoff:
 
     def consult_agent(self, brief: asyncio.Future[str], transcript: str) -> ConsultAgent:
         """The agent that briefs the human (the benchmark's reference orderings override it)."""
-        return ConsultAgent(brief=brief, transcript=transcript, handoff=self)
+        return ConsultAgent(
+            brief=brief,
+            transcript=transcript,
+            business=self.settings.business_name,
+            team=self.destination.said_as,
+            reason=self.reason,
+            models=self.models,
+            timings=self.timings,
+        )
 
     async def _join(self) -> HandoffResult:
         """Bring the human to the caller: by a move where the server has MoveParticipant, else
@@ -4781,20 +4789,32 @@ class ConsultAgent(Agent):
     decision. The brief is composed while the phone rings and spoken as soon as the human
     says hello, without a model round-trip."""
 
-    def __init__(self, *, brief: asyncio.Future[str], transcript: str, handoff: Handoff) -> None:
+    def __init__(
+        self,
+        *,
+        brief: asyncio.Future[str],
+        transcript: str,
+        business: str,
+        team: str,
+        reason: str,
+        models: Models,
+        timings: dict[str, float],
+    ) -> None:
         super().__init__(
             instructions=CONSULT_INSTRUCTIONS.format(
-                business=handoff.settings.business_name,
-                team=handoff.destination.said_as,
-                reason=handoff.reason,
+                business=business,
+                team=team,
+                reason=reason,
                 transcript=transcript or NOTHING_SAID_YET,
             ),
         )
         self._brief = brief
-        self._handoff = handoff
-        self.opener = OPENER.format(business=handoff.settings.business_name)
-        self.question = ASK_PERSON.format(team=handoff.destination.said_as)
-        self.introduction = DETAILS_INTRO.format(team=handoff.destination.said_as).strip()
+        self._brief_intro = BRIEF_INTRO.format(business=business, team=team)
+        self._models = models  # the caller's: their voice, and the phrase cache
+        self.timings = timings  # the attempt's: when the brief starts and ends
+        self.opener = OPENER.format(business=business)
+        self.question = ASK_PERSON.format(team=team)
+        self.introduction = DETAILS_INTRO.format(team=team).strip()
         self.introduced: SpeechHandle | None = None  # the introduction, once said
         self.voice: dict[str, list[rtc.AudioFrame]] = {}  # pre-synthesised, by line
         self.details_heard = False
@@ -4826,7 +4846,7 @@ class ConsultAgent(Agent):
     async def _prepare(self, name: str, text: str, tts: TTS, *, keep: bool = False) -> None:
         """One phrase into ``voice``: from the phrase cache if ``keep`` (and saved there once
         synthesised), else synthesised; a failure or a timeout leaves it to be said live."""
-        phrases = self._handoff.models.phrases
+        phrases = self._models.phrases
         cache = phrases if keep and phrases is not None and phrases.usable else None
         path = cache.path_for(text) if cache is not None else None
         if cache is not None and path is not None and (saved := await cache.load(path)) is not None:
@@ -4851,7 +4871,7 @@ class ConsultAgent(Agent):
     def audio_for(self, name: str, text: str) -> PhraseAudio:
         """What plays ``text`` outside the session: its prepared audio if ready, else live
         speech at once (words alone with no TTS at all)."""
-        tts = self._handoff.models.tts
+        tts = self._models.tts
         return self.voice.get(name) or (live_speech(tts, text) if tts is not None else [])
 
     def said_for(self, name: str) -> AsyncIterable[rtc.AudioFrame] | NotGiven:
@@ -4864,9 +4884,7 @@ class ConsultAgent(Agent):
         """The brief as said after the opener and the details' introduction
         (``DETAILS_INTRO``: who speaks, for whom), once a person is confirmed: what is about
         the caller, without the brief's own introduction."""
-        h = self._handoff
-        intro = BRIEF_INTRO.format(business=h.settings.business_name, team=h.destination.said_as)
-        return (await asyncio.shield(self._brief)).removeprefix(intro)
+        return (await asyncio.shield(self._brief)).removeprefix(self._brief_intro)
 
     def introduce(self) -> SpeechHandle:
         """Start the details with their introduction, which says nothing about the caller (a
@@ -4874,7 +4892,7 @@ class ConsultAgent(Agent):
         the leg says over it is transcribed (the session hears silence under speech it cannot
         interrupt); one cut short is said again before the brief (``speak_details``)."""
         if self.introduced is None:
-            self._handoff.timings.setdefault("brief_start", time.monotonic())
+            self.timings.setdefault("brief_start", time.monotonic())
             self.introduced = self.session.say(
                 self.introduction, audio=self.said_for("introduction"), allow_interruptions=True
             )
@@ -4901,7 +4919,7 @@ class ConsultAgent(Agent):
             parts.insert(0, ("introduction", self.introduction))
         for name, text in parts:
             while not self._decision.done():
-                self._handoff.timings.setdefault("brief_start", time.monotonic())
+                self.timings.setdefault("brief_start", time.monotonic())
                 handle = self.session.say(text, audio=self.said_for(name), allow_interruptions=True)
                 await handle.wait_for_playout()
                 if not handle.interrupted:
@@ -4909,7 +4927,7 @@ class ConsultAgent(Agent):
                 await human_stopped()
         if not self._decision.done():
             self.details_heard = True
-            self._handoff.timings.setdefault("brief_end", time.monotonic())
+            self.timings.setdefault("brief_end", time.monotonic())
 
     async def wait_for_decision(self, human_left: asyncio.Future[str]) -> Decision:
         waits: set[asyncio.Future[Any]] = {self._decision, human_left}
@@ -4945,14 +4963,14 @@ class ConsultAgent(Agent):
             self.decide(Decision(HandoffOutcome.VOICEMAIL, "a voicemail greeting answered"))
             return
         text = await asyncio.shield(self._brief)  # a dropped reply must not cancel the brief
-        self._handoff.timings["brief_start"] = time.monotonic()
+        self.timings["brief_start"] = time.monotonic()
         self.session.on("conversation_item_added", self._brief_spoken)
         yield text
 
     def _brief_spoken(self, ev: ConversationItemAddedEvent) -> None:
         if getattr(ev.item, "role", None) == "assistant" and not self.details_heard:
             self.details_heard = True
-            self._handoff.timings.setdefault("brief_end", time.monotonic())
+            self.timings.setdefault("brief_end", time.monotonic())
 
     @function_tool
     async def connect_to_caller(self, context: RunContext) -> None:

@@ -100,4 +100,12 @@ class SequentialHandoff(wh.Handoff):
         self.hold = _HoldThenDial(self)
 
     def consult_agent(self, brief: asyncio.Future[str], transcript: str) -> wh.ConsultAgent:
-        return SequentialConsultAgent(brief=brief, transcript=transcript, handoff=self)
+        return SequentialConsultAgent(
+            brief=brief,
+            transcript=transcript,
+            business=self.settings.business_name,
+            team=self.destination.said_as,
+            reason=self.reason,
+            models=self.models,
+            timings=self.timings,
+        )
