@@ -3896,11 +3896,24 @@ class CallerHold:
     whenever the caller or the agent speaks (it must never mask the caller or read as speech),
     and a check-in every ``HANDOFF_HOLD_REASSURE_EVERY`` seconds while the caller waits."""
 
-    def __init__(self, handoff: Handoff) -> None:
-        self.handoff = handoff
-        self.session = handoff.session
-        self.team = handoff.destination.said_as
-        self.phrases = handoff.models.phrases
+    def __init__(
+        self,
+        *,
+        session: AgentSession,
+        line: PhoneLine,
+        team: str,
+        phrases: PhraseCache | None,
+        check_in_every: float,
+        on_hold: Callable[[], bool],
+        now_on_hold: Callable[[], None],
+    ) -> None:
+        self.session = session
+        self.line = line
+        self.team = team
+        self.phrases = phrases
+        self.check_in_every = check_in_every
+        self.on_hold = on_hold  # whether the attempt still holds the caller (the phase's)
+        self.now_on_hold = now_on_hold  # told once "please hold" is said and the music starts
         self.music_on = False  # the line plays hold music (paused or not)
         self.music_paused = False
         self._checking_in: asyncio.Task[None] | None = None
@@ -3916,10 +3929,10 @@ class CallerHold:
         )
         if self.ended:
             return
-        self.handoff.caller_now_on_hold()
-        await self.handoff.line.start_hold_music()
+        self.now_on_hold()
+        await self.line.start_hold_music()
         if self.ended:  # ended while the hold music was starting
-            await self.handoff.line.stop_hold_music()
+            await self.line.stop_hold_music()
             return
         self.music_on = True
         self.session.on("user_state_changed", self._sync)
@@ -3928,7 +3941,7 @@ class CallerHold:
 
     def _sync(self, ev: UserStateChangedEvent | AgentStateChangedEvent) -> None:
         """Paused while either the caller or the agent speaks, playing otherwise."""
-        if not self.music_on or not self.handoff.on_hold:
+        if not self.music_on or not self.on_hold():
             return
         caller, agent = self.session.user_state, self.session.agent_state
         if isinstance(ev, UserStateChangedEvent):
@@ -3938,13 +3951,12 @@ class CallerHold:
         speaking = "speaking" in (caller, agent)
         if speaking != self.music_paused:
             self.music_paused = speaking
-            self.handoff.line.pause_hold_music(speaking)
+            self.line.pause_hold_music(speaking)
 
     async def _check_in(self) -> None:
-        every = self.handoff.settings.hold_reassure_every
         while True:
-            await asyncio.sleep(every)
-            if self.handoff.on_hold:
+            await asyncio.sleep(self.check_in_every)
+            if self.on_hold():
                 with contextlib.suppress(RuntimeError):  # the session is closing: nobody to tell
                     say_fixed(
                         self.session,
@@ -3963,7 +3975,7 @@ class CallerHold:
         self.session.off("agent_state_changed", self._sync)
         if self.music_on:
             self.music_on = False
-            await self.handoff.line.stop_hold_music()
+            await self.line.stop_hold_music()
 
 
 MACHINE_OUTCOMES = {
@@ -4436,7 +4448,15 @@ class Handoff:
         )
         self.phase = Phase.ANNOUNCING
         self.outcome: HandoffOutcome | None = None  # once ``run()`` has its result
-        self.hold = CallerHold(self)
+        self.hold = CallerHold(
+            session=session,
+            line=line,
+            team=destination.said_as,
+            phrases=models.phrases,
+            check_in_every=settings.hold_reassure_every,
+            on_hold=lambda: self.on_hold,
+            now_on_hold=self.caller_now_on_hold,
+        )
         self.tasks = utils.aio.TaskSet()
         self._attributes_sent: asyncio.Future[None] | None = None
         self.publish({"handoff.state": Phase.ANNOUNCING.value, "handoff.outcome": ""})
