@@ -5938,18 +5938,22 @@ def no_audio_devices() -> str:
     return ""
 
 
-def voice_of(settings: Settings) -> dict[str, str]:
-    """What makes the fixed sentences sound as they do, as ``build_models`` sets up the TTS:
-    the phrase cache's key, so a changed voice is another file. The plugin's version stands
-    for the defaults it keeps (voice settings, language), which this module leaves alone; the
-    API key is not part of a voice."""
+def tts_options(settings: Settings) -> dict[str, str]:
+    """What ``build_models`` sets up the TTS with ("": the plugin's default), less its key."""
     return {
-        "tts": f"livekit-plugins-elevenlabs {elevenlabs.__version__}",
         "model": settings.tts_model,
         "encoding": settings.tts_encoding,
         "voice_id": settings.tts_voice_id,
         "base_url": settings.eleven_base_url,
     }
+
+
+def voice_of(settings: Settings) -> dict[str, str]:
+    """What makes the fixed sentences sound as they do: the TTS's options as ``build_models``
+    sets them (``tts_options``), the phrase cache's key, so a changed voice is another file.
+    The plugin's version stands for the defaults it keeps (voice settings, language), which
+    this module leaves alone; the API key is not part of a voice."""
+    return {"tts": f"livekit-plugins-elevenlabs {elevenlabs.__version__}", **tts_options(settings)}
 
 
 def build_models(settings: Settings, vad: VAD) -> Models:
@@ -5960,21 +5964,17 @@ def build_models(settings: Settings, vad: VAD) -> Models:
     stt_options: dict[str, Any] = {"model": settings.stt_model}
     if settings.deepgram_base_url:
         stt_options["base_url"] = settings.deepgram_base_url
-    tts_options: dict[str, Any] = {"model": settings.tts_model, "encoding": settings.tts_encoding}
-    if settings.tts_voice_id:
-        tts_options["voice_id"] = settings.tts_voice_id
-    if settings.eleven_base_url:
-        tts_options["base_url"] = settings.eleven_base_url
+    voice: dict[str, Any] = {name: value for name, value in tts_options(settings).items() if value}
     eleven_key = os.environ.get("ELEVEN_API_KEY") or os.environ.get("ELEVENLABS_API_KEY")
     if eleven_key:
-        tts_options["api_key"] = eleven_key
+        voice["api_key"] = eleven_key
     return Models(
         stt=deepgram.STT(**stt_options),
         llm=openai.LLM(
             model=settings.llm_model,
             base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
         ),
-        tts=elevenlabs.TTS(**tts_options),
+        tts=elevenlabs.TTS(**voice),
         vad=vad,
         phrases=PhraseCache(settings.phrase_cache, voice_of(settings))
         if settings.phrase_cache
