@@ -5982,19 +5982,16 @@ def build_models(settings: Settings, vad: VAD) -> Models:
     )
 
 
-async def run_call(
-    ctx: JobContext, settings: Settings, models: Models, line: PhoneLine | None = None
-) -> AgentSession:
+async def run_call(ctx: JobContext, settings: Settings, models: Models) -> AgentSession:
     """Answer one call: start the session, wait until the caller is really there, greet once."""
     console = ctx.is_fake_job()
     if console and not settings.destinations:
         settings = replace(settings, destinations=DEMO_DESTINATIONS)
-    if line is None:
-        line = (
-            SimulatedPhoneLine(settings.simulated_human, announce=_show_step)
-            if console
-            else LiveKitPhoneLine(ctx, settings)
-        )
+    line: PhoneLine = (
+        SimulatedPhoneLine(settings.simulated_human, announce=_show_step)
+        if console
+        else LiveKitPhoneLine(ctx, settings)
+    )
     records = CallRecords(line.caller_room, ctx.job.id, delivery_for(settings))
     agent = WarmHandoffAgent(settings, line, models, records)
 
