@@ -3891,33 +3891,23 @@ class HumanCall:
         return headers
 
 
+@dataclass(eq=False, kw_only=True)
 class CallerHold:
     """The caller's hold, for one attempt: "please hold", then the line's hold music, paused
     whenever the caller or the agent speaks (it must never mask the caller or read as speech),
     and a check-in every ``HANDOFF_HOLD_REASSURE_EVERY`` seconds while the caller waits."""
 
-    def __init__(
-        self,
-        *,
-        session: AgentSession,
-        line: PhoneLine,
-        team: str,
-        phrases: PhraseCache | None,
-        check_in_every: float,
-        on_hold: Callable[[], bool],
-        now_on_hold: Callable[[], None],
-    ) -> None:
-        self.session = session
-        self.line = line
-        self.team = team
-        self.phrases = phrases
-        self.check_in_every = check_in_every
-        self.on_hold = on_hold  # whether the attempt still holds the caller (the phase's)
-        self.now_on_hold = now_on_hold  # told once "please hold" is said and the music starts
-        self.music_on = False  # the line plays hold music (paused or not)
-        self.music_paused = False
-        self._checking_in: asyncio.Task[None] | None = None
-        self.ended = False  # ``end``: no hold music starts after it (a shutdown ends it early)
+    session: AgentSession
+    line: PhoneLine
+    team: str
+    phrases: PhraseCache | None
+    check_in_every: float
+    on_hold: Callable[[], bool]  # whether the attempt still holds the caller (the phase's)
+    now_on_hold: Callable[[], None]  # told once "please hold" is said and the music starts
+    music_on: bool = field(default=False, init=False)  # the line plays it (paused or not)
+    music_paused: bool = field(default=False, init=False)
+    ended: bool = field(default=False, init=False)  # no hold music starts after ``end``
+    _checking_in: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def announce_and_hold(self) -> None:
         """ "Please hold", then hold music, while the dial already rings."""
@@ -4713,15 +4703,7 @@ class Handoff:
 
     def consult_agent(self, brief: asyncio.Future[str], transcript: str) -> ConsultAgent:
         """The agent that briefs the human (the benchmark's reference orderings override it)."""
-        return ConsultAgent(
-            brief=brief,
-            transcript=transcript,
-            business=self.settings.business_name,
-            team=self.destination.said_as,
-            reason=self.reason,
-            models=self.models,
-            timings=self.timings,
-        )
+        return ConsultAgent.for_attempt(self, brief, transcript)
 
     async def _join(self) -> HandoffResult:
         """Bring the human to the caller: by a move where the server has MoveParticipant, else
@@ -4843,6 +4825,21 @@ class ConsultAgent(Agent):
         self.asked = False  # the leg was asked whether a person is there
         self._decision: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self.brief_started = asyncio.Event()
+
+    @classmethod
+    def for_attempt(
+        cls, handoff: Handoff, brief: asyncio.Future[str], transcript: str
+    ) -> ConsultAgent:
+        """The consult agent of ``handoff``'s attempt."""
+        return cls(
+            brief=brief,
+            transcript=transcript,
+            business=handoff.settings.business_name,
+            team=handoff.destination.said_as,
+            reason=handoff.reason,
+            models=handoff.models,
+            timings=handoff.timings,
+        )
 
     PREPARED = ("opener", "question", "introduction", "brief")  # what ``prepare_voice`` prepares
 

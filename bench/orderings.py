@@ -94,12 +94,4 @@ class SequentialHandoff(wh.Handoff):
             self.in_order.announced.set()
 
     def consult_agent(self, brief: asyncio.Future[str], transcript: str) -> wh.ConsultAgent:
-        return SequentialConsultAgent(
-            brief=brief,
-            transcript=transcript,
-            business=self.settings.business_name,
-            team=self.destination.said_as,
-            reason=self.reason,
-            models=self.models,
-            timings=self.timings,
-        )
+        return SequentialConsultAgent.for_attempt(self, brief, transcript)
