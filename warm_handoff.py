@@ -75,7 +75,7 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Generic, TypeAlias, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -166,7 +166,15 @@ CALL_ENDING = "I'm sorry, I have to end this call now. Please call us back in a 
 CALLBACK_READ_BACK = "Let me read that back: {name}, on {number}, {best_time}. Is that right?"
 CALLBACK_CONFIRMED = "Thank you, {name}. Someone will call you back {when}"
 GOODBYE = "Thank you for calling {business}. Goodbye!"
-REJOINED = "It looks like we lost {team}. I can {offer}."
+REJOINED = "It looks like we lost {team}. I can {offer}."  # the offer: these, joined by commas
+REJOIN_TRY_AGAIN = "try them again"
+REJOIN_TRY_OTHER = "try {team}"
+REJOIN_CALLBACK = "or take your details for a callback"  # the last ("or" dropped when alone)
+CLOSED_NOW = "{team} is closed right now"  # a closed team, then CLOSED_OFFER_*
+CLOSED_UNTIL = "{team} is closed right now and opens {when}"
+CALLBACK_WHEN_OPEN_UNKNOWN = "as soon as they can"  # a callback's time when no opening is known
+DIRECT_NUMBER_SAID_AS = "that number"  # a number the caller gave (transfer_to_number)
+NO_REASON = "a request for a person"  # the transfer's reason when the model gave none
 
 # -- to the human ----------------------------------------------------------------------------------
 # Before a person is confirmed only OPENER and ASK_PERSON: safe on any recording. The opener
@@ -177,6 +185,8 @@ ASK_PERSON = "Is this {team}? Press 1 or say yes to take a call."
 DETAILS_INTRO = "I'm the assistant, with a caller for {team}. "  # the details, after OPENER
 BRIEF_INTRO = "Hi, this is the {business} assistant with a caller for {team}. "  # unscreened
 BRIEF_ASK = "Say put them through, or press 1, to take the call; press 2 if you can't."
+BRIEF_FALLBACK = "They're calling about {reason}."  # the brief when its model has not written it
+BRIEF_FALLBACK_WORDS = " In their words: {words}"  # and the caller's last words, if any
 CONFERENCE_INTRODUCTION = (
     "Hello, this is the {business} assistant. I have a caller on the line about {reason}. "
     "You're now connected with {team}. I'll leave you to it."
@@ -271,6 +281,34 @@ MODEL_NO_CALLBACK_WITH_TRANSFER = (
     "No callback was recorded: a transfer was asked for in the same turn. Offer a callback "
     "only if the transfer does not happen."
 )
+BRIEF_REQUEST = "Reason for transfer: {reason}\n\n{transcript}"  # to the brief's model
+NOTHING_SAID_YET = "(nothing said yet)"  # CONSULT_INSTRUCTIONS' conversation, when empty
+MODEL_NO_TEAMS = "none"  # MODEL_TEAMS_NOW's open or closed teams, when there are none
+MODEL_CLOSED_TEAM = "{name} (opens {when})"  # one of MODEL_TEAMS_NOW's closed teams
+MODEL_OPENS_AT_NO_SET_TIME = "at no set time"
+MODEL_ALREADY_CONNECTED = "The caller is already talking with a person."
+MODEL_ONE_TRANSFER_PER_TURN = "Only one transfer per turn; this one was not made."
+MODEL_TRANSFER_IN_PROGRESS = "A transfer is already in progress."
+MODEL_CALL_ENDING = "The call is ending."
+MODEL_NO_MORE_TRANSFERS = "No more transfers on this call. "  # then what next
+MODEL_CONNECTED = "The caller is now talking with {team}."
+MODEL_CALLER_LEFT = "The caller hung up during the transfer."
+MODEL_NOT_CONNECTED = "The transfer to {name} did not happen: {outcome}"  # then its detail:
+MODEL_DETAIL = " ({detail})"
+MODEL_CALLER_TOLD = ". The caller has been told. "  # then what next
+MODEL_CLOSED = "{name} is closed now and was not dialled"  # then MODEL_CALLER_TOLD
+MODEL_CLOSED_UNTIL = "{name} is closed now and was not dialled; it opens {when}"
+MODEL_REJOINED = (
+    "The person from {team} hung up right after the transfer; the caller is back with you "
+    "and has just heard: {told!r} "
+)
+MODEL_REJOIN_AGAIN = "If they want them again, call {same}. "
+MODEL_REJOIN_SAME_TEAM = "transfer_call with destination {name}"
+MODEL_REJOIN_SAME_NUMBER = "transfer_to_number with the same number"
+MODEL_REJOIN_OTHER = "If they agree to try {name}, call transfer_call with destination {name}. "
+MODEL_NOT_ENDED_IN_TRANSFER = "The caller is being transferred: the call was not ended."
+MODEL_ALREADY_ENDING = "The call is already ending."
+MODEL_CALL_ENDED = "The call has ended."
 
 # -- what the agent listens for --------------------------------------------------------------------
 CANCEL_WORDS = re.compile(  # a request to stop the transfer, not any use of "cancel" or "stop"
@@ -1502,7 +1540,6 @@ class Phase(str, Enum):
     BRIEFING = "briefing"  # someone answered: screened, briefed and asked, in private (consult)
     MERGING = "merging"  # the human is on the way into the caller's room
     MERGED = "merged"  # caller and human talk; the agent steps out
-    CLOSED = "closed"  # never dialled: the team is outside its opening hours
 
 
 ON_HOLD = (Phase.RINGING, Phase.BRIEFING)
@@ -1520,7 +1557,7 @@ class HandoffResult:
     timings: dict[str, float] = field(default_factory=dict)
     attempt: str = ""
     reason: str = ""
-    phase: Phase = Phase.ANNOUNCING  # how far it got
+    phase: Phase | None = Phase.ANNOUNCING  # how far it got; None: never dialled (closed)
     brief: str = ""
     amd: dict[str, Any] = field(default_factory=dict)  # who answered: category, reason, delay
     joined_by: JoinWay | None = None  # how the human was brought to the caller
@@ -2066,7 +2103,7 @@ class CallRecords:
                 "joined_by": result.joined_by.value if result.joined_by else "",
                 "outcome": result.outcome.value,
                 "sip_status": result.sip_status,
-                "phase": result.phase.value,
+                "phase": result.phase.value if result.phase else None,
                 "detail": result.detail,
                 "decided_at": round(time.time() - (time.monotonic() - start), 3),
                 "timings": {
@@ -2273,40 +2310,6 @@ def classify_dial_error(error: Exception, *, rang: bool = True) -> DialFailed:
     )
 
 
-class Hold:
-    """Hold audio playing to the caller. ``pause``/``resume`` let speech through; every
-    method is idempotent."""
-
-    def __init__(
-        self,
-        stop: Callable[[], Awaitable[None]] | None = None,
-        pause: Callable[[bool], Awaitable[None]] | None = None,
-    ) -> None:
-        self._stop = stop
-        self._pause = pause
-        self.started_at = time.monotonic()
-        self.stopped_at: float | None = None
-        self.paused = False
-
-    async def stop(self) -> None:
-        if self.stopped_at is None:
-            self.stopped_at = time.monotonic()
-            if self._stop is not None:
-                await self._stop()
-
-    async def pause(self) -> None:
-        await self._set_paused(True)
-
-    async def resume(self) -> None:
-        await self._set_paused(False)
-
-    async def _set_paused(self, paused: bool) -> None:
-        if self.stopped_at is None and self.paused != paused:
-            self.paused = paused
-            if self._pause is not None:
-                await self._pause(paused)
-
-
 def rms(frame: rtc.AudioFrame) -> float:
     """A frame's level: the RMS of its 16-bit samples."""
     samples = np.frombuffer(frame.data, dtype=np.int16).astype(np.float64)
@@ -2314,8 +2317,10 @@ def rms(frame: rtc.AudioFrame) -> float:
 
 
 class HoldMusic:
-    """Hold music that pauses and resumes where it left off, so the caller never hears the
-    same opening bars again after every check-in.
+    """The hold music a real line plays in the caller's room (``LiveKitPhoneLine``), on a
+    track of its own (``start``, ``stop``), that pauses and resumes where it left off
+    (``pause``), so the caller never hears the same opening bars again after every check-in.
+    When it plays, and when it pauses, is the caller's hold's (``CallerHold``).
 
     It is one endless stream of frames, played once with ``OwnTrack.play``: playing the file
     again would start the clip from the beginning. The file is decoded once, with the
@@ -2331,10 +2336,13 @@ class HoldMusic:
     PAUSE_FRAME = 0.02  # seconds of silence per frame while paused
     LEAD_IN_RMS = 330.0  # int16 RMS (-40 dBFS): an opening frame quieter than this is skipped
     LEAD_IN_MAX = 3.0  # seconds: at most this much of a quiet opening is skipped
+    VOLUME = 0.7
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.paused = False
+        self._track: OwnTrack | None = None  # once started
+        self._playing: asyncio.Future[None] | None = None
         self._frames: list[rtc.AudioFrame] = []  # decoded so far, in order
         # the decoder while the file has not been read to its end
         self._decoding: AsyncGenerator[rtc.AudioFrame, None] | None = None
@@ -2343,6 +2351,28 @@ class HoldMusic:
         self._silence = rtc.AudioFrame.create(
             self.SAMPLE_RATE, 1, int(self.SAMPLE_RATE * self.PAUSE_FRAME)
         )
+
+    async def start(self, room: rtc.Room) -> None:
+        """Play in ``room`` until ``stop``: once, so a pause keeps its place."""
+        self._track = OwnTrack("hold-music")
+        await self._track.publish(room)
+        self._playing = asyncio.ensure_future(self._track.play(self, self.VOLUME))
+
+    def pause(self, paused: bool) -> None:
+        """What is queued would sound over the speech (music) or hold the music back
+        (silence): it is cut. The music skips what was cut, at most the track's queue."""
+        self.paused = paused
+        if self._track is not None:
+            self._track.cut()
+
+    async def stop(self) -> None:
+        """Off the room (a call may hold several times), the decoder closed."""
+        if self._playing is not None:
+            self._playing.cancel()
+            await asyncio.gather(self._playing, return_exceptions=True)
+        if self._track is not None:
+            await self._track.aclose()
+        await self.aclose()
 
     def __aiter__(self) -> HoldMusic:
         return self
@@ -2513,10 +2543,9 @@ class MoveRefusals:
     memory is a marker file per server and worker (the job processes' parent, the worker's
     forkserver, lives as long as the worker), and later calls bridge at once."""
 
-    def __init__(self, folder: str | None = None, worker: int | None = None) -> None:
-        uid = os.getuid() if hasattr(os, "getuid") else 0
-        self.folder = Path(folder or tempfile.gettempdir()) / f"warm-handoff-{uid}-no-move"
-        self.worker = os.getppid() if worker is None else worker
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.gettempdir()) / f"warm-handoff-{os.getuid()}-no-move"
+        self.worker = os.getppid()
 
     def _marker(self, url: str) -> Path:
         key = hashlib.sha256(f"{self.worker} {url_origin(url)}".encode()).hexdigest()[:24]
@@ -2545,7 +2574,12 @@ class PhoneLine(abc.ABC):
     def __init__(self, bounds: Bounds | None = None) -> None:
         if bounds is not None:
             self.bounds = bounds
-        self._clean_ups: set[asyncio.Task[None]] = set()
+
+    @cached_property
+    def _clean_ups(self) -> utils.aio.TaskSet:
+        """The clean-up steps still running, on the loop of the call (a line may be made
+        before it runs)."""
+        return utils.aio.TaskSet(asyncio.get_running_loop())
 
     def clean_up_later(self, step: Awaitable[Any], what: str, bound: float | None = None) -> None:
         """Run a clean-up step in the background, bounded (by default, as one server call with
@@ -2560,9 +2594,7 @@ class PhoneLine(abc.ABC):
                     "clean-up step '%s' failed in room %s: %r", what, self.caller_room, e
                 )
 
-        task = asyncio.get_running_loop().create_task(bounded())
-        self._clean_ups.add(task)
-        task.add_done_callback(self._clean_ups.discard)
+        self._clean_ups.create_task(bounded())
 
     async def settle(self, timeout: float | None = None) -> None:
         """Wait for background clean-up (job shutdown, tests), including steps it starts; by
@@ -2571,8 +2603,8 @@ class PhoneLine(abc.ABC):
         if timeout is None:
             timeout = self.bounds.last_words + self.bounds.clean_up
         deadline = time.monotonic() + timeout
-        while self._clean_ups and (left := deadline - time.monotonic()) > 0:
-            await asyncio.wait(set(self._clean_ups), timeout=left)
+        while (steps := self._clean_ups.tasks) and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(steps, timeout=left)
 
     @abc.abstractmethod
     async def dial(self, dial: Dial) -> Leg:
@@ -2608,8 +2640,16 @@ class PhoneLine(abc.ABC):
         """Delete a room, ending every leg in it. Idempotent; never raises."""
 
     @abc.abstractmethod
-    async def start_hold(self) -> Hold:
-        """Start hold audio for the caller."""
+    async def start_hold_music(self) -> None:
+        """Hold music on in the caller's room."""
+
+    @abc.abstractmethod
+    def pause_hold_music(self, paused: bool) -> None:
+        """Pause the hold music (speech is heard at once), or resume it where it was."""
+
+    @abc.abstractmethod
+    async def stop_hold_music(self) -> None:
+        """Hold music off: what ``start_hold_music`` started."""
 
     @abc.abstractmethod
     async def open_consult(
@@ -2676,13 +2716,7 @@ def job_server_url(ctx: JobContext, fallback: str) -> str:
 class LiveKitPhoneLine(PhoneLine):
     """The phone line on a real LiveKit call, through the server API and the job's room."""
 
-    def __init__(
-        self,
-        ctx: JobContext,
-        settings: Settings,
-        bounds: Bounds | None = None,
-        refusals: MoveRefusals | None = None,
-    ) -> None:
+    def __init__(self, ctx: JobContext, settings: Settings, bounds: Bounds | None = None) -> None:
         super().__init__(bounds)
         self._ctx = ctx
         self._settings = settings
@@ -2692,7 +2726,8 @@ class LiveKitPhoneLine(PhoneLine):
         self._consults: dict[str, AgentSession] = {}
         self._tracks: dict[str, OwnTrack] = {}
         self._bridges: dict[str, list[Relay]] = {}  # by the human's (consult) room
-        self._refusals = refusals or MoveRefusals()
+        self._hold_music: HoldMusic | None = None  # while it plays in the caller's room
+        self._refusals = MoveRefusals()
 
     @property
     def server_url(self) -> str:
@@ -2916,25 +2951,19 @@ class LiveKitPhoneLine(PhoneLine):
         except Exception as e:
             logger.warning("could not delete room %s: %r", room, e)
 
-    async def start_hold(self) -> Hold:
-        track = OwnTrack("hold-music")
-        await track.publish(self._ctx.room)
-        music = HoldMusic(self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC.path())
-        playing = asyncio.ensure_future(track.play(music, 0.7))  # once: a pause keeps its place
+    async def start_hold_music(self) -> None:
+        clip = self._settings.hold_audio_file or BuiltinAudioClip.HOLD_MUSIC.path()
+        music = self._hold_music = HoldMusic(clip)
+        await music.start(self._ctx.room)
 
-        async def pause(paused: bool) -> None:
-            # what is queued would sound over the speech (music) or hold the music back
-            # (silence); the music skips what was cut, at most the track's queue
-            music.paused = paused
-            track.cut()
+    def pause_hold_music(self, paused: bool) -> None:
+        if self._hold_music is not None:
+            self._hold_music.pause(paused)
 
-        async def stop() -> None:
-            playing.cancel()
-            await asyncio.gather(playing, return_exceptions=True)
-            await track.aclose()
-            await music.aclose()
-
-        return Hold(stop, pause)
+    async def stop_hold_music(self) -> None:
+        music, self._hold_music = self._hold_music, None
+        if music is not None:
+            await music.stop()
 
     async def open_consult(
         self, room: str, human_identity: str, session: AgentSession, agent: Agent
@@ -3118,6 +3147,7 @@ class SimulatedPhoneLine(PhoneLine):
         self.first_way = join_way  # until a move is refused as unsupported
         self.move_refused = False
         self.bridged: dict[str, str] = {}  # the human's room -> the caller's, while bridged
+        self.hold_music = "off"  # what the caller hears of it: "playing", "paused" or "off"
         self.rooms: dict[str, set[str]] = {caller_room: {caller_identity}}
         self.events: list[LineEvent] = []
         self.consults: dict[str, AgentSession] = {}
@@ -3126,8 +3156,12 @@ class SimulatedPhoneLine(PhoneLine):
         self._heard: dict[str, asyncio.Queue[str]] = {}  # room -> what the human hears, in order
         self._left: dict[str, asyncio.Event] = {}
         self._dropped: dict[str, asyncio.Event] = {}  # room -> our connection to it dropped
-        self._scripts: set[asyncio.Task[None]] = set()
         self._with_caller: dict[str, asyncio.Event] = {}  # a human, once moved in or bridged
+
+    @cached_property
+    def _scripts(self) -> utils.aio.TaskSet:
+        """The scripted humans' steps, on the loop of the call."""
+        return utils.aio.TaskSet(asyncio.get_running_loop())
 
     def _log(self, text: str) -> None:
         self.events.append(LineEvent(time.monotonic(), text))
@@ -3180,7 +3214,7 @@ class SimulatedPhoneLine(PhoneLine):
         self.participant_joined(dial.room, dial.identity)
         self._log(f"{target.name} answered")
         if outcome is not None:
-            self._start_script(dial.room, outcome)
+            self._scripts.create_task(self._human_script(dial.room, outcome))
         return Leg(identity=dial.identity, room=dial.room, destination=target)
 
     async def hang_up(self, leg: Leg) -> None:
@@ -3220,16 +3254,17 @@ class SimulatedPhoneLine(PhoneLine):
             del self.rooms[room]
             self._log(f"room {room} deleted")
 
-    async def start_hold(self) -> Hold:
-        hold = Hold(self._hold_stopped, self._hold_paused)
+    async def start_hold_music(self) -> None:
+        self.hold_music = "playing"
         self._log("hold music on")
-        return hold
 
-    async def _hold_stopped(self) -> None:
-        self._log("hold music off")
-
-    async def _hold_paused(self, paused: bool) -> None:
+    def pause_hold_music(self, paused: bool) -> None:
+        self.hold_music = "paused" if paused else "playing"
         self._log("hold music paused" if paused else "hold music resumed")
+
+    async def stop_hold_music(self) -> None:
+        self.hold_music = "off"
+        self._log("hold music off")
 
     async def open_consult(
         self, room: str, human_identity: str, session: AgentSession, agent: Agent
@@ -3360,11 +3395,6 @@ class SimulatedPhoneLine(PhoneLine):
             if self.caller_identity in members:
                 members.discard(self.caller_identity)
 
-    def _start_script(self, room: str, outcome: SimulatedHuman) -> None:
-        task = asyncio.get_running_loop().create_task(self._human_script(room, outcome))
-        self._scripts.add(task)
-        task.add_done_callback(self._scripts.discard)
-
     async def _human_script(self, room: str, outcome: SimulatedHuman) -> None:
         """What the console's simulated human does once they pick up: a mailbox greets and
         then records in silence; a person says hello, then answers what they hear, like a
@@ -3403,9 +3433,10 @@ class SimulatedPhoneLine(PhoneLine):
         return self._with_caller.setdefault(identity, asyncio.Event())
 
     async def aclose(self) -> None:
-        for task in list(self._scripts):
+        scripts = self._scripts.tasks
+        for task in scripts:
             task.cancel()
-        await asyncio.gather(*self._scripts, return_exceptions=True)
+        await asyncio.gather(*scripts, return_exceptions=True)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -3459,8 +3490,7 @@ class PhraseCache:
         except OSError as e:
             logger.warning("phrase cache off: cannot use HANDOFF_PHRASE_CACHE (%r)", e)
             return False
-        mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
-        if not mine or st.st_mode & 0o022:
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
             logger.warning(
                 "phrase cache off: HANDOFF_PHRASE_CACHE %s must belong to this user and be "
                 "writable by nobody else",
@@ -3690,7 +3720,8 @@ async def compose_brief(
     if model is not None and transcript:
         ctx = llm.ChatContext()
         ctx.add_message(role="system", content=BRIEF_PROMPT)
-        ctx.add_message(role="user", content=f"Reason for transfer: {reason}\n\n{transcript}")
+        request = BRIEF_REQUEST.format(reason=reason, transcript=transcript)
+        ctx.add_message(role="user", content=request)
         try:
             response = await asyncio.wait_for(model.chat(chat_ctx=ctx).collect(), timeout)
             summary = response.text.strip()
@@ -3702,9 +3733,9 @@ async def compose_brief(
             for line in transcript.splitlines()
             if line.startswith("Caller: ")
         ]
-        summary = f"They're calling about {reason}."
+        summary = BRIEF_FALLBACK.format(reason=reason)
         if said:
-            summary += " In their words: " + " ".join(said[-3:])
+            summary += BRIEF_FALLBACK_WORDS.format(words=" ".join(said[-3:]))
     summary = redact(summary)
     intro = BRIEF_INTRO.format(business=settings.business_name, team=destination.said_as)
     return f"{intro}{summary} {BRIEF_ASK}"
@@ -3860,22 +3891,26 @@ class HumanCall:
         return headers
 
 
+@dataclass(eq=False, kw_only=True)
 class CallerHold:
-    """The caller's side of an attempt: "please hold", then hold audio that pauses whenever
-    the caller or the agent speaks (it must never mask the caller or read as speech), and a
-    check-in every ``HANDOFF_HOLD_REASSURE_EVERY`` seconds while the caller waits."""
+    """The caller's hold, for one attempt: "please hold", then the line's hold music, paused
+    whenever the caller or the agent speaks (it must never mask the caller or read as speech),
+    and a check-in every ``HANDOFF_HOLD_REASSURE_EVERY`` seconds while the caller waits."""
 
-    def __init__(self, handoff: Handoff) -> None:
-        self.handoff = handoff
-        self.session = handoff.session
-        self.team = handoff.destination.said_as
-        self.phrases = handoff.models.phrases
-        self.audio: Hold | None = None
-        self.tasks = utils.aio.TaskSet()
-        self.ended = False  # ``end``: no hold audio starts after it (a shutdown ends it early)
+    session: AgentSession
+    line: PhoneLine
+    team: str
+    phrases: PhraseCache | None
+    check_in_every: float
+    on_hold: Callable[[], bool]  # whether the attempt still holds the caller (the phase's)
+    now_on_hold: Callable[[], None]  # told once "please hold" is said and the music starts
+    music_on: bool = field(default=False, init=False)  # the line plays it (paused or not)
+    music_paused: bool = field(default=False, init=False)
+    ended: bool = field(default=False, init=False)  # no hold music starts after ``end``
+    _checking_in: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def announce_and_hold(self) -> None:
-        """ "Please hold", then hold audio, while the dial already rings."""
+        """ "Please hold", then hold music, while the dial already rings."""
         await say_fixed(
             self.session,
             PLEASE_HOLD.format(team=self.team),
@@ -3884,18 +3919,19 @@ class CallerHold:
         )
         if self.ended:
             return
-        self.handoff.caller_now_on_hold()
-        self.audio = await self.handoff.line.start_hold()
-        if self.ended:  # ended while the hold audio was starting
-            await self.audio.stop()
+        self.now_on_hold()
+        await self.line.start_hold_music()
+        if self.ended:  # ended while the hold music was starting
+            await self.line.stop_hold_music()
             return
+        self.music_on = True
         self.session.on("user_state_changed", self._sync)
         self.session.on("agent_state_changed", self._sync)
-        self.tasks.create_task(self._check_in())
+        self._checking_in = asyncio.ensure_future(self._check_in())
 
     def _sync(self, ev: UserStateChangedEvent | AgentStateChangedEvent) -> None:
         """Paused while either the caller or the agent speaks, playing otherwise."""
-        if self.audio is None or not self.handoff.on_hold:
+        if not self.music_on or not self.on_hold():
             return
         caller, agent = self.session.user_state, self.session.agent_state
         if isinstance(ev, UserStateChangedEvent):
@@ -3903,13 +3939,14 @@ class CallerHold:
         else:
             agent = ev.new_state
         speaking = "speaking" in (caller, agent)
-        self.tasks.create_task(self.audio.pause() if speaking else self.audio.resume())
+        if speaking != self.music_paused:
+            self.music_paused = speaking
+            self.line.pause_hold_music(speaking)
 
     async def _check_in(self) -> None:
-        every = self.handoff.settings.hold_reassure_every
         while True:
-            await asyncio.sleep(every)
-            if self.handoff.on_hold:
+            await asyncio.sleep(self.check_in_every)
+            if self.on_hold():
                 with contextlib.suppress(RuntimeError):  # the session is closing: nobody to tell
                     say_fixed(
                         self.session,
@@ -3920,14 +3957,15 @@ class CallerHold:
                     )
 
     async def end(self) -> None:
-        """Hold audio off and nothing more said about holding. Idempotent."""
+        """Hold music off and nothing more said about holding. Idempotent."""
         self.ended = True
-        for task in self.tasks.tasks:
-            task.cancel()
+        if self._checking_in is not None:
+            self._checking_in.cancel()
         self.session.off("user_state_changed", self._sync)
         self.session.off("agent_state_changed", self._sync)
-        if self.audio is not None:
-            await self.audio.stop()
+        if self.music_on:
+            self.music_on = False
+            await self.line.stop_hold_music()
 
 
 MACHINE_OUTCOMES = {
@@ -3971,12 +4009,28 @@ class Screening:
     extension the PBX answers first: ``machine-ivr`` and silence are not final before the ring
     timeout, and detection starts again with the ring time left."""
 
-    def __init__(self, consult: ConsultAgent, handoff: Handoff, ring_deadline: float) -> None:
+    def __init__(
+        self,
+        consult: ConsultAgent,
+        *,
+        line: PhoneLine,
+        room: str,
+        human: str,
+        extension: bool,
+        briefing: bool,
+        timings: dict[str, float],
+        ring_deadline: float,
+    ) -> None:
         self.consult = consult
-        self.handoff = handoff
         self.session = consult.session
+        self.line = line
+        self.room = room  # the consult room, where the opener plays
+        self.human = human  # the leg's identity
+        self.extension = extension  # dialled with an extension: a PBX answers first
+        self.briefing = briefing  # consult mode: the details' introduction is said meanwhile
+        self.timings = timings
         self.ring_deadline = ring_deadline
-        self.extension = bool(handoff.destination.extension)
+        self.amd: dict[str, Any] = {}  # the detector's latest verdict: category, reason, delay
         self.speech_ended = asyncio.Event()
         self.mailbox_words = asyncio.Event()  # "leave a message after the tone" transcribed
         self.opener: asyncio.Future[None] | None = None
@@ -3995,7 +4049,7 @@ class Screening:
             self.speech_started.set()
         elif ev.old_state == "speaking" and ev.new_state == "listening":
             self.speech_ended.set()
-            self.handoff.timings.setdefault("hello_end", time.monotonic())
+            self.timings.setdefault("hello_end", time.monotonic())
 
     def _on_transcript(self, ev: UserInputTranscribedEvent) -> None:
         """A yes to the question confirms a person. A mailbox's words (a PBX's menu only off an
@@ -4024,7 +4078,7 @@ class Screening:
                 llm=None,  # the session's own model and transcripts: no LiveKit Inference
                 stt=None,
                 ivr_detection=False,
-                participant_identity=self.handoff.identity,
+                participant_identity=self.human,
                 suppress_compatibility_warning=True,
                 detection_options=self._detection_options(),
             )
@@ -4042,13 +4096,13 @@ class Screening:
             if self.consult.person_confirmed.is_set():
                 return Verdict(None, "key press or yes", amd_seen)
             result: AMDPredictionEvent = verdict.result()
-            self.handoff.timings["verdict"] = time.monotonic()
+            self.timings["verdict"] = time.monotonic()
             amd_seen = {
                 "category": result.category.value,
                 "reason": result.reason,
                 "delay": round(result.delay, 3),
             }
-            self.handoff.amd = amd_seen
+            self.amd = amd_seen
             category = result.category
             if category is AMDCategory.HUMAN:
                 if await self._spoke_again(result) or not await self._quiet_after(result):
@@ -4085,7 +4139,7 @@ class Screening:
         delay = result.delay
         if result.reason == "llm":
             delay = max(delay, MACHINE_SILENCE_THRESHOLD)
-        return self.handoff.timings["verdict"] - delay
+        return self.timings["verdict"] - delay
 
     async def _quiet_after(self, result: AMDPredictionEvent) -> bool:
         """Whether the leg stays quiet until ``GREETING_GOES_ON`` after its speech ended and, in
@@ -4097,7 +4151,7 @@ class Screening:
         if self.session.user_state == "speaking":
             return False
         introduction = None
-        if self.handoff.mode is HandoffMode.CONSULT:
+        if self.briefing:
             introduction = self.consult.introduce()
         watch: list[Awaitable[Any]] = [asyncio.sleep(max(0.0, watch_ends - time.monotonic()))]
         if introduction is not None:
@@ -4119,7 +4173,7 @@ class Screening:
         """The leg spoke again after a ``human`` verdict: once it stops (at the latest by the
         ring clock, or the confirmation window if that has passed), its mailbox words make it
         a voicemail; else it is asked. A key press meanwhile is a person."""
-        left = max(self.ring_deadline - time.monotonic(), self.handoff.line.bounds.confirm)
+        left = max(self.ring_deadline - time.monotonic(), self.line.bounds.confirm)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(
                 _first(self.human_stopped(), self.consult.person_confirmed.wait()), left
@@ -4162,10 +4216,10 @@ class Screening:
 
     def play_opener(self) -> None:
         if self.opener is None:
-            self.handoff.timings["opener_start"] = time.monotonic()
+            self.timings["opener_start"] = time.monotonic()
             self.opener = asyncio.ensure_future(
-                self.handoff.line.play_to_human(
-                    self.handoff.consult_room,
+                self.line.play_to_human(
+                    self.room,
                     self.consult.opener,
                     self.consult.audio_for("opener", self.consult.opener),
                 )
@@ -4185,7 +4239,7 @@ class Screening:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     _first(self.consult.person_confirmed.wait(), self.mailbox_words.wait()),
-                    self.handoff.line.bounds.confirm,
+                    self.line.bounds.confirm,
                 )
         if self.consult.person_confirmed.is_set():
             return Verdict(None, f"{why}: confirmed", amd_seen)
@@ -4203,11 +4257,13 @@ class ConsultRoom:
     def __init__(self, handoff: Handoff) -> None:
         self.handoff = handoff
         self.line = handoff.line
-        self.name = handoff.consult_room
+        self.name = f"{self.line.caller_room}-consult-{handoff.attempt}"
         self.agent: ConsultAgent | None = None  # once the room is opened
         self.is_open = False
         self.brief = ""  # once composed
         self.human_left: asyncio.Future[str] | None = None  # once the human answered
+        self.screening: Screening | None = None  # a person or a machine? (once answered)
+        self.verdict: Verdict | None = None  # and its answer, once given
 
     def open(self) -> tuple[asyncio.Future[None], asyncio.Future[str]]:
         """Start the room's session and the brief's composition, at once."""
@@ -4230,7 +4286,7 @@ class ConsultRoom:
             h.tasks.create_task(agent.prepare_voice(h.models.tts))
         session: AgentSession = AgentSession(**self.session_options())
         opening = asyncio.ensure_future(
-            self.line.open_consult(self.name, h.identity, session, agent)
+            self.line.open_consult(self.name, h.human_call.identity, session, agent)
         )
         return opening, composing
 
@@ -4258,6 +4314,14 @@ class ConsultRoom:
             options["turn_handling"] = {**(models.turn_handling or {}), "turn_detection": "vad"}
         return options
 
+    @property
+    def amd(self) -> dict[str, Any]:
+        """What answering-machine detection said: its verdict's, once screening gave one,
+        else the latest it heard (the human hung up first), or nothing (unscreened)."""
+        if self.verdict is not None:
+            return self.verdict.amd
+        return self.screening.amd if self.screening is not None else {}
+
     def _keep_brief(self, composing: asyncio.Future[str]) -> None:
         if not composing.cancelled() and composing.exception() is None:
             self.brief = composing.result()
@@ -4274,21 +4338,29 @@ class ConsultRoom:
         h, agent = self.handoff, self.agent
         assert agent is not None
         human_left = self.human_left = tasks.create_task(
-            self.line.wait_for_hangup(self.name, (h.identity,))
+            self.line.wait_for_hangup(self.name, (h.human_call.identity,))
         )
         hears = h.models.stt is not None and h.models.vad is not None
         if h.destination.screening == "none" or not hears:
             if not brief:
                 return Decision(HandoffOutcome.CONNECTED)
             return await agent.brief_on_hello(human_left, h.settings.hello_grace)
-        screening = Screening(agent, h, ring_deadline=h.timings["dial_start"] + h.ring_timeout)
+        screening = self.screening = Screening(
+            agent,
+            line=self.line,
+            room=self.name,
+            human=h.human_call.identity,
+            extension=bool(h.destination.extension),
+            briefing=brief,
+            timings=h.timings,
+            ring_deadline=h.timings["dial_start"] + h.ring_timeout,
+        )
         gone = Decision(HandoffOutcome.DECLINED, "the human hung up during the briefing")
         try:
             run = await _finished_before(screening.run(h.settings.hello_grace), human_left)
             if run is None:
                 return gone
-            verdict = run.result()
-            h.amd = verdict.amd
+            verdict = self.verdict = run.result()
             if verdict.outcome is not None:
                 return Decision(verdict.outcome, verdict.reason)
             if screening.opener is not None:
@@ -4329,7 +4401,7 @@ class Handoff:
 
     ``run()`` always returns one result and always leaves the line clean: hold off, no ringing
     phone, no stray leg, no consult room. While it runs the caller is on an *interactive* hold
-    (``CallerHold``, ``answer_on_hold``): they may ask how long, or say never mind.
+    (``CallerHold``, ``reply_on_hold``): they may ask how long, or say never mind.
 
     Why not the framework's ``beta.workflows.WarmTransferTask``: it dials only after the
     caller has been put on hold, briefs whoever picks up (a voicemail too), needs a media
@@ -4356,7 +4428,7 @@ class Handoff:
         self.mode = settings.mode
         self.attempt = uuid.uuid4().hex[:8]
         self.timings: dict[str, float] = {"decision": time.monotonic()}
-        self.call = HumanCall(
+        self.human_call = HumanCall(
             settings=settings,
             line=line,
             destination=destination,
@@ -4364,16 +4436,21 @@ class Handoff:
             reason=reason,
             timings=self.timings,
         )
-        self.identity = self.call.identity
-        self.consult_room = f"{line.caller_room}-consult-{self.attempt}"
         self.phase = Phase.ANNOUNCING
         self.outcome: HandoffOutcome | None = None  # once ``run()`` has its result
-        self.hold = CallerHold(self)
+        self.hold = CallerHold(
+            session=session,
+            line=line,
+            team=destination.said_as,
+            phrases=models.phrases,
+            check_in_every=settings.hold_reassure_every,
+            on_hold=lambda: self.on_hold,
+            now_on_hold=self.caller_now_on_hold,
+        )
         self.tasks = utils.aio.TaskSet()
         self._attributes_sent: asyncio.Future[None] | None = None
         self.publish({"handoff.state": Phase.ANNOUNCING.value, "handoff.outcome": ""})
-        self.room = ConsultRoom(self)  # consult mode: where the human is briefed
-        self.amd: dict[str, Any] = {}  # the answering-machine detection's verdict
+        self.consult_room = ConsultRoom(self)  # where the human is screened (and briefed)
         self.joined_by: JoinWay | None = None  # once the human is on the way to the caller
         self._caller_left: asyncio.Future[str] | None = None
         self._stopped: asyncio.Future[tuple[HandoffOutcome, str]] = (
@@ -4385,19 +4462,19 @@ class Handoff:
 
     @property
     def ring_timeout(self) -> float:
-        return self.call.ring_timeout
+        return self.human_call.ring_timeout
 
     @property
     def consult(self) -> ConsultAgent | None:
         """The agent in the consult room, once it was opened."""
-        return self.room.agent
+        return self.consult_room.agent
 
     @property
     def on_hold(self) -> bool:
         return self.phase in ON_HOLD and not self._stopped.done()
 
     def caller_now_on_hold(self) -> None:
-        """Called by ``CallerHold`` once "please hold" has been said and hold audio starts."""
+        """Called by ``CallerHold`` once "please hold" has been said and hold music starts."""
         self.timings["hold"] = time.monotonic()
         if self.phase is Phase.ANNOUNCING:  # a human may already be on the line (briefing)
             self._enter(Phase.RINGING)
@@ -4426,11 +4503,11 @@ class Handoff:
         """``usual``, or less at shutdown: what is left until ``_words_until``."""
         return max(0.0, min(usual, self._words_until - time.monotonic()))
 
-    def answer_on_hold(self, said: str) -> str:
-        """What the caller hears when they speak on hold: a request to stop the transfer
-        ("never mind", "cancel that", ``CANCEL_WORDS``) cancels it (the human's phone stops
-        ringing); anything else, "I want to cancel my subscription" too, gets where things
-        stand."""
+    def reply_on_hold(self, said: str) -> str:
+        """The reply to what the caller ``said`` on hold. A request to stop the transfer
+        ("never mind", "cancel that", ``CANCEL_WORDS``) stops it (the human's phone stops
+        ringing) and gets no reply here: "" (the transfer tool tells the caller). Anything
+        else, "I want to cancel my subscription" too, gets where things stand."""
         if CANCEL_WORDS.search(said):
             self.stop(HandoffOutcome.CANCELLED_BY_CALLER, "the caller said never mind")
             return ""  # the transfer tool tells the caller it is cancelled
@@ -4482,14 +4559,14 @@ class Handoff:
             return self._result(HandoffOutcome.CONNECTED)
         within = self._words_left(8.0)
         if caller_left_first:
-            await self.room.tell(HUMAN_CALLER_LEFT, within)
+            await self.consult_room.tell(HUMAN_CALLER_LEFT, within)
             return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
         if self._stopped.done():
             outcome, detail = self._stopped.result()
             cancelled = outcome is HandoffOutcome.CANCELLED_BY_CALLER
-            await self.room.tell(HUMAN_CANCELLED if cancelled else HUMAN_CALL_ENDS, within)
+            await self.consult_room.tell(HUMAN_CANCELLED if cancelled else HUMAN_CALL_ENDS, within)
             return self._result(outcome, detail=detail)
-        await self.room.tell(HUMAN_MAX_HOLD, within)
+        await self.consult_room.tell(HUMAN_MAX_HOLD, within)
         return self._result(HandoffOutcome.NO_ANSWER, detail="maximum hold time reached")
 
     def _result(
@@ -4515,13 +4592,13 @@ class Handoff:
             self.mode,
             sip_status,
             detail,
-            self.call.leg if self.phase is Phase.MERGED else None,
+            self.human_call.leg if self.phase is Phase.MERGED else None,
             self.timings,
             attempt=self.attempt,
             reason=self.reason,
             phase=self.phase,
-            brief=self.room.brief,
-            amd=self.amd,
+            brief=self.consult_room.brief,
+            amd=self.consult_room.amd,
             joined_by=self.joined_by,
         )
 
@@ -4533,11 +4610,11 @@ class Handoff:
             task.cancel()
         await self._quietly(asyncio.wait_for(self.hold.end(), self.line.bounds.server_call))
         caller_gone = self.outcome is HandoffOutcome.CALLER_LEFT
-        leg = self.call.leg
+        leg = self.human_call.leg
         if leg is not None and (self.phase is not Phase.MERGED or caller_gone):
             self.line.clean_up_later(self.line.hang_up(leg), "hang up the human's leg")
         bridged = self.phase is Phase.MERGED and self.joined_by is JoinWay.BRIDGE
-        self.room.close(keep_room=bridged and not caller_gone)  # a bridged human stays
+        self.consult_room.close(keep_room=bridged and not caller_gone)  # a bridged human stays
         if caller_gone:  # a leg moved in at the last moment must not ring on alone
             self.line.clean_up_later(
                 self.line.delete_room(self.line.caller_room), "delete the caller's room"
@@ -4597,9 +4674,9 @@ class Handoff:
         """Every mode: the human is dialled into a private room and screened there, so the
         caller never hears who answers and a mailbox never hears about the caller; in consult
         mode they are briefed and asked too. Then they are joined to the caller."""
-        room = self.room
+        room = self.consult_room
         opening, composing = room.open()
-        dial = self.call.start(room.name)
+        dial = self.human_call.start(room.name)
         # "Please hold" goes on while the phone rings, and while the human is screened if they
         # answer before it ends: the two sessions are apart, and screening must hear the leg
         # from the moment it is active.
@@ -4613,7 +4690,7 @@ class Handoff:
         finally:
             dial.cancel()
             opening.cancel()
-            if not composing.done() and self.call.leg is None:
+            if not composing.done() and self.human_call.leg is None:
                 composing.cancel()
         self._enter(Phase.BRIEFING)
         decision = await room.decision(self.tasks, brief=self.mode is HandoffMode.CONSULT)
@@ -4626,12 +4703,12 @@ class Handoff:
 
     def consult_agent(self, brief: asyncio.Future[str], transcript: str) -> ConsultAgent:
         """The agent that briefs the human (the benchmark's reference orderings override it)."""
-        return ConsultAgent(brief=brief, transcript=transcript, handoff=self)
+        return ConsultAgent.for_attempt(self, brief, transcript)
 
     async def _join(self) -> HandoffResult:
         """Bring the human to the caller: by a move where the server has MoveParticipant, else
         (and after any refused move, the human still in the consult room) by a bridge."""
-        assert self.call.leg is not None
+        assert self.human_call.leg is not None
         self._enter(Phase.MERGING)
         try:
             if self.line.join_way is JoinWay.MOVE:
@@ -4648,15 +4725,15 @@ class Handoff:
                             e,
                         )
             self.joined_by = JoinWay.BRIDGE
-            await self.line.bridge(self.call.leg, self.line.caller_room)
+            await self.line.bridge(self.human_call.leg, self.line.caller_room)
         except LegLost as e:
             if e.caller or self._caller_gone():
-                await self.room.tell(HUMAN_CALLER_LEFT)
+                await self.consult_room.tell(HUMAN_CALLER_LEFT)
                 return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
             logger.warning("human lost while joining in room %s: %s", self.line.caller_room, e)
             return self._result(HandoffOutcome.FAILED, detail=str(e))
         if self._caller_gone():
-            await self.room.tell(HUMAN_CALLER_LEFT)
+            await self.consult_room.tell(HUMAN_CALLER_LEFT)
             return self._result(HandoffOutcome.CALLER_LEFT, detail="the caller hung up")
         return await self._connected()
 
@@ -4664,13 +4741,13 @@ class Handoff:
         return self._caller_left is not None and self._caller_left.done()
 
     async def _move(self) -> HandoffResult:
-        assert self.call.leg is not None
-        await self.line.move(self.call.leg, self.line.caller_room)
-        self.call.leg = replace(self.call.leg, room=self.line.caller_room)
+        assert self.human_call.leg is not None
+        await self.line.move(self.human_call.leg, self.line.caller_room)
+        self.human_call.leg = replace(self.human_call.leg, room=self.line.caller_room)
         # Only once the human is really in the caller's room is the call merged: the move
         # takes time, and watching for hang-ups before they arrive would read as one.
         if not await self.line.wait_for_arrival(
-            self.line.caller_room, self.call.leg.identity, self.line.bounds.move
+            self.line.caller_room, self.human_call.leg.identity, self.line.bounds.move
         ):
             raise LegLost("the human did not arrive in the caller's room")
         if self._caller_gone():
@@ -4679,7 +4756,7 @@ class Handoff:
         return await self._connected()
 
     async def _connected(self) -> HandoffResult:
-        """Merged, hold audio off, and the agent's last words: "you're now connected", or in
+        """Merged, hold music off, and the agent's last words: "you're now connected", or in
         conference mode the introduction; a bridged human hears them from the consult room,
         at the same time as the caller."""
         if self.mode is HandoffMode.CONFERENCE:
@@ -4694,7 +4771,7 @@ class Handoff:
         await self.hold.end()
         to_caller = self.session.say(words, allow_interruptions=False)
         if self.joined_by is JoinWay.BRIDGE:
-            await asyncio.gather(to_caller.wait_for_playout(), self.room.tell(words))
+            await asyncio.gather(to_caller.wait_for_playout(), self.consult_room.tell(words))
         else:
             await to_caller
         return self._result(HandoffOutcome.CONNECTED)
@@ -4714,20 +4791,32 @@ class ConsultAgent(Agent):
     decision. The brief is composed while the phone rings and spoken as soon as the human
     says hello, without a model round-trip."""
 
-    def __init__(self, *, brief: asyncio.Future[str], transcript: str, handoff: Handoff) -> None:
+    def __init__(
+        self,
+        *,
+        brief: asyncio.Future[str],
+        transcript: str,
+        business: str,
+        team: str,
+        reason: str,
+        models: Models,
+        timings: dict[str, float],
+    ) -> None:
         super().__init__(
             instructions=CONSULT_INSTRUCTIONS.format(
-                business=handoff.settings.business_name,
-                team=handoff.destination.said_as,
-                reason=handoff.reason,
-                transcript=transcript or "(nothing said yet)",
+                business=business,
+                team=team,
+                reason=reason,
+                transcript=transcript or NOTHING_SAID_YET,
             ),
         )
         self._brief = brief
-        self._handoff = handoff
-        self.opener = OPENER.format(business=handoff.settings.business_name)
-        self.question = ASK_PERSON.format(team=handoff.destination.said_as)
-        self.introduction = DETAILS_INTRO.format(team=handoff.destination.said_as).strip()
+        self._brief_intro = BRIEF_INTRO.format(business=business, team=team)
+        self._models = models  # the caller's: their voice, and the phrase cache
+        self.timings = timings  # the attempt's: when the brief starts and ends
+        self.opener = OPENER.format(business=business)
+        self.question = ASK_PERSON.format(team=team)
+        self.introduction = DETAILS_INTRO.format(team=team).strip()
         self.introduced: SpeechHandle | None = None  # the introduction, once said
         self.voice: dict[str, list[rtc.AudioFrame]] = {}  # pre-synthesised, by line
         self.details_heard = False
@@ -4736,6 +4825,21 @@ class ConsultAgent(Agent):
         self.asked = False  # the leg was asked whether a person is there
         self._decision: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self.brief_started = asyncio.Event()
+
+    @classmethod
+    def for_attempt(
+        cls, handoff: Handoff, brief: asyncio.Future[str], transcript: str
+    ) -> ConsultAgent:
+        """The consult agent of ``handoff``'s attempt."""
+        return cls(
+            brief=brief,
+            transcript=transcript,
+            business=handoff.settings.business_name,
+            team=handoff.destination.said_as,
+            reason=handoff.reason,
+            models=handoff.models,
+            timings=handoff.timings,
+        )
 
     PREPARED = ("opener", "question", "introduction", "brief")  # what ``prepare_voice`` prepares
 
@@ -4759,7 +4863,7 @@ class ConsultAgent(Agent):
     async def _prepare(self, name: str, text: str, tts: TTS, *, keep: bool = False) -> None:
         """One phrase into ``voice``: from the phrase cache if ``keep`` (and saved there once
         synthesised), else synthesised; a failure or a timeout leaves it to be said live."""
-        phrases = self._handoff.models.phrases
+        phrases = self._models.phrases
         cache = phrases if keep and phrases is not None and phrases.usable else None
         path = cache.path_for(text) if cache is not None else None
         if cache is not None and path is not None and (saved := await cache.load(path)) is not None:
@@ -4784,7 +4888,7 @@ class ConsultAgent(Agent):
     def audio_for(self, name: str, text: str) -> PhraseAudio:
         """What plays ``text`` outside the session: its prepared audio if ready, else live
         speech at once (words alone with no TTS at all)."""
-        tts = self._handoff.models.tts
+        tts = self._models.tts
         return self.voice.get(name) or (live_speech(tts, text) if tts is not None else [])
 
     def said_for(self, name: str) -> AsyncIterable[rtc.AudioFrame] | NotGiven:
@@ -4797,9 +4901,7 @@ class ConsultAgent(Agent):
         """The brief as said after the opener and the details' introduction
         (``DETAILS_INTRO``: who speaks, for whom), once a person is confirmed: what is about
         the caller, without the brief's own introduction."""
-        h = self._handoff
-        intro = BRIEF_INTRO.format(business=h.settings.business_name, team=h.destination.said_as)
-        return (await asyncio.shield(self._brief)).removeprefix(intro)
+        return (await asyncio.shield(self._brief)).removeprefix(self._brief_intro)
 
     def introduce(self) -> SpeechHandle:
         """Start the details with their introduction, which says nothing about the caller (a
@@ -4807,7 +4909,7 @@ class ConsultAgent(Agent):
         the leg says over it is transcribed (the session hears silence under speech it cannot
         interrupt); one cut short is said again before the brief (``speak_details``)."""
         if self.introduced is None:
-            self._handoff.timings.setdefault("brief_start", time.monotonic())
+            self.timings.setdefault("brief_start", time.monotonic())
             self.introduced = self.session.say(
                 self.introduction, audio=self.said_for("introduction"), allow_interruptions=True
             )
@@ -4834,7 +4936,7 @@ class ConsultAgent(Agent):
             parts.insert(0, ("introduction", self.introduction))
         for name, text in parts:
             while not self._decision.done():
-                self._handoff.timings.setdefault("brief_start", time.monotonic())
+                self.timings.setdefault("brief_start", time.monotonic())
                 handle = self.session.say(text, audio=self.said_for(name), allow_interruptions=True)
                 await handle.wait_for_playout()
                 if not handle.interrupted:
@@ -4842,7 +4944,7 @@ class ConsultAgent(Agent):
                 await human_stopped()
         if not self._decision.done():
             self.details_heard = True
-            self._handoff.timings.setdefault("brief_end", time.monotonic())
+            self.timings.setdefault("brief_end", time.monotonic())
 
     async def wait_for_decision(self, human_left: asyncio.Future[str]) -> Decision:
         waits: set[asyncio.Future[Any]] = {self._decision, human_left}
@@ -4878,14 +4980,14 @@ class ConsultAgent(Agent):
             self.decide(Decision(HandoffOutcome.VOICEMAIL, "a voicemail greeting answered"))
             return
         text = await asyncio.shield(self._brief)  # a dropped reply must not cancel the brief
-        self._handoff.timings["brief_start"] = time.monotonic()
+        self.timings["brief_start"] = time.monotonic()
         self.session.on("conversation_item_added", self._brief_spoken)
         yield text
 
     def _brief_spoken(self, ev: ConversationItemAddedEvent) -> None:
         if getattr(ev.item, "role", None) == "assistant" and not self.details_heard:
             self.details_heard = True
-            self._handoff.timings.setdefault("brief_end", time.monotonic())
+            self.timings.setdefault("brief_end", time.monotonic())
 
     @function_tool
     async def connect_to_caller(self, context: RunContext) -> None:
@@ -4953,12 +5055,14 @@ class TeamChoice:
         now = self.now()
         open_now = [d.name for d in self.destinations if self.is_open(d, now)]
         closed = [
-            f"{d.name} (opens {self.opens(d, now) or 'at no set time'})"
+            MODEL_CLOSED_TEAM.format(
+                name=d.name, when=self.opens(d, now) or MODEL_OPENS_AT_NO_SET_TIME
+            )
             for d in self.destinations
             if not self.is_open(d, now)
         ]
         return MODEL_TEAMS_NOW.format(
-            open=", ".join(open_now) or "none", closed=", ".join(closed) or "none"
+            open=", ".join(open_now) or MODEL_NO_TEAMS, closed=", ".join(closed) or MODEL_NO_TEAMS
         )
 
     def may_offer(self, destination: Destination) -> bool:
@@ -5205,28 +5309,22 @@ class SafetyNet:
         agent = self.agent
         again = agent.teams.can_dial(destination)
         other = agent.teams.next_destination(after=destination)
-        options = (["try them again"] if again else []) + (
-            [f"try {other.said_as}"] if other else []
+        options = ([REJOIN_TRY_AGAIN] if again else []) + (
+            [REJOIN_TRY_OTHER.format(team=other.said_as)] if other else []
         )
-        offer = ", ".join([*options, "or take your details for a callback"])
+        offer = ", ".join([*options, REJOIN_CALLBACK])
         if not options:
             offer = offer.removeprefix("or ")
         told = REJOINED.format(team=destination.said_as, offer=offer)
         same = (
-            f"transfer_call with destination {destination.name}"
+            MODEL_REJOIN_SAME_TEAM.format(name=destination.name)
             if destination in agent.destinations
-            else "transfer_to_number with the same number"
+            else MODEL_REJOIN_SAME_NUMBER
         )
         note = (
-            f"The person from {destination.said_as} hung up right after the transfer; the "
-            f"caller is back with you and has just heard: {told!r} "
-            + (f"If they want them again, call {same}. " if again else "")
-            + (
-                f"If they agree to try {other.name}, call transfer_call with destination "
-                f"{other.name}. "
-                if other
-                else ""
-            )
+            MODEL_REJOINED.format(team=destination.said_as, told=told)
+            + (MODEL_REJOIN_AGAIN.format(same=same) if again else "")
+            + (MODEL_REJOIN_OTHER.format(name=other.name) if other else "")
             + MODEL_CALLBACK_STEPS
         )
         return told, note
@@ -5373,7 +5471,7 @@ class WarmHandoffAgent(Agent):
                 )
                 return ToolResult(MODEL_NUMBER_NOT_ALLOWED)
             direct = Destination(
-                "direct", number, "a number the caller gave", spoken_name="that number"
+                "direct", number, "a number the caller gave", spoken_name=DIRECT_NUMBER_SAID_AS
             )
             return await self._hand_off(direct, reason)
 
@@ -5383,10 +5481,6 @@ class WarmHandoffAgent(Agent):
     def records(self) -> CallRecords:
         """Where this call's records go (the callback desk writes to the same)."""
         return self.callbacks.records
-
-    @records.setter
-    def records(self, records: CallRecords) -> None:
-        self.callbacks.records = records
 
     @property
     def connected(self) -> bool:
@@ -5401,22 +5495,20 @@ class WarmHandoffAgent(Agent):
         """Refuse, silently, a transfer once the caller is connected, or a second transfer
         in the same model reply (tools of one reply run in parallel)."""
         if self.connected:
-            return ToolResult("The caller is already talking with a person.", reply_required=False)
+            return ToolResult(MODEL_ALREADY_CONNECTED, reply_required=False)
         first = self._reply.first_transfer()
         if first is not None and first != context.function_call.call_id:
             logger.warning(
                 "a second transfer in one turn was refused in room %s", self.line.caller_room
             )
-            return ToolResult(
-                "Only one transfer per turn; this one was not made.", reply_required=False
-            )
+            return ToolResult(MODEL_ONE_TRANSFER_PER_TURN, reply_required=False)
         return None
 
     async def _hand_off(self, destination: Destination, reason: str) -> ToolResult:
         if self.handoff is not None:
-            return ToolResult("A transfer is already in progress.", reply_required=False)
+            return ToolResult(MODEL_TRANSFER_IN_PROGRESS, reply_required=False)
         if self._ending or self.job_ending.is_set():
-            return ToolResult("The call is ending.", reply_required=False)
+            return ToolResult(MODEL_CALL_ENDING, reply_required=False)
         if not self.teams.is_open(destination):
             return await self._closed(destination, reason)
         if not self.teams.may_offer(destination):
@@ -5424,7 +5516,7 @@ class WarmHandoffAgent(Agent):
                 MODEL_ALREADY_TRIED.format(name=destination.name) + self.teams.what_next_for_model()
             )
         if not self.teams.dials_left:
-            return ToolResult("No more transfers on this call. " + self.teams.what_next_for_model())
+            return ToolResult(MODEL_NO_MORE_TRANSFERS + self.teams.what_next_for_model())
         self.teams.tried.append(destination)
         self.teams.ended[destination] = HandoffOutcome.FAILED  # until the attempt says otherwise
         self.handoff = self.handoff_factory(
@@ -5432,7 +5524,7 @@ class WarmHandoffAgent(Agent):
             line=self.line,
             session=self.session,
             destination=destination,
-            reason=capped(redact(reason)) or "a request for a person",
+            reason=capped(redact(reason)) or NO_REASON,
             models=self.models,
         )
         self._handoff_done.clear()
@@ -5466,14 +5558,14 @@ class WarmHandoffAgent(Agent):
         if result.connected:
             self.leaving = asyncio.ensure_future(self.safety_net.step_out(destination, result))
             return ToolResult(
-                f"The caller is now talking with {destination.said_as}.", reply_required=False
+                MODEL_CONNECTED.format(team=destination.said_as), reply_required=False
             )
         if result.outcome is HandoffOutcome.CALLER_LEFT:
             if result.phase in ON_HOLD:
                 self.callbacks.record_abandoned(result, self._summary())
-            return ToolResult("The caller hung up during the transfer.", reply_required=False)
+            return ToolResult(MODEL_CALLER_LEFT, reply_required=False)
         if self.job_ending.is_set():  # the caller hears why from ``shutdown_handoff``
-            return ToolResult("The call is ending.", reply_required=False)
+            return ToolResult(MODEL_CALL_ENDING, reply_required=False)
         if result.outcome is HandoffOutcome.CANCELLED_BY_CALLER:
             await self.session.say(TRANSFER_STOPPED)
             return ToolResult(
@@ -5482,9 +5574,9 @@ class WarmHandoffAgent(Agent):
         told = CALLER_HEARS[result.outcome.value].format(team=destination.said_as)
         await self.session.say(f"{told} {self.teams.what_next_for_caller()}")
         return ToolResult(
-            f"The transfer to {destination.name} did not happen: {result.outcome.value}"
-            + (f" ({result.detail})" if result.detail else "")
-            + ". The caller has been told. "
+            MODEL_NOT_CONNECTED.format(name=destination.name, outcome=result.outcome.value)
+            + (MODEL_DETAIL.format(detail=result.detail) if result.detail else "")
+            + MODEL_CALLER_TOLD
             + self.teams.what_next_for_model(),
             reply_required=False,
         )
@@ -5502,13 +5594,13 @@ class WarmHandoffAgent(Agent):
             detail=f"outside opening hours; opens {when}" if when else "outside opening hours",
             timings={"decision": time.monotonic()},
             attempt=uuid.uuid4().hex[:8],
-            reason=reason or "a request for a person",
-            phase=Phase.CLOSED,
+            reason=reason or NO_REASON,
+            phase=None,
         )
         self.record(result)  # never dialled: nothing against the team
         team = destination.said_as[0].upper() + destination.said_as[1:]
-        told = sentence(f"{team} is closed right now" + (f" and opens {when}" if when else ""))
-        callback_at = when or "as soon as they can"
+        told = sentence((CLOSED_UNTIL if when else CLOSED_NOW).format(team=team, when=when))
+        callback_at = when or CALLBACK_WHEN_OPEN_UNKNOWN
         following = self.teams.next_destination(after=destination)
         if following is not None:
             offer = CLOSED_OFFER_TEAM.format(team=following.said_as, when=sentence(callback_at))
@@ -5516,9 +5608,8 @@ class WarmHandoffAgent(Agent):
             offer = CLOSED_OFFER_CALLBACK.format(when=sentence(callback_at))
         await self.session.say(f"{told} {offer}")
         return ToolResult(
-            f"{destination.name} is closed now and was not dialled"
-            + (f"; it opens {when}" if when else "")
-            + ". The caller has been told. "
+            (MODEL_CLOSED_UNTIL if when else MODEL_CLOSED).format(name=destination.name, when=when)
+            + MODEL_CALLER_TOLD
             + (MODEL_TRY_NEXT.format(name=following.name) if following else "")
             + MODEL_CLOSED_CALLBACK.format(when=callback_at),
             reply_required=False,
@@ -5533,9 +5624,9 @@ class WarmHandoffAgent(Agent):
         model request: where things stand, or, for "never mind", the transfer stops."""
         handoff = self.handoff
         if handoff is not None and handoff.phase in BEFORE_MERGE:
-            answer = handoff.answer_on_hold(last_said_by_user(chat_ctx))
-            if answer:
-                yield answer
+            words = handoff.reply_on_hold(last_said_by_user(chat_ctx))
+            if words:
+                yield words
             return
         self._show_teams_now(chat_ctx)
         reply = self._reply = ModelReply()
@@ -5629,11 +5720,9 @@ class WarmHandoffAgent(Agent):
             logger.info(
                 "end_call refused in room %s: a transfer is in progress", self.line.caller_room
             )
-            return ToolResult(
-                "The caller is being transferred: the call was not ended.", reply_required=False
-            )
+            return ToolResult(MODEL_NOT_ENDED_IN_TRANSFER, reply_required=False)
         if self._ending:
-            return ToolResult("The call is already ending.", reply_required=False)
+            return ToolResult(MODEL_ALREADY_ENDING, reply_required=False)
         self._ending = True
         await self.session.say(
             GOODBYE.format(business=self.settings.business_name), allow_interruptions=False
@@ -5641,7 +5730,7 @@ class WarmHandoffAgent(Agent):
         self.callbacks.record_unconfirmed()
         self.records.call_ended(outcome="completed")
         self.leaving = asyncio.ensure_future(self._hang_up())
-        return ToolResult("The call has ended.", reply_required=False)
+        return ToolResult(MODEL_CALL_ENDED, reply_required=False)
 
     async def _hang_up(self) -> None:
         """The agent ends the call: its session closes and the caller's room is deleted, which
@@ -5675,7 +5764,7 @@ class WarmHandoffAgent(Agent):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._handoff_done.wait(), clock.left(for_words=True))
         self._ending = True
-        await self._end_every_leg(clock, handoff.consult_room if handoff is not None else "")
+        await self._end_every_leg(clock, handoff.consult_room.name if handoff is not None else "")
         await self.line.settle(timeout=clock.left())
 
     def _merged_leg(self) -> Leg | None:
@@ -5719,13 +5808,13 @@ class WarmHandoffAgent(Agent):
                 return saved
         return live_speech(self.models.tts, text) if self.models.tts is not None else []
 
-    async def _end_every_leg(self, clock: ShutdownClock, consult_room: str) -> None:
+    async def _end_every_leg(self, clock: ShutdownClock, consult_room_name: str) -> None:
         """Delete the caller's room (their leg, and a moved human's, end with it), the consult
         room of a transfer that was in progress, and a bridged human's room with its bridge,
         all at once, within what is left of ``clock``."""
         steps = [self._delete(self.line.caller_room, clock)]
-        if consult_room:
-            steps.append(self._delete(consult_room, clock))
+        if consult_room_name:
+            steps.append(self._delete(consult_room_name, clock))
         merged = self._merged_leg()
         if merged is not None and merged.room != self.line.caller_room:  # bridged
             steps += [self.line.close_consult(merged.room), self._delete(merged.room, clock)]
@@ -5846,18 +5935,22 @@ def no_audio_devices() -> str:
     return ""
 
 
-def voice_of(settings: Settings) -> dict[str, str]:
-    """What makes the fixed sentences sound as they do, as ``build_models`` sets up the TTS:
-    the phrase cache's key, so a changed voice is another file. The plugin's version stands
-    for the defaults it keeps (voice settings, language), which this module leaves alone; the
-    API key is not part of a voice."""
+def tts_options(settings: Settings) -> dict[str, str]:
+    """What ``build_models`` sets up the TTS with ("": the plugin's default), less its key."""
     return {
-        "tts": f"livekit-plugins-elevenlabs {elevenlabs.__version__}",
         "model": settings.tts_model,
         "encoding": settings.tts_encoding,
         "voice_id": settings.tts_voice_id,
         "base_url": settings.eleven_base_url,
     }
+
+
+def voice_of(settings: Settings) -> dict[str, str]:
+    """What makes the fixed sentences sound as they do: the TTS's options as ``build_models``
+    sets them (``tts_options``), the phrase cache's key, so a changed voice is another file.
+    The plugin's version stands for the defaults it keeps (voice settings, language), which
+    this module leaves alone; the API key is not part of a voice."""
+    return {"tts": f"livekit-plugins-elevenlabs {elevenlabs.__version__}", **tts_options(settings)}
 
 
 def build_models(settings: Settings, vad: VAD) -> Models:
@@ -5868,21 +5961,17 @@ def build_models(settings: Settings, vad: VAD) -> Models:
     stt_options: dict[str, Any] = {"model": settings.stt_model}
     if settings.deepgram_base_url:
         stt_options["base_url"] = settings.deepgram_base_url
-    tts_options: dict[str, Any] = {"model": settings.tts_model, "encoding": settings.tts_encoding}
-    if settings.tts_voice_id:
-        tts_options["voice_id"] = settings.tts_voice_id
-    if settings.eleven_base_url:
-        tts_options["base_url"] = settings.eleven_base_url
+    voice: dict[str, Any] = {name: value for name, value in tts_options(settings).items() if value}
     eleven_key = os.environ.get("ELEVEN_API_KEY") or os.environ.get("ELEVENLABS_API_KEY")
     if eleven_key:
-        tts_options["api_key"] = eleven_key
+        voice["api_key"] = eleven_key
     return Models(
         stt=deepgram.STT(**stt_options),
         llm=openai.LLM(
             model=settings.llm_model,
             base_url=settings.openai_base_url or OPENAI_DEFAULT_BASE_URL,
         ),
-        tts=elevenlabs.TTS(**tts_options),
+        tts=elevenlabs.TTS(**voice),
         vad=vad,
         phrases=PhraseCache(settings.phrase_cache, voice_of(settings))
         if settings.phrase_cache
@@ -5890,19 +5979,16 @@ def build_models(settings: Settings, vad: VAD) -> Models:
     )
 
 
-async def run_call(
-    ctx: JobContext, settings: Settings, models: Models, line: PhoneLine | None = None
-) -> AgentSession:
+async def run_call(ctx: JobContext, settings: Settings, models: Models) -> AgentSession:
     """Answer one call: start the session, wait until the caller is really there, greet once."""
     console = ctx.is_fake_job()
     if console and not settings.destinations:
         settings = replace(settings, destinations=DEMO_DESTINATIONS)
-    if line is None:
-        line = (
-            SimulatedPhoneLine(settings.simulated_human, announce=_show_step)
-            if console
-            else LiveKitPhoneLine(ctx, settings)
-        )
+    line: PhoneLine = (
+        SimulatedPhoneLine(settings.simulated_human, announce=_show_step)
+        if console
+        else LiveKitPhoneLine(ctx, settings)
+    )
     records = CallRecords(line.caller_room, ctx.job.id, delivery_for(settings))
     agent = WarmHandoffAgent(settings, line, models, records)
 

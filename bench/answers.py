@@ -212,7 +212,7 @@ async def run_answer(
             call.outcome = "connected" if trace.merged is not None else "timed out"
         if line.handoff is not None:
             call.timings = call.timings or line.handoff.timings
-            call.amd = call.amd or line.handoff.amd
+            call.amd = call.amd or line.handoff.consult_room.amd
             if line.handoff.consult is not None:
                 call.opener = line.handoff.consult.opener
                 call.question = line.handoff.consult.question

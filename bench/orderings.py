@@ -77,27 +77,21 @@ class _InOrder:
         return await self._line.dial(dial)
 
 
-class _HoldThenDial(wh.CallerHold):
-    """The caller's hold, letting the consult room open and the dial go out once announced."""
-
-    def __init__(self, handoff: SequentialHandoff) -> None:
-        super().__init__(handoff)
-        self._in_order = handoff.in_order
-
-    async def announce_and_hold(self) -> None:
-        try:
-            await super().announce_and_hold()
-        finally:
-            self._in_order.announced.set()
-
-
 class SequentialHandoff(wh.Handoff):
     """A ``Handoff`` run in the sequential order (``handoff_factory`` of the receptionist)."""
 
     def __init__(self, *, line: wh.PhoneLine, **kwargs: Any) -> None:
         self.in_order = _InOrder(line, self)
         super().__init__(line=self.in_order, **kwargs)  # type: ignore[arg-type]
-        self.hold = _HoldThenDial(self)
+        self.hold.announce_and_hold = self._hold_then_dial  # type: ignore[method-assign]
+
+    async def _hold_then_dial(self) -> None:
+        """The caller's hold, letting the consult room open and the dial go out once
+        announced."""
+        try:
+            await wh.CallerHold.announce_and_hold(self.hold)
+        finally:
+            self.in_order.announced.set()
 
     def consult_agent(self, brief: asyncio.Future[str], transcript: str) -> wh.ConsultAgent:
-        return SequentialConsultAgent(brief=brief, transcript=transcript, handoff=self)
+        return SequentialConsultAgent.for_attempt(self, brief, transcript)

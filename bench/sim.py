@@ -115,7 +115,8 @@ class Trace:
     keypress: float | None = None
     merged: float | None = None  # the human is in the caller's room
     ended: float | None = None
-    holds: list[wh.Hold] = field(default_factory=list)
+    hold_starts: list[float] = field(default_factory=list)  # when each hold's music started
+    hold_stops: list[float] = field(default_factory=list)  # and stopped, in the same order
     hold_pauses: list[tuple[float, bool]] = field(default_factory=list)  # (time, paused)
     human_heard_text: list[str] = field(default_factory=list)
     consult_turn_detection: str = ""  # the consult session's turn detection, as configured
@@ -170,22 +171,20 @@ class BenchLine(wh.SimulatedPhoneLine):
         self.trace.answered = time.monotonic()
         if self.conference:
             self.trace.merged = self.trace.answered
-        self._start(self._human(dial.room))
+        self._scripts.create_task(self._human(dial.room))
         return leg
 
-    def _start(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._scripts.add(task)
-        task.add_done_callback(self._scripts.discard)
+    async def start_hold_music(self) -> None:
+        self.trace.hold_starts.append(time.monotonic())
+        await super().start_hold_music()
 
-    async def start_hold(self) -> wh.Hold:
-        hold = await super().start_hold()
-        self.trace.holds.append(hold)
-        return hold
-
-    async def _hold_paused(self, paused: bool) -> None:
+    def pause_hold_music(self, paused: bool) -> None:
         self.trace.hold_pauses.append((time.monotonic(), paused))
-        await super()._hold_paused(paused)
+        super().pause_hold_music(paused)
+
+    async def stop_hold_music(self) -> None:
+        self.trace.hold_stops.append(time.monotonic())
+        await super().stop_hold_music()
 
     async def open_consult(self, room: str, human_identity: str, session: Any, agent: Any) -> None:
         self.trace.human_ear = Ear("human")
@@ -246,11 +245,11 @@ class BenchLine(wh.SimulatedPhoneLine):
 def hold_intervals(trace: Trace, until: float) -> list[tuple[float, float]]:
     """When the caller heard hold audio: each hold from start to stop, less its pauses."""
     playing: list[tuple[float, float]] = []
-    for hold in trace.holds:
-        end = hold.stopped_at or until
-        cursor: float | None = hold.started_at
+    for i, started in enumerate(trace.hold_starts):
+        end = trace.hold_stops[i] if i < len(trace.hold_stops) else until
+        cursor: float | None = started
         for at, paused in sorted(trace.hold_pauses):
-            if not hold.started_at <= at <= end:
+            if not started <= at <= end:
                 continue
             if paused and cursor is not None:
                 playing.append((cursor, at))

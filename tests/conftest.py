@@ -156,15 +156,14 @@ class CallerTranscript(TextOutput):
 
 class RecordingLine(wh.SimulatedPhoneLine):
     """The simulated line, keeping what tests read and the console does not need: every dial
-    (and which were cancelled while ringing), deleted room, hold and attribute set, and when
-    the human's phone is answered."""
+    (and which were cancelled while ringing), deleted room and attribute set, and when the
+    human's phone is answered."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dials: list[wh.Dial] = []
         self.cancelled_dials: list[str] = []  # identities whose phone stopped ringing
         self.deleted_rooms: list[str] = []
-        self.holds: list[wh.Hold] = []
         self.attributes: dict[str, dict[str, str]] = {}  # room -> the agent's attributes there
         self.answered = asyncio.Event()
 
@@ -184,16 +183,12 @@ class RecordingLine(wh.SimulatedPhoneLine):
         if existed:
             self.deleted_rooms.append(room)
 
-    async def start_hold(self) -> wh.Hold:
-        self.holds.append(await super().start_hold())
-        return self.holds[-1]
-
     async def set_attributes(self, room: str, attributes: Mapping[str, str]) -> None:
         self.attributes.setdefault(room, {}).update(attributes)
 
     @property
     def on_hold(self) -> bool:
-        return any(h.stopped_at is None for h in self.holds)
+        return self.hold_music != "off"
 
     def human_heard(self) -> list[str]:
         """Everything said to the human so far, in order."""
@@ -253,11 +248,12 @@ async def start_call():
         line: RecordingLine | None = None,
         settings: wh.Settings | None = None,
         delay: float = 0.0,
+        records: wh.CallRecords | None = None,
     ) -> CallUnderTest:
         model = ScriptedLLM(respond, delay=delay)
         models = wh.Models(llm=model, turn_handling={"turn_detection": "manual"})
         line = line or RecordingLine(None, ring_time=0.05)
-        agent = wh.WarmHandoffAgent(settings or settings_for(), line, models)
+        agent = wh.WarmHandoffAgent(settings or settings_for(), line, models, records)
         session = AgentSession()
         call = CallUnderTest(session, agent, line, model)
         session.output.transcription = call.transcript
@@ -431,13 +427,16 @@ def livekit_settings(server: FakeLiveKitServer, **overrides: Any) -> wh.Settings
 
 
 @pytest.fixture
-async def livekit_call(livekit, tmp_path):
+async def livekit_call(livekit, tmp_path, monkeypatch):
     """Start a caller's session on the LiveKit-backed line, through the fake server; every call
     started is closed when the test ends. ``caller_room``: a room of its own (other calls share
     the server); ``models``: instead of the scripted ``respond``; ``caller_audio``: where the
     caller's audio goes (set before the session starts); ``line_type``: a ``LiveKitBackedLine``
-    that does more; ``bounds``: the line's, instead of ``TEST_BOUNDS``."""
+    that does more; ``bounds``: the line's, instead of ``TEST_BOUNDS``. A server's refusal of
+    moves is remembered under the test's own folder (``MoveRefusals``: the system's temporary
+    folder)."""
     server, ctx = livekit
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     opened: list[LiveKitCall] = []
 
     async def start(
@@ -455,8 +454,7 @@ async def livekit_call(livekit, tmp_path):
         **settings: Any,
     ) -> LiveKitCall:
         config = livekit_settings(server, **settings)
-        refusals = wh.MoveRefusals(folder=str(tmp_path), worker=os.getpid())
-        lk = wh.LiveKitPhoneLine(ctx, config, bounds=bounds, refusals=refusals)
+        lk = wh.LiveKitPhoneLine(ctx, config, bounds=bounds)
         if caller_room is not None:
             server.add_participant(caller_room, "caller")
             lk.caller_room = caller_room

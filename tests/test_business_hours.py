@@ -267,6 +267,7 @@ async def test_a_closed_team_is_never_dialled_and_the_caller_hears_when_it_opens
     ]
     assert [(r["destination"], r["outcome"]) for r in records] == [("billing", "closed")]
     assert records[0]["detail"] == "outside opening hours; opens tomorrow at 9 a.m."
+    assert records[0]["phase"] is None  # an outcome, not a phase: it got nowhere
     assert call.agent.teams.tried == []  # not a dial: no attempt used, billing may be offered later
 
 

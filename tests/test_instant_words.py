@@ -113,8 +113,9 @@ async def greet(folder, tts_model: CountingTTS, greeting: str = GREETING) -> Gre
     )
     ear = Ear("caller")
     with fake_job_context() as ctx:
-        line = wh.SimulatedPhoneLine(None)
-        session = await wh.run_call(ctx, settings, models, line)
+        session = await wh.run_call(ctx, settings, models)
+        line = session.current_agent.line
+        assert isinstance(line, wh.SimulatedPhoneLine)  # a fake job's, as the console's
         # The greeting is scheduled; its speech task reads the session's audio output when it
         # first runs, which is after this line (a room's output is set at start, like this).
         session.output.audio = ear

@@ -356,7 +356,7 @@ async def test_real_line_cell(livekit, livekit_call, cell):
 
         def never_mind():
             phases.append(agent.handoff.phase)
-            assert agent.handoff.answer_on_hold("never mind, I'll call back") == ""
+            assert agent.handoff.reply_on_hold("never mind, I'll call back") == ""
 
         line.hooks["answered"] = never_mind
     turn = asyncio.ensure_future(session.run(user_input="yes"))

@@ -124,8 +124,8 @@ async def busy_then_callback(start_call, delivery, tmp_path):
         return receptionist()(req)
 
     line = RecordingLine(wh.SimulatedHuman.BUSY, ring_time=0.02, caller_number="+15105550199")
-    call = await start_call(respond, line=line)
-    call.agent.records = wh.CallRecords(line.caller_room, "job-1", delivery)
+    records = wh.CallRecords(line.caller_room, "job-1", delivery)
+    call = await start_call(respond, line=line, records=records)
     await asyncio.wait_for(call.session.run(user_input="yes, support please"), 5)
     await asyncio.wait_for(call.session.run(user_input="yes, call me back"), 5)
     call.agent.records.call_ended()
@@ -499,8 +499,7 @@ async def abandoned_during_read_back(start_call, records):
                 return step
         return receptionist()(req)
 
-    call = await start_call(respond, line=line)
-    call.agent.records = records
+    call = await start_call(respond, line=line, records=records)
     await asyncio.wait_for(call.session.run(user_input="yes, support please"), 5)
     await asyncio.wait_for(call.session.run(user_input="yes, call me back"), 5)
     return call

@@ -132,20 +132,20 @@ async def test_paused_hold_music_stops_at_once_and_resumes(loud_clip):
     room = LocalRoom()
     with fake_job_context(room=room) as ctx:  # type: ignore[arg-type]
         line = wh.LiveKitPhoneLine(ctx, wh.Settings(hold_audio_file=loud_clip), TEST_BOUNDS)
-        hold = await line.start_hold()
+        await line.start_hold_music()
         [track] = room.tracks.values()
         ear = Ear(track)
         try:
             await asyncio.sleep(1.0)
             assert ear.sounds()  # the music is on
             paused = time.monotonic()
-            await hold.pause()
+            line.pause_hold_music(True)
             await asyncio.sleep(1.0)
             resumed = time.monotonic()
-            await hold.resume()
+            line.pause_hold_music(False)
             await asyncio.sleep(0.5)
         finally:
-            await hold.stop()
+            await line.stop_hold_music()
             await ear.aclose()
     after_pause = [at for at in ear.sounds(after=paused) if at < resumed]
     assert not after_pause or after_pause[-1] - paused < 0.05, after_pause[-1] - paused

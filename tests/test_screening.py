@@ -265,7 +265,8 @@ async def test_a_person_known_by_timing_alone_is_briefed_after_a_silence_not_an_
     agent, line, turn, _ = await screened_call(scenario("person"), stt_delay=0.8, voice=talkative())
     await wait_for(lambda: agent.handoff and "brief_start" in agent.handoff.timings, 10)
     t, hello = agent.handoff.timings, line.far_end.spoken[-1]
-    assert agent.handoff.amd["reason"] == "short_greeting", agent.handoff.amd
+    amd = agent.handoff.consult_room.amd
+    assert amd["reason"] == "short_greeting", amd
     assert hello.ended_at is not None
     assert t["brief_start"] - hello.ended_at >= MACHINE_SILENCE_THRESHOLD - 0.1  # VAD's estimate
     assert t["brief_start"] - hello.ended_at <= MACHINE_SILENCE_THRESHOLD + 0.3 + LOADED
@@ -288,7 +289,8 @@ async def test_a_key_press_after_a_verdict_from_timing_alone_brings_the_details_
     line.human_presses("5")
     await wait_for(lambda: "brief_start" in agent.handoff.timings, 5)
     t, hello = agent.handoff.timings, line.far_end.spoken[-1]
-    assert agent.handoff.amd["reason"] == "short_greeting", agent.handoff.amd
+    amd = agent.handoff.consult_room.amd
+    assert amd["reason"] == "short_greeting", amd
     assert hello.ended_at is not None
     assert t["brief_start"] - hello.ended_at < MACHINE_SILENCE_THRESHOLD - 0.3
     await wait_for(lambda: agent.handoff.consult.details_heard, 10)
@@ -619,7 +621,8 @@ async def test_a_person_who_only_says_hello_or_their_name_is_confirmed(
     detector's model or by timing), and the details about the caller are heard in full."""
     agent, line, turn, _ = await screened_call(scenario(name), stt_delay=stt_delay)
     await wait_for(lambda: agent.handoff and agent.handoff.consult.details_heard, 15)
-    assert agent.handoff.amd["category"] == "human", agent.handoff.amd
+    amd = agent.handoff.consult_room.amd
+    assert amd["category"] == "human", amd
     assert _question() not in line.human_heard()
     assert caller_audio(line) and any(BRIEF in t for t in line.human_heard())
     line.human_presses("1")

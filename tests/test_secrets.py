@@ -360,10 +360,8 @@ async def test_a_callback_number_read_back_reaches_no_log_line_but_the_record_ke
 
     path = tmp_path / "callbacks.jsonl"
     line = RecordingLine(None, caller_number="+15105550199")
-    call = await start_call(respond, line=line)
-    call.agent.records = wh.CallRecords(
-        line.caller_room, "job-1", wh.RecordDelivery("", "", str(path))
-    )
+    records = wh.CallRecords(line.caller_room, "job-1", wh.RecordDelivery("", "", str(path)))
+    call = await start_call(respond, line=line, records=records)
     await call.session.run(
         user_input="my other phone is five one oh, five five five, oh one four two"
     )
