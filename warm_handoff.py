@@ -295,7 +295,7 @@ MODEL_CONNECTED = "The caller is now talking with {team}."
 MODEL_CALLER_LEFT = "The caller hung up during the transfer."
 MODEL_NOT_CONNECTED = "The transfer to {name} did not happen: {outcome}"  # then its detail:
 MODEL_DETAIL = " ({detail})"
-MODEL_CALLER_TOLD = ". The caller has been told. "  # then what next
+MODEL_CALLER_TOLD = " The caller has been told. "  # after a sentence; then what next
 MODEL_CLOSED = "{name} is closed now and was not dialled"  # then MODEL_CALLER_TOLD
 MODEL_CLOSED_UNTIL = "{name} is closed now and was not dialled; it opens {when}"
 MODEL_REJOINED = (
@@ -5574,8 +5574,10 @@ class WarmHandoffAgent(Agent):
         told = CALLER_HEARS[result.outcome.value].format(team=destination.said_as)
         await self.session.say(f"{told} {self.teams.what_next_for_caller()}")
         return ToolResult(
-            MODEL_NOT_CONNECTED.format(name=destination.name, outcome=result.outcome.value)
-            + (MODEL_DETAIL.format(detail=result.detail) if result.detail else "")
+            sentence(
+                MODEL_NOT_CONNECTED.format(name=destination.name, outcome=result.outcome.value)
+                + (MODEL_DETAIL.format(detail=result.detail) if result.detail else "")
+            )
             + MODEL_CALLER_TOLD
             + self.teams.what_next_for_model(),
             reply_required=False,
@@ -5608,7 +5610,11 @@ class WarmHandoffAgent(Agent):
             offer = CLOSED_OFFER_CALLBACK.format(when=sentence(callback_at))
         await self.session.say(f"{told} {offer}")
         return ToolResult(
-            (MODEL_CLOSED_UNTIL if when else MODEL_CLOSED).format(name=destination.name, when=when)
+            sentence(
+                (MODEL_CLOSED_UNTIL if when else MODEL_CLOSED).format(
+                    name=destination.name, when=when
+                )
+            )
             + MODEL_CALLER_TOLD
             + (MODEL_TRY_NEXT.format(name=following.name) if following else "")
             + MODEL_CLOSED_CALLBACK.format(when=callback_at),

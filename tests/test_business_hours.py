@@ -258,6 +258,12 @@ async def test_a_closed_team_is_never_dialled_and_the_caller_hears_when_it_opens
         "support team, who can take your call now, or take your details so someone calls you "
         "back tomorrow at 9 a.m. Which would you prefer?"
     )
+    # the model is told too, in whole sentences ("9 a.m." ends one: no "9 a.m..")
+    (note,) = [i.output for i in call.session.history.items if i.type == "function_call_output"]
+    assert note.startswith(
+        "billing is closed now and was not dialled; it opens tomorrow at 9 a.m. The caller has "
+        "been told. If the caller agrees to try support, "
+    ), note
     (result,) = call.agent.results
     assert (result.outcome, result.destination) == (wh.HandoffOutcome.CLOSED, "billing")
     records = [
