@@ -25,7 +25,7 @@ behind, and a record goes out (``CallRecords``).
 The sections, in the order a call meets them
 --------------------------------------------
 1. What is said     every sentence the caller, the human and the model hear;
-2. Configuration    one table of variables (``VARIABLES``), read and checked once at start;
+2. Configuration    one ``Settings`` model, read from the environment and checked at start;
                     masking and redaction of what may leave the call;
 3. Records          outcomes, phases, and the records a call leaves (log, webhook, file);
 4. The phone line   ``PhoneLine``, the one seam to the media server: ``LiveKitPhoneLine`` for
@@ -677,7 +677,7 @@ class Destination:
 
     name: Annotated[str, BeforeValidator(_name)]  # its key, as written: not stripped
     # E.164 number or sip: URI
-    target: Annotated[str, AfterValidator(_target)] = Field(default="", validation_alias="number")
+    target: Annotated[str, AfterValidator(_target)] = Field(validation_alias="number")
     description: Annotated[str, AfterValidator(_description)] = ""
     extension: Annotated[  # DTMF sent once answered; 1234 reads as the digits
         str, BeforeValidator(lambda keys: str(keys) if type(keys) is int else keys),
@@ -740,8 +740,8 @@ def destinations_from_json(text: str, context: Any = None) -> tuple[Destination,
     teams = {name: entry for name, entry in entries.items() if isinstance(entry, dict)}
     for name, entry in teams.items():
         others, fallback = teams.keys() - {name}, entry.get("fallback")
-        if "name" in entry:  # its key names it
-            problems.append(at((name,), "has unknown keys: name"))
+        if "name" in entry:  # its key names it: an unknown key, as pydantic names one
+            problems.append({"type": "extra_forbidden", "loc": (name, "name"), "input": None})
         if isinstance(fallback, str) and fallback.strip() not in {"", *others}:
             listed = ", ".join(sorted(others)) or "none"
             problems.append(at((name, "fallback"), "must name another destination "
@@ -1134,6 +1134,8 @@ def problems_in(error: ValidationError) -> list[str]:
             if loc[:-1] not in unknown:
                 continue  # named with the first of its object's
             loc, says = loc[:-1], f"has unknown keys: {', '.join(sorted(unknown.pop(loc[:-1])))}"
+        elif kind == "missing":
+            says = "is required"
         elif kind == "string_type":
             says = f"must be text (got {json.dumps(given)[:20]})"
         elif kind in ("dataclass_type", "model_type", "dict_type"):

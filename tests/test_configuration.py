@@ -236,6 +236,37 @@ def test_duplicate_destination_keys_are_an_error():
     assert "'support' more than once" in problems(HANDOFF_DESTINATIONS=raw)
 
 
+def test_a_destinations_unknown_keys_are_named_in_one_problem():
+    """Only the keys of HANDOFF_DESTINATIONS' format are read: not the model's own field names
+    ("target" for "number"), and not "name", which the key gives."""
+    odd = {**SUPPORT, "target": "+15105550101", "name": "billing", "colour": "blue"}
+    message = problems(HANDOFF_DESTINATIONS=destinations(support=odd))
+    assert "HANDOFF_DESTINATIONS['support'] has unknown keys: colour, name, target" in message
+    assert message.count("unknown keys") == 1
+
+
+def test_a_destination_without_a_number_is_named():
+    message = problems(HANDOFF_DESTINATIONS=destinations(support={"description": "Support"}))
+    assert "HANDOFF_DESTINATIONS['support'].number is required" in message
+
+
+@pytest.mark.parametrize("raw,on", [("off", False), ("No", False), ("0", False), ("on", True)])
+def test_sip_headers_are_on_or_off(raw, on):
+    assert wh.load_settings({"HANDOFF_SIP_HEADERS": raw}, telephony=False).sip_headers is on
+
+
+def test_sip_headers_that_are_neither_on_nor_off_are_named():
+    """A typo ("of") no longer turns the headers on silently."""
+    message = problems(HANDOFF_SIP_HEADERS="of")
+    assert "HANDOFF_SIP_HEADERS must be on or off (got 'of')" in message
+
+
+def test_seconds_take_ascii_digits_only():
+    """Python's float() reads "٣0" as 30; an operator's number of seconds is ASCII."""
+    message = problems(HANDOFF_RING_TIMEOUT="٣0")
+    assert "HANDOFF_RING_TIMEOUT must be a number of seconds (got '٣0')" in message
+
+
 def test_destination_names_are_matched_whole():
     message = problems(HANDOFF_DESTINATIONS=json.dumps({"support\n": SUPPORT}))
     assert "HANDOFF_DESTINATIONS['support\\n']: name must be" in message
