@@ -1024,43 +1024,33 @@ class Variable:
     name: str
     aliases: tuple[str, ...]  # other names, read when this one is unset
     setting: str  # the Settings field
-    field: FieldInfo
+    default: Any
+    needed: bool  # NEEDED_TO_START
+    secret: bool  # a SecretStr, shown only as set or not
+    bounds: Allowed | None
+    shown: Shown | None
 
     @classmethod
     def of(cls, setting: str, field: FieldInfo) -> Variable:
         alias = field.validation_alias
         name, *aliases = alias.choices if isinstance(alias, AliasChoices) else [alias]
-        return cls(str(name), tuple(map(str, aliases)), setting, field)
+        marked = {type(m): m for m in field.metadata}
+        secret, needed = field.annotation is SecretStr, NEEDED_TO_START in field.metadata
+        return cls(str(name), tuple(map(str, aliases)), setting, field.default, needed, secret,
+                   marked.get(Allowed), marked.get(Shown))  # fmt: skip
 
     @property
     def called(self) -> str:
         """Its name with its aliases: "SIP_TRUNK_ID (or LIVEKIT_SIP_OUTBOUND_TRUNK)"."""
         return f"{self.name} (or {' or '.join(self.aliases)})" if self.aliases else self.name
 
-    @property
-    def default(self) -> Any:
-        return self.field.default
-
-    @property
-    def needed(self) -> bool:
-        return NEEDED_TO_START in self.field.metadata
-
-    @property
-    def secret(self) -> bool:
-        return self.field.annotation is SecretStr
-
-    @property
-    def bounds(self) -> Allowed | None:
-        return next((m for m in self.field.metadata if isinstance(m, Allowed)), None)
-
     def shown_in(self, settings: Settings) -> str | None:
         value = getattr(settings, self.setting)
         if self.secret:
             return "(set)" if value.get_secret_value() else "(not set)"
-        shown = next((m for m in self.field.metadata if isinstance(m, Shown)), None)
-        if shown is None:
+        if self.shown is None:
             return None
-        return shown.text(value, settings) if value else shown.unset
+        return self.shown.text(value, settings) if value else self.shown.unset
 
 
 VARIABLES = tuple(Variable.of(setting, field) for setting, field in Settings.model_fields.items())
@@ -1087,7 +1077,7 @@ class EnvironmentVariables(EnvSettingsSource):
         self.env = os.environ if env is None else env
         super().__init__(Settings, case_sensitive=True)  # type: ignore[arg-type]
 
-    def _load_env_vars(self) -> Mapping[str, str | None]:  # where the source reads them
+    def _load_env_vars(self) -> Mapping[str, str | None]:  # where it would read os.environ
         return {name: text.strip() for name, text in self.env.items() if text.strip()}
 
 
@@ -1097,18 +1087,18 @@ def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = Tru
     ``ConfigError`` naming every bad value; secret values never appear in it."""
     texts = EnvironmentVariables(env)()
     problems: list[str] = []
+    bad: set[str] = set()
     try:
         settings = Settings.model_validate(texts, context=FROM_THE_ENVIRONMENT)
     except ValidationError as e:
         problems = problems_in(e)
-        bad = {error["loc"][0] for error in e.errors()}
+        bad = {VARIABLE[str(error["loc"][0])].name for error in e.errors()}
         good = {name: text for name, text in texts.items() if name not in bad}
         settings = Settings.model_validate(good, context=FROM_THE_ENVIRONMENT)
     between = _problems_between_values(settings)  # of the good values, over the defaults
     if telephony:
         between += _telephony_problems(settings, texts)
-    named = {problem.split(" ", 1)[0] for problem in problems}  # a bad value is named once
-    problems += [problem for problem in between if problem.split(" ", 1)[0] not in named]
+    problems += [p for p in between if p.split(" ", 1)[0] not in bad]  # a bad value named once
     if problems:
         raise ConfigError(problems)
     return settings
@@ -1141,14 +1131,14 @@ def problems_in(error: ValidationError) -> list[str]:
         elif kind in ("dataclass_type", "model_type", "dict_type"):
             says = "must be an object"
         elif kind == "enum":
-            choices = ", ".join(c.value for c in row.field.annotation)  # type: ignore[union-attr]
+            choices = ", ".join(c.value for c in type(row.default))
             says = f"must be one of {choices} (got {given!r})"
         elif kind == "bool_parsing":
             says = f"must be on or off (got {given!r})"
         elif kind == "out_of_bounds" or kind.startswith(("int_", "float_", "finite_")):
             if nested:  # a destination's ring_timeout
                 says = f"must be a number of seconds, {low:g} to {high:g}"
-            elif row.field.annotation is int:
+            elif type(row.default) is int:
                 says = f"must be a whole number from {low:g} to {high:g} (got {given!r})"
             elif kind == "out_of_bounds":
                 says = f"must be between {low:g} and {high:g} seconds"
