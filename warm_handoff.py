@@ -668,9 +668,9 @@ def _screening(text: str) -> str:
     return text.lower()
 
 
-@pydantic_dataclass(
-    frozen=True, config=ConfigDict(extra="forbid", str_strip_whitespace=True, validate_default=True)
-)
+@pydantic_dataclass(frozen=True, config=ConfigDict(
+    extra="forbid", str_strip_whitespace=True, validate_default=True, validate_by_name=True
+))  # fmt: skip
 class Destination:
     """A human the operator allows the agent to hand calls to. In HANDOFF_DESTINATIONS, a
     JSON object under its name, its target under "number" (``destinations_from_json``)."""
