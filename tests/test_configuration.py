@@ -330,7 +330,7 @@ def test_agent_name_from_the_dotenv_file_reaches_the_dispatcher(tmp_path):
 
 
 def variables_the_worker_reads() -> set[str]:
-    """Each variable of the configuration table, its aliases, and the providers' keys."""
+    """Each variable of the Settings model, its aliases, and the providers' keys."""
     names = {name for v in wh.VARIABLES for name in (v.name, *v.aliases)}
     return names | {name for names in wh.PROVIDER_KEYS.values() for name in names}
 
@@ -343,7 +343,7 @@ def test_env_example_lists_every_variable_the_worker_reads():
     assert not missing, f".env.example does not mention {missing}"
 
 
-# -- the configuration table drives loading, check and the README --------------------------------
+# -- the Settings model drives loading, check and the docs' table --------------------------------
 
 
 def test_each_settings_field_is_read_from_variables_of_its_own():
