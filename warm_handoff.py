@@ -577,8 +577,8 @@ class OpeningHours:
         days = {key: value for key, value in raw.items() if key not in ("tz", "closed")}
         weekly, problems = _week(days)
         closed = raw.get("closed", [])
+        closed = closed if isinstance(closed, list) else [closed]
         try:
-            closed = closed if isinstance(closed, list) else [closed]
             hours = handler({"tz": raw.get("tz"), "weekly": weekly, "closed": closed})
         except ValidationError as e:
             raise together(problems, e) from None
@@ -586,7 +586,7 @@ class OpeningHours:
             problems.append(at((), 'has no opening times: add days like "mon-fri": "09:00-17:00"'))
         if problems:
             raise together(problems)
-        spec = f"{hours.tz}: " + ", ".join(f"{days} {times}" for days, times in days.items())
+        spec = f"{hours.tz}: " + ", ".join(f"{key} {times}" for key, times in days.items())
         if hours.closed:
             spec += f"; {len(hours.closed)} closed date" + ("s" if len(hours.closed) > 1 else "")
         return replace(hours, spec=spec)
@@ -1116,14 +1116,16 @@ def problems_in(error: ValidationError) -> list[str]:
     problems = []
     for e in errors:
         loc, kind, given = e["loc"], e["type"], e.get("input")
+        for depth in range(1, len(loc)):  # an object's unknown keys first, named together
+            if (keys := unknown.pop(loc[:depth], None)) is not None:
+                says = f"has unknown keys: {', '.join(sorted(keys))}"
+                problems.append(_located(loc[:depth], says))
         row, nested = VARIABLE[str(loc[0])], len(loc) > 1
         low, high = RING_SECONDS if nested or row.bounds is None else astuple(row.bounds)
-        if kind == "problem":
+        if kind in UNKNOWN_KEY:
+            continue
+        elif kind == "problem":
             says = e["msg"]
-        elif kind in UNKNOWN_KEY:
-            if loc[:-1] not in unknown:
-                continue  # named with the first of its object's
-            loc, says = loc[:-1], f"has unknown keys: {', '.join(sorted(unknown.pop(loc[:-1])))}"
         elif kind == "missing":
             says = "is required"
         elif kind == "string_type":
