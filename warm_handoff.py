@@ -25,7 +25,7 @@ behind, and a record goes out (``CallRecords``).
 The sections, in the order a call meets them
 --------------------------------------------
 1. What is said     every sentence the caller, the human and the model hear;
-2. Configuration    one table of variables (``VARIABLES``), read and checked once at start;
+2. Configuration    one ``Settings`` model, read from the environment and checked at start;
                     masking and redaction of what may leave the call;
 3. Records          outcomes, phases, and the records a call leaves (log, webhook, file);
 4. The phone line   ``PhoneLine``, the one seam to the media server: ``LiveKitPhoneLine`` for
@@ -72,12 +72,12 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from enum import Enum
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Annotated, Any, TypeAlias, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
@@ -118,6 +118,27 @@ from livekit.agents.voice.amd.detector import DetectionOptions
 from livekit.agents.voice.background_audio import BuiltinAudioClip
 from livekit.api.sip_service import SipService
 from livekit.plugins import deepgram, elevenlabs, openai, silero  # register on the main thread
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    PlainValidator,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic.fields import FieldInfo
+from pydantic_core import ArgsKwargs, InitErrorDetails, PydanticCustomError, core_schema
+from pydantic_settings import EnvSettingsSource, NoDecode
 
 logger = logging.getLogger("warm-handoff")
 T = TypeVar("T")
@@ -336,7 +357,7 @@ ASKED_TO_DECIDE = re.compile(r"\bpress 1\b.*\bpress 2\b", re.IGNORECASE)  # BRIE
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
-# 2. Configuration: one table of variables, read and checked once at start
+# 2. Configuration: one Settings model, read and checked once at start
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
 # Whole-string patterns (\A...\Z: "$" would accept a trailing newline); phone numbers take
@@ -351,6 +372,13 @@ AGENT_NAME_RULE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
 MAX_DESTINATIONS_CHARS = 65_536
 DIAL_PATTERN_TIMEOUT = 0.05  # seconds a HANDOFF_ALLOW_DIAL_PATTERN match may take
 CALLER_ID_FROM_CALLER = "caller"  # HANDOFF_CALLER_ID=caller: the human's phone shows the caller
+OFF = ("off", "0", "false", "no")  # turns HANDOFF_PHRASE_CACHE off
+# HANDOFF_RING_TIMEOUT and a destination's own ring_timeout. LiveKit waits at most 80 s for a
+# dial that waits for the answer (livekit/livekit pkg/service/sip.go CreateSIPParticipant:
+# ``timeout = 80 * time.Second`` with WaitUntilAnswered), the extension's keys included: a longer
+# ring would end in the server's timeout, not in the phone's ringing out.
+RING_SECONDS = (5.0, 70.0)
+FROM_THE_ENVIRONMENT = "the environment"  # the validation context of what load_settings reads
 # Legacy zone names a region's own name replaces: fixed offsets that never change to summer time
 # (a New York team on "EST" would open an hour late all summer) and the POSIX-style US rules.
 FIXED_ZONES = {
@@ -374,7 +402,7 @@ DEFAULT_AGENT_NAME = "warm-handoff-agent"
 
 # a folder per user: another account on the host cannot plant sentences in it (see PhraseCache)
 DEFAULT_PHRASE_CACHE = os.path.join(
-    tempfile.gettempdir(), f"warm-handoff-phrases-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    tempfile.gettempdir(), f"warm-handoff-phrases-{os.getuid()}"
 )
 
 # Read by the model plugins themselves, not by Settings: provider -> its key, then an alias.
@@ -421,17 +449,185 @@ class SimulatedHuman(str, Enum):
     DROP_AFTER_MERGE = "drop_after_merge"  # takes the call, hangs up moments after the merge
 
 
+# -- a value's problem, in the operator's words ----------------------------------------------------
+
+
+def problem(says: str) -> PydanticCustomError:
+    """A value's problem as the operator reads it after where it is ("HANDOFF_MODE ..."):
+    raised by a validator, printed by ``problems_in`` as it is."""
+    return PydanticCustomError("problem", says)
+
+
+def at(where: tuple[str | int, ...], says: str) -> InitErrorDetails:
+    """A ``problem`` inside a value, ``where`` from it, that a validator names with others."""
+    return {"type": problem(says), "loc": where, "input": None}
+
+
+def together(
+    problems: list[InitErrorDetails], found: ValidationError | None = None
+) -> ValidationError:
+    """Pydantic's problems (``found``) and a validator's own as one error: every problem of the
+    destinations, or of a destination's hours, is named at once."""
+    if found is not None:
+        problems = [
+            InitErrorDetails(
+                type=PydanticCustomError(e["type"], e["msg"], e.get("ctx")),
+                loc=e["loc"],
+                input=e["input"],
+            )
+            for e in found.errors(include_url=False)
+        ] + problems
+    return ValidationError.from_exception_data("problems", problems)
+
+
 @dataclass(frozen=True)
+class Allowed:
+    """The lowest and highest number an operator may set: held to by what ``load_settings``
+    reads (``FROM_THE_ENVIRONMENT``), not by a Settings built in code (a test rings 0.1 s)."""
+
+    low: float
+    high: float
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        def within(value: float | None, info: ValidationInfo) -> float | None:
+            if info.context is FROM_THE_ENVIRONMENT and value is not None:
+                if not self.low <= value <= self.high:
+                    raise PydanticCustomError("out_of_bounds", "must be from {low} to {high}",
+                                              {"low": self.low, "high": self.high})  # fmt: skip
+            return value
+
+        return core_schema.with_info_after_validator_function(within, handler(source))
+
+
+def matching(rule: re.Pattern[str], says: str) -> Callable[[str], str]:
+    """A text that, when set, must match ``rule`` from its start; ``says`` what it must be."""
+
+    def check(text: str) -> str:
+        if text and not rule.match(text):
+            raise problem(says)
+        return text
+
+    return check
+
+
+# -- a destination and its opening hours -----------------------------------------------------------
+
+
+def _time_zone(name: Any) -> str:
+    """An IANA time zone this host knows, and not a legacy name (``FIXED_ZONES``)."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError, TypeError):  # OSError: "America"
+        says = f"must be an IANA time zone like America/Los_Angeles (got {name!r})"
+        raise problem(says) from None
+    if name in FIXED_ZONES:
+        raise problem(f"{name!r} is a legacy zone name with no local rules: use the region's, "
+                      f"{FIXED_ZONES[name]}")  # fmt: skip
+    return str(name)
+
+
+def _closed_date(day: Any) -> date:
+    """A date like 2025-12-25."""
+    try:
+        return day if isinstance(day, date) else date.fromisoformat(day)
+    except (ValueError, TypeError):
+        raise problem(f"must list dates like 2025-12-25 (got {day!r})") from None
+
+
+def _weekdays(key: str) -> list[int]:
+    """The weekdays (Monday 0) a key names: "mon", "mon-fri", "fri-mon", "sat,sun"; [] when it
+    is not a day, a span of days, or several joined by commas."""
+    days: list[int] = []
+    for span in key.replace(" ", "").lower().split(","):
+        if not (m := DAY_SPAN.match(span)):
+            return []
+        first = WEEKDAYS.index(m[1])
+        last = WEEKDAYS.index(m[2] or m[1])
+        days += [(first + i) % 7 for i in range((last - first) % 7 + 1)]
+    return days
+
+
+def _opening_times(value: Any) -> list[tuple[int, int]]:
+    """Times like "09:00-12:00,13:00-17:00" as (start, end) minutes from midnight, an end at or
+    before its start running past midnight; [] when any is not HH:MM-HH:MM or is empty."""
+    ranges: list[tuple[int, int]] = []
+    for span in value.replace(" ", "").split(",") if isinstance(value, str) else [""]:
+        if not (m := TIME_SPAN.match(span)):
+            return []
+        start = int(m[1]) * 60 + int(m[2])
+        end = int(m[3] or m[5]) * 60 + int(m[4] or m[6])
+        if end == start:
+            return []
+        ranges.append((start, end if end > start else end + 24 * 60))  # past midnight
+    return ranges
+
+
+Week: TypeAlias = "tuple[tuple[tuple[int, int], ...], ...]"  # Monday first: (start, end) minutes
+
+
+def _week(days: dict[str, Any]) -> tuple[Week, list[InitErrorDetails]]:
+    """The opening times of each weekday, Monday first, that an ``hours`` object's day keys
+    give, and the problems in them."""
+    weekly: list[list[tuple[int, int]]] = [[] for _ in WEEKDAYS]
+    given: dict[int, str] = {}  # weekday -> the key that gave its times
+    problems: list[InitErrorDetails] = []
+    for key, value in days.items():
+        named, ranges = _weekdays(key), _opening_times(value)
+        if not named:
+            problems.append(at((), f"has an unknown key {key!r}: use tz, closed, or days like "
+                                   "mon, mon-fri or sat,sun"))  # fmt: skip
+        elif not ranges:
+            problems.append(at((), f'[{key!r}] must be opening times like "09:00-17:30", '
+                                   f"several joined by commas (got {value!r})"))  # fmt: skip
+        for day in named if ranges else []:
+            if day in given:
+                problems.append(at((), f": {WEEKDAYS[day]} is in both {given[day]!r} and {key!r}"))
+            given[day] = key
+            weekly[day] += ranges
+    return tuple(tuple(sorted(times)) for times in weekly), problems
+
+
+@pydantic_dataclass(frozen=True)
 class OpeningHours:
     """When a destination takes calls: weekly ranges of wall-clock time in its own IANA time
     zone, minus closed dates. A range that ends at or before it starts runs past midnight
     ("22:00-02:00"); a closed date cancels the ranges that start on it. Instants are compared
     in UTC, so a daylight-saving change moves nothing on the team's clock."""
 
-    tz: str
-    weekly: tuple[tuple[tuple[int, int], ...], ...]  # Monday first: (start, end) minutes
-    closed: frozenset[date] = frozenset()
+    tz: Annotated[str, PlainValidator(_time_zone)]
+    weekly: Week
+    closed: frozenset[Annotated[date, PlainValidator(_closed_date)]] = frozenset()
     spec: str = field(default="", compare=False)  # as configured, for ``check``
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _from_json(cls, raw: Any, handler: ValidatorFunctionWrapHandler) -> OpeningHours:
+        """A destination's ``hours``: {"tz": "America/Los_Angeles", "mon-fri": "09:00-17:30",
+        "sat": "10:00-14:00", "closed": ["2025-12-25"]}. Days are mon..sun, a span of them
+        ("mon-fri", "fri-mon") or several joined by commas ("sat,sun"); times are
+        HH:MM-HH:MM, several joined by commas ("09:00-12:00,13:00-17:00"); ``closed`` is a
+        date or a list of them."""
+        if isinstance(raw, (ArgsKwargs, OpeningHours)):  # built in code
+            return handler(raw)
+        if not isinstance(raw, dict):
+            raise problem('must be an object like {"tz": "Europe/London", "mon-fri": '
+                          '"09:00-17:00"}')
+        days = {key: value for key, value in raw.items() if key not in ("tz", "closed")}
+        weekly, problems = _week(days)
+        closed = raw.get("closed", [])
+        closed = closed if isinstance(closed, list) else [closed]
+        try:
+            hours = handler({"tz": raw.get("tz"), "weekly": weekly, "closed": closed})
+        except ValidationError as e:
+            raise together(problems, e) from None
+        if not days and not problems:
+            problems.append(at((), 'has no opening times: add days like "mon-fri": "09:00-17:00"'))
+        if problems:
+            raise together(problems)
+        spec = f"{hours.tz}: " + ", ".join(f"{key} {times}" for key, times in days.items())
+        if hours.closed:
+            spec += f"; {len(hours.closed)} closed date" + ("s" if len(hours.closed) > 1 else "")
+        return replace(hours, spec=spec)
 
     def _openings(self, now: datetime, days: int) -> Iterator[tuple[datetime, datetime]]:
         """Each opening (start, end) in UTC, from the day before ``now``'s local date on."""
@@ -489,18 +685,48 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-@dataclass(frozen=True)
-class Destination:
-    """A human the operator allows the agent to hand calls to."""
+_name = matching(DESTINATION_NAME, ": name must be lower-case letters, digits, '-' or '_'")
 
-    name: str
-    target: str  # E.164 number or sip: URI
-    description: str
-    extension: str = ""  # DTMF sent once answered
-    ring_timeout: float | None = None  # seconds; None: the global HANDOFF_RING_TIMEOUT
-    spoken_name: str = ""  # how the agent names it aloud, e.g. "our billing team"
+
+def _target(target: str) -> str:
+    if not (E164.match(target) or SIP_URI.match(target)):
+        raise problem(f"must be E.164 (+15105550100) or a sip: URI (got {target!r})")
+    return target
+
+
+def _description(text: str) -> str:
+    if not text:
+        raise problem("is required (the model reads it)")
+    return text
+
+
+def _screening(text: str) -> str:
+    if text.lower() not in ("amd", "none"):
+        raise problem("must be amd (the default) or none")
+    return text.lower()
+
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(
+    extra="forbid", str_strip_whitespace=True, validate_default=True, validate_by_name=True
+))  # fmt: skip
+class Destination:
+    """A human the operator allows the agent to hand calls to. In HANDOFF_DESTINATIONS, a
+    JSON object under its name, its target under "number" (``destinations_from_json``)."""
+
+    name: Annotated[str, BeforeValidator(_name)]  # its key, as written: not stripped
+    # E.164 number or sip: URI
+    target: Annotated[str, AfterValidator(_target)] = Field(validation_alias="number")
+    description: Annotated[str, AfterValidator(_description)] = ""
+    extension: Annotated[  # DTMF sent once answered; 1234 reads as the digits
+        str, BeforeValidator(lambda keys: str(keys) if type(keys) is int else keys),
+        AfterValidator(matching(DTMF, "may hold only 0-9 * # w")),
+    ] = ""  # fmt: skip
+    # seconds; None: the global HANDOFF_RING_TIMEOUT
+    ring_timeout: Annotated[float | None, Allowed(*RING_SECONDS)] = Field(default=None, strict=True)
+    spoken_name: str = ""  # how the agent names it aloud, e.g. "our support team"
     fallback: str = ""  # the destination to offer next when this one can't take the call
-    screening: str = "amd"  # "none": softphones, internal lines: no answering-machine detection
+    # "none": softphones, internal lines: no answering-machine detection
+    screening: Annotated[str, AfterValidator(_screening)] = "amd"
     hours: OpeningHours | None = None  # None: always open
 
     @property
@@ -519,56 +745,284 @@ DEMO_DESTINATIONS = (
         "billing", "+15550100200", "Invoices, payments and refunds", spoken_name="our billing team"
     ),
 )
+DESTINATIONS_BY_NAME = TypeAdapter(dict[str, Destination])
+
+
+def destinations_from_json(text: str, context: Any = None) -> tuple[Destination, ...]:
+    """HANDOFF_DESTINATIONS is a JSON object: {"support": {"number": "+1...", "description":
+    "...", "extension": "1234", "ring_timeout": 20, "spoken_name": "our support team"}}. Its
+    size is bounded before parsing, its depth by the parser; a key given twice is named, not
+    silently dropped. Each entry is a ``Destination`` named by its key (the JSON keys only:
+    "number", not "target"), whose fallback names another."""
+    if len(text) > MAX_DESTINATIONS_CHARS:
+        raise problem(f"is too long ({len(text)} characters, at most {MAX_DESTINATIONS_CHARS})")
+    repeated: list[str] = []
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                repeated.append(key)
+            seen[key] = value
+        return seen
+
+    try:
+        entries = json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as e:
+        raise problem(f"is not valid JSON ({e.msg} at {e.pos})") from None
+    except RecursionError:  # the parser's own bound on nesting (the interpreter's recursion limit)
+        raise problem("nests too deeply") from None
+    if not isinstance(entries, dict):
+        raise problem("must be a JSON object of name -> destination")
+    problems = [at((), f"has the key {key!r} more than once") for key in dict.fromkeys(repeated)]
+    teams = {name: entry for name, entry in entries.items() if isinstance(entry, dict)}
+    for name, entry in teams.items():
+        others, fallback = teams.keys() - {name}, entry.get("fallback")
+        if "name" in entry:  # its key names it: an unknown key, as pydantic names one
+            problems.append({"type": "extra_forbidden", "loc": (name, "name"), "input": None})
+        if isinstance(fallback, str) and fallback.strip() not in {"", *others}:
+            listed = ", ".join(sorted(others)) or "none"
+            problems.append(at((name, "fallback"), "must name another destination "
+                               f"(got {fallback.strip()!r}; the others: {listed})"))  # fmt: skip
+    named = {name: {**entry, "name": name} if name in teams else entry
+             for name, entry in entries.items()}  # fmt: skip
+    try:
+        found = DESTINATIONS_BY_NAME.validate_python(
+            named, by_alias=True, by_name=False, context=context
+        )
+    except ValidationError as e:
+        raise together(problems, e) from None
+    if problems:
+        raise together(problems)
+    return tuple(found.values())
+
+
+# -- the settings: one field per variable, in docs/configuration.md's order, each under its meaning
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The worker's configuration, typed. Each field is filled from one environment variable:
-    ``VARIABLES`` says which, how its text is read, and what it means. The defaults written
-    here are the only ones, for ``load_settings`` and for a ``Settings`` built in code alike."""
+class Shown:
+    """How ``check`` prints a field: ``text(value, settings)``, or ``unset`` for an empty value.
+    A field without one is not printed; a secret (a ``SecretStr``) only as set or not."""
 
-    livekit_url: str = ""
-    livekit_api_key: str = ""
-    livekit_api_secret: str = field(default="", repr=False)
-    sip_trunk_id: str = ""
-    caller_id: str = ""  # an E.164 number, CALLER_ID_FROM_CALLER, or "": the trunk's own
-    trunk_number: str = ""
-    destinations: tuple[Destination, ...] = ()
-    allow_dial_pattern: re.Pattern[str] | regex.Pattern[str] | None = None
-    handoff_mode: HandoffMode = HandoffMode.AUTO
-    ring_timeout: float = 25.0
-    max_hold: float = 180.0
-    hello_grace: float = 2.0
-    hold_reassure_every: float = 25.0
-    max_attempts: int = 3
-    rejoin_window: float = 20.0  # 0: off
-    hold_audio_file: str = ""
-    agent_name: str = DEFAULT_AGENT_NAME
-    greeting: str = DEFAULT_GREETING
-    business_name: str = "our company"
-    business_scope: str = "general questions about our products and services"
-    stt_model: str = "nova-3"
-    llm_model: str = "gpt-4o"
-    tts_model: str = "eleven_multilingual_v2"
-    tts_encoding: str = "pcm_44100"
-    tts_voice_id: str = ""
-    deepgram_base_url: str = ""  # "": the provider's default (each base URL)
-    openai_base_url: str = ""
-    eleven_base_url: str = ""
-    simulated_human: SimulatedHuman = SimulatedHuman.ANSWER
-    webhook_url: str = ""
-    webhook_secret: str = field(default="", repr=False)
-    callback_file: str = "callback_requests.jsonl"
-    sip_headers: bool = True
-    phrase_cache: str = DEFAULT_PHRASE_CACHE  # "": off
+    text: Callable[[Any, Settings], str] = lambda value, _: str(value)
+    unset: str = "(not set)"
+
+
+NEEDED_TO_START = "needed to start"  # start, dev and connect refuse to run without it; console not
+IN_SECONDS = Shown(lambda seconds, _: f"{seconds:g}s")
+BY_ORIGIN = Shown(lambda url, _: url_origin(url), unset="(not set: the provider's default)")
+# A provider's base URL: a host, and no whitespace anywhere (a pasted line break or space is
+# a mistake, not part of an address).
+HTTP_BASE_URL = AfterValidator(matching(
+    re.compile(r"\Ahttps?://[^\s/?#]+\S*\Z"), "must be an http:// or https:// URL, without spaces"
+))  # fmt: skip
+
+
+def variable(name: str, default: Any, *aliases: str) -> Any:
+    """A field's default, read from the environment variable ``name`` (or, unset, an alias)."""
+    return Field(default, validation_alias=AliasChoices(name, *aliases) if aliases else name)
+
+
+def _caller_id(text: str) -> str:
+    """An E.164 number, or "caller" in any case: the human's phone shows the caller's."""
+    if text.lower() == CALLER_ID_FROM_CALLER:
+        return CALLER_ID_FROM_CALLER
+    if text and not E164.fullmatch(text):
+        raise problem(f"must be an E.164 number like +15105550100, or caller (got {text!r})")
+    return text
+
+
+def _caller_id_shown(caller_id: str, settings: Settings) -> str:
+    if caller_id == CALLER_ID_FROM_CALLER:
+        return "caller (the caller's own number; else HANDOFF_TRUNK_NUMBER)"
+    return mask_number(caller_id)
+
+
+def _trunk_number(text: str) -> str:
+    """A business's own number: echoed when it is wrong."""
+    if text and not E164.match(text):
+        raise problem(f"must be an E.164 number like +15105550100 (got {text!r})")
+    return text
+
+
+def _dial_pattern(pattern: Any) -> re.Pattern[str] | regex.Pattern[str] | None:
+    """A text compiled by the regex package, whose matches take a timeout (see dial_allowed);
+    a pattern compiled in code is kept as it is."""
+    if pattern is None or isinstance(pattern, (re.Pattern, regex.Pattern)):
+        return pattern
+    try:
+        return regex.compile(str(pattern))
+    except regex.error as e:
+        raise problem(f"is not a valid regular expression ({e})") from None
+
+
+def _choice(text: Any) -> Any:
+    """An enum's value in any case, spaces read as "_"."""
+    return text.lower().replace(" ", "_") if isinstance(text, str) else text
+
+
+def _readable_file(path: str) -> str:
+    if path and not os.path.isfile(path):
+        raise problem("does not name a readable file")
+    return path
+
+
+class Settings(BaseModel):
+    """The worker's configuration, typed: each field is read from one environment variable
+    (its ``validation_alias``), and the defaults written here are the only ones.
+
+    A plain pydantic model, not a pydantic-settings ``BaseSettings``: built in code (tests and
+    the benchmark build many), a Settings holds what it is given over the defaults and never
+    reads the environment of the process it runs in; and only what the operator set is held
+    to the bounds (``Allowed``), by the validation context, which a BaseSettings' own
+    ``__init__`` does not pass on. The environment is read by ``load_settings`` alone, from
+    the mapping it is given, through a pydantic-settings source (``EnvironmentVariables``)."""
+
+    model_config = ConfigDict(frozen=True, validate_by_name=True, extra="forbid")
+
+    # LiveKit and SIP: start, dev and connect need them; console does not.
+    # The LiveKit server; on LiveKit Cloud (*.livekit.cloud, *.livekit.run) the human is moved
+    # to the caller, elsewhere the worker bridges them.
+    livekit_url: Annotated[str, NEEDED_TO_START, Shown(), AfterValidator(matching(
+        re.compile(r"(wss?|https?)://"), "must start with wss://, ws://, https:// or http://"))
+    ] = variable("LIVEKIT_URL", "")  # fmt: skip
+    # LiveKit API key.
+    livekit_api_key: Annotated[str, NEEDED_TO_START, Shown()] = variable("LIVEKIT_API_KEY", "")
+    # LiveKit API secret.
+    livekit_api_secret: Annotated[SecretStr, NEEDED_TO_START] = variable(
+        "LIVEKIT_API_SECRET", SecretStr("")
+    )
+    # The outbound SIP trunk that dials the humans (ST_...).
+    sip_trunk_id: Annotated[str, NEEDED_TO_START, Shown()] = variable(
+        "SIP_TRUNK_ID", "", "LIVEKIT_SIP_OUTBOUND_TRUNK"
+    )
+    # What the human's phone shows: one of the trunk's numbers, or caller.
+    caller_id: Annotated[str, AfterValidator(_caller_id), Shown(_caller_id_shown)] = variable(
+        "HANDOFF_CALLER_ID", ""
+    )
+    # With HANDOFF_CALLER_ID=caller: shown when the caller's own number can't be.
+    trunk_number: Annotated[
+        str, AfterValidator(_trunk_number), Shown(lambda number, _: mask_number(number))
+    ] = variable("HANDOFF_TRUNK_NUMBER", "")
+    #
+    # The handoff. The humans the agent may hand calls to: a JSON object.
+    destinations: Annotated[tuple[Destination, ...], NoDecode] = variable(
+        "HANDOFF_DESTINATIONS", ()
+    )
+    # Opt-in: a regular expression for numbers a caller may ask to be put through to.
+    allow_dial_pattern: Annotated[
+        re.Pattern[str] | regex.Pattern[str] | None, PlainValidator(_dial_pattern)
+    ] = variable("HANDOFF_ALLOW_DIAL_PATTERN", None)
+    # consult (briefed in private, then asked), conference (introduced in front of the
+    # caller), or auto (consult). Every mode screens who answers first.
+    handoff_mode: Annotated[HandoffMode, BeforeValidator(_choice), Shown(
+        lambda mode, s: f"{mode.value} (in force: {s.mode_in_force.value}, "
+                        f"joined by {s.join_way.value})")
+    ] = variable("HANDOFF_MODE", HandoffMode.AUTO)  # fmt: skip
+    # How long a destination rings (a destination's own ring_timeout wins).
+    ring_timeout: Annotated[float, Allowed(*RING_SECONDS), IN_SECONDS] = variable(
+        "HANDOFF_RING_TIMEOUT", 25.0
+    )
+    # The longest a whole handoff may keep the caller on hold.
+    max_hold: Annotated[float, Allowed(30, 1800), IN_SECONDS] = variable("HANDOFF_MAX_HOLD", 180.0)
+    # How long the human may stay silent after answering before the brief starts anyway.
+    hello_grace: Annotated[float, Allowed(0, 10)] = variable("HANDOFF_HELLO_GRACE", 2.0)
+    # How often the agent checks in with a caller on hold.
+    hold_reassure_every: Annotated[float, Allowed(5, 300)] = variable(
+        "HANDOFF_HOLD_REASSURE", 25.0
+    )
+    # Dials per call, cancelled ones and repeats included (a failed destination is not redialled).
+    max_attempts: Annotated[int, Allowed(1, 5), Shown()] = variable("HANDOFF_MAX_ATTEMPTS", 3)
+    # How long the agent stays, silent, after the merge, to offer a retry if the human drops.
+    rejoin_window: Annotated[float, Allowed(0, 120), Shown(IN_SECONDS.text, unset="off")] = (
+        variable("HANDOFF_REJOIN_WINDOW", 20.0)
+    )
+    # Hold music (unset: LiveKit's built-in hold music).
+    hold_audio_file: Annotated[str, AfterValidator(_readable_file)] = variable(
+        "HANDOFF_HOLD_AUDIO_FILE", ""
+    )
+    #
+    # The agent. Its dispatch name: agentName in the SIP dispatch rule.
+    agent_name: Annotated[str, Shown(), AfterValidator(matching(
+        AGENT_NAME_RULE, "may hold only letters, digits, '-' and '_'"))
+    ] = variable("AGENT_NAME", DEFAULT_AGENT_NAME)  # fmt: skip
+    # The first sentence the caller hears.
+    greeting: str = variable("GREETING", DEFAULT_GREETING)
+    # How the agent names the business.
+    business_name: str = variable("BUSINESS_NAME", "our company")
+    # What the agent helps with itself, before offering a person.
+    business_scope: str = variable(
+        "BUSINESS_SCOPE", "general questions about our products and services"
+    )
+    # Deepgram speech-to-text model.
+    stt_model: str = variable("STT_MODEL", "nova-3")
+    # OpenAI model; it writes the brief too.
+    llm_model: str = variable("LLM_MODEL", "gpt-4o")
+    # ElevenLabs text-to-speech model.
+    tts_model: str = variable("TTS_MODEL", "eleven_multilingual_v2")
+    # ElevenLabs output encoding.
+    tts_encoding: str = variable("TTS_ENCODING", "pcm_44100")
+    # ElevenLabs voice (unset: the plugin's default voice).
+    tts_voice_id: str = variable("TTS_VOICE_ID", "")
+    # The providers' addresses (unset: each provider's default), shown by origin only, as the
+    # webhook: a gateway may carry a token in the path or query. Deepgram's streaming
+    # endpoint, e.g. https://api.eu.deepgram.com/v1/listen; wss:// and ws:// too, since the
+    # plugin turns http(s) into ws(s) for streaming and back for a single request
+    # (livekit-plugins-deepgram _utils.py, _to_deepgram_url).
+    deepgram_base_url: Annotated[str, BY_ORIGIN, AfterValidator(matching(
+        re.compile(r"\A(wss?|https?)://[^\s/?#]+\S*\Z"),
+        "must be a wss://, ws://, https:// or http:// URL, without spaces"))
+    ] = variable("DEEPGRAM_BASE_URL", "")  # fmt: skip
+    # An OpenAI-compatible API root, e.g. https://gateway.example.com/v1. Passed to the plugin
+    # always (build_models), so the SDK never reads OPENAI_BASE_URL from the environment again.
+    openai_base_url: Annotated[str, BY_ORIGIN, HTTP_BASE_URL] = variable("OPENAI_BASE_URL", "")
+    # ElevenLabs' API root, e.g. https://api.eu.residency.elevenlabs.io/v1. http(s) only: the
+    # plugin sends its HTTP synthesis there as given and derives the websocket's wss/ws itself
+    # (livekit-plugins-elevenlabs tts.py, _synthesize_url and _multi_stream_url). Kept without
+    # its trailing "/": the plugin appends "/text-to-speech/...".
+    eleven_base_url: Annotated[
+        str, BY_ORIGIN, HTTP_BASE_URL, AfterValidator(lambda url: url.rstrip("/"))
+    ] = variable("ELEVEN_BASE_URL", "")
+    #
+    # Records. Where outcome records and callback requests are POSTed.
+    webhook_url: Annotated[str, Shown(lambda url, _: url_origin(url)), AfterValidator(matching(
+        re.compile(r"https?://[^\s/]+"), "must be an http:// or https:// URL"))
+    ] = variable("HANDOFF_WEBHOOK_URL", "")  # fmt: skip
+    # The key that signs each POST (HMAC-SHA256), 16 characters or more.
+    webhook_secret: SecretStr = variable("HANDOFF_WEBHOOK_SECRET", SecretStr(""))
+    # Callback requests are appended here first; with a webhook, the outbox sits beside it.
+    callback_file: Annotated[str, Shown()] = variable(
+        "HANDOFF_CALLBACK_FILE", "callback_requests.jsonl"
+    )
+    # X-Handoff-* headers on the human's INVITE; off for trunks that reject them.
+    sip_headers: bool = variable("HANDOFF_SIP_HEADERS", True)
+    # A folder for the fixed sentences once synthesised; off: every sentence live.
+    phrase_cache: Annotated[str, Shown(unset="off"), BeforeValidator(
+        lambda folder: "" if str(folder).lower() in OFF else folder)
+    ] = variable("HANDOFF_PHRASE_CACHE", DEFAULT_PHRASE_CACHE)  # fmt: skip
+    #
+    # Console only: what the human does on the simulated line.
+    simulated_human: Annotated[SimulatedHuman, BeforeValidator(_choice)] = variable(
+        "SIMULATED_HUMAN", SimulatedHuman.ANSWER
+    )
+
+    @field_validator("destinations", mode="wrap")
+    @classmethod
+    def _destinations(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        if isinstance(value, str):  # HANDOFF_DESTINATIONS' text
+            return destinations_from_json(value, info.context)
+        return handler(value)
 
     def destination(self, name: str) -> Destination | None:
         return next((d for d in self.destinations if d.name == name), None)
 
-    def masked(self) -> list[tuple[str, str]]:
-        """The configuration as ``check`` prints it: each variable the table shows (a secret
+    def shown_by_check(self) -> list[tuple[str, str]]:
+        """The configuration as ``check`` prints it: each variable with a ``Shown`` (a secret
         only as set or not), the models, then each destination with its number masked."""
-        rows = [(v.name, shown) for v in VARIABLES if (shown := v.shown(self)) is not None]
+        rows = [(v.name, shown) for v in VARIABLES if (shown := v.shown_in(self)) is not None]
         rows.append(("models", f"{self.stt_model} / {self.llm_model} / {self.tts_model}"))
         for d in self.destinations:
             rows.append(
@@ -582,9 +1036,10 @@ class Settings:
         return rows
 
     @property
-    def mode(self) -> HandoffMode:
-        """The mode in force: ``auto`` is consult, since the brief is private on every LiveKit
-        (moved on Cloud, bridged elsewhere: ``join_way``)."""
+    def mode_in_force(self) -> HandoffMode:
+        """The mode calls are handed off in (``handoff_mode`` is the one configured): ``auto``
+        is consult, since the brief is private on every LiveKit (moved on Cloud, bridged
+        elsewhere: ``join_way``)."""
         if self.handoff_mode is not HandoffMode.AUTO:
             return self.handoff_mode
         return HandoffMode.CONSULT
@@ -598,7 +1053,49 @@ class Settings:
         return JoinWay.MOVE if on_livekit_cloud(self.livekit_url) else JoinWay.BRIDGE
 
 
-DEFAULT_SETTINGS = Settings()  # every variable's default, read by its row in VARIABLES
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable, as its ``Settings`` field declares it: what ``check``, the
+    refusal to start without the needed ones, and docs/configuration.md's table (its test)
+    read."""
+
+    name: str
+    aliases: tuple[str, ...]  # other names, read when this one is unset
+    setting: str  # the Settings field
+    default: Any
+    needed: bool  # NEEDED_TO_START
+    secret: bool  # a SecretStr, shown only as set or not
+    bounds: Allowed | None
+    shown: Shown | None
+
+    @classmethod
+    def of(cls, setting: str, field: FieldInfo) -> Variable:
+        alias = field.validation_alias
+        name, *aliases = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        marked = {type(m): m for m in field.metadata}
+        secret, needed = field.annotation is SecretStr, NEEDED_TO_START in field.metadata
+        return cls(str(name), tuple(map(str, aliases)), setting, field.default, needed, secret,
+                   marked.get(Allowed), marked.get(Shown))  # fmt: skip
+
+    @property
+    def called(self) -> str:
+        """Its name with its aliases: "SIP_TRUNK_ID (or LIVEKIT_SIP_OUTBOUND_TRUNK)"."""
+        return f"{self.name} (or {' or '.join(self.aliases)})" if self.aliases else self.name
+
+    def shown_in(self, settings: Settings) -> str | None:
+        value = getattr(settings, self.setting)
+        if self.secret:
+            return "(set)" if value.get_secret_value() else "(not set)"
+        if self.shown is None:
+            return None
+        return self.shown.text(value, settings) if value else self.shown.unset
+
+
+VARIABLES = tuple(Variable.of(setting, field) for setting, field in Settings.model_fields.items())
+VARIABLE = {name: v for v in VARIABLES for name in (v.name, *v.aliases)}
+
+
+# -- reading the environment: every problem named at once ------------------------------------------
 
 
 class ConfigError(Exception):
@@ -609,576 +1106,111 @@ class ConfigError(Exception):
         super().__init__("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-Value = TypeVar("Value")
-Choice = TypeVar("Choice", bound=Enum)
-
-
-@dataclass(frozen=True)
-class Variable(Generic[Value]):
-    """One row of the configuration table: an environment variable and the ``Settings`` field
-    it fills. ``read`` turns its text (stripped, never empty) into the value and names each
-    problem it finds; ``show`` is how ``check`` prints the value (None: not printed; a secret
-    is printed only as set or not). The default is the field's default on ``Settings``; the
-    meaning is the comment above the row."""
-
-    name: str
-    setting: str  # the Settings field
-    read: Callable[[Variable[Value], str, list[str]], Value]
-    bounds: tuple[float, float] | None = None  # a number's lowest and highest allowed value
-    required: bool = False  # start, dev and connect refuse to run without it; console does not
-    secret: bool = False
-    aliases: tuple[str, ...] = ()  # other names, read when this one is unset
-    show: Callable[[Value, Settings], str] | None = None
-
-    @property
-    def default(self) -> Value:
-        value: Value = getattr(DEFAULT_SETTINGS, self.setting)
-        return value
-
-    @property
-    def called(self) -> str:
-        """Its name with its aliases: "SIP_TRUNK_ID (or LIVEKIT_SIP_OUTBOUND_TRUNK)"."""
-        return f"{self.name} (or {' or '.join(self.aliases)})" if self.aliases else self.name
-
-    def text_in(self, env: Mapping[str, str]) -> str:
-        """Its text in ``env``, stripped; an alias is read when the name gives none."""
-        texts = (env.get(name, "").strip() for name in (self.name, *self.aliases))
-        return next((text for text in texts if text), "")
-
-    def read_from(self, env: Mapping[str, str], problems: list[str]) -> Value:
-        """Its value in ``env``, or the default when unset or blank; each problem named."""
-        text = self.text_in(env)
-        return self.read(self, text, problems) if text else self.default
-
-    def shown(self, settings: Settings) -> str | None:
-        value = getattr(settings, self.setting)
-        if self.secret:
-            return "(set)" if value else "(not set)"
-        return None if self.show is None else self.show(value, settings)
-
-
-# -- readers: a variable's text to its value, each problem named -----------------------------------
-OFF = ("off", "0", "false", "no")  # turns HANDOFF_SIP_HEADERS or HANDOFF_PHRASE_CACHE off
-# HANDOFF_RING_TIMEOUT and a destination's own ring_timeout. LiveKit waits at most 80 s for a
-# dial that waits for the answer (livekit/livekit pkg/service/sip.go CreateSIPParticipant:
-# ``timeout = 80 * time.Second`` with WaitUntilAnswered), the extension's keys included: a longer
-# ring would end in the server's timeout, not in the phone's ringing out.
-RING_SECONDS = (5.0, 70.0)
-
-
-def _text(row: Variable[str], text: str, problems: list[str]) -> str:
-    return text
-
-
-def _must_match(rule: re.Pattern[str], says: str) -> Callable[[Variable[str], str, list[str]], str]:
-    """A text that must match ``rule`` from its start; ``says`` what it must be."""
-
-    def read(row: Variable[str], text: str, problems: list[str]) -> str:
-        if not rule.match(text):
-            problems.append(f"{row.name} {says}")
-        return text
-
-    return read
-
-
-_livekit_url = _must_match(
-    re.compile(r"(wss?|https?)://"), "must start with wss://, ws://, https:// or http://"
-)
-_webhook_url = _must_match(re.compile(r"https?://[^\s/]+"), "must be an http:// or https:// URL")
-# A provider's base URL: a host, and no whitespace anywhere (a pasted line break or space is
-# a mistake, not part of an address).
-_http_base_url = _must_match(
-    re.compile(r"\Ahttps?://[^\s/?#]+\S*\Z"), "must be an http:// or https:// URL, without spaces"
-)
-_deepgram_base_url = _must_match(
-    re.compile(r"\A(wss?|https?)://[^\s/?#]+\S*\Z"),
-    "must be a wss://, ws://, https:// or http:// URL, without spaces",
-)
-def _e164_number(row: Variable[str], text: str, problems: list[str]) -> str:
-    """A business's own number (a trunk's, the caller ID): echoed when it is wrong."""
-    if not E164.match(text):
-        problems.append(f"{row.name} must be an E.164 number like +15105550100 (got {text!r})")
-        return row.default
-    return text
-_agent_name = _must_match(AGENT_NAME_RULE, "may hold only letters, digits, '-' and '_'")
-
-
-def _seconds(row: Variable[float], text: str, problems: list[str]) -> float:
-    low, high = row.bounds or (0.0, math.inf)
-    try:
-        value = float(text)
-    except ValueError:
-        problems.append(f"{row.name} must be a number of seconds (got {text!r})")
-        return row.default
-    if not low <= value <= high:
-        problems.append(f"{row.name} must be between {low:g} and {high:g} seconds")
-    return value
-
-
-def _whole_number(row: Variable[int], text: str, problems: list[str]) -> int:
-    low, high = row.bounds or (0.0, math.inf)
-    if not re.fullmatch(r"[0-9]+", text) or not low <= int(text) <= high:
-        problems.append(
-            f"{row.name} must be a whole number from {low:g} to {high:g} (got {text!r})"
-        )
-        return row.default
-    return int(text)
-
-
-def _one_of(row: Variable[Choice], text: str, problems: list[str]) -> Choice:
-    """One of the values of the default's enum, in any case, spaces read as "_"."""
-    choices = type(row.default)
-    raw = text.lower().replace(" ", "_")
-    try:
-        return choices(raw)
-    except ValueError:
-        allowed = ", ".join(choice.value for choice in choices)
-        problems.append(f"{row.name} must be one of {allowed} (got {raw!r})")
-        return row.default
-
-
-def _on_unless_off(row: Variable[bool], text: str, problems: list[str]) -> bool:
-    return text.lower() not in OFF
-
-
-def _folder_or_off(row: Variable[str], text: str, problems: list[str]) -> str:
-    return "" if text.lower() in OFF else text
-
-
-def _eleven_base_url(row: Variable[str], text: str, problems: list[str]) -> str:
-    """An http(s) URL without its trailing "/": the plugin appends "/text-to-speech/..."."""
-    return _http_base_url(row, text, problems).rstrip("/")
-
-
-def _existing_file(row: Variable[str], text: str, problems: list[str]) -> str:
-    if not os.path.isfile(text):
-        problems.append(f"{row.name} does not name a readable file")
-    return text
-
-
-def _caller_id(row: Variable[str], text: str, problems: list[str]) -> str:
-    """An E.164 number, or "caller" in any case: the human's phone shows the caller's."""
-    if text.lower() == CALLER_ID_FROM_CALLER:
-        return CALLER_ID_FROM_CALLER
-    if not E164.fullmatch(text):
-        problems.append(
-            f"{row.name} must be an E.164 number like +15105550100, or caller (got {text!r})"
-        )
-    return text
-
-
-def _dial_pattern(
-    row: Variable[regex.Pattern[str] | None], text: str, problems: list[str]
-) -> regex.Pattern[str] | None:
-    try:  # the regex package: its matches take a timeout (see dial_allowed)
-        return regex.compile(text)
-    except regex.error as e:
-        problems.append(f"{row.name} is not a valid regular expression ({e})")
-        return None
-
-
-JSONValue: TypeAlias = "None | bool | int | float | str | list[JSONValue] | dict[str, JSONValue]"
-
-
-def _parse_destinations(
-    row: Variable[tuple[Destination, ...]], raw: str, problems: list[str]
-) -> tuple[Destination, ...]:
-    """HANDOFF_DESTINATIONS is a JSON object: {"support": {"number": "+1...", "description":
-    "...", "extension": "1234", "ring_timeout": 20, "spoken_name": "our support team"}}."""
-    entries = _destinations_object(raw, problems)
-    found = [
-        destination
-        for name, entry in entries.items()
-        if (destination := _parse_destination(name, entry, problems)) is not None
-    ]
-    names = {d.name for d in found}
-    for d in found:
-        if d.fallback and (d.fallback not in names or d.fallback == d.name):
-            others = ", ".join(sorted(names - {d.name})) or "none"
-            problems.append(
-                f"HANDOFF_DESTINATIONS[{d.name!r}].fallback must name another destination "
-                f"(got {d.fallback!r}; the others: {others})"
-            )
-    return tuple(found)
-
-
-def _destinations_object(raw: str, problems: list[str]) -> dict[str, JSONValue]:
-    """HANDOFF_DESTINATIONS parsed: its JSON object, or {} with the problem named. Its size is
-    bounded before parsing, its depth by the parser; a key given twice is named, not silently
-    dropped."""
-    if len(raw) > MAX_DESTINATIONS_CHARS:
-        problems.append(
-            f"HANDOFF_DESTINATIONS is too long ({len(raw)} characters, at most "
-            f"{MAX_DESTINATIONS_CHARS})"
-        )
-        return {}
-    repeated: list[str] = []
-
-    def unique_keys(pairs: list[tuple[str, JSONValue]]) -> dict[str, JSONValue]:
-        seen: dict[str, JSONValue] = {}
-        for key, value in pairs:
-            if key in seen:
-                repeated.append(key)
-            seen[key] = value
-        return seen
-
-    try:
-        entries = json.loads(raw, object_pairs_hook=unique_keys)
-    except json.JSONDecodeError as e:
-        problems.append(f"HANDOFF_DESTINATIONS is not valid JSON ({e.msg} at {e.pos})")
-        return {}
-    except RecursionError:  # the parser's own bound on nesting (the interpreter's recursion limit)
-        problems.append("HANDOFF_DESTINATIONS nests too deeply")
-        return {}
-    for key in dict.fromkeys(repeated):
-        problems.append(f"HANDOFF_DESTINATIONS has the key {key!r} more than once")
-    if not isinstance(entries, dict):
-        problems.append("HANDOFF_DESTINATIONS must be a JSON object of name -> destination")
-        return {}
-    return entries
-
-
-DESTINATION_KEYS = frozenset(
-    {"number", "description", "extension", "ring_timeout", "spoken_name", "fallback", "screening",
-     "hours"}
-)  # fmt: skip
-
-
-def _parse_destination(name: str, entry: JSONValue, problems: list[str]) -> Destination | None:
-    """One destination; each problem named with where it is: HANDOFF_DESTINATIONS['support']."""
-    where = f"HANDOFF_DESTINATIONS[{name!r}]"
-    if not isinstance(entry, dict):
-        problems.append(f"{where} must be an object")
-        return None
-    if unknown := set(entry) - DESTINATION_KEYS:
-        problems.append(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
-
-    def text(key: str) -> str | None:
-        return _destination_text(entry, key, where, problems)
-
-    target = text("number")
-    if not DESTINATION_NAME.match(name):
-        problems.append(f"{where}: name must be lower-case letters, digits, '-' or '_'")
-    if target is not None and not (E164.match(target) or SIP_URI.match(target)):
-        problems.append(
-            f"{where}.number must be E.164 (+15105550100) or a sip: URI (got {target!r})"
-        )
-    extension = text("extension") or ""
-    if extension and not DTMF.match(extension):
-        problems.append(f"{where}.extension may hold only 0-9 * # w")
-    ring_timeout = _destination_ring_timeout(entry.get("ring_timeout"), where, problems)
-    screening = (text("screening") or "amd").lower()
-    if screening not in ("amd", "none"):
-        problems.append(f"{where}.screening must be amd (the default) or none")
-    description = text("description")
-    if description == "":
-        problems.append(f"{where}.description is required (the model reads it)")
-    return Destination(
-        name=name,
-        target=target or "",
-        description=description or "",
-        extension=extension,
-        ring_timeout=ring_timeout,
-        spoken_name=text("spoken_name") or "",
-        fallback=text("fallback") or "",
-        screening=screening,
-        hours=_parse_hours(entry["hours"], where, problems) if "hours" in entry else None,
-    )
-
-
-def _destination_ring_timeout(value: JSONValue, where: str, problems: list[str]) -> float | None:
-    """A destination's own ring_timeout: seconds within HANDOFF_RING_TIMEOUT's bounds."""
-    low, high = RING_SECONDS
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
-        return float(value)
-    problems.append(f"{where}.ring_timeout must be a number of seconds, {low:g} to {high:g}")
-    return None
-
-
-def _destination_text(
-    entry: dict[str, JSONValue], key: str, where: str, problems: list[str]
-) -> str | None:
-    """A destination's text value, stripped; None (and a problem named) when it is null or not
-    text. "extension": 1234 reads as the digits."""
-    value = entry.get(key, "")
-    if key == "extension" and isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        problems.append(f"{where}.{key} must be text (got {json.dumps(value)[:20]})")
-        return None
-    return value.strip()
-
-
-def _parse_hours(raw: JSONValue, where: str, problems: list[str]) -> OpeningHours | None:
-    """A destination's ``hours``: {"tz": "America/Los_Angeles", "mon-fri": "09:00-17:30",
-    "sat": "10:00-14:00", "closed": ["2025-12-25"]}. Days are mon..sun, a span of them
-    ("mon-fri", "fri-mon") or several joined by commas ("sat,sun"); times are HH:MM-HH:MM,
-    several joined by commas ("09:00-12:00,13:00-17:00")."""
-    where = f"{where}.hours"
-    if not isinstance(raw, dict):
-        problems.append(
-            f'{where} must be an object like {{"tz": "Europe/London", "mon-fri": "09:00-17:00"}}'
-        )
-        return None
-    found = len(problems)
-    tz = _time_zone(raw.get("tz"))
-    if tz is None:
-        problems.append(
-            f"{where}.tz must be an IANA time zone like America/Los_Angeles (got {raw.get('tz')!r})"
-        )
-    elif tz in FIXED_ZONES:
-        problems.append(
-            f"{where}.tz {tz!r} is a legacy zone name with no local rules: use the region's, "
-            f"{FIXED_ZONES[tz]}"
-        )
-    weekly: list[list[tuple[int, int]]] = [[] for _ in WEEKDAYS]
-    given: dict[int, str] = {}  # weekday -> the key that gave its times
-    closed: set[date] = set()
-    for key, value in raw.items():
-        if key == "closed":
-            closed |= _closed_dates(value, where, problems)
-        elif key != "tz":
-            days, ranges = _weekdays(key), _opening_times(value)
-            if not days:
-                problems.append(
-                    f"{where} has an unknown key {key!r}: use tz, closed, or days "
-                    "like mon, mon-fri or sat,sun"
-                )
-            elif not ranges:
-                problems.append(
-                    f'{where}[{key!r}] must be opening times like "09:00-17:30", '
-                    f"several joined by commas (got {value!r})"
-                )
-            for day in days if ranges else []:
-                if day in given:
-                    problems.append(
-                        f"{where}: {WEEKDAYS[day]} is in both {given[day]!r} and {key!r}"
-                    )
-                given[day] = key
-                weekly[day] += ranges
-    if not given and len(problems) == found:
-        problems.append(f'{where} has no opening times: add days like "mon-fri": "09:00-17:00"')
-    if tz is None or len(problems) > found:
-        return None
-    spec = f"{tz}: " + ", ".join(f"{k} {v}" for k, v in raw.items() if k not in ("tz", "closed"))
-    if closed:
-        spec += f"; {len(closed)} closed date" + ("s" if len(closed) > 1 else "")
-    return OpeningHours(
-        tz=tz, weekly=tuple(tuple(sorted(d)) for d in weekly), closed=frozenset(closed), spec=spec
-    )
-
-
-def _time_zone(name: JSONValue) -> str | None:
-    """``name`` if it is an IANA time zone this host knows, else None."""
-    if not isinstance(name, str):
-        return None
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder ("America")
-        return None
-    return name
-
-
-def _closed_dates(value: JSONValue, where: str, problems: list[str]) -> set[date]:
-    """``closed``: a date like 2025-12-25, or a list of them."""
-    closed: set[date] = set()
-    for day in value if isinstance(value, list) else [value]:
-        try:
-            if not isinstance(day, str):
-                raise ValueError(day)
-            closed.add(date.fromisoformat(day))
-        except ValueError:
-            problems.append(f"{where}.closed must list dates like 2025-12-25 (got {day!r})")
-    return closed
-
-
-def _weekdays(key: str) -> list[int]:
-    """The weekdays (Monday 0) a key names: "mon", "mon-fri", "fri-mon", "sat,sun"; [] when it
-    is not a day, a span of days, or several joined by commas."""
-    days: list[int] = []
-    for span in key.replace(" ", "").lower().split(","):
-        if not (m := DAY_SPAN.match(span)):
-            return []
-        first = WEEKDAYS.index(m[1])
-        last = WEEKDAYS.index(m[2] or m[1])
-        days += [(first + i) % 7 for i in range((last - first) % 7 + 1)]
-    return days
-
-
-def _opening_times(value: JSONValue) -> list[tuple[int, int]]:
-    """Times like "09:00-12:00,13:00-17:00" as (start, end) minutes from midnight, an end at or
-    before its start running past midnight; [] when any is not HH:MM-HH:MM or is empty."""
-    ranges: list[tuple[int, int]] = []
-    for span in value.replace(" ", "").split(",") if isinstance(value, str) else [""]:
-        if not (m := TIME_SPAN.match(span)):
-            return []
-        start = int(m[1]) * 60 + int(m[2])
-        end = int(m[3] or m[5]) * 60 + int(m[4] or m[6])
-        if end == start:
-            return []
-        ranges.append((start, end if end > start else end + 24 * 60))  # past midnight
-    return ranges
-
-
-# -- how ``check`` shows a value -------------------------------------------------------------------
-def _as_text(value: object, settings: Settings) -> str:
-    return str(value)
-
-
-def _or_not_set(value: str, settings: Settings) -> str:
-    return value or "(not set)"
-
-
-def _number_shown(value: str, settings: Settings) -> str:
-    return mask_number(value) if value else "(not set)"
-
-
-def _caller_id_shown(value: str, settings: Settings) -> str:
-    if value == CALLER_ID_FROM_CALLER:
-        return "caller (the caller's own number; else HANDOFF_TRUNK_NUMBER)"
-    return _number_shown(value, settings)
-
-
-def _mode_shown(mode: HandoffMode, settings: Settings) -> str:
-    return f"{mode.value} (in force: {settings.mode.value}, joined by {settings.join_way.value})"
-
-
-def _in_seconds(value: float, settings: Settings) -> str:
-    return f"{value:g}s"
-
-
-def _in_seconds_or_off(value: float, settings: Settings) -> str:
-    return f"{value:g}s" if value else "off"
-
-
-def _url_origin_shown(url: str, settings: Settings) -> str:
-    return url_origin(url) or "(not set)"
-
-
-def _base_url_shown(url: str, settings: Settings) -> str:
-    return url_origin(url) or "(not set: the provider's default)"
-
-
-def _folder_shown(folder: str, settings: Settings) -> str:
-    return folder or "off"
-
-
-# -- the table: one row per variable, in docs/configuration.md's order, each under its meaning -----
-
-# fmt: off
-VARIABLES: tuple[Variable[Any], ...] = (
-    # LiveKit and SIP: start, dev and connect need them; console does not.
-    # The LiveKit server; on LiveKit Cloud (*.livekit.cloud, *.livekit.run) the human is moved
-    # to the caller, elsewhere the worker bridges them.
-    Variable("LIVEKIT_URL", "livekit_url", _livekit_url, required=True, show=_or_not_set),
-    # LiveKit API key.
-    Variable("LIVEKIT_API_KEY", "livekit_api_key", _text, required=True, show=_or_not_set),
-    # LiveKit API secret.
-    Variable("LIVEKIT_API_SECRET", "livekit_api_secret", _text, required=True, secret=True),
-    # The outbound SIP trunk that dials the humans (ST_...).
-    Variable("SIP_TRUNK_ID", "sip_trunk_id", _text, required=True, show=_or_not_set,
-             aliases=("LIVEKIT_SIP_OUTBOUND_TRUNK",)),
-    # What the human's phone shows: one of the trunk's numbers, or caller.
-    Variable("HANDOFF_CALLER_ID", "caller_id", _caller_id, show=_caller_id_shown),
-    # With HANDOFF_CALLER_ID=caller: shown when the caller's own number can't be.
-    Variable("HANDOFF_TRUNK_NUMBER", "trunk_number", _e164_number, show=_number_shown),
-    #
-    # The handoff. The humans the agent may hand calls to: a JSON object.
-    Variable("HANDOFF_DESTINATIONS", "destinations", _parse_destinations),
-    # Opt-in: a regular expression for numbers a caller may ask to be put through to.
-    Variable("HANDOFF_ALLOW_DIAL_PATTERN", "allow_dial_pattern", _dial_pattern),
-    # consult (briefed in private, then asked), conference (introduced in front of the
-    # caller), or auto (consult). Every mode screens who answers first.
-    Variable("HANDOFF_MODE", "handoff_mode", _one_of, show=_mode_shown),
-    # How long a destination rings (a destination's own ring_timeout wins).
-    Variable("HANDOFF_RING_TIMEOUT", "ring_timeout", _seconds, RING_SECONDS, show=_in_seconds),
-    # The longest a whole handoff may keep the caller on hold.
-    Variable("HANDOFF_MAX_HOLD", "max_hold", _seconds, (30, 1800), show=_in_seconds),
-    # How long the human may stay silent after answering before the brief starts anyway.
-    Variable("HANDOFF_HELLO_GRACE", "hello_grace", _seconds, (0, 10)),
-    # How often the agent checks in with a caller on hold.
-    Variable("HANDOFF_HOLD_REASSURE", "hold_reassure_every", _seconds, (5, 300)),
-    # Dials per call, cancelled ones and repeats included (a failed destination is not redialled).
-    Variable("HANDOFF_MAX_ATTEMPTS", "max_attempts", _whole_number, (1, 5), show=_as_text),
-    # How long the agent stays, silent, after the merge, to offer a retry if the human drops.
-    Variable("HANDOFF_REJOIN_WINDOW", "rejoin_window", _seconds, (0, 120), show=_in_seconds_or_off),
-    # Hold music (unset: LiveKit's built-in hold music).
-    Variable("HANDOFF_HOLD_AUDIO_FILE", "hold_audio_file", _existing_file),
-    #
-    # The agent. Its dispatch name: agentName in the SIP dispatch rule.
-    Variable("AGENT_NAME", "agent_name", _agent_name, show=_as_text),
-    # The first sentence the caller hears.
-    Variable("GREETING", "greeting", _text),
-    # How the agent names the business.
-    Variable("BUSINESS_NAME", "business_name", _text),
-    # What the agent helps with itself, before offering a person.
-    Variable("BUSINESS_SCOPE", "business_scope", _text),
-    # Deepgram speech-to-text model.
-    Variable("STT_MODEL", "stt_model", _text),
-    # OpenAI model; it writes the brief too.
-    Variable("LLM_MODEL", "llm_model", _text),
-    # ElevenLabs text-to-speech model.
-    Variable("TTS_MODEL", "tts_model", _text),
-    # ElevenLabs output encoding.
-    Variable("TTS_ENCODING", "tts_encoding", _text),
-    # ElevenLabs voice (unset: the plugin's default voice).
-    Variable("TTS_VOICE_ID", "tts_voice_id", _text),
-    # The providers' addresses (unset: each provider's default), shown by origin only, as the
-    # webhook: a gateway may carry a token in the path or query. Deepgram's streaming
-    # endpoint, e.g. https://api.eu.deepgram.com/v1/listen; wss:// and ws:// too, since the
-    # plugin turns http(s) into ws(s) for streaming and back for a single request
-    # (livekit-plugins-deepgram _utils.py, _to_deepgram_url).
-    Variable("DEEPGRAM_BASE_URL", "deepgram_base_url", _deepgram_base_url, show=_base_url_shown),
-    # An OpenAI-compatible API root, e.g. https://gateway.example.com/v1. Passed to the plugin
-    # always (build_models), so the SDK never reads OPENAI_BASE_URL from the environment again.
-    Variable("OPENAI_BASE_URL", "openai_base_url", _http_base_url, show=_base_url_shown),
-    # ElevenLabs' API root, e.g. https://api.eu.residency.elevenlabs.io/v1. http(s) only: the
-    # plugin sends its HTTP synthesis there as given and derives the websocket's wss/ws itself
-    # (livekit-plugins-elevenlabs tts.py, _synthesize_url and _multi_stream_url).
-    Variable("ELEVEN_BASE_URL", "eleven_base_url", _eleven_base_url, show=_base_url_shown),
-    #
-    # Records. Where outcome records and callback requests are POSTed.
-    Variable("HANDOFF_WEBHOOK_URL", "webhook_url", _webhook_url, show=_url_origin_shown),
-    # The key that signs each POST (HMAC-SHA256), 16 characters or more.
-    Variable("HANDOFF_WEBHOOK_SECRET", "webhook_secret", _text, secret=True),
-    # Callback requests are appended here first; with a webhook, the outbox sits beside it.
-    Variable("HANDOFF_CALLBACK_FILE", "callback_file", _text, show=_as_text),
-    # X-Handoff-* headers on the human's INVITE; off for trunks that reject them.
-    Variable("HANDOFF_SIP_HEADERS", "sip_headers", _on_unless_off),
-    # A folder for the fixed sentences once synthesised; off: every sentence live.
-    Variable("HANDOFF_PHRASE_CACHE", "phrase_cache", _folder_or_off, show=_folder_shown),
-    #
-    # Console only: what the human does on the simulated line.
-    Variable("SIMULATED_HUMAN", "simulated_human", _one_of),
-)
-
-# fmt: on
-VARIABLE = {v.name: v for v in VARIABLES}
+class EnvironmentVariables(EnvSettingsSource):
+    """The texts ``Settings`` reads from a mapping of environment variables (``os.environ``
+    unless another is given), by field: a variable's by its name or, when that is unset, an
+    alias. Texts are stripped, and a blank one is unset: its field takes the default."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.env = os.environ if env is None else env
+        super().__init__(Settings, case_sensitive=True)  # type: ignore[arg-type]
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:  # where it would read os.environ
+        return {name: text.strip() for name, text in self.env.items() if text.strip()}
 
 
 def load_settings(env: Mapping[str, str] | None = None, *, telephony: bool = True) -> Settings:
-    """Read and validate the configuration, each variable by its row in ``VARIABLES``.
+    """Read and validate the configuration from ``env`` (``os.environ`` unless given).
     ``telephony=False`` (console) does not require LiveKit credentials or a trunk. Raises
     ``ConfigError`` naming every bad value; secret values never appear in it."""
-    env = os.environ if env is None else env
+    texts = EnvironmentVariables(env)()
     problems: list[str] = []
-    values: dict[str, Any] = {v.setting: v.read_from(env, problems) for v in VARIABLES}
-    settings = Settings(**values)
-    problems += _problems_between_values(settings)
+    bad: set[str] = set()
+    try:
+        settings = Settings.model_validate(texts, context=FROM_THE_ENVIRONMENT)
+    except ValidationError as e:
+        problems = problems_in(e)
+        bad = {VARIABLE[str(error["loc"][0])].name for error in e.errors()}
+        good = {name: text for name, text in texts.items() if name not in bad}
+        settings = Settings.model_validate(good, context=FROM_THE_ENVIRONMENT)
+    between = _problems_between_values(settings)  # of the good values, over the defaults
     if telephony:
-        problems += _telephony_problems(settings, env)
+        between += _telephony_problems(settings, texts)
+    problems += [p for p in between if p.split(" ", 1)[0] not in bad]  # a bad value named once
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def problems_in(error: ValidationError) -> list[str]:
+    """Pydantic's problems with the configuration in the operator's words, each where it is:
+    "HANDOFF_MODE must be one of ...", "HANDOFF_DESTINATIONS['support'].hours.tz ...". A value
+    is repeated only where a validator chose to, never a secret's."""
+    errors = error.errors(include_url=False)
+    unknown: dict[tuple[str | int, ...], list[str]] = {}  # an object -> its unknown keys
+    for e in errors:
+        if e["type"] in UNKNOWN_KEY:
+            unknown.setdefault(e["loc"][:-1], []).append(str(e["loc"][-1]))
+    problems = []
+    for e in errors:
+        loc, kind, given = e["loc"], e["type"], e.get("input")
+        for depth in range(1, len(loc)):  # an object's unknown keys first, named together
+            if (keys := unknown.pop(loc[:depth], None)) is not None:
+                says = f"has unknown keys: {', '.join(sorted(keys))}"
+                problems.append(_located(loc[:depth], says))
+        row, nested = VARIABLE[str(loc[0])], len(loc) > 1
+        low, high = RING_SECONDS if nested or row.bounds is None else astuple(row.bounds)
+        if kind in UNKNOWN_KEY:
+            continue
+        elif kind == "problem":
+            says = e["msg"]
+        elif kind == "missing":
+            says = "is required"
+        elif kind == "string_type":
+            says = f"must be text (got {json.dumps(given)[:20]})"
+        elif kind in ("dataclass_type", "model_type", "dict_type"):
+            says = "must be an object"
+        elif kind == "enum":
+            choices = ", ".join(c.value for c in type(row.default))
+            says = f"must be one of {choices} (got {given!r})"
+        elif kind == "bool_parsing":
+            says = f"must be on or off (got {given!r})"
+        elif kind == "out_of_bounds" or kind.startswith(("int_", "float_", "finite_")):
+            if nested:  # a destination's ring_timeout
+                says = f"must be a number of seconds, {low:g} to {high:g}"
+            elif type(row.default) is int:
+                says = f"must be a whole number from {low:g} to {high:g} (got {given!r})"
+            elif kind == "out_of_bounds":
+                says = f"must be between {low:g} and {high:g} seconds"
+            else:
+                says = f"must be a number of seconds (got {given!r})"
+        else:
+            says = e["msg"]  # pydantic's own words, which never repeat the value
+        problems.append(_located(loc, says))
+    return problems
+
+
+UNKNOWN_KEY = ("extra_forbidden", "unexpected_keyword_argument")
+
+
+def _located(loc: tuple[str | int, ...], says: str) -> str:
+    """A problem where it is, as the operator wrote it: the variable's name, then within
+    HANDOFF_DESTINATIONS the destination by its key and the keys inside it (list positions
+    left out): "HANDOFF_DESTINATIONS['support'].hours.tz must be ..."."""
+    name, *inside = loc
+    where = VARIABLE[str(name)].name
+    if inside:
+        team, *keys = inside
+        keys = [key for key in keys if isinstance(key, str) and key != "name"]  # name: its key
+        where += f"[{team!r}]" + "".join(f".{key}" for key in keys)
+    return f"{where}{'' if says.startswith((':', '[')) else ' '}{says}"
 
 
 def _problems_between_values(settings: Settings) -> list[str]:
     """What no variable's text shows alone: values that need each other, and what is on this
     host where the phrase cache goes (its default included)."""
     problems = []
-    if settings.webhook_url and len(settings.webhook_secret) < 16:
+    if settings.webhook_url and len(settings.webhook_secret.get_secret_value()) < 16:
         problems.append(
             "HANDOFF_WEBHOOK_SECRET must be set, at least 16 characters, with a webhook"
         )
@@ -1193,11 +1225,11 @@ def _problems_between_values(settings: Settings) -> list[str]:
     return problems
 
 
-def _telephony_problems(settings: Settings, env: Mapping[str, str]) -> list[str]:
+def _telephony_problems(settings: Settings, texts: Mapping[str, str]) -> list[str]:
     """What start, dev and connect need and console does not: the required variables, someone
     to hand calls to, and an outbound trunk."""
-    problems = [f"{v.called} is not set" for v in VARIABLES if v.required and not v.text_in(env)]
-    if not VARIABLE["HANDOFF_DESTINATIONS"].text_in(env) and settings.allow_dial_pattern is None:
+    problems = [f"{v.called} is not set" for v in VARIABLES if v.needed and v.name not in texts]
+    if "HANDOFF_DESTINATIONS" not in texts and settings.allow_dial_pattern is None:
         problems.append("HANDOFF_DESTINATIONS is empty: configure at least one destination")
     if settings.sip_trunk_id and not settings.sip_trunk_id.startswith("ST_"):
         problems.append("SIP_TRUNK_ID must be an outbound trunk id (ST_...)")
@@ -1229,13 +1261,14 @@ def _sip_uri_caller_id_problems(settings: Settings) -> list[str]:
 
 
 def registered_agent_name(env: Mapping[str, str] | None = None) -> str:
-    """The name the server registers: AGENT_NAME read by its row, as ``load_settings`` reads
-    it. A bad name registers the default; ``load_settings`` names the problem, so start, dev,
+    """The name the server registers: AGENT_NAME validated as ``load_settings`` validates it.
+    A bad name registers the default; ``load_settings`` names the problem, so start, dev,
     connect and check refuse to run with it."""
-    row = VARIABLE["AGENT_NAME"]
-    problems: list[str] = []
-    name: str = row.read_from(os.environ if env is None else env, problems)
-    return row.default if problems else name
+    name = EnvironmentVariables(env)().get("AGENT_NAME", DEFAULT_AGENT_NAME)
+    try:
+        return Settings(agent_name=name).agent_name
+    except ValidationError:
+        return DEFAULT_AGENT_NAME
 
 
 def missing_provider_keys(env: Mapping[str, str] | None = None) -> list[str]:
@@ -2041,7 +2074,7 @@ def delivery_for(settings: Settings) -> RecordDelivery:
     delivery = _DELIVERIES.get(key)
     if delivery is None or delivery.loop is not asyncio.get_running_loop():
         delivery = RecordDelivery(
-            settings.webhook_url, settings.webhook_secret, settings.callback_file
+            settings.webhook_url, settings.webhook_secret.get_secret_value(), settings.callback_file
         )
         _DELIVERIES[key] = delivery
     return delivery
@@ -2970,7 +3003,9 @@ class LiveKitPhoneLine(PhoneLine):
     ) -> None:
         consult_room = rtc.Room()
         token = (
-            api.AccessToken(self._settings.livekit_api_key, self._settings.livekit_api_secret)
+            api.AccessToken(
+                self._settings.livekit_api_key, self._settings.livekit_api_secret.get_secret_value()
+            )
             .with_identity(f"{self._ctx.local_participant_identity}-consult")
             .with_kind("agent")
             .with_grants(
@@ -3895,7 +3930,7 @@ class HumanCall:
 class CallerHold:
     """The caller's hold, for one attempt: "please hold", then the line's hold music, paused
     whenever the caller or the agent speaks (it must never mask the caller or read as speech),
-    and a check-in every ``HANDOFF_HOLD_REASSURE_EVERY`` seconds while the caller waits."""
+    and a check-in every ``HANDOFF_HOLD_REASSURE`` seconds while the caller waits."""
 
     session: AgentSession
     line: PhoneLine
@@ -4425,7 +4460,7 @@ class Handoff:
         self.destination = destination
         self.reason = reason
         self.models = models
-        self.mode = settings.mode
+        self.mode = settings.mode_in_force
         self.attempt = uuid.uuid4().hex[:8]
         self.timings: dict[str, float] = {"decision": time.monotonic()}
         self.human_call = HumanCall(
@@ -5592,7 +5627,7 @@ class WarmHandoffAgent(Agent):
         result = HandoffResult(
             HandoffOutcome.CLOSED,
             destination.name,
-            self.settings.mode,
+            self.settings.mode_in_force,
             detail=f"outside opening hours; opens {when}" if when else "outside opening hours",
             timings={"decision": time.monotonic()},
             attempt=uuid.uuid4().hex[:8],
@@ -5989,7 +6024,7 @@ async def run_call(ctx: JobContext, settings: Settings, models: Models) -> Agent
     """Answer one call: start the session, wait until the caller is really there, greet once."""
     console = ctx.is_fake_job()
     if console and not settings.destinations:
-        settings = replace(settings, destinations=DEMO_DESTINATIONS)
+        settings = settings.model_copy(update={"destinations": DEMO_DESTINATIONS})
     line: PhoneLine = (
         SimulatedPhoneLine(settings.simulated_human, announce=_show_step)
         if console
@@ -6101,7 +6136,7 @@ def resend_outbox_in_the_background() -> None:
         return  # main() refuses to start with a bad configuration; nothing to resend to
     if settings.webhook_url and (_resender is None or _resender.done()):
         delivery = RecordDelivery(
-            settings.webhook_url, settings.webhook_secret, settings.callback_file
+            settings.webhook_url, settings.webhook_secret.get_secret_value(), settings.callback_file
         )
         _resender = asyncio.get_running_loop().create_task(keep_resending(delivery))
 
@@ -6161,8 +6196,8 @@ async def check(settings: Settings, env: Mapping[str, str] | None = None) -> boo
     would stop a call (provider keys, the callback file's folder), how many records wait in
     the outbox, and prove the LiveKit API credentials work with a harmless read."""
     ok = True
-    width = max(len(name) for name, _ in settings.masked())
-    for name, value in settings.masked():
+    width = max(len(name) for name, _ in settings.shown_by_check())
+    for name, value in settings.shown_by_check():
         print(f"{name:<{width}}  {value}")
     if missing := missing_provider_keys(env):  # start would refuse: so does check
         print(f"Provider keys: MISSING {', '.join(missing)} (start refuses)", file=sys.stderr)
@@ -6182,7 +6217,9 @@ async def check(settings: Settings, env: Mapping[str, str] | None = None) -> boo
     try:
         with _without_jwt_key_length_warning():
             async with api.LiveKitAPI(
-                settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
+                settings.livekit_url,
+                settings.livekit_api_key,
+                settings.livekit_api_secret.get_secret_value(),
             ) as lk:
                 rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 15)
     except Exception as e:
@@ -6202,7 +6239,9 @@ async def joining_way_of(settings: Settings) -> str:
     probe = f"warm-handoff-check-{uuid.uuid4().hex[:8]}"
     with _without_jwt_key_length_warning():
         token = (
-            api.AccessToken(settings.livekit_api_key, settings.livekit_api_secret)
+            api.AccessToken(
+                settings.livekit_api_key, settings.livekit_api_secret.get_secret_value()
+            )
             .with_identity(probe)
             .with_grants(api.VideoGrants(room_join=True, room=probe, can_publish=False))
             .to_jwt()
@@ -6215,7 +6254,9 @@ async def joining_way_of(settings: Settings) -> str:
         await asyncio.wait_for(room.connect(settings.livekit_url, token), 15)
         with _without_jwt_key_length_warning():
             async with api.LiveKitAPI(
-                settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
+                settings.livekit_url,
+                settings.livekit_api_key,
+                settings.livekit_api_secret.get_secret_value(),
             ) as lk:
                 try:
                     move = api.MoveParticipantRequest(
@@ -6259,7 +6300,9 @@ async def resend_outbox(settings: Settings) -> bool:
     if not settings.webhook_url:
         print("HANDOFF_WEBHOOK_URL is not set: there is no outbox to resend", file=sys.stderr)
         return False
-    delivery = RecordDelivery(settings.webhook_url, settings.webhook_secret, settings.callback_file)
+    delivery = RecordDelivery(
+        settings.webhook_url, settings.webhook_secret.get_secret_value(), settings.callback_file
+    )
     sent, left = await delivery.resend(min_age=0)
     print(f"Outbox: {sent} record(s) sent, {left} still waiting")
     return left == 0

@@ -149,9 +149,8 @@ def settings_for(name: str) -> wh.Settings:
     if name != "pbx":
         return SETTINGS
     support, *others = SETTINGS.destinations
-    return dataclasses.replace(
-        SETTINGS, destinations=(dataclasses.replace(support, extension=EXTENSION), *others)
-    )
+    pbx = (dataclasses.replace(support, extension=EXTENSION), *others)
+    return SETTINGS.model_copy(update={"destinations": pbx})
 
 
 @dataclass

@@ -183,7 +183,7 @@ def test_every_bad_hours_value_is_reported_together():
 
 def test_check_shows_each_destinations_hours():
     settings = settings_for(destinations=destinations())
-    rows = dict(settings.masked())
+    rows = dict(settings.shown_by_check())
     assert rows["destination billing"].endswith(
         "; open America/Los_Angeles: mon-fri 09:00-17:30, sat 10:00-14:00; 1 closed date"
     )

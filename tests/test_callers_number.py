@@ -180,12 +180,12 @@ def test_caller_and_a_trunk_number_load_and_show_in_check():
     env = {"HANDOFF_CALLER_ID": "Caller", "HANDOFF_TRUNK_NUMBER": TRUNK}
     settings = wh.load_settings(env, telephony=False)
     assert (settings.caller_id, settings.trunk_number) == ("caller", TRUNK)
-    rows = dict(settings.masked())
+    rows = dict(settings.shown_by_check())
     assert (
         rows["HANDOFF_CALLER_ID"] == "caller (the caller's own number; else HANDOFF_TRUNK_NUMBER)"
     )
     assert rows["HANDOFF_TRUNK_NUMBER"] == "+1510•••99"
-    fixed = dict(wh.load_settings({"HANDOFF_CALLER_ID": TRUNK}, telephony=False).masked())
+    fixed = dict(wh.load_settings({"HANDOFF_CALLER_ID": TRUNK}, telephony=False).shown_by_check())
     assert (fixed["HANDOFF_CALLER_ID"], fixed["HANDOFF_TRUNK_NUMBER"]) == (
         "+1510•••99",
         "(not set)",

@@ -2,7 +2,6 @@
 an operator writes (nested or huge JSON, a stray space, a non-ASCII digit) can hurt the worker;
 .env.example lists every variable."""
 
-import dataclasses
 import enum
 import io
 import json
@@ -57,7 +56,7 @@ def test_valid_configuration_is_typed():
         "eleven_multilingual_v2",
         "pcm_44100",
     )
-    assert s.mode is wh.HandoffMode.CONSULT  # auto on LiveKit Cloud
+    assert s.mode_in_force is wh.HandoffMode.CONSULT  # auto on LiveKit Cloud
     assert "s3cr3t" not in repr(s)
 
 
@@ -78,7 +77,7 @@ def test_seed_variable_name_wins_over_alias():
 )
 def test_auto_mode_is_consult_everywhere_and_the_url_decides_how_the_human_is_joined(url, way):
     settings = wh.load_settings({**GOOD, "LIVEKIT_URL": url})
-    assert settings.mode is wh.HandoffMode.CONSULT
+    assert settings.mode_in_force is wh.HandoffMode.CONSULT
     assert settings.join_way is way
 
 
@@ -237,6 +236,37 @@ def test_duplicate_destination_keys_are_an_error():
     assert "'support' more than once" in problems(HANDOFF_DESTINATIONS=raw)
 
 
+def test_a_destinations_unknown_keys_are_named_in_one_problem():
+    """Only the keys of HANDOFF_DESTINATIONS' format are read: not the model's own field names
+    ("target" for "number"), and not "name", which the key gives."""
+    odd = {**SUPPORT, "target": "+15105550101", "name": "billing", "colour": "blue"}
+    message = problems(HANDOFF_DESTINATIONS=destinations(support=odd))
+    assert "HANDOFF_DESTINATIONS['support'] has unknown keys: colour, name, target" in message
+    assert message.count("unknown keys") == 1
+
+
+def test_a_destination_without_a_number_is_named():
+    message = problems(HANDOFF_DESTINATIONS=destinations(support={"description": "Support"}))
+    assert "HANDOFF_DESTINATIONS['support'].number is required" in message
+
+
+@pytest.mark.parametrize("raw,on", [("off", False), ("No", False), ("0", False), ("on", True)])
+def test_sip_headers_are_on_or_off(raw, on):
+    assert wh.load_settings({"HANDOFF_SIP_HEADERS": raw}, telephony=False).sip_headers is on
+
+
+def test_sip_headers_that_are_neither_on_nor_off_are_named():
+    """A typo ("of") no longer turns the headers on silently."""
+    message = problems(HANDOFF_SIP_HEADERS="of")
+    assert "HANDOFF_SIP_HEADERS must be on or off (got 'of')" in message
+
+
+def test_seconds_take_ascii_digits_only():
+    """Python's float() reads "٣0" as 30; an operator's number of seconds is ASCII."""
+    message = problems(HANDOFF_RING_TIMEOUT="٣0")
+    assert "HANDOFF_RING_TIMEOUT must be a number of seconds (got '٣0')" in message
+
+
 def test_destination_names_are_matched_whole():
     message = problems(HANDOFF_DESTINATIONS=json.dumps({"support\n": SUPPORT}))
     assert "HANDOFF_DESTINATIONS['support\\n']: name must be" in message
@@ -300,7 +330,7 @@ def test_agent_name_from_the_dotenv_file_reaches_the_dispatcher(tmp_path):
 
 
 def variables_the_worker_reads() -> set[str]:
-    """Each variable of the configuration table, its aliases, and the providers' keys."""
+    """Each variable of the Settings model, its aliases, and the providers' keys."""
     names = {name for v in wh.VARIABLES for name in (v.name, *v.aliases)}
     return names | {name for names in wh.PROVIDER_KEYS.values() for name in names}
 
@@ -313,21 +343,42 @@ def test_env_example_lists_every_variable_the_worker_reads():
     assert not missing, f".env.example does not mention {missing}"
 
 
-# -- the configuration table drives loading, check and the README --------------------------------
+# -- the Settings model drives loading, check and the docs' table --------------------------------
 
 
-def test_each_settings_field_is_read_from_one_variable():
-    fields = [v.setting for v in wh.VARIABLES]
-    assert sorted(fields) == sorted(f.name for f in dataclasses.fields(wh.Settings))
-    assert len({v.name for v in wh.VARIABLES}) == len(wh.VARIABLES)
+def test_each_settings_field_is_read_from_variables_of_its_own():
+    names = [name for v in wh.VARIABLES for name in (v.name, *v.aliases)]
+    assert [v.setting for v in wh.VARIABLES] == list(wh.Settings.model_fields)
+    assert all(re.fullmatch(r"[A-Z][A-Z0-9_]+", name) for name in names), names
+    assert len(set(names)) == len(names)  # no variable fills two fields
+
+
+def test_a_settings_built_in_code_reads_no_environment(monkeypatch):
+    """Tests and the benchmark build Settings in code: the process's environment never slips
+    in, and the operator's bounds are not theirs (a test rings for 0.1 s)."""
+    monkeypatch.setenv("HANDOFF_MODE", "conference")
+    monkeypatch.setenv("LIVEKIT_URL", "wss://elsewhere.livekit.cloud")
+    settings = wh.Settings(ring_timeout=0.1)
+    assert settings.handoff_mode is wh.HandoffMode.AUTO and settings.livekit_url == ""
+    assert settings.ring_timeout == 0.1
+    with pytest.raises(wh.ConfigError, match="HANDOFF_RING_TIMEOUT must be between 5 and 70"):
+        wh.load_settings({"HANDOFF_RING_TIMEOUT": "0.1"}, telephony=False)
+
+
+def test_load_settings_reads_only_the_mapping_it_is_given(monkeypatch):
+    monkeypatch.setenv("HANDOFF_MODE", "conference")
+    assert wh.load_settings({}, telephony=False).handoff_mode is wh.HandoffMode.AUTO
+    assert wh.load_settings(telephony=False).handoff_mode is wh.HandoffMode.CONFERENCE
 
 
 @pytest.mark.parametrize("variable", [v for v in wh.VARIABLES if v.secret], ids=lambda v: v.name)
 def test_a_secret_is_shown_only_as_set(variable):
     settings = wh.load_settings({variable.name: "s3cr3t-value-never-printed"}, telephony=False)
-    assert getattr(settings, variable.setting) == "s3cr3t-value-never-printed"
-    assert "s3cr3t" not in repr(settings) + repr(settings.masked())
-    assert dict(settings.masked())[variable.name] == "(set)"
+    secret = getattr(settings, variable.setting)
+    assert secret.get_secret_value() == "s3cr3t-value-never-printed"
+    assert "s3cr3t" not in str(secret) + repr(settings.model_dump())
+    assert "s3cr3t" not in repr(settings) + repr(settings.shown_by_check())
+    assert dict(settings.shown_by_check())[variable.name] == "(set)"
 
 
 @pytest.mark.parametrize("raw", ["front desk", "a" * 65, "agent/1"])
@@ -391,12 +442,11 @@ def test_readme_configuration_table_has_a_row_per_variable_in_the_tables_order()
 @pytest.mark.parametrize("variable", wh.VARIABLES, ids=lambda v: v.name)
 def test_readme_configuration_row_agrees_with_the_table(variable):
     required, default, meaning = readme_configuration_table()[variable.name]
-    assert (required == "yes") is variable.required
+    assert (required == "yes") is variable.needed
     if documented := as_documented(variable.default):
         assert default.strip('`"') == documented
     if variable.bounds:
-        low, high = variable.bounds
-        assert f"{low:g} to {high:g}" in meaning
+        assert f"{variable.bounds.low:g} to {variable.bounds.high:g}" in meaning
 
 
 # -- the providers' base URLs --------------------------------------------------------------------
@@ -455,11 +505,12 @@ def test_check_shows_a_base_url_by_its_origin_only():
             "OPENAI_BASE_URL": "https://user:s3cret@gateway.example.com:8443/t0k3n/v1",
         }
     )
-    shown = dict(settings.masked())
+    shown = dict(settings.shown_by_check())
     assert shown["DEEPGRAM_BASE_URL"] == "wss://api.eu.deepgram.com/…"
     assert shown["OPENAI_BASE_URL"] == "https://gateway.example.com:8443/…"
     assert shown["ELEVEN_BASE_URL"] == "(not set: the provider's default)"
-    assert "t0k3n" not in repr(settings.masked()) and "s3cret" not in repr(settings.masked())
+    assert "t0k3n" not in repr(settings.shown_by_check())
+    assert "s3cret" not in repr(settings.shown_by_check())
     # as the webhook's: the same origin, shown the same way
     webhook = wh.load_settings(
         {
@@ -468,7 +519,7 @@ def test_check_shows_a_base_url_by_its_origin_only():
             "HANDOFF_WEBHOOK_SECRET": "s" * 16,
         }
     )
-    assert dict(webhook.masked())["HANDOFF_WEBHOOK_URL"] == shown["OPENAI_BASE_URL"]
+    assert dict(webhook.shown_by_check())["HANDOFF_WEBHOOK_URL"] == shown["OPENAI_BASE_URL"]
 
 
 class ProviderStandIn:

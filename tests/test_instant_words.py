@@ -471,8 +471,8 @@ def test_the_cache_folder_is_configured_shown_and_can_be_turned_off(tmp_path, mo
     on = wh.load_settings({"HANDOFF_PHRASE_CACHE": str(tmp_path)}, telephony=False)
     off = wh.load_settings({"HANDOFF_PHRASE_CACHE": "off"}, telephony=False)
     assert (on.phrase_cache, off.phrase_cache) == (str(tmp_path), "")
-    assert ("HANDOFF_PHRASE_CACHE", str(tmp_path)) in on.masked()
-    assert ("HANDOFF_PHRASE_CACHE", "off") in off.masked()
+    assert ("HANDOFF_PHRASE_CACHE", str(tmp_path)) in on.shown_by_check()
+    assert ("HANDOFF_PHRASE_CACHE", "off") in off.shown_by_check()
     a_file = tmp_path / "file"
     a_file.write_text("")
     with pytest.raises(wh.ConfigError, match="HANDOFF_PHRASE_CACHE must name a folder"):
