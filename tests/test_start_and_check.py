@@ -49,7 +49,9 @@ async def test_start_registers_the_agent_and_stops_cleanly_on_sigterm(tmp_path, 
         try:
             started = time.monotonic()
             while not livekit.workers and time.monotonic() - started < 30:
-                assert worker.returncode is None, "start exited before registering"
+                if worker.returncode is not None:
+                    out, _ = await worker.communicate()
+                    pytest.fail(f"start exited before registering:\n{out.decode()[-3000:]}")
                 await asyncio.sleep(0.1)
             assert [w.agent_name for w in livekit.workers] == ["warm-handoff-agent"]
             worker.send_signal(signal.SIGTERM)
