@@ -77,7 +77,7 @@ from datetime import date, datetime, timedelta, timezone
 from enum import Enum
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Annotated, Any, TypeAlias, TypeVar
+from typing import Annotated, Any, NoReturn, TypeAlias, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
@@ -6352,6 +6352,29 @@ def refuse_a_console_that_cannot_run(argv: list[str]) -> None:
         raise SystemExit(3)
 
 
+def leave_without_finalizing(code: int) -> NoReturn:
+    """Exit with ``code`` once the output is written, without finalizing the interpreter, as
+    ``check`` must after its probe room: an exit through Python's finalization aborts the
+    process now and then (SIGABRT, "panic in a function that cannot unwind").
+
+    The probe starts livekit-rtc's native runtime, whose threads call into Python at any time:
+    every log record, one callback each (livekit/rust-sdks livekit-ffi/src/server/logger.rs
+    ``log_forward_task``), among them the teardown of a room that failed to connect, forwarded
+    after the error that ended ``Room.connect``, and "disposing ffi server" from the dispose
+    livekit.rtc registers with atexit (livekit/rtc/_ffi_client.py ``_dispose_lk_ffi``;
+    livekit-ffi ``FfiServer::dispose`` stops no callback already under way: ``send_event``
+    calls it outside its lock). A callback that needs the GIL once Python 3.11 finalizes is
+    ended with ``pthread_exit``, whose unwinding through Rust frames that cannot unwind aborts
+    (rust-lang/rust#135929). Nothing is left to close after ``check``'s last line (its rooms
+    are deleted, its clients closed): ``os._exit`` ends the threads with the process."""
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     command = argv[1] if len(argv) > 1 else ""
@@ -6359,7 +6382,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Usage: python warm_handoff.py {command}\n\n{our_commands_help(command)}")
         raise SystemExit(0)
     if command == "check":
-        raise SystemExit(0 if asyncio.run(check(_settings_or_exit(True))) else 1)
+        leave_without_finalizing(0 if asyncio.run(check(_settings_or_exit(True))) else 1)
     if command == "resend-outbox":
         raise SystemExit(0 if asyncio.run(resend_outbox(_settings_or_exit(False))) else 1)
     if command in ("", "--help", "-h", "help"):
