@@ -401,9 +401,7 @@ TIME_SPAN = re.compile(r"\A([01]\d|2[0-3]):([0-5]\d)-(?:([01]\d|2[0-3]):([0-5]\d
 DEFAULT_AGENT_NAME = "warm-handoff-agent"
 
 # a folder per user: another account on the host cannot plant sentences in it (see PhraseCache)
-DEFAULT_PHRASE_CACHE = os.path.join(
-    tempfile.gettempdir(), f"warm-handoff-phrases-{os.getuid()}"
-)
+DEFAULT_PHRASE_CACHE = os.path.join(tempfile.gettempdir(), f"warm-handoff-phrases-{os.getuid()}")
 
 # Read by the model plugins themselves, not by Settings: provider -> its key, then an alias.
 PROVIDER_KEYS = {
@@ -610,8 +608,9 @@ class OpeningHours:
         if isinstance(raw, (ArgsKwargs, OpeningHours)):  # built in code
             return handler(raw)
         if not isinstance(raw, dict):
-            raise problem('must be an object like {"tz": "Europe/London", "mon-fri": '
-                          '"09:00-17:00"}')
+            raise problem(
+                'must be an object like {"tz": "Europe/London", "mon-fri": "09:00-17:00"}'
+            )
         days = {key: value for key, value in raw.items() if key not in ("tz", "closed")}
         weekly, problems = _week(days)
         closed = raw.get("closed", [])
@@ -929,9 +928,7 @@ class Settings(BaseModel):
     # How long the human may stay silent after answering before the brief starts anyway.
     hello_grace: Annotated[float, Allowed(0, 10)] = variable("HANDOFF_HELLO_GRACE", 2.0)
     # How often the agent checks in with a caller on hold.
-    hold_reassure_every: Annotated[float, Allowed(5, 300)] = variable(
-        "HANDOFF_HOLD_REASSURE", 25.0
-    )
+    hold_reassure_every: Annotated[float, Allowed(5, 300)] = variable("HANDOFF_HOLD_REASSURE", 25.0)
     # Dials per call, cancelled ones and repeats included (a failed destination is not redialled).
     max_attempts: Annotated[int, Allowed(1, 5), Shown()] = variable("HANDOFF_MAX_ATTEMPTS", 3)
     # How long the agent stays, silent, after the merge, to offer a retry if the human drops.
@@ -3543,9 +3540,7 @@ class PhraseCache:
         tts = agent.tts if utils.is_given(agent.tts) else session.tts  # the one say() would use
         if not self.usable or tts is None:
             return session.say(text, **options)
-        return session.say(
-            text, audio=self._audio(agent, text, self.path_for(text)), **options
-        )
+        return session.say(text, audio=self._audio(agent, text, self.path_for(text)), **options)
 
     async def _audio(self, agent: Agent, text: str, path: Path) -> AsyncIterator[rtc.AudioFrame]:
         saved = await self.load(path)
@@ -4193,9 +4188,7 @@ class Screening:
             watch.append(introduction.wait_for_playout())
         watching = asyncio.ensure_future(asyncio.gather(*watch))
         try:
-            await _first(
-                watching, self.speech_started.wait(), self.consult.person_confirmed.wait()
-            )
+            await _first(watching, self.speech_started.wait(), self.consult.person_confirmed.wait())
         finally:
             watching.cancel()
         if self.consult.person_confirmed.is_set() or not self.speech_started.is_set():
@@ -6216,11 +6209,7 @@ async def check(settings: Settings, env: Mapping[str, str] | None = None) -> boo
         print(f"Outbox: {backlog}")
     try:
         with _without_jwt_key_length_warning():
-            async with api.LiveKitAPI(
-                settings.livekit_url,
-                settings.livekit_api_key,
-                settings.livekit_api_secret.get_secret_value(),
-            ) as lk:
+            async with livekit_api(settings) as lk:
                 rooms = await asyncio.wait_for(lk.room.list_rooms(api.ListRoomsRequest()), 15)
     except Exception as e:
         print(f"LiveKit API: FAILED ({describe_failure(e)})", file=sys.stderr)
@@ -6228,6 +6217,15 @@ async def check(settings: Settings, env: Mapping[str, str] | None = None) -> boo
     print(f"LiveKit API: OK, the credentials work ({len(rooms.rooms)} rooms open)")
     print(f"Joining the human: {await joining_way_of(settings)}")
     return ok
+
+
+def livekit_api(settings: Settings) -> api.LiveKitAPI:
+    """A LiveKit API client with the configured server and credentials (``check``'s own)."""
+    return api.LiveKitAPI(
+        settings.livekit_url,
+        settings.livekit_api_key,
+        settings.livekit_api_secret.get_secret_value(),
+    )
 
 
 async def joining_way_of(settings: Settings) -> str:
@@ -6253,11 +6251,7 @@ async def joining_way_of(settings: Settings) -> str:
     try:
         await asyncio.wait_for(room.connect(settings.livekit_url, token), 15)
         with _without_jwt_key_length_warning():
-            async with api.LiveKitAPI(
-                settings.livekit_url,
-                settings.livekit_api_key,
-                settings.livekit_api_secret.get_secret_value(),
-            ) as lk:
+            async with livekit_api(settings) as lk:
                 try:
                     move = api.MoveParticipantRequest(
                         room=probe, identity=probe, destination_room=f"{probe}-moved"
@@ -6323,7 +6317,6 @@ def our_commands_help(only: str = "") -> str:
             first, *rest = text.splitlines()
             lines += [f"  {name:<14} {first}", *(f"  {'':<14} {line}" for line in rest)]
     return "\n".join(lines) + "\n"
-
 
 
 def _settings_or_exit(telephony: bool) -> Settings:
